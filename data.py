@@ -610,17 +610,18 @@ def render_word(text, rng, style='clean', fonts=None):
         return img
     font = _font(rng.choice(fonts) if fonts else None, rng.randint(16, 40))
     bg = [rng.randint(0, 255) for _ in range(3)]
-    fg = [rng.randint(0, 255) for _ in range(3)]
-    while abs(sum(fg) - sum(bg)) < 240:  # keep the word readable: enough luminance contrast
-        fg = [rng.randint(0, 255) for _ in range(3)]
+    dark = sum(bg) > 384  # ink on the other side of mid-grey, so the word stays readable
+    fg = tuple(rng.randint(0, 90) if dark else rng.randint(165, 255) for _ in range(3))
     l, t, r, b = font.getbbox(text)
     pad = [rng.randint(1, max(2, (b - t) // 3)) for _ in range(4)]
     w, h = r - l + pad[0] + pad[2], b - t + pad[1] + pad[3]
     img = Image.new('RGB', (w, h), tuple(bg))
-    if rng.random() < 0.4:  # a horizontal gradient towards a second background colour
+    if rng.random() < 0.4:  # a gradient towards a second background colour, across or along the word
         bg2 = Image.new('RGB', (w, h), tuple(min(255, max(0, c + rng.randint(-60, 60))) for c in bg))
-        img = Image.composite(bg2, img, Image.linear_gradient('L').resize((w, h)).rotate(90 * rng.randint(0, 3)))
-    ImageDraw.Draw(img).text((pad[0] - l, pad[1] - t), text, fill=tuple(fg), font=font)
+        ramp = np.linspace(0, 255, w if rng.random() < 0.5 else h, dtype=np.uint8)
+        mask = np.broadcast_to(ramp if len(ramp) == w else ramp[:, None], (h, w))
+        img = Image.composite(bg2, img, Image.fromarray(np.ascontiguousarray(mask)))
+    ImageDraw.Draw(img).text((pad[0] - l, pad[1] - t), text, fill=fg, font=font)
     if rng.random() < 0.5:
         img = img.rotate(rng.uniform(-3, 3), Image.BILINEAR, expand=True, fillcolor=tuple(bg))
     if rng.random() < 0.3:
