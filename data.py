@@ -19,7 +19,7 @@ rank. With loop=True a sample dropped at decode (bad image, label filtered out) 
 another sample of the same batch, so batches stay full and resume stays exact; with loop=False (evaluation)
 it is left out. Not here: on-the-fly text rendering during training, non-Latin label rules.
 """
-import argparse, glob, io, json, math, os, random, sys, tarfile, time, unicodedata
+import argparse, base64, glob, io, json, os, random, sys, time, unicodedata
 from collections import Counter
 from multiprocessing import Pool
 
@@ -157,6 +157,8 @@ class ShardWriter:
 
     def write(self, key, image_bytes, ext, label):
         """Add sample KEY.ext + KEY.txt; keys must not contain dots and must come in sorted order."""
+        if '.' in key or len(key) + len(ext) > 98:
+            raise ValueError(f'shard keys must be short and contain no dots: {key!r}')
         if self.f is not None and (self.count >= self.shard_size or self.bytes >= self.max_bytes):
             self._finish()
         if self.f is None:
@@ -511,7 +513,6 @@ class SPTokenizer(_Tokenizer):
     """SentencePiece BPE; piece p (0 = <unk>) is text token p + 1. The model bytes travel inside the spec."""
 
     def __init__(self, model, max_len=25):
-        import base64
         import sentencepiece as spm
         self.model = open(model, 'rb').read() if isinstance(model, str) else bytes(model)
         self.sp = spm.SentencePieceProcessor(model_proto=self.model)
@@ -538,7 +539,6 @@ def load_tokenizer(spec):
         return CharTokenizer({'36': CHARSET36, '94': CHARSET94}.get(spec, spec))
     if spec['type'] == 'char':
         return CharTokenizer(spec['charset'], spec.get('max_len', 25))
-    import base64
     return SPTokenizer(base64.b64decode(spec['model']), spec.get('max_len', 25))
 
 # ----------------------------------------------------------------------------- metrics (paper §5)
@@ -678,7 +678,7 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
                words=words, fonts=fonts)
     jobs = [(i, s, min(shard_size, n - s)) for i, s in enumerate(range(0, n, shard_size))]
     shards, chars = {}, set()
-    with Pool(workers or os.cpu_count(), initializer=_synth_init, initargs=(cfg,)) as pool:
+    with Pool(workers or len(os.sched_getaffinity(0)), initializer=_synth_init, initargs=(cfg,)) as pool:
         for sh, cs in tqdm(pool.imap_unordered(_synth_shard, jobs), total=len(jobs), desc='synth', unit='shard'):
             shards.update(sh)
             chars |= cs
@@ -712,7 +712,7 @@ def _check_sample(rec):
 def _import(records, out_dir, source, shard_size, workers, total=None, **extra):
     """Check records (image bytes, label) on all cores and write the good ones to shards, in order."""
     writer, drops = ShardWriter(out_dir, shard_size=shard_size), Counter()
-    with Pool(workers or os.cpu_count()) as pool:
+    with Pool(workers or len(os.sched_getaffinity(0))) as pool:
         for r in tqdm(pool.imap(_check_sample, records, chunksize=64), total=total, desc='import', unit='img'):
             if r[0] is None:
                 drops[r[1]] += 1
@@ -846,6 +846,13 @@ def main(argv=None):
     a.add_argument('--vocab', type=int, required=True, help='SentencePiece pieces (ids = pieces + 3)')
     a.add_argument('--out', help='model path (default DIR/spmN.model)')
     args = p.parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        sys.exit(f'data.py {args.cmd}: {e}')
+
+
+def run(args):
     t0 = time.time()
     if args.cmd == 'synth':
         words = [w.strip() for w in open(args.words, encoding='utf-8') if w.strip()] if args.words else None
