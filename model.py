@@ -327,10 +327,8 @@ class PARSeq(nn.Module):
     def embed(self, tokens, start=0):
         """Context slots: slot 0 = sqrt(d)*emb([B]) without position, slot j>=1 = sqrt(d)*emb(tok) + pos_queries[j-1]."""
         x = self.text_emb(tokens) * math.sqrt(self.cfg.dec_width)
-        pos = self.pos_queries[:, max(start - 1, 0):start - 1 + tokens.shape[1]]
-        if start == 0:
-            pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], 1)
-        return x + pos
+        pos = torch.cat([torch.zeros_like(self.pos_queries[:, :1]), self.pos_queries], 1)
+        return x + pos[:, start:start + tokens.shape[1]]
 
     def run(self, ctx, queries, mem_kv, qmask=None, cmask=None):
         for i, layer in enumerate(self.layers):
