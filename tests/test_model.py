@@ -16,7 +16,7 @@ import model as M
 from model import (PAPER_PARAMS, SIZES, Attention, ModelConfig, build_model, count_params, forward_flops,
                    make_config, order_masks, sample_orders, train_flops_per_sample)
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: a second thread only adds sync cost on a shared machine
 CHARS = '0123456789abcdefghijklmnopqrstuvwxyz'
 V = len(CHARS) + 3                     # seams: 0 = EOS, 1..V-3 chars, V-2 = BOS, V-1 = PAD
 EOS, BOS, PAD = 0, V - 2, V - 1
