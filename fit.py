@@ -26,12 +26,15 @@ Not done here: training (train.py), IsoFLOP parabolas (biased even on clean data
 """
 import argparse
 import csv
+import ctypes
+import glob
 import json
 import math
 import os
 import sys
 
 import numpy as np
+import scipy
 from scipy import optimize
 
 METRICS = {"error": "val_error", "loss": "val_loss", "test": "test_error"}  # metrics.jsonl key per --metric
@@ -39,6 +42,24 @@ PINNED = 99.5         # % word error at or above which a model reads nothing: fl
 DELTA = 1e-3          # Huber delta on log E (Chinchilla approach 3)
 MAX_NONLINEAR_BOOT = 200  # bootstrap draws for the L-BFGS fits (each is a refit); the log-log fits use n_boot
 AXES = ("N", "D", "C")
+
+
+def _one_blas_thread():
+    """OpenBLAS wakes a thread per core even for the 5x5 matrices inside L-BFGS-B; on a busy machine every step then
+    waits for them (10x slower, measured on 2 shared cores). Best effort, for the pip wheels' bundled OpenBLAS."""
+    for pkg in (np, scipy):
+        for lib in glob.glob(os.path.join(os.path.dirname(pkg.__file__) + ".libs", "*openblas*")):
+            try:
+                dll = ctypes.CDLL(lib)  # already loaded: the same library the package uses
+            except OSError:
+                continue
+            for sym in ("scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                        "openblas_set_num_threads"):
+                if hasattr(dll, sym):
+                    getattr(dll, sym)(1)
+                    break
+
+_one_blas_thread()
 
 # ----------------------------------------------------------------------------- reading runs
 
@@ -172,14 +193,15 @@ def _ladder(runs, axis):
 # ----------------------------------------------------------------------------- fitting
 
 def fit_power(x, y):
-    """E = (k/x)^alpha by least squares on log E = alpha*log k - alpha*log x. Returns alpha, k, r2, rmse."""
+    """E = (k/x)^alpha by least squares on log E = alpha*log k - alpha*log x.
+    Returns alpha, k, r2, rmse (log space) and the line's coefficients (slope, intercept) of log E on log x."""
     lx, ly = np.log(x), np.log(y)
-    slope, icpt = np.polyfit(lx, ly, 1)
-    res = ly - (icpt + slope * lx)
+    c = np.polyfit(lx, ly, 1)
+    res = ly - np.polyval(c, lx)
     ss = ((ly - ly.mean()) ** 2).sum()
-    alpha = -slope
-    return alpha, math.exp(icpt / alpha) if alpha else math.inf, 1 - (res ** 2).sum() / ss if ss else 1.0, \
-        float(np.sqrt((res ** 2).mean()))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # flat curve: alpha ~ 0, k astronomical
+        k = float(np.exp(c[1] / -c[0]))
+    return -c[0], k, 1 - (res ** 2).sum() / ss if ss else 1.0, float(np.sqrt((res ** 2).mean())), c
 
 def _lse_loss(theta, F, ly):
     """Summed Huber loss of log E_hat - log E, log E_hat = LSE(a_j - alpha_j * F[:, j], e), and its gradient.
@@ -203,15 +225,21 @@ def _lse_loss(theta, F, ly):
 
 def _lse_fit(F, ly, starts):
     """L-BFGS-B from each start; returns (best theta, its loss, how many starts reached it)."""
-    m = F.shape[1]
-    bounds = [(None, None), (1e-4, 10.0)] * m + [(None, None)]
-    fits = [optimize.minimize(_lse_loss, s, args=(F, ly), jac=True, method="L-BFGS-B", bounds=bounds,
-                              options=dict(maxiter=5000, ftol=1e-15, gtol=1e-12)) for s in starts]
-    best = min(fits, key=lambda f: f.fun)
-    reached = sum(f.fun <= best.fun * (1 + 1e-3) + 1e-12 for f in fits)
-    return best.x, float(best.fun), reached
+    m, mu = F.shape[1], F.mean(0)
+    shift = np.zeros(2 * m + 1)  # a_j - alpha_j * F_j = (a_j - alpha_j * mu_j) - alpha_j * (F_j - mu_j):
+    bounds = [(None, None), (1e-4, 10.0)] * m + [(None, None)]  # centring decorrelates a_j and alpha_j
+    fits = []
+    for s in starts:
+        shift[0:2 * m:2] = s[1:2 * m:2] * mu
+        f = optimize.minimize(_lse_loss, s - shift, args=(F - mu, ly), jac=True, method="L-BFGS-B", bounds=bounds,
+                              options=dict(maxiter=5000, ftol=1e-15, gtol=1e-12))
+        shift[0:2 * m:2] = f.x[1:2 * m:2] * mu
+        fits.append((f.fun, f.x + shift))
+    best = min(fits, key=lambda f: f[0])
+    reached = int(sum(f[0] <= best[0] * (1 + 1e-3) + 1e-12 for f in fits))
+    return best[1], float(best[0]), reached
 
-def _lse_starts(F, ly, alphas=(0.25, 0.5, 1.0, 2.0), shares=(0.2, 0.6), floors=(0.01, 0.5)):
+def _lse_starts(F, ly, alphas=(0.25, 0.5, 1.0, 2.0), shares=(0.5,), floors=(0.01, 0.5)):
     """A grid of starts scaled to the data: each term starts at a share of the typical E at the mean log X."""
     m, ly0, grids = F.shape[1], ly.mean(), []
     for combo in np.array(np.meshgrid(*([alphas, shares] * m + [floors]))).reshape(2 * m + 1, -1).T:
@@ -306,24 +334,24 @@ def _fit_axis(runs, axis, o):
         why = f"{(~pinned).sum()} not pinned at >= {pin}%" if pinned.any() else ""
         return dict(out, error=f"{axis}: {fit.sum()} usable point(s) ({len(x)} in all{', ' + why if why else ''}"
                                f"{', after the holdout' if cut < math.inf else ''}); need at least 3 distinct {axis}")
-    alpha, k, r2, rmse = fit_power(x[fit], y[fit] / scale)
-    # bootstrap: resample runs, rebuild the points (medians or frontier), refit
-    boot = []
+    alpha, k, r2, rmse, line = fit_power(x[fit], y[fit] / scale)
+    boot = []  # (slope, intercept) per draw: resample runs, rebuild the points (medians or frontier), refit
     for _ in range(o["n_boot"]):
         bx, by, bp = _reduce(axis, np.concatenate([obs[i] for i in rng.integers(0, len(obs), len(obs))]), pin)
         m = ~bp & (bx < cut)
         if len(np.unique(bx[m])) >= 2:
-            boot.append(fit_power(bx[m], by[m] / scale)[:2])
+            boot.append(fit_power(bx[m], by[m] / scale)[4])
     boot = np.array(boot).reshape(-1, 2)
-    grid = np.geomspace(x.min(), x.max(), 40)
-    curves = (boot[:, 1:2] / grid) ** boot[:, 0:1] * scale if len(boot) > 1 else None
-    q = 50 * (1 - o["level"])
+    grid, q = np.geomspace(x.min(), x.max(), 40), 50 * (1 - o["level"])
+    curves = np.exp(boot[:, 1:2] + boot[:, 0:1] * np.log(grid)) * scale
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        boot_k = np.exp(boot[:, 1] / -boot[:, 0])
     out.update(k=k, alpha=alpha, r2=r2, rmse=rmse, n_points=int(fit.sum()),
-               ci={"alpha": _percentile_ci(boot[:, 0], o["level"]), "k": _percentile_ci(boot[:, 1], o["level"]),
+               ci={"alpha": _percentile_ci(-boot[:, 0], o["level"]), "k": _percentile_ci(boot_k, o["level"]),
                    "level": o["level"], "method": "bootstrap over runs", "n_boot": len(boot)},
-               band=None if curves is None else {"x": grid.tolist(), "lo": np.percentile(curves, q, 0).tolist(),
+               band=None if len(boot) < 2 else {"x": grid.tolist(), "lo": np.percentile(curves, q, 0).tolist(),
                                                  "hi": np.percentile(curves, 100 - q, 0).tolist()})
-    pred = (k / x) ** alpha * scale
+    pred = np.exp(np.polyval(line, np.log(x))) * scale
     held = ~pinned & (x >= cut)
     out["holdout"] = None if not held.any() else {
         "x": x[held].tolist(), "measured": y[held].tolist(), "predicted": pred[held].tolist(),
@@ -383,6 +411,8 @@ def _flops_per_sample(runs):
 def _optimum(p, fps, C):
     """argmin over N of E_inf + A N^-alpha + B D^-beta subject to c0 N^gamma D = C (closed form)."""
     a, b, g, c0 = p["alpha"], p["beta"], fps["gamma"], fps["c0"]
+    if min(a, b, g, p["A"], p["B"]) <= 0:
+        return math.nan, math.nan, math.nan
     N = (a * p["A"] / (b * g * p["B"] * (c0 / C) ** b)) ** (1 / (a + g * b))
     D = C / (c0 * N ** g)
     return N, D, p["einf"] + p["A"] / N ** a + p["B"] / D ** b
@@ -396,17 +426,17 @@ def _fit_joint(runs, o):
         if not isinstance(xy, str) and xy[0, 1] < o["pin"]:
             rows.append((r["N"], r["D"], xy[0, 1], r["name"]))
     nN, nD = len({r[0] for r in rows}), len({r[1] for r in rows})
-    if len(rows) < 6 or nN < 2 or nD < 2:
-        return {"error": f"joint E(N, D): needs >= 6 usable runs spanning >= 2 N and >= 2 D; has {len(rows)} runs, "
-                         f"{nN} N, {nD} D"}
+    if len(rows) < 7 or nN < 3 or nD < 3:  # 5 parameters: at least 2 degrees of freedom, 3 values per axis
+        return {"error": f"joint E(N, D): needs >= 7 usable runs spanning >= 3 N and >= 3 D; has {len(rows)} runs "
+                         f"not pinned, {nN} N, {nD} D"}
     N, D, y, names = (np.array([r[i] for r in rows]) for i in range(4))
     ax, spec = ("D", o["holdout"]) if str(o["holdout"]).startswith("D=") else ("N", o["holdout"])
     cut = _holdout_cut(spec, ax, N if ax == "N" else D)
     held = (N if ax == "N" else D) >= cut
     fit = ~held
     F, ly = np.log(np.column_stack([N, D])), np.log(y / o["scale"])
-    if fit.sum() < 6:
-        return {"error": f"joint E(N, D): {fit.sum()} runs left after the holdout; need >= 6"}
+    if fit.sum() < 7:
+        return {"error": f"joint E(N, D): {fit.sum()} runs left after the holdout; need >= 7"}
     starts = _lse_starts(F[fit], ly[fit])
     th, loss, reached = _lse_fit(F[fit], ly[fit], starts)
     unpack = lambda t: {"einf": math.exp(t[4]), "A": math.exp(t[0]), "alpha": t[1], "B": math.exp(t[2]), "beta": t[3]}
@@ -610,6 +640,14 @@ def plot_all(result, out_dir):
         plt.close(fig)
     return paths
 
+def _finite(obj):
+    """JSON has no inf/nan: None instead."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fit OCR scaling laws to run folders or a CSV of points.")
     p.add_argument("paths", nargs="+", help="run folders (searched recursively) and/or CSV files")
@@ -640,7 +678,7 @@ def main(argv=None):
     result = fit_all(runs, metric=args.metric, holdout=args.holdout, saturating=args.saturating,
                      n_boot=args.n_boot, seed=args.seed, best=args.best, level=args.ci, budgets=args.budget,
                      pinned=args.pinned)
-    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    print(json.dumps(_finite(result), indent=1) if args.json else format_table(result))
     if args.plot:
         for path in plot_all(result, args.plot):
             print(f"wrote {path}", file=sys.stderr)
