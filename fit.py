@@ -177,8 +177,10 @@ def _reduce(axis, xy, pin):
         x, y = x[o], y[o]
         lower = y < np.minimum.accumulate(np.r_[np.inf, y[:-1]])  # below everything cheaper: on the envelope
         return x[lower], y[lower], np.zeros(lower.sum(), bool)
-    ux = np.unique(x)
-    my = np.array([np.median(y[x == u]) for u in ux])
+    o = np.lexsort((y, x))
+    x, y = x[o], y[o]
+    ux, first, count = np.unique(x, return_index=True, return_counts=True)
+    my = (y[first + (count - 1) // 2] + y[first + count // 2]) / 2  # median of each size's seeds
     return ux, my, my >= pin
 
 def _ladder(runs, axis):
@@ -196,9 +198,10 @@ def fit_power(x, y):
     """E = (k/x)^alpha by least squares on log E = alpha*log k - alpha*log x.
     Returns alpha, k, r2, rmse (log space) and the line's coefficients (slope, intercept) of log E on log x."""
     lx, ly = np.log(x), np.log(y)
-    c = np.polyfit(lx, ly, 1)
-    res = ly - np.polyval(c, lx)
-    ss = ((ly - ly.mean()) ** 2).sum()
+    dx, dy = lx - lx.mean(), ly - ly.mean()
+    slope = (dx * dy).sum() / (dx * dx).sum()
+    c = np.array([slope, ly.mean() - slope * lx.mean()])
+    res, ss = dy - slope * dx, (dy * dy).sum()
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # flat curve: alpha ~ 0, k astronomical
         k = float(np.exp(c[1] / -c[0]))
     return -c[0], k, 1 - (res ** 2).sum() / ss if ss else 1.0, float(np.sqrt((res ** 2).mean())), c

@@ -17,8 +17,16 @@ TROCR_CSV = os.path.join(ROOT, "tests", "trocr_size_points.csv")
 
 
 def run_cli(*args):
+    """The command line in a fresh interpreter (slow: use once)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "fit.py"), *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT)
+
+
+def run_main(capsys, *args):
+    """fit.main in this process: (exit code, stdout, stderr)."""
+    code = fit.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def write_run(root, name, config, evals, finished=True):
@@ -38,7 +46,7 @@ def power_points(k, alpha, xs, noise, rng):
     return [(x, 100 * (k / x) ** alpha * math.exp(rng.normal(0, noise))) for x in xs]
 
 
-def test_reference_trocr_size_law():
+def test_reference_trocr_size_law(capsys):
     # paper.md section 2: fitting TrOCR S, B, L gives alpha ~0.222, k ~1.95e4 and predicts H (9.07%) within 0.2 points
     p = run_cli(TROCR_CSV, "--holdout", "largest", "--json")
     assert p.returncode == 0, p.stderr
@@ -48,7 +56,7 @@ def test_reference_trocr_size_law():
     assert n["k"] == pytest.approx(1.95e4, rel=0.02)
     assert n["holdout"]["measured"] == [9.07]
     assert abs(n["holdout"]["predicted"][0] - 9.07) < 0.2
-    table = run_cli(TROCR_CSV, "--holdout", "largest").stdout
+    table = run_main(capsys, TROCR_CSV, "--holdout", "largest")[1]
     assert "held out N=9.5e+08" in table and "not fitted" in table  # D, C and joint: no such columns
 
 
@@ -174,39 +182,39 @@ def test_run_folders_grouping_seeds_pinned_and_unfinished(tmp_path):
     assert "PINNED (not fitted)" in table and "3 runs 30..100" in table and "not fitted: D:" in table
 
 
-def test_bad_input_messages(tmp_path):
+def test_bad_input_messages(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("size,score\n1,2\n")
-    p = run_cli(bad)
-    assert p.returncode != 0 and "needs a header with at least one of N, D, C" in p.stderr
+    code, out, err = run_main(capsys, bad)
+    assert code == 2 and "needs a header with at least one of N, D, C" in err
     two = tmp_path / "two.csv"
     two.write_text("N,D,acc\n1e4,100,50\n2e4,100,60\n")
-    p = run_cli(two)
-    assert p.returncode == 1 and "need at least 3 distinct N" in p.stdout and "nothing could be fitted" in p.stderr
+    code, out, err = run_main(capsys, two)
+    assert code == 1 and "need at least 3 distinct N" in out and "nothing could be fitted" in err
     odd = tmp_path / "odd.csv"  # NaN, negative and 0% error rows are skipped with a reason; the rest still fit
     odd.write_text("N,E\n1e4,50\n2e4,nan\n-3e4,30\n4e4,0\n8e4,25\n1.6e5,20\n")
     r = fit.fit_all(fit.load_runs(str(odd)), n_boot=10)
     assert r["N"]["n_points"] == 3 and len(r["N"]["skipped"]) == 3
     assert any("need finite positive values" in s for s in r["N"]["skipped"])
     assert "no run has D" in r["D"]["error"] and "no run has C" in r["C"]["error"]
-    p = run_cli(tmp_path / "missing")
-    assert p.returncode == 2 and "neither a folder of runs" in p.stderr
+    code, out, err = run_main(capsys, tmp_path / "missing")
+    assert code == 2 and "neither a folder of runs" in err
     empty = tmp_path / "runs"
     write_run(empty, "r0", {"N": 1e4, "D": 1e3}, [])
-    p = run_cli(empty)
-    assert p.returncode == 1 and "no evals" in p.stdout
+    code, out, err = run_main(capsys, empty)
+    assert code == 1 and "no evals" in out
 
 
-def test_json_keys_and_plots(tmp_path):
+def test_json_keys_and_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     rng = np.random.default_rng(3)
     runs = joint_runs(dict(einf=0.02, A=300.0, alpha=0.6, B=40.0, beta=0.5), 0.02, rng)
     for r in runs:
         write_run(tmp_path / "runs", r["name"], r["config"], r["evals"])
-    p = run_cli(tmp_path / "runs", "--json", "--n-boot", "30", "--holdout", "largest", "--plot", tmp_path / "png",
-                "--budget", "1e13")
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
+    code, out, err = run_main(capsys, tmp_path / "runs", "--json", "--n-boot", "30", "--holdout", "largest",
+                              "--plot", tmp_path / "png", "--budget", "1e13")
+    assert code == 0, err
+    out = json.loads(out)
     for ax in ("N", "D", "C"):
         assert {"k", "alpha", "r2", "rmse", "ci", "n_points", "holdout", "points", "skipped"} <= set(out[ax])
         assert set(out[ax]["holdout"]) == {"x", "measured", "predicted", "rel_error"}
