@@ -312,6 +312,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 'seed': self.seed, 'batch_size': self.batch_size}
 
     def load_state_dict(self, d):
+        if d.get('world_size', self.world_size) != self.world_size or d.get('batch_size', self.batch_size) != self.batch_size:
+            print(f'data.py: warning: resuming a stream saved with world_size={d.get("world_size")}, batch_size='
+                  f'{d.get("batch_size")} under {self.world_size}, {self.batch_size}: not an exact continuation', file=sys.stderr)
         self._batches = self._start = int(d['batches'])
         self._workers = int(d['num_workers'])
 
