@@ -60,8 +60,9 @@ def main():
     t0 = time.time()
     data.synth(shard_dir, args.n, style=args.style, workers=args.workers, shard_size=max(1, args.n // 8))
     dt = time.time() - t0
+    size = sum(os.path.getsize(os.path.join(shard_dir, f)) for f in os.listdir(shard_dir)) / args.n
     print(f'renderer ({args.style}, {args.workers} processes): {args.n / dt:.0f} images/s '
-          f'({args.n} in {dt:.1f} s, {sum(os.path.getsize(os.path.join(shard_dir, f)) for f in os.listdir(shard_dir)) / args.n:.0f} bytes/image on disk)')
+          f'({args.n} in {dt:.1f} s, {size:.0f} bytes/image on disk)')
     try:
         import webdataset  # noqa: F401
         readers = {'ours': ours, 'webdataset': theirs}

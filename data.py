@@ -312,9 +312,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 'seed': self.seed, 'batch_size': self.batch_size}
 
     def load_state_dict(self, d):
-        if d.get('world_size', self.world_size) != self.world_size or d.get('batch_size', self.batch_size) != self.batch_size:
-            print(f'data.py: warning: resuming a stream saved with world_size={d.get("world_size")}, batch_size='
-                  f'{d.get("batch_size")} under {self.world_size}, {self.batch_size}: not an exact continuation', file=sys.stderr)
+        was = (d.get('world_size', self.world_size), d.get('batch_size', self.batch_size))
+        if was != (self.world_size, self.batch_size):
+            print(f'data.py: warning: stream state saved with (world_size, batch_size) = {was}, resumed with '
+                  f'{(self.world_size, self.batch_size)}: not an exact continuation', file=sys.stderr)
         self._batches = self._start = int(d['batches'])
         self._workers = int(d['num_workers'])
 
@@ -797,7 +798,8 @@ def stats(pattern):
     for k in sorted(lengths):
         print(f'  {k:3d} {lengths[k]:9d} {"#" * max(1, round(50 * lengths[k] / max(lengths.values())))}')
     print(f'charset ({len(chars)}): {"".join(sorted(chars))}')
-    print(f'outside CHARSET36 after lower-casing: {sum(v for c, v in chars.items() if c.lower() not in CHARSET36)} chars')
+    outside = sum(v for c, v in chars.items() if c.lower() not in CHARSET36)
+    print(f'characters outside CHARSET36 after lower-casing: {outside}')
     print(f'import drops: {index.get("drops", {})}')
 
 
