@@ -126,7 +126,7 @@ def _read_csv(path):
         err = _num(row.get("E")) if "E" in cols else (100 - _num(row["acc"]) if _num(row.get("acc")) is not None
                                                       else None)
         ev = {"flops": _num(row.get("C")), "val_error": err, "test_error": err, "val_loss": _num(row.get("loss"))}
-        config = {k: (_num(row[k]) if k in "NDC" else row[k]) for k in row if k and row[k] != ""}
+        config = {k: (_num(v) if k in ("N", "D", "C") else v) for k, v in row.items() if k and v != ""}
         if _ok(config.get("C")) and _ok(config.get("D")):
             config["flops_per_sample"] = config["C"] / config["D"]
         runs.append(_make_run(row.get("label") or f"{path}:{i + 2}", config, [ev], True))
@@ -273,7 +273,7 @@ def varpro(logN, logD, y):
         scale = np.linalg.norm(M, axis=0)
         coef, rnorm = optimize.nnls(M / scale, np.ones_like(y))
         return coef / scale, rnorm
-    grid = np.linspace(0.02, 3.0, 60)
+    grid = np.linspace(0.02, 3.0, 40)
     p0 = min(((a, b) for a in grid for b in grid), key=lambda p: inner(p)[1])
     p = optimize.minimize(lambda p: inner(p)[1] if min(p) > 0 else np.inf, p0, method="Nelder-Mead",
                           options=dict(xatol=1e-9, fatol=1e-15, maxiter=4000)).x
@@ -294,7 +294,7 @@ def _holdout_cut(spec, axis, x):
     if spec.startswith("largest"):
         k = int(spec.split(":")[1]) if ":" in spec else 1
         ux = np.unique(x)
-        return ux[-k] if len(ux) > k else math.inf
+        return ux[-min(k, len(ux))] if len(ux) else math.inf
     v = _num(spec)
     if v is None:
         raise ValueError(f"--holdout {spec!r}: use largest, largest:K, a value, or AXIS=VALUE (e.g. N=5e8)")
@@ -307,8 +307,8 @@ def _percentile_ci(samples, level):
     return [float(np.percentile(s, q)), float(np.percentile(s, 100 - q))] if len(s) > 1 else None
 
 def _fit_axis(runs, axis, o):
-    key, scale, pin, rng = o["key"], o["scale"], o["pin"], o["rng"]
-    skipped, obs, names, group = [], [], [], None
+    key, scale, pin = o["key"], o["scale"], o["pin"]
+    skipped, obs, used, group = [], [], [], None
     has = (lambda r: any(e.get("flops") is not None for e in r["evals"])) if axis == "C" else \
         (lambda r: r[axis] is not None)
     cand = [r for r in runs if not r["skip"] and has(r)]
@@ -320,13 +320,15 @@ def _fit_axis(runs, axis, o):
         if isinstance(xy, str):
             skipped.append(f"{r['name']}: {xy}")
         else:
-            obs.append(xy), names.append(r["name"])
+            obs.append(xy)
+            used.append(r)
     if axis != "C" and obs:
-        idx, group = _ladder([next(r for r in cand if r["name"] == n) for n in names], axis)
-        off = len(obs) - len(idx)
-        if off:
-            skipped.append(f"{off} run(s) off this ladder (fixed {', '.join(f'{k}={v}' for k, v in group.items())})")
-        obs, names = [obs[i] for i in idx], [names[i] for i in idx]
+        idx, group = _ladder(used, axis)
+        if len(obs) > len(idx):
+            skipped.append(f"{len(obs) - len(idx)} run(s) off this ladder (fixed "
+                           f"{', '.join(f'{k}={v}' for k, v in group.items())})")
+        obs, used = [obs[i] for i in idx], [used[i] for i in idx]
+    names = [r["name"] for r in used]
     out = {"group": group, "skipped": skipped, "n_runs": len(obs)}
     if not obs:
         return dict(out, error=f"{axis}: no usable runs")
@@ -338,12 +340,11 @@ def _fit_axis(runs, axis, o):
         return dict(out, error=f"{axis}: {fit.sum()} usable point(s) ({len(x)} in all{', ' + why if why else ''}"
                                f"{', after the holdout' if cut < math.inf else ''}); need at least 3 distinct {axis}")
     alpha, k, r2, rmse, line = fit_power(x[fit], y[fit] / scale)
-    boot = []  # (slope, intercept) per draw: resample runs, rebuild the points (medians or frontier), refit
+    boot = []  # (slope, intercept) per draw
     for _ in range(o["n_boot"]):
-        bx, by, bp = _reduce(axis, np.concatenate([obs[i] for i in rng.integers(0, len(obs), len(obs))]), pin)
-        m = ~bp & (bx < cut)
-        if len(np.unique(bx[m])) >= 2:
-            boot.append(fit_power(bx[m], by[m] / scale)[4])
+        bx, by = _resample(obs, axis, cut, o)
+        if len(np.unique(bx)) >= 2:
+            boot.append(fit_power(bx, by)[4])
     boot = np.array(boot).reshape(-1, 2)
     grid, q = np.geomspace(x.min(), x.max(), 40), 50 * (1 - o["level"])
     curves = np.exp(boot[:, 1:2] + boot[:, 0:1] * np.log(grid)) * scale
@@ -366,6 +367,13 @@ def _fit_axis(runs, axis, o):
         out["saturating"] = _fit_saturating(x[fit], y[fit] / scale, obs, axis, cut, o)
     return out
 
+def _resample(obs, axis, cut, o):
+    """One bootstrap draw: resample runs (all points of a run together), rebuild the points to fit."""
+    x, y, pinned = _reduce(axis, np.concatenate([obs[i] for i in o["rng"].integers(0, len(obs), len(obs))]),
+                           o["pin"])
+    m = ~pinned & (x < cut)
+    return x[m], y[m] / o["scale"]
+
 def _support(axis, x, y, obs, names):
     """Which runs a point stands for: the seeds of a size (and their spread), or the run a frontier point is from."""
     hits = [(n, xy[xy[:, 0] == x, 1]) for n, xy in zip(names, obs) if (xy[:, 0] == x).any()]
@@ -381,11 +389,9 @@ def _fit_saturating(x, y, obs, axis, cut, o):
     th, loss, reached = _lse_fit(F, ly, _lse_starts(F, ly))
     boot = []
     for _ in range(min(o["n_boot"], MAX_NONLINEAR_BOOT)):
-        bx, by, bp = _reduce(axis, np.concatenate([obs[i] for i in o["rng"].integers(0, len(obs), len(obs))]),
-                             o["pin"])
-        m = ~bp & (bx < cut)
-        if len(np.unique(bx[m])) >= 4:
-            bt = _lse_fit(np.log(bx[m])[:, None], np.log(by[m] / o["scale"]), [th])[0]
+        bx, by = _resample(obs, axis, cut, o)
+        if len(np.unique(bx)) >= 4:
+            bt = _lse_fit(np.log(bx)[:, None], np.log(by), [th])[0]
             boot.append([math.exp(bt[2]), bt[1], math.exp(bt[0] / bt[1])])
     boot = np.array(boot).reshape(-1, 3)
     r2, rmse = _r2_rmse(_lse_predict(th, F), y)
@@ -447,10 +453,9 @@ def _fit_joint(runs, o):
     pred = _lse_predict(th, F)
     r2, rmse = _r2_rmse(pred[fit], y[fit] / o["scale"])
     vp = varpro(F[fit, 0], F[fit, 1], y[fit] / o["scale"])
-    vth = np.log([vp["A"] or 1e-300, 1, vp["B"] or 1e-300, 1, vp["einf"] or 1e-300])
-    vth[1], vth[3] = vp["alpha"], vp["beta"]
+    vpred = vp["einf"] + vp["A"] / N[fit] ** vp["alpha"] + vp["B"] / D[fit] ** vp["beta"]
     vp["max_rel_diff_params"] = max(abs(vp[k] - p[k]) / abs(p[k]) for k in p)
-    vp["max_rel_diff_pred"] = float(np.max(np.abs(_lse_predict(vth, F[fit]) / pred[fit] - 1)))
+    vp["max_rel_diff_pred"] = float(np.max(np.abs(vpred / pred[fit] - 1)))
     boot, idx = [], np.flatnonzero(fit)
     for _ in range(min(o["n_boot"], MAX_NONLINEAR_BOOT)):
         b = o["rng"].choice(idx, len(idx))
@@ -496,8 +501,6 @@ def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_bo
     elif isinstance(points_or_runs, dict):
         runs = [_make_run(f"{ax}={x:g}", {ax: x} if ax != "C" else {}, [{"flops": x if ax == "C" else None, key: y}],
                           True) for ax, pts in points_or_runs.items() for x, y in pts]
-        for r in runs:
-            r["N"], r["D"] = _num(r["config"].get("N")), _num(r["config"].get("D"))
     else:
         runs = list(points_or_runs)
     scale = 100.0 if metric in ("error", "test") else 1.0
