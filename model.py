@@ -158,6 +158,23 @@ def finish(ids, probs, eos=0, pad=-1):
     return ids[:, :t], conf
 
 
+class Recognizer(nn.Module):
+    """What TrOCR and PARSeq share: the ViT encoder, token ids, cross-attention keys/values, forward = loss."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, V = cfg, cfg.vocab_size
+        self.eos, self.bos, self.pad = 0, V - 2, V - 1
+        self.encoder = ViT(cfg)
+
+    def memory_kv(self, images):  # cross-attention keys/values of every layer: computed once per image
+        memory = self.encoder(images)
+        return [layer.cross_attn.project_kv(memory) for layer in self.layers]
+
+    def forward(self, images, tokens):  # so that DDP/compile wrappers can call model(images, tokens)
+        return self.loss(images, tokens)
+
+
 # ----------------------------------------------------------------------------- TrOCR
 
 class TrOCRLayer(nn.Module):
@@ -176,22 +193,16 @@ class TrOCRLayer(nn.Module):
         return x + self.drop(self.mlp(self.norm3(x)))
 
 
-class TrOCR(nn.Module):
+class TrOCR(Recognizer):
     def __init__(self, cfg):
-        super().__init__()
-        self.cfg, d, V = cfg, cfg.dec_width, cfg.vocab_size
-        self.eos, self.bos, self.pad = 0, V - 2, V - 1
-        self.encoder = ViT(cfg)
+        super().__init__(cfg)
+        d, V = cfg.dec_width, cfg.vocab_size
         self.tok_emb = nn.Embedding(V, d)
         self.pos_emb = nn.Parameter(torch.zeros(1, cfg.max_len + 1, d))  # inputs: BOS + up to max_len tokens
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TrOCRLayer(cfg) for _ in range(cfg.dec_depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
         init_weights(self, cfg.pos_std)
-
-    def memory_kv(self, images):  # cross-attention keys/values: computed once per image
-        memory = self.encoder(images)
-        return [layer.cross_attn.project_kv(memory) for layer in self.layers]
 
     def decoder(self, tokens, mem_kv, start=0, caches=None):
         x = self.drop(self.tok_emb(tokens) + self.pos_emb[:, start:start + tokens.shape[1]])
@@ -205,9 +216,6 @@ class TrOCR(nn.Module):
         n = (tgt != self.pad).sum()
         return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=self.pad), n
 
-    def forward(self, images, tokens):  # so that DDP/compile wrappers can call model(images, tokens)
-        return self.loss(images, tokens)
-
     @torch.no_grad()
     def decode(self, images, max_len=None, beam=1, ar=True, refine_iters=1, use_cache=True):
         """Beam search (beam=1: greedy). Finished hypotheses keep their score and repeat EOS at no cost;
@@ -215,7 +223,8 @@ class TrOCR(nn.Module):
         steps = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1
         mem_kv = self.memory_kv(images)
         B, C = len(images), self.pad - 1
-        mem_kv = [(k.repeat_interleave(beam, 0), v.repeat_interleave(beam, 0)) for k, v in mem_kv]
+        if beam > 1:
+            mem_kv = [(k.repeat_interleave(beam, 0), v.repeat_interleave(beam, 0)) for k, v in mem_kv]
         seqs = torch.full((B * beam, 1), self.bos, dtype=torch.long, device=images.device)
         scores = torch.full((B, beam), float('-inf'), device=images.device)
         scores[:, 0] = 0                                    # all beams start identical: expand only one
@@ -228,7 +237,7 @@ class TrOCR(nn.Module):
                 logits = self.decoder(seqs[:, -1:], mem_kv, start=t, caches=caches)
             else:
                 logits = self.decoder(seqs, mem_kv)
-            logp = logits[:, -1].float().log_softmax(-1)
+            logp = logits[:, -1].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
             logp = torch.where(done[:, None], eos_only, logp)
             cand = (scores.view(-1, 1) + logp).view(B, beam * C)
             scores, idx = cand.topk(beam, dim=1)                                  # (B, beam)
@@ -306,12 +315,10 @@ class PARSeqLayer(nn.Module):
         return q, c
 
 
-class PARSeq(nn.Module):
+class PARSeq(Recognizer):
     def __init__(self, cfg):
-        super().__init__()
-        self.cfg, d, V = cfg, cfg.dec_width, cfg.vocab_size
-        self.eos, self.bos, self.pad = 0, V - 2, V - 1
-        self.encoder = ViT(cfg)
+        super().__init__(cfg)
+        d, V = cfg.dec_width, cfg.vocab_size
         self.text_emb = nn.Embedding(V, d)
         self.pos_queries = nn.Parameter(torch.zeros(1, cfg.max_len + 1, d))
         self.drop = nn.Dropout(cfg.dropout)
@@ -319,10 +326,6 @@ class PARSeq(nn.Module):
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.head = nn.Linear(d, V - 2)
         init_weights(self, cfg.pos_std)
-
-    def memory_kv(self, images):
-        memory = self.encoder(images)
-        return [layer.cross_attn.project_kv(memory) for layer in self.layers]
 
     def embed(self, tokens, start=0):
         """Context slots: slot 0 = sqrt(d)*emb([B]) without position, slot j>=1 = sqrt(d)*emb(tok) + pos_queries[j-1]."""
@@ -352,9 +355,6 @@ class PARSeq(nn.Module):
             total = total + F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=self.pad, reduction='sum')
             n = n + (tgt != self.pad).sum()
         return total / n, n
-
-    def forward(self, images, tokens):
-        return self.loss(images, tokens)
 
     @torch.no_grad()
     def decode(self, images, max_len=None, beam=1, ar=True, refine_iters=1, use_cache=True):
@@ -546,7 +546,7 @@ def table(vocab_size=97):
                              dec_heads=cfg.dec_heads, image=f'{cfg.img_h}x{cfg.img_w}',
                              patch=f'{cfg.patch_h}x{cfg.patch_w}', params=count_params(cfg)[0],
                              paper_params=None if paper is None else int(paper),
-                             gflops=round(forward_flops(cfg) / 1e9, 4)))
+                             gflops=float(f'{forward_flops(cfg) / 1e9:.4g}')))
     return rows
 
 
@@ -562,9 +562,9 @@ if __name__ == '__main__':
         print(f'{"arch":7}{"size":5}{"enc L/d/h":>14}{"dec L/d/h":>13}{"image/patch":>15}{"params":>11}'
               f'{"paper":>10}{"diff":>7}{"GFLOPs":>10}')
         for r in rows:
-            p, fmt = r['paper_params'], (lambda n: f'{n / 1e6:.2f}M' if n < 1e9 else f'{n / 1e9:.3f}B')
+            p, fmt = r['paper_params'], (lambda n: f'{n / 1e3:.1f}k' if n < 1e6 else f'{n / 1e6:.2f}M' if n < 1e9 else f'{n / 1e9:.3f}B')
             enc = f"{r['enc_layers']}/{r['enc_width']}/{r['enc_heads']}"
             dec = f"{r['dec_layers']}/{r['dec_width']}/{r['dec_heads']}"
             diff = f"{100 * (r['params'] / p - 1):+.1f}%" if p else ''
             print(f"{r['arch']:7}{r['size']:5}{enc:>14}{dec:>13}{r['image'] + '/' + r['patch']:>15}"
-                  f"{fmt(r['params']):>11}{fmt(p) if p else '-':>10}{diff:>7}{r['gflops']:>10.3f}")
+                  f"{fmt(r['params']):>11}{fmt(p) if p else '-':>10}{diff:>7}{r['gflops']:>10.4g}")
