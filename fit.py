@@ -102,8 +102,11 @@ def _make_run(name, config, evals, finished):
             "skip": None if evals else "no evals in metrics.jsonl (still starting, or crashed before its first eval)"}
 
 def _read_run(folder):
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        return dict(_make_run(folder, {}, [], False), skip=f"unreadable config.json ({e})")
     evals, path = [], os.path.join(folder, "metrics.jsonl")
     if os.path.exists(path):
         with open(path) as f:
@@ -254,6 +257,11 @@ def _lse_starts(F, ly, alphas=(0.25, 0.5, 1.0, 2.0), shares=(0.5,), floors=(0.01
         grids.append(th)
     return grids
 
+def _warm(theta, y):
+    """Bootstrap start: the full-data fit, with E_inf lifted to >= 10% of the smallest E (a floor fitted to ~0 has
+    no gradient left and would stay stuck there in every draw)."""
+    return np.r_[theta[:-1], max(theta[-1], math.log(0.1 * y.min()))]
+
 def _lse_predict(theta, F):
     m = F.shape[1]
     Z = np.column_stack([theta[0:2 * m:2] - theta[1:2 * m:2] * F, np.full(len(F), theta[-1])])
@@ -328,7 +336,6 @@ def _fit_axis(runs, axis, o):
             skipped.append(f"{len(obs) - len(idx)} run(s) off this ladder (fixed "
                            f"{', '.join(f'{k}={v}' for k, v in group.items())})")
         obs, used = [obs[i] for i in idx], [used[i] for i in idx]
-    names = [r["name"] for r in used]
     out = {"group": group, "skipped": skipped, "n_runs": len(obs)}
     if not obs:
         return dict(out, error=f"{axis}: no usable runs")
@@ -361,7 +368,7 @@ def _fit_axis(runs, axis, o):
         "x": x[held].tolist(), "measured": y[held].tolist(), "predicted": pred[held].tolist(),
         "rel_error": ((pred[held] - y[held]) / y[held]).tolist()}
     out["points"] = [{"x": float(xi), "y": float(yi), "pinned": bool(pi), "held_out": bool(hi),
-                      "log_residual": float(np.log(yi / pr)), **_support(axis, xi, yi, obs, names)}
+                      "log_residual": float(np.log(yi / pr)), **_support(axis, xi, yi, obs, used)}
                      for xi, yi, pi, hi, pr in zip(x, y, pinned, held, pred)]
     if o["saturating"]:
         out["saturating"] = _fit_saturating(x[fit], y[fit] / scale, obs, axis, cut, o)
@@ -374,13 +381,14 @@ def _resample(obs, axis, cut, o):
     m = ~pinned & (x < cut)
     return x[m], y[m] / o["scale"]
 
-def _support(axis, x, y, obs, names):
+def _support(axis, x, y, obs, runs):
     """Which runs a point stands for: the seeds of a size (and their spread), or the run a frontier point is from."""
-    hits = [(n, xy[xy[:, 0] == x, 1]) for n, xy in zip(names, obs) if (xy[:, 0] == x).any()]
+    hits = [(r, xy[xy[:, 0] == x, 1]) for r, xy in zip(runs, obs) if (xy[:, 0] == x).any()]
     if axis == "C":
-        return {"run": next(n for n, ys in hits if (ys == y).any())}
+        hits = [next((r, ys) for r, ys in hits if (ys == y).any())]
     ys = np.concatenate([v for _, v in hits])
-    return {"runs": [n for n, _ in hits], "spread": [float(ys.min()), float(ys.max())]}
+    return {"runs": [r["name"] for r, _ in hits], "spread": [float(ys.min()), float(ys.max())],
+            "unfinished": any(not r["finished"] for r, _ in hits)}
 
 def _fit_saturating(x, y, obs, axis, cut, o):
     if len(x) < 4:
@@ -391,7 +399,7 @@ def _fit_saturating(x, y, obs, axis, cut, o):
     for _ in range(min(o["n_boot"], MAX_NONLINEAR_BOOT)):
         bx, by = _resample(obs, axis, cut, o)
         if len(np.unique(bx)) >= 4:
-            bt = _lse_fit(np.log(bx)[:, None], np.log(by), [th])[0]
+            bt = _lse_fit(np.log(bx)[:, None], np.log(by), [_warm(th, by)])[0]
             boot.append([math.exp(bt[2]), bt[1], math.exp(bt[0] / bt[1])])
     boot = np.array(boot).reshape(-1, 3)
     r2, rmse = _r2_rmse(_lse_predict(th, F), y)
@@ -435,6 +443,8 @@ def _fit_joint(runs, o):
         if not isinstance(xy, str) and xy[0, 1] < o["pin"]:
             rows.append((r["N"], r["D"], xy[0, 1], r["name"]))
     nN, nD = len({r[0] for r in rows}), len({r[1] for r in rows})
+    if not any(_ok(r["N"]) and _ok(r["D"]) for r in runs):
+        return {"error": "joint E(N, D): no run has both N and D"}
     if len(rows) < 7 or nN < 3 or nD < 3:  # 5 parameters: at least 2 degrees of freedom, 3 values per axis
         return {"error": f"joint E(N, D): needs >= 7 usable runs spanning >= 3 N and >= 3 D; has {len(rows)} runs "
                          f"not pinned, {nN} N, {nD} D"}
@@ -460,7 +470,7 @@ def _fit_joint(runs, o):
     for _ in range(min(o["n_boot"], MAX_NONLINEAR_BOOT)):
         b = o["rng"].choice(idx, len(idx))
         if len(np.unique(N[b])) >= 2 and len(np.unique(D[b])) >= 2:
-            boot.append(unpack(_lse_fit(F[b], ly[b], [th])[0]))
+            boot.append(unpack(_lse_fit(F[b], ly[b], [_warm(th, y[b] / o["scale"])])[0]))
     out = dict(p, r2=r2, rmse=rmse, loss=loss, n_points=int(fit.sum()), starts=len(starts), starts_at_best=reached,
                varpro=vp, ci={k: _percentile_ci([b[k] for b in boot], o["level"]) for k in p},
                points=[{"N": float(a), "D": float(b), "y": float(c), "run": str(n), "held_out": bool(h),
@@ -547,9 +557,10 @@ def format_table(result):
         grp = ", ".join(f"{k}={v}" for k, v in (r["group"] or {}).items() if v is not None)
         L.append(f"\n{ax} points" + (f" (ladder at {grp})" if grp else "") + f": {ax}, {result['metric']}{u}")
         for p in r["points"]:
-            tag = " PINNED (not fitted)" if p["pinned"] else " HELD OUT" if p["held_out"] else ""
-            who = p.get("run") or (f"{len(p['runs'])} runs {p['spread'][0]:.4g}..{p['spread'][1]:.4g}"
-                                   if len(p["runs"]) > 1 else p["runs"][0])
+            tag = (" PINNED (not fitted)" if p["pinned"] else " HELD OUT" if p["held_out"] else "") + \
+                (" (unfinished)" if p["unfinished"] else "")
+            who = (f"{len(p['runs'])} runs {p['spread'][0]:.4g}..{p['spread'][1]:.4g}" if len(p["runs"]) > 1
+                   else p["runs"][0])
             L.append(f"  {p['x']:>11.4g} {p['y']:>9.4g}  log resid {p['log_residual']:+.4f}  {who}{tag}")
         L += [f"  skipped {s}" for s in r["skipped"]]
         if r["holdout"]:
@@ -595,12 +606,20 @@ def plot_all(result, out_dir):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib")
+    except ImportError as e:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib") from e
     os.makedirs(out_dir, exist_ok=True)
     u = "%" if result["metric"] in ("error", "test") else ""
-    ylab, paths = f"{result['metric']} ({result['key']}{', ' + u if u else ''})", []
+    scale, paths = (100.0 if u else 1.0), []
+    ylab = f"{result['metric']} ({result['key']}{', ' + u if u else ''})"
     names = {"N": "parameters N", "D": "training images D", "C": "training compute C (FLOPs)"}
+
+    def save(fig, a, name):
+        a.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, name))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     for ax in AXES:
         r = result[ax]
         if "error" in r:
@@ -609,7 +628,7 @@ def plot_all(result, out_dir):
         pts = r["points"]
         for sel, style in ((lambda p: not p["pinned"] and not p["held_out"], dict(c="C0", marker="o", label="fitted")),
                            (lambda p: p["held_out"], dict(c="C3", marker="*", s=120, label="held out")),
-                           (lambda p: p["pinned"], dict(c="grey", marker="x", label=f">= {PINNED}%: not fitted"))):
+                           (lambda p: p["pinned"], dict(c="grey", marker="x", label="pinned: not fitted"))):
             ps = [p for p in pts if sel(p)]
             if ps:
                 a.scatter([p["x"] for p in ps], [p["y"] for p in ps], zorder=3, **style)
@@ -617,21 +636,16 @@ def plot_all(result, out_dir):
             a.fill_between(r["band"]["x"], r["band"]["lo"], r["band"]["hi"], color="C0", alpha=0.2,
                            label=f"{r['ci']['level']:.0%} CI")
         xs = np.geomspace(min(p["x"] for p in pts), max(p["x"] for p in pts), 100)
-        scale = 100.0 if u else 1.0
-        a.plot(xs, (r["k"] / xs) ** r["alpha"] * scale, "C0-",
-               label=f"({r['k']:.3g}/{ax})^{r['alpha']:.3f}, R2 {r['r2']:.3f}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            a.plot(xs, (r["k"] / xs) ** r["alpha"] * scale, "C0-",
+                   label=f"({r['k']:.3g}/{ax})^{r['alpha']:.3f}, R2 {r['r2']:.3f}")
         a.set(xscale="log", yscale="log", xlabel=names[ax], ylabel=ylab, title=f"{result['metric']} vs {ax}")
-        a.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, f"fit_{ax}.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        save(fig, a, f"fit_{ax}.png")
     j = result["joint"]
     if "error" not in j:
         fig, a = plt.subplots(figsize=(5.5, 4))
         Ds = sorted({p["D"] for p in j["points"]})
         Ns = np.geomspace(min(p["N"] for p in j["points"]), max(p["N"] for p in j["points"]), 100)
-        scale = 100.0 if u else 1.0
         for i, D in enumerate(Ds):
             ps = [p for p in j["points"] if p["D"] == D]
             a.scatter([p["N"] for p in ps], [p["y"] for p in ps], c=f"C{i % 10}",
@@ -639,11 +653,7 @@ def plot_all(result, out_dir):
             a.plot(Ns, (j["einf"] + j["A"] / Ns ** j["alpha"] + j["B"] / D ** j["beta"]) * scale, f"C{i % 10}-",
                    label=f"D={D:.3g}")
         a.set(xscale="log", yscale="log", xlabel=names["N"], ylabel=ylab, title="joint fit E(N, D)")
-        a.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, "fit_joint.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        save(fig, a, "fit_joint.png")
     return paths
 
 def _finite(obj):
@@ -678,7 +688,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         runs = load_runs(args.paths, args.where)
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+    except (ValueError, OSError) as e:
         print(f"fit.py: {e}", file=sys.stderr)
         return 2
     result = fit_all(runs, metric=args.metric, holdout=args.holdout, saturating=args.saturating,
@@ -686,8 +696,12 @@ def main(argv=None):
                      pinned=args.pinned)
     print(json.dumps(_finite(result), indent=1) if args.json else format_table(result))
     if args.plot:
-        for path in plot_all(result, args.plot):
-            print(f"wrote {path}", file=sys.stderr)
+        try:
+            for path in plot_all(result, args.plot):
+                print(f"wrote {path}", file=sys.stderr)
+        except ImportError as e:
+            print(f"fit.py: {e}", file=sys.stderr)
+            return 2
     if not result["ok"]:
         print("fit.py: nothing could be fitted (see the messages above)", file=sys.stderr)
     return 0 if result["ok"] else 1

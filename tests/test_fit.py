@@ -90,7 +90,7 @@ def test_compute_frontier_of_hand_made_curves(tmp_path):
                                                            for c, e in pts])
     r = fit.fit_all(fit.load_runs(str(tmp_path)), n_boot=50)["C"]
     # by hand: 2:80(a) 3:70(b) 4:60(a) 6:45(b) 10:35(c) 12:30(b) 20:25(c) 40:24(c); 5:65, 8:50 are above cheaper points
-    assert [(p["x"] / 1e9, p["y"], p["run"][-1]) for p in r["points"]] == [
+    assert [(p["x"] / 1e9, p["y"], p["runs"][0][-1]) for p in r["points"]] == [
         (2, 80, "a"), (3, 70, "b"), (4, 60, "a"), (6, 45, "b"), (10, 35, "c"), (12, 30, "b"), (20, 25, "c"),
         (40, 24, "c")]
 
@@ -157,6 +157,9 @@ def test_run_folders_grouping_seeds_pinned_and_unfinished(tmp_path):
     write_run(tmp_path, "other-d", dict(base, N=3e4, D=1e4, seed=0), evals(3e4, 70.0))   # off the N ladder
     write_run(tmp_path, "parseq", dict(base, arch="parseq", N=3e4, D=5e4), evals(3e4, 5.0))
     write_run(tmp_path, "empty", dict(base, N=1e5, D=5e4), [])                          # no evals
+    os.makedirs(tmp_path / "broken")
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    assert "unreadable config.json" in fit.load_runs(str(tmp_path / "broken"))[0]["skip"]
     runs = fit.load_runs([str(tmp_path)], where=["arch=trocr"])
     assert len(runs) == 9 and all(r["arch"] == "trocr" for r in runs)
     r = fit.fit_all(runs, n_boot=100)
@@ -169,12 +172,14 @@ def test_run_folders_grouping_seeds_pinned_and_unfinished(tmp_path):
     assert [p["y"] for p in n["points"]] == [100.0, 60.0, 40.0, 20.0, 12.0]  # median of 40, 30, 100 seeds
     assert [p["pinned"] for p in n["points"]] == [True, False, False, False, False] and n["n_points"] == 4
     assert n["points"][2]["spread"] == [30.0, 100.0] and len(n["points"][2]["runs"]) == 3
+    assert [p["unfinished"] for p in n["points"]] == [False, False, False, False, True]
     expected = fit.fit_power(np.array([3e4, 1e5, 3e5, 1e6]), np.array([0.6, 0.4, 0.2, 0.12]))
     assert n["alpha"] == pytest.approx(expected[0]) and n["k"] == pytest.approx(expected[1])
     # D ladder at N=3e4: D=1e4 (70%) and 5e4 (60%): too few points, with a message naming the axis
     assert "need at least 3 distinct D" in r["D"]["error"]
-    # best vs final; loss metric; where with a number; where on a missing key
-    assert fit.fit_all(runs, metric="loss", n_boot=10)["N"]["points"][0]["y"] == 0.5
+    # loss metric (no pinning); best = lowest, here the final eval; where with a number; where on a missing key
+    assert [p["y"] for p in fit.fit_all(runs, metric="loss", n_boot=10)["N"]["points"]] == [0.5] * 5
+    assert [p["y"] for p in fit.fit_all(runs, best=True, n_boot=10)["N"]["points"]] == [100.0, 60, 40, 20, 12]
     assert len(fit.load_runs(str(tmp_path), where={"N": "30000"})) == 3
     assert fit.load_runs(str(tmp_path), where=["nosuchkey=1"]) == []
     assert "needs >= 7 usable runs spanning >= 3 N and >= 3 D" in r["joint"]["error"]  # only 2 D values
@@ -223,3 +228,17 @@ def test_json_keys_and_plots(tmp_path, capsys):
     pngs = sorted(os.listdir(tmp_path / "png"))
     assert pngs == ["fit_C.png", "fit_D.png", "fit_N.png", "fit_joint.png"]
     assert all(os.path.getsize(tmp_path / "png" / f) > 1000 for f in pngs)
+
+
+def test_holdout_specs():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert fit._holdout_cut(None, "N", x) == math.inf
+    assert fit._holdout_cut("largest", "N", x) == 5 and fit._holdout_cut("largest:2", "D", x) == 4
+    assert fit._holdout_cut("3.5", "C", x) == 3.5
+    assert fit._holdout_cut("N=2", "N", x) == 2 and fit._holdout_cut("N=2", "D", x) == math.inf
+    with pytest.raises(ValueError, match="--holdout"):
+        fit._holdout_cut("biggest", "N", x)
+    rng = np.random.default_rng(4)
+    r = fit.fit_all({"N": power_points(1e3, 0.5, np.geomspace(1e4, 1e6, 6), 0.01, rng)}, holdout="largest:2",
+                    n_boot=20)["N"]
+    assert r["n_points"] == 4 and len(r["holdout"]["x"]) == 2 and max(map(abs, r["holdout"]["rel_error"])) < 0.05
