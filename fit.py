@@ -391,8 +391,8 @@ def _support(axis, x, y, obs, runs):
             "unfinished": any(not r["finished"] for r, _ in hits)}
 
 def _fit_saturating(x, y, obs, axis, cut, o):
-    if len(x) < 4:
-        return {"error": f"saturating {axis}: needs at least 4 points, has {len(x)}"}
+    if len(x) < 5:  # 3 parameters: with 4 points every bootstrap draw that can be fitted is the data itself
+        return {"error": f"saturating {axis}: needs at least 5 points, has {len(x)}"}
     F, ly = np.log(x)[:, None], np.log(y)
     th, loss, reached = _lse_fit(F, ly, _lse_starts(F, ly))
     boot = []
@@ -405,7 +405,8 @@ def _fit_saturating(x, y, obs, axis, cut, o):
     r2, rmse = _r2_rmse(_lse_predict(th, F), y)
     return {"einf": math.exp(th[2]), "alpha": th[1], "k": math.exp(th[0] / th[1]), "r2": r2, "rmse": rmse,
             "loss": loss, "starts": len(_lse_starts(F, ly)), "starts_at_best": reached,
-            "ci": {n: _percentile_ci(boot[:, i], o["level"]) for i, n in enumerate(("einf", "alpha", "k"))}}
+            "ci": dict({n: _percentile_ci(boot[:, i], o["level"]) for i, n in enumerate(("einf", "alpha", "k"))},
+                       n_boot=len(boot))}
 
 def _flops_per_sample(runs):
     """FLOPs per training sample as c0 * N^gamma, fitted over the runs' config (train.py's count)."""
@@ -477,7 +478,8 @@ def _fit_joint(runs, o):
                         "predicted": float(q * o["scale"])} for a, b, c, n, h, q in zip(N, D, y, names, held, pred)])
     out["ci"].update(level=o["level"], method="bootstrap over runs", n_boot=len(boot))
     out["holdout"] = None if not held.any() else {
-        "x": (N if ax == "N" else D)[held].tolist(), "axis": ax, "measured": y[held].tolist(),
+        "x": (N if ax == "N" else D)[held].tolist(), "axis": ax, "N": N[held].tolist(), "D": D[held].tolist(),
+        "measured": y[held].tolist(),
         "predicted": (pred[held] * o["scale"]).tolist(), "rel_error": (pred[held] * o["scale"] / y[held] - 1).tolist()}
     fps = _flops_per_sample(runs)
     if fps is None:
@@ -585,8 +587,8 @@ def format_table(result):
              f"{j['varpro']['max_rel_diff_pred']:.2%}")
     if j["holdout"]:
         h = j["holdout"]
-        for x, m, pr in zip(h["x"], h["measured"], h["predicted"]):
-            L.append(f"  held out {h['axis']}={x:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u}")
+        for n, d, m, pr in zip(h["N"], h["D"], h["measured"], h["predicted"]):
+            L.append(f"  held out N={n:.4g}, D={d:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u}")
     co = j["compute_optimal"]
     if "error" in co:
         L.append(f"  compute-optimal: {co['error']}")
