@@ -73,15 +73,12 @@ def _ok(v):
     return v is not None and math.isfinite(v) and v > 0
 
 def _parse_where(where):
-    if isinstance(where, dict) or not where:
-        return dict(where or {})
-    out = {}
-    for item in where:
+    if isinstance(where, dict):
+        return {k: str(v) for k, v in where.items()}
+    for item in where or []:
         if "=" not in item:
             raise ValueError(f"--where {item!r}: expected KEY=VALUE, e.g. arch=parseq")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
+    return dict(item.split("=", 1) for item in where or [])
 
 def _matches(config, where):
     for key, want in where.items():
@@ -245,17 +242,17 @@ def _lse_fit(F, ly, starts):
     reached = int(sum(f[0] <= best[0] * (1 + 1e-3) + 1e-12 for f in fits))
     return best[1], float(best[0]), reached
 
-def _lse_starts(F, ly, alphas=(0.25, 0.5, 1.0, 2.0), shares=(0.5,), floors=(0.01, 0.5)):
-    """A grid of starts scaled to the data: each term starts at a share of the typical E at the mean log X."""
-    m, ly0, grids = F.shape[1], ly.mean(), []
-    for combo in np.array(np.meshgrid(*([alphas, shares] * m + [floors]))).reshape(2 * m + 1, -1).T:
+def _lse_starts(F, ly, alphas=(0.25, 0.5, 1.0, 2.0), floors=(0.01, 0.5)):
+    """A grid of starts scaled to the data: every exponent in `alphas`, each term at half the typical E at the mean
+    log X, E_inf at each of `floors` times the smallest E. 4^m * 2 starts (32 for the joint law)."""
+    m, starts = F.shape[1], []
+    for combo in np.array(np.meshgrid(*([alphas] * m + [floors]))).reshape(m + 1, -1).T:
         th = np.empty(2 * m + 1)
-        for j in range(m):
-            th[2 * j + 1] = combo[2 * j]
-            th[2 * j] = combo[2 * j] * F[:, j].mean() + ly0 + math.log(combo[2 * j + 1])
+        th[1:2 * m:2] = combo[:m]
+        th[0:2 * m:2] = combo[:m] * F.mean(0) + ly.mean() + math.log(0.5)
         th[-1] = ly.min() + math.log(combo[-1])
-        grids.append(th)
-    return grids
+        starts.append(th)
+    return starts
 
 def _warm(theta, y):
     """Bootstrap start: the full-data fit, with E_inf lifted to >= 10% of the smallest E (a floor fitted to ~0 has
