@@ -7,8 +7,9 @@ ViT, TrOCR and PARSeq in one file, at the sizes of Rang et al. (arXiv 2401.00028
     from model import make_config, build_model
     cfg = make_config('parseq', 'S', vocab_size=tok.vocab_size, enc_depth=6)   # any field can be overridden
     model = build_model(cfg)
-    loss, n = model.loss(images, tok.encode(labels))      # images (B,3,H,W) in [-1,1]
-    ids, conf = model.decode(images)                      # under torch.no_grad(), model.eval()
+    loss, n = model.loss(images, tok.encode(labels))      # images (B,3,H,W) in [-1,1]; model(...) is the same
+    ids, conf = model.decode(images)                      # beam=k (TrOCR), ar=False / refine_iters=k (PARSeq)
+    count_params(cfg), forward_flops(cfg), train_flops_per_sample(cfg)   # analytic, no model needed
 
 Token ids (shared with data.py): 0 = EOS, 1..V-3 text tokens, V-2 = BOS, V-1 = PAD. Heads predict V-2 classes.
 - TrOCR: ViT encoder (CLS kept in the memory) + causal Transformer decoder with cross-attention and a tied
