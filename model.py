@@ -51,6 +51,7 @@ class ModelConfig:
     vocab_size: int = 97          # tokenizer.vocab_size (94 chars + EOS, BOS, PAD)
     dropout: float = 0.1          # decoder only (PARSeq and TrOCR both train with 0.1 there)
     pos_std: float = 0.02         # init std of learned position embeddings (0.5 helps tiny column-patch models)
+    init_std: float = 0.02        # init std of other weights; 0 = 1/sqrt(fan_in) (tiny widths learn far faster)
     perm_num: int = 6             # PARSeq: permutations per batch, mirrors included
     perm_mirrored: bool = True
 
@@ -140,14 +141,13 @@ def num_patches(cfg):
     return (cfg.img_h // cfg.patch_h) * (cfg.img_w // cfg.patch_w)
 
 
-def init_weights(model, pos_std):
+def init_weights(model, cfg):
     for name, p in model.named_parameters():
         if name.endswith('bias') or 'norm' in name:
             nn.init.ones_(p) if ('norm' in name and name.endswith('weight')) else nn.init.zeros_(p)
-        elif name.endswith('pos') or 'pos_' in name:
-            nn.init.trunc_normal_(p, std=pos_std, a=-2 * pos_std, b=2 * pos_std)
-        else:  # linear, conv, token embeddings, CLS
-            nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+        else:  # positions, linear, conv, token embeddings, CLS
+            std = cfg.pos_std if (name.endswith('pos') or 'pos_' in name) else cfg.init_std or p[0].numel() ** -0.5
+            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
 
 
 def finish(ids, probs, eos=0, pad=-1):
@@ -203,7 +203,7 @@ class TrOCR(Recognizer):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TrOCRLayer(cfg) for _ in range(cfg.dec_depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
-        init_weights(self, cfg.pos_std)
+        init_weights(self, cfg)
 
     def decoder(self, tokens, mem_kv, start=0, caches=None):
         x = self.drop(self.tok_emb(tokens) + self.pos_emb[:, start:start + tokens.shape[1]])
@@ -326,7 +326,7 @@ class PARSeq(Recognizer):
         self.layers = nn.ModuleList(PARSeqLayer(cfg) for _ in range(cfg.dec_depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.head = nn.Linear(d, V - 2)
-        init_weights(self, cfg.pos_std)
+        init_weights(self, cfg)
 
     def embed(self, tokens, start=0):
         """Context slots: slot 0 = sqrt(d)*emb([B]) without position, slot j>=1 = sqrt(d)*emb(tok) + pos_queries[j-1]."""
@@ -414,7 +414,7 @@ class PARSeq(Recognizer):
 _TROCR = dict(arch='trocr', img_h=384, img_w=384, patch_h=16, patch_w=16, cls_token=True, qkv_bias=False,
               dec_width=1024, dec_depth=12, dec_heads=16)
 _PARSEQ = dict(arch='parseq', img_h=32, img_w=128, patch_h=4, patch_w=8, cls_token=False, qkv_bias=True)
-_TINY = dict(img_h=16, img_w=64, patch_h=16, patch_w=4, dropout=0.0, pos_std=0.5, dec_depth=1)
+_TINY = dict(img_h=16, img_w=64, patch_h=16, patch_w=4, dropout=0.0, pos_std=0.5, init_std=0, dec_depth=1)
 
 
 def _tiny(arch, i):
