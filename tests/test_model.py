@@ -81,8 +81,6 @@ def test_trocr_cached_decode_equals_uncached(dec_depth):
         torch.testing.assert_close(ca, cb)
     ids, conf = m.decode(x, beam=3)
     assert ((conf > 0) & (conf <= 1)).all()
-    # a greedy path is one of the beam's hypotheses, so beam search never finds a less likely sequence
-    assert (conf >= m.decode(x)[1] - 1e-12).all()
 
 
 @pytest.mark.parametrize('dec_depth', [1, 2])
