@@ -32,9 +32,10 @@ DEMO = dict(n_train=50_000, n_val=1_000, n_test=1_000,
             n_sizes=["T2", "T3", "T4", "T5", "T6"],      # N ladder, all on the full D
             n_train_samples=100_000,                      # samples seen by every N-ladder run
             d_size="T5", d_values=[1_500, 3_000, 6_000, 12_000],  # D ladder: unique-image caps, nested
-            d_train_samples=100_000, seeds=[0])
+            d_train_samples=100_000, seeds=[0], metric="error")
 QUICK = dict(n_train=4_000, n_val=200, n_test=200, n_sizes=["T1", "T2", "T3"], n_train_samples=3_000,
-             d_size="T2", d_values=[500, 1_000, 2_000], d_train_samples=3_000, seeds=[0])
+             d_size="T2", d_values=[500, 1_000, 2_000], d_train_samples=3_000, seeds=[0],
+             metric="loss")  # too short to leave the 100%-error plateau: fit val loss per character instead
 
 
 def render_sets(root, cfg, workers):
@@ -120,12 +121,14 @@ def cmd_demo(args):
     if failed:
         report_lines.append(f"**Failed runs** (see their logs; re-run to resume): {', '.join(failed)}\n")
     # E(N) on the N ladder, E(D) on the D ladder, E(C) and the joint law on every eval of every run.
-    result = fit.fit_all(fit.load_runs([args.out], where={"arch": args.arch}))
+    metric = cfg["metric"]
+    result = fit.fit_all(fit.load_runs([args.out], where={"arch": args.arch}), metric=metric)
     for axis in ("N", "D"):
-        result[axis] = fit.fit_all(fit.load_runs([args.out], where={"arch": args.arch, "tag": axis}))[axis]
+        result[axis] = fit.fit_all(fit.load_runs([args.out], where={"arch": args.arch, "tag": axis}), metric=metric)[axis]
     table = fit.format_table(result)
-    report_lines.append("## Fitted laws\n\nWord error as a fraction, E = (X_c / X)^alpha; reproduce with "
-                        f"`python fit.py {args.out} --where tag=N` (or `tag=D`, or no filter for C and the joint fit)."
+    target = "word error as a fraction" if metric == "error" else "val loss per character"
+    report_lines.append(f"## Fitted laws\n\nE = (X_c / X)^alpha with E the {target}; reproduce with `python fit.py "
+                        f"{args.out} --metric {metric} --where tag=N` (or `tag=D`, or no filter for C and the joint fit)."
                         f"\n\n```\n{table}\n```\n")
     try:
         plots = fit.plot_all(result, args.out)

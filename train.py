@@ -74,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--beam", type=int, default=1, help="TrOCR beam width at evaluation")
     p.add_argument("--refine-iters", type=int, default=1, help="PARSeq cloze refinement passes at evaluation")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tuning)")
+    p.add_argument("--resume", action="store_true", help="insist on resuming (re-running a run name always resumes)")
     p.add_argument("--name", default=None, help="run name (default: ARCH-SIZE-dD-sSEED)")
     p.add_argument("--runs", default="runs", help="root folder of run folders")
     p.add_argument("--seed", type=int, default=0)
@@ -246,7 +247,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=tuple(float(b) for b in args.betas.split(",")), fused=use_cuda)
     ema = None
-    step, samples_seen, wall_s, bad_steps, best_error = 0, 0, 0.0, 0, float("inf")
+    step, samples_seen, flops_seen, wall_s, bad_steps, best_error = 0, 0, 0.0, 0.0, 0, float("inf")
     last_path, metrics_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(last_path):  # resume: same command, same run name
         ckpt = torch.load(last_path, map_location=device, weights_only=False)
@@ -257,10 +258,13 @@ def main(argv=None):
         if ckpt["ema"] is not None:
             ema = copy.deepcopy(raw_model)
             ema.load_state_dict(ckpt["ema"])
-        step, samples_seen, wall_s, bad_steps, best_error = (ckpt[k] for k in ("step", "samples", "wall_s", "bad_steps", "best_error"))
+        step, samples_seen, flops_seen, wall_s, bad_steps, best_error = (
+            ckpt[k] for k in ("step", "samples", "flops", "wall_s", "bad_steps", "best_error"))
         set_rng_state(ckpt["rng"][rank])
         if master:
             print(f"{name}: resuming at step {step} ({samples_seen:,} samples)")
+    elif args.resume:
+        sys.exit(f"--resume: no checkpoint at {last_path}")
     elif args.init:
         raw_model.load_state_dict(torch.load(args.init, map_location=device, weights_only=False)["model"])
     if master:
@@ -280,9 +284,9 @@ def main(argv=None):
         nonlocal best_error
         eval_model = ema if ema is not None else raw_model
         val = evaluate(eval_model, tok, eval_batches(args.val), args, device, autocast)
-        row = dict(step=step, samples=samples_seen, flops=flops_per_sample * samples_seen, wall_s=round(wall_s, 2),
+        row = dict(step=step, samples=samples_seen, flops=flops_seen, wall_s=round(wall_s, 2),
                    gpu_hours=wall_s * world / 3600 if use_cuda else None, train_loss=train_loss, lr=lr,
-                   samples_per_s=rate, data_wait=wait_share, mfu=flops_per_sample * rate / (peak * world) if peak and rate else None,
+                   samples_per_s=rate, data_wait=wait_share, mfu=flops_rate / (peak * world) if peak and flops_rate else None,
                    val_loss=val["loss"], val_error=val["error"], val_ned=val["ned"], val_n=val["n"])
         if final:
             row["final"] = True
@@ -314,32 +318,32 @@ def main(argv=None):
         if master:
             atomic_save(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                              stream=states, rng=rngs, ema=ema.state_dict() if ema is not None else None, step=step,
-                             samples=samples_seen, wall_s=wall_s, bad_steps=bad_steps, best_error=best_error,
+                             samples=samples_seen, flops=flops_seen, wall_s=wall_s, bad_steps=bad_steps, best_error=best_error,
                              model_config=dataclasses.asdict(cfg), tokenizer=tok.spec, args=vars(args)), last_path)
 
     # --- the loop
     batches = iter(stream.loader(workers))
     bar = tqdm(total=total_steps * args.batch, initial=samples_seen, unit="img", desc=name, disable=not master or args.quiet,
                dynamic_ncols=True, position=args.bar_position, leave=True)
-    train_loss, lr, rate, wait_share = None, get_lr(step, total_steps, args), None, None
-    loss_sum, window_t, window_wait, window_samples = 0.0, time.time(), 0.0, 0
+    train_loss, lr, rate, flops_rate, wait_share = None, get_lr(step, total_steps, args), None, None, None
+    loss_sum, window_t, window_wait, window_samples, window_flops = 0.0, time.time(), 0.0, 0, 0.0
 
     def close_window():
         """Fold the steps since the last eval into wall time, mean train loss, throughput and data-wait share."""
-        nonlocal wall_s, train_loss, rate, wait_share, loss_sum, window_t, window_wait, window_samples
-        elapsed = time.time() - window_t
+        nonlocal wall_s, train_loss, rate, flops_rate, wait_share, loss_sum, window_t, window_wait, window_samples, window_flops
+        elapsed = max(time.time() - window_t, 1e-9)
         wall_s += elapsed
         if window_samples:
-            train_loss, rate = loss_sum * args.batch / window_samples, window_samples / max(elapsed, 1e-9)
-            wait_share = window_wait / max(elapsed, 1e-9)
-        loss_sum, window_samples, window_wait, window_t = 0.0, 0, 0.0, time.time()
+            train_loss, rate = loss_sum * args.batch / window_samples, window_samples / elapsed
+            flops_rate, wait_share = window_flops / elapsed, window_wait / elapsed
+        loss_sum, window_samples, window_wait, window_flops, window_t = 0.0, 0, 0.0, 0.0, time.time()
 
     final_logged = step >= total_steps
     while step < total_steps:
         lr = get_lr(step, total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
+        stats = torch.zeros(2, dtype=torch.float64, device=device)  # mean loss, FLOPs of this step (all ranks)
         for micro_step in range(accum):
             t0 = time.time()
             images, labels = next(batches)
@@ -350,11 +354,14 @@ def main(argv=None):
             with autocast:
                 loss, _ = net(images, tokens)
             scaler.scale(loss / accum).backward()
-            step_loss += loss.detach().float() / accum
+            stats[0] += loss.detach().double() / (accum * world)
+            stats[1] += modellib.train_flops_per_sample(cfg, dec_len=tokens.shape[1] - 1) * len(images)  # padded length
         if world > 1:
-            dist.all_reduce(step_loss)
-            step_loss /= world
-        if not torch.isfinite(step_loss):  # the same verdict on every rank: skip the update together
+            dist.all_reduce(stats)
+        step_loss, step_flops = stats.tolist()
+        flops_seen += step_flops  # compute is spent even on a skipped step
+        window_flops += step_flops
+        if not math.isfinite(step_loss):  # the same verdict on every rank: skip the update together
             optimizer.zero_grad(set_to_none=True)
             bad_steps += 1
             if master:
@@ -377,7 +384,7 @@ def main(argv=None):
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), raw_model.parameters()):
                     pe.lerp_(pm, 1 - args.ema)
-        loss_sum += step_loss.item()
+        loss_sum += step_loss
         window_samples += args.batch
         bar.update(args.batch)
         if step % eval_every == 0 and step < total_steps:
@@ -393,7 +400,7 @@ def main(argv=None):
         close_window()
         row = log_eval(final=True)
         save_last()
-    result = dict(name=name, N=total, D=D, C=flops_per_sample * samples_seen, **{k: row.get(k) for k in
+    result = dict(name=name, N=total, D=D, C=flops_seen, **{k: row.get(k) for k in
                   ("step", "samples", "wall_s", "val_loss", "val_error", "val_ned", "tests", "test_error")})
     if master:
         write_json(result, os.path.join(run_dir, "result.json"))
