@@ -329,8 +329,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self._drops_before.update(self.drops)
         self._drop_counts = torch.zeros(W, len(DROP_REASONS), dtype=torch.int64).share_memory_()
         self._start = self._batches
+        # its own generator: a DataLoader draws a base seed, which would shift the global RNG on resume
         dl = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                         worker_init_fn=_worker_init if num_workers else None)
+                                         worker_init_fn=_worker_init if num_workers else None,
+                                         generator=torch.Generator())
         for batch in dl:
             self._batches += 1
             yield batch

@@ -635,7 +635,7 @@ def plot_all(result, out_dir):
             a.fill_between(r["band"]["x"], r["band"]["lo"], r["band"]["hi"], color="C0", alpha=0.2,
                            label=f"{r['ci']['level']:.0%} CI")
         xs = np.geomspace(min(p["x"] for p in pts), max(p["x"] for p in pts), 100)
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a fit may come out flat or rising
             a.plot(xs, (r["k"] / xs) ** r["alpha"] * scale, "C0-",
                    label=f"({r['k']:.3g}/{ax})^{r['alpha']:.3f}, R2 {r['r2']:.3f}")
         a.set(xscale="log", yscale="log", xlabel=names[ax], ylabel=ylab, title=f"{result['metric']} vs {ax}")

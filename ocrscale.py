@@ -18,7 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from PIL import Image
 
 import data
 import fit
@@ -167,21 +166,26 @@ def plan_sweep(arch, sizes, samples, gpus, nodes, mfu, gpu, epochs, charset=data
 def cmd_sweep(args):
     sizes, samples = args.sizes.split(","), [parse_count(s) for s in args.samples.split(",")]
     rows = plan_sweep(args.arch, sizes, samples, args.gpus, args.nodes, args.mfu, args.gpu, args.epochs)
-    launcher = f"torchrun --nproc_per_node={args.gpus}"
-    if args.nodes > 1:
-        launcher += f" --nnodes={args.nodes} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500"
+    world = args.gpus * args.nodes
     train_flags = " ".join(f"--train {t}" for t in args.train) + f" --val {args.val}"
     lines = [f"# {args.arch} sweep: {len(rows)} runs on {args.nodes}x{args.gpus} {args.gpu} at MFU {args.mfu:.0%}"]
     print(f"{'size':>5} {'N':>12} {'D':>12} {'samples':>13} {'FLOPs':>10} {'GPU-h':>9} {'wall h':>8}")
     for r in rows:
+        name = f"{args.arch}-{r['size']}-d{r['D']}"
+        launcher = f"torchrun --nproc_per_node={args.gpus}"
+        if args.nodes > 1:  # a rendezvous id per run, so back-to-back runs never join a stale one
+            launcher += f" --nnodes={args.nodes} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id={name}"
+        batch = train.RECIPES.get((args.arch, r["size"]), train.DEFAULTS)["batch"]
+        if batch % world:
+            print(f"warning: {name}: the recipe's batch {batch} does not split over {world} GPUs; add --batch to its command")
         print(f"{r['size']:>5} {r['N']:>12,} {r['D']:>12,} {r['train_samples']:>13,} {r['flops']:>10.3g} "
               f"{r['gpu_hours']:>9.1f} {r['wall_hours']:>8.2f}")
         lines.append(f"# N={r['N']:,} D={r['D']:,} FLOPs={r['flops']:.3g} GPU-hours={r['gpu_hours']:.1f}\n"
-                     f"{launcher} train.py --arch {args.arch} --size {r['size']} --samples {r['D']} "
-                     f"--train-samples {r['train_samples']} {train_flags} --name {args.arch}-{r['size']}-d{r['D']}")
+                     f"{launcher} train.py --arch {args.arch} --size {r['size']} --charset 94 --samples {r['D']} "
+                     f"--train-samples {r['train_samples']} {train_flags} --name {name}")
     total = sum(r["gpu_hours"] for r in rows)
     print(f"total: {sum(r['flops'] for r in rows):.3g} FLOPs, {total:,.0f} GPU-hours, "
-          f"{total / (args.gpus * args.nodes):,.1f} hours on {args.nodes * args.gpus} GPUs run one after another")
+          f"{total / world:,.1f} hours on {world} GPUs run one after another")
     lines.append("python fit.py runs/ --holdout largest --plot runs/plots")
     script = "#!/usr/bin/env bash\nset -e\n" + "\n".join(lines) + "\n"
     if args.out:
@@ -208,7 +212,7 @@ def read_images(ckpt_path, paths, beam=1, refine_iters=1):
         try:
             with open(p, "rb") as f:
                 arrays.append(data.decode_image(f.read(), cfg.img_h, cfg.img_w))
-        except (OSError, Image.UnidentifiedImageError) as e:
+        except Exception as e:  # PIL raises several kinds for bad files
             sys.exit(f"cannot read image {p}: {e}")
     ids, conf = net.decode(data.to_tensor(arrays), beam=beam, refine_iters=refine_iters)
     return list(zip(paths, tok.decode(ids), conf.tolist()))
@@ -230,7 +234,7 @@ def main(argv=None):
     d = sub.add_parser("demo", help="the miniature scaling study on synthetic data (CPU, minutes)")
     d.add_argument("--arch", choices=["parseq", "trocr"], default="parseq")
     d.add_argument("--quick", action="store_true", help="tiny ladder and data (about a minute), for a smoke test")
-    d.add_argument("--out", default=None, help="run folder root (default runs/demo[-quick]-ARCH)")
+    d.add_argument("--out", default=None, help="run folder root (default runs/demo[-trocr][-quick])")
     d.add_argument("--data", default=None, help="where the rendered shards go (default data/demo[-quick])")
     d.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs trained at once")
     s = sub.add_parser("sweep", help="plan an N x D grid for a GPU cluster: commands, FLOPs, GPU-hours")
@@ -253,7 +257,7 @@ def main(argv=None):
     r.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.cmd == "demo":
-        args.out = args.out or os.path.join("runs", f"demo{'-quick' if args.quick else ''}-{args.arch}")
+        args.out = args.out or os.path.join("runs", "demo" + ("-trocr" if args.arch == "trocr" else "") + ("-quick" if args.quick else ""))
         return cmd_demo(args)
     if args.cmd == "sweep":
         args.train = args.train or ["data/train"]

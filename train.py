@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="run name (default: ARCH-SIZE-dD-sSEED)")
     p.add_argument("--runs", default="runs", help="root folder of run folders")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, default=None, help="data loader workers per process (default: 0 on CPU, 6 on GPU)")
@@ -125,8 +125,14 @@ def model_config(args, vocab_size):
         key, _, value = item.partition("=")
         if key not in fields:
             sys.exit(f"--set {item}: unknown model field; fields are {', '.join(fields)}")
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
-    return modellib.make_config(args.arch, args.size, vocab_size, **overrides)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a plain string
+    try:
+        return modellib.make_config(args.arch, args.size, vocab_size, **overrides)
+    except (KeyError, TypeError) as e:
+        sys.exit(f"train.py: {e}")
 
 
 def git_commit():
@@ -197,10 +203,11 @@ def main(argv=None):
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
@@ -217,18 +224,26 @@ def main(argv=None):
     cfg = model_config(args, tok.vocab_size)
     raw_model = modellib.build_model(cfg).to(device)
     micro = args.micro_batch or args.batch // world
-    accum = args.batch // (micro * world)
+    accum = args.batch // (micro * world) if micro else 0
     if accum < 1 or accum * micro * world != args.batch:
         sys.exit(f"--batch {args.batch} must be a multiple of micro-batch {micro} x {world} processes")
     charset = getattr(tok, "charset", None)  # SentencePiece: no character filter
-    stream = data.ShardStream(data.parse_sources(",".join(args.train)), cfg.img_h, cfg.img_w, micro, charset,
-                              max_len=cfg.max_len, rank=rank, world_size=world, seed=args.seed, samples=args.samples,
-                              augment=args.augment, loop=True)
+    tests = dict(spec.partition("=")[::2] for spec in args.test)
+    try:
+        stream = data.ShardStream(data.parse_sources(",".join(args.train)), cfg.img_h, cfg.img_w, micro, charset,
+                                  max_len=cfg.max_len, rank=rank, world_size=world, seed=args.seed,
+                                  samples=args.samples, augment=args.augment, loop=True)
+        for path in [args.val, *tests.values()]:  # fail now, not after hours of training
+            if not path:
+                raise ValueError(f"--test takes NAME=DIR, got {args.test}")
+            data.find_shards(path)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"train.py: {e}")
     D = stream.num_samples
     train_samples = args.train_samples or int(args.epochs * D)
     total_steps = max(1, train_samples // args.batch)
     eval_every = max(1, (args.eval_every or train_samples // 10) // args.batch)  # in optimizer steps
-    name = args.name or f"{args.arch}-{args.size}-d{args.samples or 'all'}-s{args.seed}"
+    name = args.name or f"{args.arch}-{args.size}-d{args.samples or 'all'}-s{args.seed}" + ("-ft" if args.init else "")
     run_dir = os.path.join(args.runs, name)
     total, non_embed = modellib.count_params(cfg)
     flops_per_sample = modellib.train_flops_per_sample(cfg)
@@ -250,7 +265,7 @@ def main(argv=None):
     step, samples_seen, flops_seen, wall_s, bad_steps, best_error = 0, 0, 0.0, 0.0, 0, float("inf")
     last_path, metrics_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(last_path):  # resume: same command, same run name
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -278,7 +293,7 @@ def main(argv=None):
     def eval_batches(path):  # one pass, each sample once across ranks
         return data.ShardStream(path, cfg.img_h, cfg.img_w, micro, charset, max_len=cfg.max_len, rank=rank,
                                 world_size=world, loop=False).loader(workers)
-    peak = peak_flops(device)
+    peak = peak_flops(device) if dtype else None  # the table holds 16-bit dense peaks
 
     def log_eval(final=False):
         nonlocal best_error
@@ -290,14 +305,12 @@ def main(argv=None):
                    val_loss=val["loss"], val_error=val["error"], val_ned=val["ned"], val_n=val["n"])
         if final:
             row["final"] = True
-            if args.test:
-                tests = {}
-                for spec in args.test:
-                    tname, _, tdir = spec.partition("=")
+            if tests:
+                row["tests"] = {}
+                for tname, tdir in tests.items():
                     r = evaluate(eval_model, tok, eval_batches(tdir), args, device, autocast)
-                    tests[tname] = dict(error=r["error"], ned=r["ned"], n=r["n"])
-                row["tests"] = tests
-                row["test_error"] = data.weighted_average(tests)
+                    row["tests"][tname] = dict(error=r["error"], ned=r["ned"], n=r["n"])
+                row["test_error"] = data.weighted_average(row["tests"])
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -322,7 +335,7 @@ def main(argv=None):
                              model_config=dataclasses.asdict(cfg), tokenizer=tok.spec, args=vars(args)), last_path)
 
     # --- the loop
-    batches = iter(stream.loader(workers))
+    batches = iter(stream.loader(workers, pin_memory=use_cuda))
     bar = tqdm(total=total_steps * args.batch, initial=samples_seen, unit="img", desc=name, disable=not master or args.quiet,
                dynamic_ncols=True, position=args.bar_position, leave=True)
     train_loss, lr, rate, flops_rate, wait_share = None, get_lr(step, total_steps, args), None, None, None
@@ -355,7 +368,7 @@ def main(argv=None):
                 loss, _ = net(images, tokens)
             scaler.scale(loss / accum).backward()
             stats[0] += loss.detach().double() / (accum * world)
-            stats[1] += modellib.train_flops_per_sample(cfg, dec_len=tokens.shape[1] - 1) * len(images)  # padded length
+            stats[1] += modellib.train_flops_per_sample(cfg, dec_len=tokens.shape[1] - 2) * len(images)  # padded length
         if world > 1:
             dist.all_reduce(stats)
         step_loss, step_flops = stats.tolist()
@@ -389,9 +402,12 @@ def main(argv=None):
         bar.update(args.batch)
         if step % eval_every == 0 and step < total_steps:
             close_window()
+            t_eval = time.time()
             row = log_eval()
             bar.set_postfix(loss=f"{train_loss:.3f}", img_s=f"{rate:.0f}", val_err=f"{row['val_error']:.1f}%")
             save_last()
+            wall_s += time.time() - t_eval  # in wall time and GPU-hours, not in training throughput
+            window_t = time.time()
     bar.close()
     if final_logged:  # resumed from the checkpoint written after the final eval
         with open(metrics_path) as f:
@@ -417,7 +433,7 @@ def keep_metrics_upto(path, step):
     if not os.path.exists(path):
         return
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # drop a torn last line
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(rows)

@@ -46,7 +46,8 @@ def test_sweep_flops_agree_with_model_estimate(tmp_path, capsys):
         assert r["wall_hours"] == pytest.approx(r["gpu_hours"] / 16)
     text = script.read_text()
     assert text.count("torchrun --nproc_per_node=8 --nnodes=2") == 4
-    assert "--size B --samples 300000 --train-samples 600000" in text
+    assert "--size B --charset 94 --samples 300000 --train-samples 600000" in text
+    assert "--rdzv-id=trocr-B-d300000 " in text
     assert "GPU-hours" in capsys.readouterr().out
 
 
