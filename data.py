@@ -359,7 +359,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                     got += 1
                     if got > skip:
                         yield shard, key, files
-            except (EOFError, OSError):
+            except (EOFError, OSError, ValueError):  # truncated or corrupt headers
+                pass
+            if got < m:  # fewer samples than the index says: count them, keep positions (and resume) aligned
                 self._drop('truncated_tar', shard, m - got)
                 for _ in range(max(got, skip), m):
                     yield shard, None, None
@@ -743,7 +745,10 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None):
     for db in dbs:
         env = lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False)
         with env.begin() as txn:
-            parts[os.path.relpath(db, src)] = int(txn.get(b'num-samples'))
+            count = txn.get(b'num-samples')
+            if count is None:
+                raise ValueError(f"{db}: no 'num-samples' key; not a scene-text LMDB")
+            parts[os.path.relpath(db, src)] = int(count)
         env.close()
 
     def records():

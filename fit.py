@@ -115,8 +115,9 @@ def _read_run(folder):
     return _make_run(folder, config, evals, os.path.exists(os.path.join(folder, "result.json")))
 
 def _read_csv(path):
-    with open(path, newline="") as f:
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}  # extra fields: key None
+                for row in csv.DictReader(f)]
     cols = set(rows[0]) if rows else set()
     if not rows or not cols & {"N", "D", "C"} or not cols & {"E", "acc", "loss"}:
         raise ValueError(f"{path}: needs a header with at least one of N, D, C and one of E (word error %), acc "
@@ -184,13 +185,16 @@ def _reduce(axis, xy, pin):
     return ux, my, my >= pin
 
 def _ladder(runs, axis):
-    """Indices of the runs on the best ladder for axis N (fixed arch, D, budget) or D (fixed arch, N, budget)."""
+    """Indices of the runs on the best ladder for axis N (fixed arch, D, budget) or D (fixed arch, N and either a
+    fixed sample budget or fixed epochs: budget proportional to D, as train.py's --epochs and the sweep plan it)."""
     other = "D" if axis == "N" else "N"
     groups = {}
     for i, r in enumerate(runs):
-        groups.setdefault((r["arch"], r[other], r["budget"]), []).append(i)
-    key = max(groups, key=lambda k: (len({runs[i][axis] for i in groups[k]}), k[1] or 0))
-    return groups[key], dict(zip(("arch", other, "budget"), key))
+        groups.setdefault((r["arch"], r[other], "budget", r["budget"]), []).append(i)
+        if axis == "D" and r["budget"] and r["D"]:
+            groups.setdefault((r["arch"], r[other], "epochs", round(r["budget"] / r["D"], 2)), []).append(i)
+    key = max(groups, key=lambda k: (len({runs[i][axis] for i in groups[k]}), k[1] or 0, k[2] == "budget"))
+    return groups[key], {"arch": key[0], other: key[1], key[2]: key[3]}
 
 # ----------------------------------------------------------------------------- fitting
 

@@ -153,6 +153,20 @@ def test_truncated_tar(tmp_path):
     assert 10 < len(labels) < 20 and s.drops['truncated_tar'] == 20 - len(labels)
 
 
+def test_short_shard_and_corrupt_header_are_counted(tmp_path):
+    make_shards(tmp_path, [10, 10])
+    index = json.loads((tmp_path / 'index.json').read_text())
+    index['shards']['shard-000000.tar'] = 12  # a stale index: two samples more than the shard holds
+    (tmp_path / 'index.json').write_text(json.dumps(index))
+    p = tmp_path / 'shard-000001.tar'
+    raw = bytearray(p.read_bytes())
+    raw[512 * 8 + 124:512 * 8 + 136] = b'zz garbage!!'  # a later member's size field is not octal
+    p.write_bytes(bytes(raw))
+    s = data.ShardStream(str(tmp_path), 8, 16, 4, data.CHARSET36, loop=False)
+    labels = [t for _, y in s for t in y]
+    assert len(labels) < 20 and s.drops['truncated_tar'] == 22 - len(labels)
+
+
 def test_no_shards_error_names_path_and_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match='nothing_here.*data.py synth'):
         data.ShardStream(str(tmp_path / 'nothing_here'), 8, 16, 4, data.CHARSET36)

@@ -187,6 +187,15 @@ def test_run_folders_grouping_seeds_pinned_and_unfinished(tmp_path):
     assert "PINNED (not fitted)" in table and "3 runs 30..100" in table and "not fitted: D:" in table
 
 
+def test_d_ladder_at_fixed_epochs(tmp_path):
+    # train.py's --epochs and the sweep planner give each D its own budget (20 x D): still one D ladder.
+    for D, err in ((1e3, 80.0), (3e3, 50.0), (1e4, 30.0), (3e4, 18.0)):
+        write_run(tmp_path, f"d{D:g}", {"arch": "parseq", "N": 1e5, "D": D, "train_samples": 20 * D},
+                  [{"step": 1, "samples": 20 * D, "flops": 1e6 * D, "val_error": err, "final": True}])
+    r = fit.fit_all(fit.load_runs(str(tmp_path)), n_boot=10)
+    assert r["D"]["group"] == {"arch": "parseq", "N": 1e5, "epochs": 20.0} and r["D"]["n_points"] == 4
+
+
 def test_bad_input_messages(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("size,score\n1,2\n")
@@ -202,6 +211,9 @@ def test_bad_input_messages(tmp_path, capsys):
     assert r["N"]["n_points"] == 3 and len(r["N"]["skipped"]) == 3
     assert any("need finite positive values" in s for s in r["N"]["skipped"])
     assert "no run has D" in r["D"]["error"] and "no run has C" in r["C"]["error"]
+    excel = tmp_path / "excel.csv"  # byte-order mark, and a row with a trailing comma
+    excel.write_text("\ufeffN,E\n1e4,50\n2e4,40,\n4e4,30\n", encoding="utf-8")
+    assert [r["N"] for r in fit.load_runs(str(excel))] == [1e4, 2e4, 4e4]
     code, out, err = run_main(capsys, tmp_path / "missing")
     assert code == 2 and "neither a folder of runs" in err
     empty = tmp_path / "runs"
