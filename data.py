@@ -449,7 +449,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         j = (start + W - 1 - l) // W  # batches this group has already handed out
         mix, pos = self._mix(g, j * B) if len(self.shards) > 1 else (iter(lambda: 0, 1), [j * B])
         sources = [self._source(s, g, G, p) for s, p in enumerate(pos)]
-        alive, last = [True] * len(sources), None
+        alive, last, dry = [True] * len(sources), None, 0
         while True:
             rng = random.Random((self.seed * 1000003 + g) * 1000003 + j) if self.augment else None
             good, taken = [], 0
@@ -469,6 +469,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                     good.append(out)
             if taken == 0:
                 break
+            dry = dry + 1 if not good and last is None else 0
+            if self.loop and dry * B > self.num_samples + B:  # a whole epoch without one usable sample
+                raise RuntimeError(f'no usable sample in {", ".join(self.names)}: all were dropped '
+                                   f'({self.drops}); check the charset and max_len')
             j += 1
             if self.loop:  # keep batches full (and positions = batches * B): refill drops with copies
                 good = [(good or [last])[t % max(1, len(good))] for t in range(B)] if good or last else []

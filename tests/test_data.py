@@ -167,6 +167,13 @@ def test_short_shard_and_corrupt_header_are_counted(tmp_path):
     assert len(labels) < 20 and s.drops['truncated_tar'] == 22 - len(labels)
 
 
+def test_all_labels_filtered_is_an_error_not_a_hang(tmp_path):
+    make_shards(tmp_path, [6])
+    s = data.ShardStream(str(tmp_path), 8, 16, 4, '@#', loop=True)  # no label survives this charset
+    with pytest.raises(RuntimeError, match='no usable sample.*charset'):
+        next(iter(s))
+
+
 def test_no_shards_error_names_path_and_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match='nothing_here.*data.py synth'):
         data.ShardStream(str(tmp_path / 'nothing_here'), 8, 16, 4, data.CHARSET36)
