@@ -374,18 +374,21 @@ def main(argv=None):
         step_loss, step_flops = stats.tolist()
         flops_seen += step_flops  # compute is spent even on a skipped step
         window_flops += step_flops
-        if not math.isfinite(step_loss):  # the same verdict on every rank: skip the update together
+        grad_norm = math.nan
+        if math.isfinite(step_loss):
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip or math.inf).item()
+        # Loss and gradients are the same on every rank, so all ranks skip together. With fp16 the scaler
+        # itself skips steps with inf gradients (and lowers its scale): those are not bad steps.
+        if not math.isfinite(step_loss) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
             optimizer.zero_grad(set_to_none=True)
             bad_steps += 1
             if master:
-                tqdm.write(f"{name}: non-finite loss at step {step} (skipped, {bad_steps}/{args.max_bad_steps})")
+                tqdm.write(f"{name}: non-finite loss or gradients at step {step} (skipped, {bad_steps}/{args.max_bad_steps})")
             if bad_steps >= args.max_bad_steps:
-                raise SystemExit(f"{name}: {bad_steps} non-finite losses; stopping. {last_path} holds the last good state; "
-                                 "lower --lr, raise --warmup or use --dtype bf16/fp32")
+                raise SystemExit(f"{name}: {bad_steps} non-finite losses or gradients; stopping. {last_path} holds the "
+                                 "last good state; lower --lr, raise --warmup or use --dtype bf16/fp32")
             continue
-        if args.clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

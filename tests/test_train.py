@@ -135,6 +135,15 @@ def test_nan_losses_are_skipped_then_stop(shards, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "goes-bad" / "last.pt", weights_only=False)["step"] == 5
     assert not (tmp_path / "goes-bad" / "result.json").exists()
 
+    def build_with_nan_grads(cfg):  # a finite loss whose gradients are NaN: skipped too, never applied
+        net = real_build(cfg)
+        net.encoder.pos.register_hook(lambda g: g * float("nan"))
+        return net
+    monkeypatch.setattr(modellib, "build_model", build_with_nan_grads)
+    with pytest.raises(SystemExit, match="non-finite losses or gradients"):
+        train.main(base_args(shards, tmp_path, "bad-grads", *args))
+    assert not (tmp_path / "bad-grads" / "last.pt").exists()  # no eval was reached, so nothing was saved
+
 
 def test_lr_schedules():
     args = train.parse_args(["--train", "x", "--val", "y", "--lr", "1e-3", "--warmup", "0.1"])
