@@ -345,7 +345,7 @@ class PARSeq(Recognizer):
         ctx_tok, tgt = tokens[:, :-1], tokens[:, 1:]                       # (B, L+1) each
         L = tokens.shape[1] - 2
         ctx = self.drop(self.embed(ctx_tok))
-        queries = self.drop(self.pos_queries[:, :L + 1]).expand(len(tokens), -1, -1)
+        queries = self.drop(self.pos_queries[:, :L + 1].expand(len(tokens), -1, -1))  # a dropout mask per sample
         keep = ((ctx_tok != self.pad) & (ctx_tok != self.eos))[:, None, None, :]  # padded context is never seen
         total, n = 0.0, 0
         k = self.cfg.perm_num if self.training else 2  # eval: the two fixed orders, so val loss uses no RNG
