@@ -4,24 +4,19 @@
     python fit.py runs/ --where arch=parseq --metric loss --plot plots/ --json
     python fit.py tests/trocr_size_points.csv --holdout largest     # the paper's TrOCR-H check
 
-The laws (Rang et al. 2024, arXiv 2401.00028; ../shared/paper.md section 2):
-- per axis X in {N, D, C}: E = (X_c / X)^alpha by ordinary least squares in log-log space, as the study fitted;
+Laws (Rang et al. 2024, arXiv 2401.00028; ../shared/paper.md section 2), word error fitted as a FRACTION (the TrOCR
+size law's X_c is ~1.97e4, as printed; tables show percent), goodness as R^2 and RMSE of log E, CIs by a percentile
+bootstrap over runs (all points of a run together):
+- per axis X in {N, D, C}: E = (X_c / X)^alpha by least squares in log-log space, as the study fitted;
   `--saturating` adds E = E_inf + (X_c / X)^alpha (Huber loss on log E).
-- jointly: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: Huber delta=1e-3 on log E, summed over
-  points, L-BFGS-B with an analytic gradient from a grid of starts), cross-checked by variable projection, and
-  from it the compute-optimal N and D for a FLOP budget.
-Word error is fitted as a FRACTION (so the TrOCR size law's X_c is ~1.97e4, as printed); tables show percent.
-Goodness: R^2 and RMSE of log E. Uncertainty: percentile bootstrap that resamples runs (all points of a run together).
-
-Where the points come from (train.py's run folders: config.json + metrics.jsonl, error in percent):
-- E(N): each run's final eval (`--best`: its best) among the runs sharing (arch, D, sample budget): the group with the
-  most distinct N (ties: larger D). Several seeds per size: the median is fitted and the spread reported.
-- E(D): likewise at fixed (arch, N, budget).   E(C): the lower envelope (compute frontier) of every eval of every run.
-- joint: every run's final point. The budget is config "train_samples", else the samples seen at the last eval.
-Error points at >= 99.5% (a model that reads nothing) carry no information: flagged, kept out of every fit.
-A CSV (header: any of N, D, C and one of E (word error %), acc (word accuracy %), loss; optional label, arch, seed)
-is read as one finished run per row, so the same rules apply.
-
+- joint: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: Huber delta=1e-3 on log E, L-BFGS-B from a
+  grid of starts), cross-checked by variable projection; from it the compute-optimal N and D for a FLOP budget.
+Points, from train.py's run folders (config.json + metrics.jsonl, error in percent) or a CSV of one finished run per
+row (header: any of N, D, C; one of E (word error %), acc (word accuracy %), loss; optional label, arch, seed):
+- E(N): each run's final eval (`--best`: its best) on the ladder of runs sharing (arch, D, sample budget) with the
+  most distinct N; the median of a size's seeds is fitted, their spread reported. E(D): likewise at fixed N.
+- E(C): the lower envelope (compute frontier) of every eval of every run. Joint: every run's final point.
+Error at >= 99.5% (a model that reads nothing) carries no information: flagged, kept out of every fit.
 Not done here: training (train.py), IsoFLOP parabolas (biased even on clean data: Czech et al. 2026), other forms.
 """
 import argparse
@@ -45,12 +40,12 @@ AXES = ("N", "D", "C")
 
 
 def _one_blas_thread():
-    """OpenBLAS wakes a thread per core even for the 5x5 matrices inside L-BFGS-B; on a busy machine every step then
-    waits for them (10x slower, measured on 2 shared cores). Best effort, for the pip wheels' bundled OpenBLAS."""
+    """OpenBLAS wakes a thread per core even for L-BFGS-B's 5x5 matrices: 10x slower on 2 busy cores (measured).
+    Best effort, for the pip wheels' bundled OpenBLAS (already loaded: CDLL gets the same library)."""
     for pkg in (np, scipy):
         for lib in glob.glob(os.path.join(os.path.dirname(pkg.__file__) + ".libs", "*openblas*")):
             try:
-                dll = ctypes.CDLL(lib)  # already loaded: the same library the package uses
+                dll = ctypes.CDLL(lib)
             except OSError:
                 continue
             for sym in ("scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
@@ -85,12 +80,13 @@ def _matches(config, where):
         v = config
         for part in key.split("."):  # model.enc_width=64 reaches into nested dicts
             v = v.get(part) if isinstance(v, dict) else None
-        a, b = _num(v), _num(want)
-        if v is None or ((a != b) if a is not None and b is not None else str(v) != want):
+        numeric = _num(v) is not None and _num(want) is not None
+        if v is None or (_num(v) != _num(want) if numeric else str(v) != want):
             return False
     return True
 
 def _make_run(name, config, evals, finished):
+    # the sample budget: config "train_samples", else the samples seen at the last eval
     budget = _num(config.get("train_samples"))
     if budget is None and evals and _num(evals[-1].get("samples")):
         budget = float(f"{_num(evals[-1]['samples']):.2g}")  # 2 significant figures absorb batch rounding
@@ -124,8 +120,8 @@ def _read_csv(path):
                          f"(word accuracy %), loss, and at least one row; found columns {sorted(cols) or 'none'}")
     runs = []
     for i, row in enumerate(rows):
-        err = _num(row.get("E")) if "E" in cols else (100 - _num(row["acc"]) if _num(row.get("acc")) is not None
-                                                      else None)
+        acc = _num(row.get("acc"))
+        err = _num(row.get("E")) if "E" in cols else (None if acc is None else 100 - acc)
         ev = {"flops": _num(row.get("C")), "val_error": err, "test_error": err, "val_loss": _num(row.get("loss"))}
         config = {k: (_num(v) if k in ("N", "D", "C") else v) for k, v in row.items() if k and v != ""}
         if _ok(config.get("C")) and _ok(config.get("D")):
@@ -138,8 +134,8 @@ def load_runs(paths, where=None):
     ({key: value} or ["key=value", ...], any config.json field, dotted for nested ones). Each run: name, config,
     evals (the metrics.jsonl lines), finished (result.json present), arch, N, D, budget, skip (why unusable)."""
     where, runs = _parse_where(where), []
-    for p in [paths] if isinstance(paths, str) else paths:
-        if os.path.isfile(p) and p.lower().endswith(".csv"):
+    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        if os.path.isfile(p) and str(p).lower().endswith(".csv"):
             runs += _read_csv(p)
         elif os.path.isdir(p):
             for root, dirs, files in os.walk(p):
@@ -169,24 +165,22 @@ def _observations(run, axis, key, best):
     return np.array([[x, y]])
 
 def _reduce(axis, xy, pin):
-    """Points to fit from raw observations: per-size medians (N, D) or the compute frontier (C)."""
-    x, y = xy[:, 0], xy[:, 1]
+    """Points to fit from raw observations: (x, y, pinned) with per-size medians (N, D) or the compute frontier (C)."""
+    o = np.lexsort((xy[:, 1], xy[:, 0]))
+    x, y = xy[o, 0], xy[o, 1]
     if axis == "C":
         keep = y < pin  # a pinned start of training would otherwise open every frontier
         x, y = x[keep], y[keep]
-        o = np.lexsort((y, x))
-        x, y = x[o], y[o]
         lower = y < np.minimum.accumulate(np.r_[np.inf, y[:-1]])  # below everything cheaper: on the envelope
         return x[lower], y[lower], np.zeros(lower.sum(), bool)
-    o = np.lexsort((y, x))
-    x, y = x[o], y[o]
     ux, first, count = np.unique(x, return_index=True, return_counts=True)
     my = (y[first + (count - 1) // 2] + y[first + count // 2]) / 2  # median of each size's seeds
     return ux, my, my >= pin
 
 def _ladder(runs, axis):
     """Indices of the runs on the best ladder for axis N (fixed arch, D, budget) or D (fixed arch, N and either a
-    fixed sample budget or fixed epochs: budget proportional to D, as train.py's --epochs and the sweep plan it)."""
+    fixed sample budget or fixed epochs: budget proportional to D, as train.py's --epochs and the sweep plan it).
+    Best: most distinct values of the axis, then the larger fixed N or D, then a fixed budget over fixed epochs."""
     other = "D" if axis == "N" else "N"
     groups = {}
     for i, r in enumerate(runs):
@@ -198,6 +192,11 @@ def _ladder(runs, axis):
 
 # ----------------------------------------------------------------------------- fitting
 
+def _goodness(res, ly):
+    """R^2 and RMSE in log space, from the residuals and the log targets."""
+    ss = ((ly - ly.mean()) ** 2).sum()
+    return (1 - (res ** 2).sum() / ss if ss else 1.0), float(np.sqrt((res ** 2).mean()))
+
 def fit_power(x, y):
     """E = (k/x)^alpha by least squares on log E = alpha*log k - alpha*log x.
     Returns alpha, k, r2, rmse (log space) and the line's coefficients (slope, intercept) of log E on log x."""
@@ -205,17 +204,21 @@ def fit_power(x, y):
     dx, dy = lx - lx.mean(), ly - ly.mean()
     slope = (dx * dy).sum() / (dx * dx).sum()
     c = np.array([slope, ly.mean() - slope * lx.mean()])
-    res, ss = dy - slope * dx, (dy * dy).sum()
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # flat curve: alpha ~ 0, k astronomical
         k = float(np.exp(c[1] / -c[0]))
-    return -c[0], k, 1 - (res ** 2).sum() / ss if ss else 1.0, float(np.sqrt((res ** 2).mean())), c
+    r2, rmse = _goodness(dy - slope * dx, ly)
+    return -c[0], k, r2, rmse, c
+
+def _lse_terms(theta, F):
+    """The log of each term of the saturating or joint law at each point, (n, m+1); E_hat is their exps' sum.
+    F = log X, theta = (a_1, alpha_1, ..., a_m, alpha_m, e): term j is exp(a_j) / X_j^alpha_j, E_inf = exp(e)."""
+    m = F.shape[1]
+    return np.column_stack([theta[0:2 * m:2] - theta[1:2 * m:2] * F, np.full(len(F), theta[-1])])
 
 def _lse_loss(theta, F, ly):
-    """Summed Huber loss of log E_hat - log E, log E_hat = LSE(a_j - alpha_j * F[:, j], e), and its gradient.
-    theta = (a_1, alpha_1, ..., a_m, alpha_m, e): term j is exp(a_j) / X_j^alpha_j, E_inf = exp(e)."""
+    """Summed Huber loss of log E_hat - log E, and its gradient."""
     m = F.shape[1]
-    a, al = theta[0:2 * m:2], theta[1:2 * m:2]
-    Z = np.column_stack([a - al * F, np.full(len(ly), theta[-1])])  # (n, m+1) log of each term
+    Z = _lse_terms(theta, F)
     zmax = Z.max(1, keepdims=True)
     W = np.exp(Z - zmax)
     S = W.sum(1, keepdims=True)
@@ -231,10 +234,11 @@ def _lse_loss(theta, F, ly):
     return loss, grad
 
 def _lse_fit(F, ly, starts):
-    """L-BFGS-B from each start; returns (best theta, its loss, how many starts reached it)."""
+    """L-BFGS-B from each start; returns (best theta, its loss, how many starts reached it). Optimised with F
+    centred (a_j - alpha_j * F_j = (a_j - alpha_j * mu_j) - alpha_j * (F_j - mu_j)): decorrelates a_j and alpha_j."""
     m, mu = F.shape[1], F.mean(0)
-    shift = np.zeros(2 * m + 1)  # a_j - alpha_j * F_j = (a_j - alpha_j * mu_j) - alpha_j * (F_j - mu_j):
-    bounds = [(None, None), (1e-4, 10.0)] * m + [(None, None)]  # centring decorrelates a_j and alpha_j
+    shift = np.zeros(2 * m + 1)
+    bounds = [(None, None), (1e-4, 10.0)] * m + [(None, None)]
     fits = []
     for s in starts:
         shift[0:2 * m:2] = s[1:2 * m:2] * mu
@@ -259,19 +263,9 @@ def _lse_starts(F, ly, alphas=(0.25, 0.5, 1.0, 2.0), floors=(0.01, 0.5)):
     return starts
 
 def _warm(theta, y):
-    """Bootstrap start: the full-data fit, with E_inf lifted to >= 10% of the smallest E (a floor fitted to ~0 has
-    no gradient left and would stay stuck there in every draw)."""
+    """Bootstrap start: the full-data fit with E_inf lifted to >= 10% of the smallest E (a floor fitted to ~0 has
+    no gradient left and would stay stuck there)."""
     return np.r_[theta[:-1], max(theta[-1], math.log(0.1 * y.min()))]
-
-def _lse_predict(theta, F):
-    m = F.shape[1]
-    Z = np.column_stack([theta[0:2 * m:2] - theta[1:2 * m:2] * F, np.full(len(F), theta[-1])])
-    return np.exp(Z).sum(1)
-
-def _r2_rmse(pred, y):
-    res, ly = np.log(pred) - np.log(y), np.log(y)
-    ss = ((ly - ly.mean()) ** 2).sum()
-    return (1 - (res ** 2).sum() / ss if ss else 1.0), float(np.sqrt((res ** 2).mean()))
 
 def varpro(logN, logD, y):
     """Cross-check of the joint fit without starting points: for fixed (alpha, beta) the law is linear in
@@ -317,13 +311,12 @@ def _percentile_ci(samples, level):
 
 def _fit_axis(runs, axis, o):
     key, scale, pin = o["key"], o["scale"], o["pin"]
-    skipped, obs, used, group = [], [], [], None
-    has = (lambda r: any(e.get("flops") is not None for e in r["evals"])) if axis == "C" else \
-        (lambda r: r[axis] is not None)
-    cand = [r for r in runs if not r["skip"] and has(r)]
+    has_x = lambda r: any(e.get("flops") is not None for e in r["evals"]) if axis == "C" else r[axis] is not None
+    cand = [r for r in runs if not r["skip"] and has_x(r)]
     if not cand:
-        return {"error": f"no run has {axis} (" + ("'flops' in metrics.jsonl" if axis == "C" else
-                         f"config.json '{axis}'") + f" or a CSV column '{axis}')"}
+        source = "'flops' in metrics.jsonl" if axis == "C" else f"config.json '{axis}'"
+        return {"error": f"no run has {axis} ({source} or a CSV column '{axis}')"}
+    skipped, obs, used, group = [], [], [], None
     for r in cand:
         xy = _observations(r, axis, key, o["best"])
         if isinstance(xy, str):
@@ -334,8 +327,8 @@ def _fit_axis(runs, axis, o):
     if axis != "C" and obs:
         idx, group = _ladder(used, axis)
         if len(obs) > len(idx):
-            skipped.append(f"{len(obs) - len(idx)} run(s) off this ladder (fixed "
-                           f"{', '.join(f'{k}={v}' for k, v in group.items())})")
+            fixed = ", ".join(f"{k}={v}" for k, v in group.items())
+            skipped.append(f"{len(obs) - len(idx)} run(s) off this ladder (fixed {fixed})")
         obs, used = [obs[i] for i in idx], [used[i] for i in idx]
     out = {"group": group, "skipped": skipped, "n_runs": len(obs)}
     if not obs:
@@ -344,9 +337,10 @@ def _fit_axis(runs, axis, o):
     cut = _holdout_cut(o["holdout"], axis, x[~pinned])
     fit = ~pinned & (x < cut)
     if len(np.unique(x[fit])) < 3:
-        why = f"{(~pinned).sum()} not pinned at >= {pin}%" if pinned.any() else ""
-        return dict(out, error=f"{axis}: {fit.sum()} usable point(s) ({len(x)} in all{', ' + why if why else ''}"
-                               f"{', after the holdout' if cut < math.inf else ''}); need at least 3 distinct {axis}")
+        why = f", {(~pinned).sum()} not pinned at >= {pin}%" if pinned.any() else ""
+        why += ", after the holdout" if cut < math.inf else ""
+        return dict(out, error=f"{axis}: {fit.sum()} usable point(s) ({len(x)} in all{why}); need at least 3 "
+                               f"distinct {axis}")
     alpha, k, r2, rmse, line = fit_power(x[fit], y[fit] / scale)
     boot = []  # (slope, intercept) per draw
     for _ in range(o["n_boot"]):
@@ -377,8 +371,8 @@ def _fit_axis(runs, axis, o):
 
 def _resample(obs, axis, cut, o):
     """One bootstrap draw: resample runs (all points of a run together), rebuild the points to fit."""
-    x, y, pinned = _reduce(axis, np.concatenate([obs[i] for i in o["rng"].integers(0, len(obs), len(obs))]),
-                           o["pin"])
+    draw = o["rng"].integers(0, len(obs), len(obs))
+    x, y, pinned = _reduce(axis, np.concatenate([obs[i] for i in draw]), o["pin"])
     m = ~pinned & (x < cut)
     return x[m], y[m] / o["scale"]
 
@@ -395,19 +389,20 @@ def _fit_saturating(x, y, obs, axis, cut, o):
     if len(x) < 5:  # 3 parameters: with 4 points every bootstrap draw that can be fitted is the data itself
         return {"error": f"saturating {axis}: needs at least 5 points, has {len(x)}"}
     F, ly = np.log(x)[:, None], np.log(y)
-    th, loss, reached = _lse_fit(F, ly, _lse_starts(F, ly))
+    starts = _lse_starts(F, ly)
+    th, loss, reached = _lse_fit(F, ly, starts)
+    unpack = lambda t: [math.exp(t[2]), t[1], math.exp(t[0] / t[1])]  # einf, alpha, k
     boot = []
     for _ in range(min(o["n_boot"], MAX_NONLINEAR_BOOT)):
         bx, by = _resample(obs, axis, cut, o)
         if len(np.unique(bx)) >= 4:
-            bt = _lse_fit(np.log(bx)[:, None], np.log(by), [_warm(th, by)])[0]
-            boot.append([math.exp(bt[2]), bt[1], math.exp(bt[0] / bt[1])])
+            boot.append(unpack(_lse_fit(np.log(bx)[:, None], np.log(by), [_warm(th, by)])[0]))
     boot = np.array(boot).reshape(-1, 3)
-    r2, rmse = _r2_rmse(_lse_predict(th, F), y)
-    return {"einf": math.exp(th[2]), "alpha": th[1], "k": math.exp(th[0] / th[1]), "r2": r2, "rmse": rmse,
-            "loss": loss, "starts": len(_lse_starts(F, ly)), "starts_at_best": reached,
-            "ci": dict({n: _percentile_ci(boot[:, i], o["level"]) for i, n in enumerate(("einf", "alpha", "k"))},
-                       n_boot=len(boot))}
+    r2, rmse = _goodness(np.log(np.exp(_lse_terms(th, F)).sum(1)) - ly, ly)
+    einf, alpha, k = unpack(th)
+    ci = {n: _percentile_ci(boot[:, i], o["level"]) for i, n in enumerate(("einf", "alpha", "k"))}
+    return {"einf": einf, "alpha": alpha, "k": k, "r2": r2, "rmse": rmse, "loss": loss, "starts": len(starts),
+            "starts_at_best": reached, "ci": dict(ci, n_boot=len(boot))}
 
 def _flops_per_sample(runs):
     """FLOPs per training sample as c0 * N^gamma, fitted over the runs' config (train.py's count)."""
@@ -436,35 +431,52 @@ def _optimum(p, fps, C):
     D = C / (c0 * N ** g)
     return N, D, p["einf"] + p["A"] / N ** a + p["B"] / D ** b
 
+def _compute_optimal(p, boot, N, D, runs, o):
+    """Compute-optimal N, D (with CIs) and predicted E per FLOP budget. C = flops_per_sample(N) * D: one pass over D
+    unique images (Chinchilla's convention; a run that repeats epochs spent more). Default budgets: that compute for
+    the biggest run, x10, x100."""
+    fps = _flops_per_sample(runs)
+    if fps is None:
+        return {"error": "no flops_per_sample in config.json (nor flops/samples in metrics.jsonl)"}
+    g, c0 = fps["gamma"], fps["c0"]
+    i = int(np.argmax(N ** g * D))
+    opt = []
+    for C in o["budgets"] or [c0 * N[i] ** g * D[i] * m for m in (1, 10, 100)]:
+        n, d, e = _optimum(p, fps, C)
+        bs = np.array([_optimum(b, fps, C) for b in boot]).reshape(-1, 3)
+        ci = {"N": _percentile_ci(bs[:, 0], o["level"]), "D": _percentile_ci(bs[:, 1], o["level"])}
+        opt.append({"C": C, "N": n, "D": d, "E": e * o["scale"], "ci": ci})
+    return {"flops_per_sample": fps, "budgets": opt, "N_exponent": p["beta"] / (p["alpha"] + g * p["beta"]),
+            "D_exponent": p["alpha"] / (p["alpha"] + g * p["beta"])}
+
 def _fit_joint(runs, o):
+    both = [r for r in runs if _ok(r["N"]) and _ok(r["D"])]
+    if not both:
+        return {"error": "joint E(N, D): no run has both N and D"}
     rows = []
-    for r in runs:
-        if r["skip"] or not (_ok(r["N"]) and _ok(r["D"])):
-            continue
-        xy = _observations(r, "N", o["key"], o["best"])
-        if not isinstance(xy, str) and xy[0, 1] < o["pin"]:
+    for r in both:
+        xy = None if r["skip"] else _observations(r, "N", o["key"], o["best"])
+        if isinstance(xy, np.ndarray) and xy[0, 1] < o["pin"]:
             rows.append((r["N"], r["D"], xy[0, 1], r["name"]))
     nN, nD = len({r[0] for r in rows}), len({r[1] for r in rows})
-    if not any(_ok(r["N"]) and _ok(r["D"]) for r in runs):
-        return {"error": "joint E(N, D): no run has both N and D"}
     if len(rows) < 7 or nN < 3 or nD < 3:  # 5 parameters: at least 2 degrees of freedom, 3 values per axis
         return {"error": f"joint E(N, D): needs >= 7 usable runs spanning >= 3 N and >= 3 D; has {len(rows)} runs "
                          f"not pinned, {nN} N, {nD} D"}
     N, D, y, names = (np.array([r[i] for r in rows]) for i in range(4))
-    ax, spec = ("D", o["holdout"]) if str(o["holdout"]).startswith("D=") else ("N", o["holdout"])
-    cut = _holdout_cut(spec, ax, N if ax == "N" else D)
-    held = (N if ax == "N" else D) >= cut
+    ax = "D" if str(o["holdout"]).startswith("D=") else "N"  # held out along N unless the spec says D=
+    hx = D if ax == "D" else N
+    held = hx >= _holdout_cut(o["holdout"], ax, hx)
     fit = ~held
-    F, ly = np.log(np.column_stack([N, D])), np.log(y / o["scale"])
     if fit.sum() < 7:
         return {"error": f"joint E(N, D): {fit.sum()} runs left after the holdout; need >= 7"}
+    F, ly, ys = np.log(np.column_stack([N, D])), np.log(y / o["scale"]), y / o["scale"]
     starts = _lse_starts(F[fit], ly[fit])
     th, loss, reached = _lse_fit(F[fit], ly[fit], starts)
     unpack = lambda t: {"einf": math.exp(t[4]), "A": math.exp(t[0]), "alpha": t[1], "B": math.exp(t[2]), "beta": t[3]}
     p = unpack(th)
-    pred = _lse_predict(th, F)
-    r2, rmse = _r2_rmse(pred[fit], y[fit] / o["scale"])
-    vp = varpro(F[fit, 0], F[fit, 1], y[fit] / o["scale"])
+    pred = np.exp(_lse_terms(th, F)).sum(1)
+    r2, rmse = _goodness(np.log(pred[fit]) - ly[fit], ly[fit])
+    vp = varpro(F[fit, 0], F[fit, 1], ys[fit])
     vpred = vp["einf"] + vp["A"] / N[fit] ** vp["alpha"] + vp["B"] / D[fit] ** vp["beta"]
     vp["max_rel_diff_params"] = max(abs(vp[k] - p[k]) / abs(p[k]) for k in p)
     vp["max_rel_diff_pred"] = float(np.max(np.abs(vpred / pred[fit] - 1)))
@@ -472,32 +484,18 @@ def _fit_joint(runs, o):
     for _ in range(min(o["n_boot"], MAX_NONLINEAR_BOOT)):
         b = o["rng"].choice(idx, len(idx))
         if len(np.unique(N[b])) >= 2 and len(np.unique(D[b])) >= 2:
-            boot.append(unpack(_lse_fit(F[b], ly[b], [_warm(th, y[b] / o["scale"])])[0]))
+            boot.append(unpack(_lse_fit(F[b], ly[b], [_warm(th, ys[b])])[0]))
+    ci = {k: _percentile_ci([b[k] for b in boot], o["level"]) for k in p}
+    ci.update(level=o["level"], method="bootstrap over runs", n_boot=len(boot))
+    points = [{"N": float(a), "D": float(b), "y": float(c), "run": str(n), "held_out": bool(h),
+               "predicted": float(q * o["scale"])} for a, b, c, n, h, q in zip(N, D, y, names, held, pred)]
     out = dict(p, r2=r2, rmse=rmse, loss=loss, n_points=int(fit.sum()), starts=len(starts), starts_at_best=reached,
-               varpro=vp, ci={k: _percentile_ci([b[k] for b in boot], o["level"]) for k in p},
-               points=[{"N": float(a), "D": float(b), "y": float(c), "run": str(n), "held_out": bool(h),
-                        "predicted": float(q * o["scale"])} for a, b, c, n, h, q in zip(N, D, y, names, held, pred)])
-    out["ci"].update(level=o["level"], method="bootstrap over runs", n_boot=len(boot))
-    out["holdout"] = None if not held.any() else {
-        "x": (N if ax == "N" else D)[held].tolist(), "axis": ax, "N": N[held].tolist(), "D": D[held].tolist(),
-        "measured": y[held].tolist(),
-        "predicted": (pred[held] * o["scale"]).tolist(), "rel_error": (pred[held] * o["scale"] / y[held] - 1).tolist()}
-    fps = _flops_per_sample(runs)
-    if fps is None:
-        out["compute_optimal"] = {"error": "no flops_per_sample in config.json (nor flops/samples in metrics.jsonl)"}
-    else:
-        # C = flops_per_sample(N) * D: one pass over D unique images (Chinchilla's convention; a run that repeats
-        # epochs spent more). Default budgets: that compute for the biggest run, x10, x100.
-        opt, i = [], int(np.argmax(N ** fps["gamma"] * D))
-        for C in o["budgets"] or [fps["c0"] * N[i] ** fps["gamma"] * D[i] * m for m in (1, 10, 100)]:
-            n, d, e = _optimum(p, fps, C)
-            bs = np.array([_optimum(b, fps, C) for b in boot]).reshape(-1, 3)
-            opt.append({"C": C, "N": n, "D": d, "E": e * o["scale"], "ci": {"N": _percentile_ci(bs[:, 0], o["level"]),
-                        "D": _percentile_ci(bs[:, 1], o["level"])}})
-        g = fps["gamma"]
-        out["compute_optimal"] = {"flops_per_sample": fps, "budgets": opt,
-                                  "N_exponent": p["beta"] / (p["alpha"] + g * p["beta"]),
-                                  "D_exponent": p["alpha"] / (p["alpha"] + g * p["beta"])}
+               varpro=vp, ci=ci, points=points, holdout=None)
+    if held.any():
+        out["holdout"] = {"x": hx[held].tolist(), "axis": ax, "N": N[held].tolist(), "D": D[held].tolist(),
+                          "measured": y[held].tolist(), "predicted": (pred[held] * o["scale"]).tolist(),
+                          "rel_error": (pred[held] * o["scale"] / y[held] - 1).tolist()}
+    out["compute_optimal"] = _compute_optimal(p, boot, N, D, runs, o)
     return out
 
 def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_boot=1000, seed=0, best=False,
@@ -507,15 +505,14 @@ def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_bo
     fitted holds {"error": message}; "ok" says whether anything was fitted."""
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r}: use one of {sorted(METRICS)}")
-    key = METRICS[metric]
-    if isinstance(points_or_runs, (str, os.PathLike)) or (isinstance(points_or_runs, (list, tuple)) and
-                                                          points_or_runs and isinstance(points_or_runs[0], str)):
-        runs = load_runs(points_or_runs)
-    elif isinstance(points_or_runs, dict):
-        runs = [_make_run(f"{ax}={x:g}", {ax: x} if ax != "C" else {}, [{"flops": x if ax == "C" else None, key: y}],
-                          True) for ax, pts in points_or_runs.items() for x, y in pts]
+    key, src = METRICS[metric], points_or_runs
+    if isinstance(src, dict):  # one finished run per point
+        runs = [_make_run(f"{ax}={x:g}", {} if ax == "C" else {ax: x}, [{"flops": x if ax == "C" else None, key: y}],
+                          True) for ax, pts in src.items() for x, y in pts]
+    elif isinstance(src, (str, os.PathLike)) or (isinstance(src, (list, tuple)) and src and isinstance(src[0], str)):
+        runs = load_runs(src)
     else:
-        runs = list(points_or_runs)
+        runs = list(src)
     scale = 100.0 if metric in ("error", "test") else 1.0
     o = dict(key=key, scale=scale, pin=pinned if scale == 100 else math.inf, best=best, holdout=holdout,
              saturating=saturating, n_boot=n_boot, level=level, budgets=budgets, rng=np.random.default_rng(seed))
@@ -560,10 +557,10 @@ def format_table(result):
         grp = ", ".join(f"{k}={v}" for k, v in (r["group"] or {}).items() if v is not None)
         L.append(f"\n{ax} points" + (f" (ladder at {grp})" if grp else "") + f": {ax}, {result['metric']}{u}")
         for p in r["points"]:
-            tag = (" PINNED (not fitted)" if p["pinned"] else " HELD OUT" if p["held_out"] else "") + \
-                (" (unfinished)" if p["unfinished"] else "")
-            who = (f"{len(p['runs'])} runs {p['spread'][0]:.4g}..{p['spread'][1]:.4g}" if len(p["runs"]) > 1
-                   else p["runs"][0])
+            tag = " PINNED (not fitted)" if p["pinned"] else " HELD OUT" if p["held_out"] else ""
+            tag += " (unfinished)" if p["unfinished"] else ""
+            n = len(p["runs"])
+            who = f"{n} runs {p['spread'][0]:.4g}..{p['spread'][1]:.4g}" if n > 1 else p["runs"][0]
             L.append(f"  {p['x']:>11.4g} {p['y']:>9.4g}  log resid {p['log_residual']:+.4f}  {who}{tag}")
         L += [f"  skipped {s}" for s in r["skipped"]]
         if r["holdout"]:
@@ -571,11 +568,12 @@ def format_table(result):
                 L.append(f"  held out {ax}={x:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u} "
                          f"({pr - m:+.3g}{' points' if pct else ''}, {e:+.2%})")
         s = r.get("saturating")
-        if s:
-            L.append(f"  saturating E_inf + (X_c/X)^alpha: " + (s["error"] if "error" in s else
-                     f"E_inf {s['einf']:.4g} {_ci(s['ci']['einf'])}, X_c {s['k']:.4g} {_ci(s['ci']['k'])}, alpha "
-                     f"{s['alpha']:.4f} {_ci(s['ci']['alpha'])}, R2 {s['r2']:.4f} ({s['starts_at_best']}/"
-                     f"{s['starts']} starts at best)"))
+        if s and "error" in s:
+            L.append(f"  saturating E_inf + (X_c/X)^alpha: {s['error']}")
+        elif s:
+            L.append(f"  saturating E_inf + (X_c/X)^alpha: E_inf {s['einf']:.4g} {_ci(s['ci']['einf'])}, X_c "
+                     f"{s['k']:.4g} {_ci(s['ci']['k'])}, alpha {s['alpha']:.4f} {_ci(s['ci']['alpha'])}, R2 "
+                     f"{s['r2']:.4f} ({s['starts_at_best']}/{s['starts']} starts at best)")
     j = result["joint"]
     L.append("\njoint E = E_inf + A/N^alpha + B/D^beta (Huber on log E, L-BFGS-B from a grid of starts)")
     if "error" in j:
@@ -593,13 +591,13 @@ def format_table(result):
     co = j["compute_optimal"]
     if "error" in co:
         L.append(f"  compute-optimal: {co['error']}")
-    else:
-        f = co["flops_per_sample"]
-        L.append(f"  compute-optimal (C = {f['c0']:.3g} * N^{f['gamma']:.3f} FLOPs/sample [{f['source']}] * D): "
-                 f"N ~ C^{co['N_exponent']:.3f}, D ~ C^{co['D_exponent']:.3f}")
-        for b in co["budgets"]:
-            L.append(f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, D {b['D']:.3g} "
-                     f"{_ci(b['ci']['D'], '{:.3g}')}, predicted {result['metric']} {b['E']:.4g}{u}")
+        return "\n".join(L)
+    f = co["flops_per_sample"]
+    L.append(f"  compute-optimal (C = {f['c0']:.3g} * N^{f['gamma']:.3f} FLOPs/sample [{f['source']}] * D): "
+             f"N ~ C^{co['N_exponent']:.3f}, D ~ C^{co['D_exponent']:.3f}")
+    for b in co["budgets"]:
+        L.append(f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, D {b['D']:.3g} "
+                 f"{_ci(b['ci']['D'], '{:.3g}')}, predicted {result['metric']} {b['E']:.4g}{u}")
     return "\n".join(L)
 
 def plot_all(result, out_dir):
@@ -652,7 +650,7 @@ def plot_all(result, out_dir):
         for i, D in enumerate(Ds):
             ps = [p for p in j["points"] if p["D"] == D]
             a.scatter([p["N"] for p in ps], [p["y"] for p in ps], c=f"C{i % 10}",
-                      marker="o" if not any(p["held_out"] for p in ps) else "*")
+                      marker="*" if any(p["held_out"] for p in ps) else "o")
             a.plot(Ns, (j["einf"] + j["A"] / Ns ** j["alpha"] + j["B"] / D ** j["beta"]) * scale, f"C{i % 10}-",
                    label=f"D={D:.3g}")
         a.set(xscale="log", yscale="log", xlabel=names["N"], ylabel=ylab, title="joint fit E(N, D)")
