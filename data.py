@@ -7,20 +7,20 @@
     python data.py stats data/real                                # counts, lengths, charset, drops
     python data.py spm data/real --vocab 512                      # SentencePiece BPE -> data/real/spm512.model
 
-Shards are plain tar files of KEY.png|jpg + KEY.txt pairs (the WebDataset convention: keys without dots,
-members sorted by key) and DIR/index.json = {"shards": {name: count}, "samples", "charset", "source", "drops"}.
+Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention: dot-free keys, sorted) plus
+DIR/index.json = {"shards": {name: count}, "samples", "charset", "source", "drops"}.
 
-ShardStream is an IterableDataset that yields whole batches (images (B,3,H,W) in [-1,1], labels). Split unit:
-group g = rank*num_workers + worker_id of G = world_size*num_workers. Each epoch the shards are permuted by
-(seed, epoch) and group g reads units[g::G], a unit being a shard (or, with fewer shards than groups, one of
-k interleaved slices of a shard). Batch j of group g is raw samples [j*B, (j+1)*B) of that group's stream
-after a block shuffle, so the state to resume is just the number of batches handed out, the same on every
-rank. With loop=True a sample dropped at decode (bad image, label filtered out) is replaced by a copy of
-another sample of the same batch, so batches stay full and resume stays exact; with loop=False (evaluation)
-it is left out. Not here: on-the-fly text rendering during training, non-Latin label rules.
+ShardStream is an IterableDataset of whole batches (images (B,3,H,W) in [-1,1], labels). Group g =
+rank*num_workers + worker_id of G = world_size*num_workers reads units[g::G] of the shards permuted by (seed,
+epoch), a unit being a shard (or, with fewer shards than groups, one of k interleaved slices of one). Batch j
+of group g is raw samples [j*B, (j+1)*B) of its block-shuffled stream, so resuming needs only the number of
+batches handed out. With loop=True a sample dropped at decode is replaced by a copy of another in its batch
+(batches stay full, resume stays exact); with loop=False (evaluation) it is left out.
+Not here: on-the-fly rendering during training, non-Latin label rules.
 """
 import argparse, base64, glob, io, json, os, random, sys, time, unicodedata
 from collections import Counter
+from itertools import islice, repeat
 from multiprocessing import Pool
 
 import numpy as np
@@ -51,6 +51,10 @@ def clean_label(label, charset=None, max_len=25, nfkd=True):
 
 # ----------------------------------------------------------------------------- tar shards
 
+def _padded(size):
+    return (size + 511) // 512 * 512  # tar data is stored in 512-byte blocks
+
+
 def _tar_member(f):
     """Next regular file header of an open tar -> (name, size) or None at the end-of-archive block.
     Raises EOFError when the file stops before the end-of-archive block (a truncated tar)."""
@@ -64,17 +68,18 @@ def _tar_member(f):
         size = int(hdr[124:136].rstrip(b'\0 ').strip() or b'0', 8)
         kind = hdr[156:157]
         if kind in (b'L', b'x'):  # GNU long name / PAX header: the real name is in this member's data
-            data = f.read((size + 511) // 512 * 512)[:size]
+            data = f.read(_padded(size))[:size]
             if len(data) < size:
                 raise EOFError('truncated tar')
             if kind == b'L':
                 name = data.rstrip(b'\0').decode()
-            for rec in data.split(b'\n') if kind == b'x' else []:
-                if b' path=' in rec:
-                    name = rec.split(b' path=', 1)[1].decode()
+            else:
+                for rec in data.split(b'\n'):
+                    if b' path=' in rec:
+                        name = rec.split(b' path=', 1)[1].decode()
             continue
         if kind not in (b'0', b'\0', b'7'):  # directories, links, ...: skip
-            f.seek((size + 511) // 512 * 512, 1)
+            f.seek(_padded(size), 1)
             continue
         if name is None:
             name, prefix = hdr[:100].rstrip(b'\0').decode(), hdr[345:500].rstrip(b'\0').decode()
@@ -89,35 +94,33 @@ def _split_name(name):
     return (d + '/' + key if d else key), ext.lower()
 
 
+def _members(f):
+    """Yield (key, ext, size) of each regular file of an open tar with f at its data, which the caller may read."""
+    while (m := _tar_member(f)) is not None:
+        start = f.tell()
+        yield *_split_name(m[0]), m[1]
+        f.seek(start + _padded(m[1]))
+
+
 def read_tar(path, select=None, limit=None):
     """Yield (j, key, {ext: bytes}) for sample j < limit of a shard where select(j) is true; the data of other
     samples is seeked over, not read. Raises EOFError (after the complete samples) if the tar is truncated."""
     with open(path, 'rb') as f:
-        end = os.fstat(f.fileno()).st_size
         j, key, files = -1, None, None
-        while True:
-            m = _tar_member(f)
-            k, ext = _split_name(m[0]) if m else (None, None)
-            if m is None or k != key:  # a sample ends when the key changes
+        for k, ext, size in _members(f):
+            if k != key:  # a sample ends when the key changes
                 if files is not None:
                     yield j, key, files
-                j, key, files = j + 1, k, None
-                if m is None or (limit is not None and j >= limit):
+                j, key = j + 1, k
+                if limit is not None and j >= limit:
                     return
-                if select is None or select(j):
-                    files = {}
-            name, size = m
-            padded = (size + 511) // 512 * 512
-            if files is None:
-                f.seek(padded, 1)
-                if f.tell() > end:
+                files = {} if select is None or select(j) else None
+            if files is not None:
+                files[ext] = f.read(size)
+                if len(files[ext]) < size:
                     raise EOFError('truncated tar')
-                continue
-            data = f.read(size)
-            if len(data) < size:
-                raise EOFError('truncated tar')
-            f.seek(padded - size, 1)
-            files[ext] = data
+        if files is not None:
+            yield j, key, files
 
 
 def count_samples(path):
@@ -125,10 +128,8 @@ def count_samples(path):
     n, key = 0, None
     with open(path, 'rb') as f:
         try:
-            while (m := _tar_member(f)) is not None:
-                k = _split_name(m[0])[0]
+            for k, _, _ in _members(f):
                 n, key = n + (k != key), k
-                f.seek((m[1] + 511) // 512 * 512, 1)
         except EOFError:
             pass
     return n
@@ -193,6 +194,12 @@ def write_index(out_dir, shards, charset, source, drops, **extra):
     return index
 
 
+def _read_index(pattern):
+    """index.json of a shard folder (or of a glob's folder), {} if there is none."""
+    path = os.path.join(pattern if os.path.isdir(pattern) else os.path.dirname(pattern), 'index.json')
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
 def find_shards(pattern):
     """A dir or glob -> sorted [(path, count)], counts from each folder's index.json (or the tar headers)."""
     paths = sorted(glob.glob(os.path.join(pattern, '*.tar') if os.path.isdir(pattern) else pattern))
@@ -205,8 +212,7 @@ def find_shards(pattern):
     for p in paths:
         d = os.path.dirname(p)
         if d not in indexes:
-            ip = os.path.join(d, 'index.json')
-            indexes[d] = json.load(open(ip)) if os.path.exists(ip) else {}
+            indexes[d] = _read_index(d)
         n = indexes[d].get('shards', {}).get(os.path.basename(p))
         out.append((p, n if n is not None else count_samples(p)))
     return out
@@ -302,10 +308,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     # --- state ---
     @property
     def drops(self):
-        c = Counter(self._drops_before)
-        for r, n in zip(DROP_REASONS, self._drop_counts.sum(0).tolist()):
-            c[r] += n
-        return {r: n for r, n in c.items() if n}
+        now = Counter(dict(zip(DROP_REASONS, self._drop_counts.sum(0).tolist())))
+        return dict(self._drops_before + now)  # Counter's + keeps the positive counts only
 
     def state_dict(self):
         return {'batches': self._batches, 'num_workers': self._workers, 'world_size': self.world_size,
@@ -382,7 +386,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 b, off, skip = skip // K, skip % K, 0
                 items = self._read_units(units, lens, b * K)
                 while True:
-                    block = [x for _, x in zip(range(K), items)]
+                    block = list(islice(items, K))
                     if not block:
                         break
                     if K > 1:  # block shuffle: resume needs only the block index and the offset in it
@@ -397,18 +401,17 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _mix(self, g, start):
         """Source index of each of group g's raw positions from `start` on, and the counts before `start`."""
-        S = len(self.shards)
+        S, (first, off) = len(self.shards), divmod(start, MIX_CHUNK)
         def chunk(i):
             return np.random.default_rng([self.seed, 99, g, i]).choice(S, MIX_CHUNK, p=self.weights)
-        counts = np.zeros(S, dtype=np.int64)
-        for i in range(start // MIX_CHUNK):
+        counts = np.bincount(chunk(first)[:off], minlength=S)
+        for i in range(first):
             counts += np.bincount(chunk(i), minlength=S)
-        counts += np.bincount(chunk(start // MIX_CHUNK)[:start % MIX_CHUNK], minlength=S)
-        def gen(i=start // MIX_CHUNK, off=start % MIX_CHUNK):
+        def gen(i, off):
             while True:
                 yield from chunk(i)[off:].tolist()
                 i, off = i + 1, 0
-        return gen(), counts.tolist()
+        return gen(first, off), counts.tolist()
 
     def _drop(self, reason, shard, n=1):
         self._drop_counts[self._row, DROP_REASONS.index(reason)] += n
@@ -447,7 +450,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         g, G, B = self.rank * W + l, self.world_size * W, self.batch_size
         self._row, self._shard_drops = (i if self._drop_counts.shape[0] == W else 0), Counter()
         j = (start + W - 1 - l) // W  # batches this group has already handed out
-        mix, pos = self._mix(g, j * B) if len(self.shards) > 1 else (iter(lambda: 0, 1), [j * B])
+        mix, pos = self._mix(g, j * B) if len(self.shards) > 1 else (repeat(0), [j * B])
         sources = [self._source(s, g, G, p) for s, p in enumerate(pos)]
         alive, last, dry = [True] * len(sources), None, 0
         while True:
@@ -474,8 +477,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise RuntimeError(f'no usable sample in {", ".join(self.names)}: all were dropped '
                                    f'({self.drops}); check the charset and max_len')
             j += 1
-            if self.loop:  # keep batches full (and positions = batches * B): refill drops with copies
-                good = [(good or [last])[t % max(1, len(good))] for t in range(B)] if good or last else []
+            if self.loop and (good or last):  # keep batches full (positions = batches * B): refill drops
+                kept = good or [last]
+                good = [kept[t % len(kept)] for t in range(B)]
             if good:
                 last = good[-1]
                 yield to_tensor([a for a, _ in good]), [t for _, t in good]
@@ -745,25 +749,25 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None):
     if not dbs:
         raise FileNotFoundError(f'no data.mdb in {src} or its sub-folders')
     _check_empty(out_dir)
-    parts = {}
+    def open_db(db):
+        return lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False)
+
+    counts = {}
     for db in dbs:
-        env = lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False)
-        with env.begin() as txn:
+        with open_db(db) as env, env.begin() as txn:
             count = txn.get(b'num-samples')
-            if count is None:
-                raise ValueError(f"{db}: no 'num-samples' key; not a scene-text LMDB")
-            parts[os.path.relpath(db, src)] = int(count)
-        env.close()
+        if count is None:
+            raise ValueError(f"{db}: no 'num-samples' key; not a scene-text LMDB")
+        counts[db] = int(count)
 
     def records():
-        for db in dbs:
-            env = lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False)
-            with env.begin() as txn:
-                for i in range(1, parts[os.path.relpath(db, src)] + 1):
+        for db, count in counts.items():
+            with open_db(db) as env, env.begin() as txn:
+                for i in range(1, count + 1):
                     label = txn.get(b'label-%09d' % i)
                     yield txn.get(b'image-%09d' % i), None if label is None else label.decode('utf-8', 'replace')
-            env.close()
-    return _import(records(), out_dir, os.path.abspath(src), shard_size, workers, sum(parts.values()), parts=parts)
+    parts = {os.path.relpath(db, src): n for db, n in counts.items()}
+    return _import(records(), out_dir, os.path.abspath(src), shard_size, workers, sum(counts.values()), parts=parts)
 
 
 def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=None):
@@ -796,8 +800,7 @@ def _labels(pattern):
 
 def stats(pattern):
     shards = find_shards(pattern)
-    ip = os.path.join(pattern if os.path.isdir(pattern) else os.path.dirname(pattern), 'index.json')
-    index = json.load(open(ip)) if os.path.exists(ip) else {}
+    index = _read_index(pattern)
     lengths, chars = Counter(), Counter()
     for label in tqdm(_labels(pattern), total=sum(n for _, n in shards), desc='labels', leave=False):
         lengths[len(label)] += 1
@@ -818,7 +821,8 @@ def train_spm(pattern, vocab, out=None, max_len=25):
     """Train a SentencePiece BPE model on the shard labels (cleaned as in paper §5, no charset filter)."""
     import sentencepiece as spm
     out = out or os.path.join(pattern if os.path.isdir(pattern) else os.path.dirname(pattern), f'spm{vocab}.model')
-    labels = (lab for lab, _ in (clean_label(t, None, max_len) for t in _labels(pattern)) if lab)
+    cleaned = (clean_label(t, None, max_len)[0] for t in _labels(pattern))
+    labels = (lab for lab in cleaned if lab)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=labels, model_writer=buf, vocab_size=vocab, model_type='bpe',
                                    character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
@@ -861,30 +865,25 @@ def main(argv=None):
     a.add_argument('dir', help='shard folder or glob')
     a.add_argument('--vocab', type=int, required=True, help='SentencePiece pieces (ids = pieces + 3)')
     a.add_argument('--out', help='model path (default DIR/spmN.model)')
-    args = p.parse_args(argv)
+    args, t0 = p.parse_args(argv), time.time()
     try:
-        run(args)
+        if args.cmd == 'synth':
+            words = [w.strip() for w in open(args.words, encoding='utf-8') if w.strip()] if args.words else None
+            index = synth(args.out, args.n, args.seed, args.style, args.min_len, args.max_len, args.charset, words,
+                          args.workers, args.shard_size, args.fonts)
+            dt = time.time() - t0
+            print(f'{args.out}: {index["samples"]} images in {len(index["shards"])} shards, {dt:.1f} s '
+                  f'({index["samples"] / dt:.0f} images/s)')
+        elif args.cmd == 'import-lmdb':
+            import_lmdb(args.src, args.out, args.shard_size, args.workers)
+        elif args.cmd == 'import-folder':
+            import_folder(args.src, args.out, args.root, args.shard_size, args.workers)
+        elif args.cmd == 'stats':
+            stats(args.dir)
+        elif args.cmd == 'spm':
+            train_spm(args.dir, args.vocab, args.out)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f'data.py {args.cmd}: {e}')
-
-
-def run(args):
-    t0 = time.time()
-    if args.cmd == 'synth':
-        words = [w.strip() for w in open(args.words, encoding='utf-8') if w.strip()] if args.words else None
-        index = synth(args.out, args.n, args.seed, args.style, args.min_len, args.max_len, args.charset, words,
-                      args.workers, args.shard_size, args.fonts)
-        dt = time.time() - t0
-        print(f'{args.out}: {index["samples"]} images in {len(index["shards"])} shards, {dt:.1f} s '
-              f'({index["samples"] / dt:.0f} images/s)')
-    elif args.cmd == 'import-lmdb':
-        import_lmdb(args.src, args.out, args.shard_size, args.workers)
-    elif args.cmd == 'import-folder':
-        import_folder(args.src, args.out, args.root, args.shard_size, args.workers)
-    elif args.cmd == 'stats':
-        stats(args.dir)
-    elif args.cmd == 'spm':
-        train_spm(args.dir, args.vocab, args.out)
 
 
 if __name__ == '__main__':
