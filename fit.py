@@ -692,9 +692,13 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"fit.py: {e}", file=sys.stderr)
         return 2
-    result = fit_all(runs, metric=args.metric, holdout=args.holdout, saturating=args.saturating,
-                     n_boot=args.n_boot, seed=args.seed, best=args.best, level=args.ci, budgets=args.budget,
-                     pinned=args.pinned)
+    try:
+        result = fit_all(runs, metric=args.metric, holdout=args.holdout, saturating=args.saturating,
+                         n_boot=args.n_boot, seed=args.seed, best=args.best, level=args.ci, budgets=args.budget,
+                         pinned=args.pinned)
+    except ValueError as e:  # e.g. an unreadable --holdout
+        print(f"fit.py: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(_finite(result), indent=1) if args.json else format_table(result))
     if args.plot:
         try:

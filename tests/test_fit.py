@@ -214,6 +214,8 @@ def test_bad_input_messages(tmp_path, capsys):
     excel = tmp_path / "excel.csv"  # byte-order mark, and a row with a trailing comma
     excel.write_text("\ufeffN,E\n1e4,50\n2e4,40,\n4e4,30\n", encoding="utf-8")
     assert [r["N"] for r in fit.load_runs(str(excel))] == [1e4, 2e4, 4e4]
+    code, out, err = run_main(capsys, TROCR_CSV, "--holdout", "biggest")
+    assert code == 2 and "--holdout 'biggest'" in err
     code, out, err = run_main(capsys, tmp_path / "missing")
     assert code == 2 and "neither a folder of runs" in err
     empty = tmp_path / "runs"
