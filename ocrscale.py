@@ -102,7 +102,9 @@ def ladder_table(runs_dir, names, axis):
 
 
 def cmd_demo(args):
-    cfg = QUICK if args.quick else DEMO
+    cfg = dict(QUICK if args.quick else DEMO)
+    if args.seeds:
+        cfg["seeds"] = [int(x) for x in args.seeds.split(",")]
     t0 = time.time()
     data_root = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
     render_sets(data_root, cfg, args.jobs)
@@ -236,6 +238,7 @@ def main(argv=None):
     d.add_argument("--quick", action="store_true", help="tiny ladder and data (about a minute), for a smoke test")
     d.add_argument("--out", default=None, help="run folder root (default runs/demo[-trocr][-quick])")
     d.add_argument("--data", default=None, help="where the rendered shards go (default data/demo[-quick])")
+    d.add_argument("--seeds", default=None, help="e.g. 0,1,2: several seeds per point; fit.py fits the median per size")
     d.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs trained at once")
     s = sub.add_parser("sweep", help="plan an N x D grid for a GPU cluster: commands, FLOPs, GPU-hours")
     s.add_argument("--arch", choices=["parseq", "trocr"], default="parseq")
