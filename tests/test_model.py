@@ -381,3 +381,68 @@ def test_tiny_model_overfits_32_words(arch):
             if acc == 1.0:
                 break
     assert acc == 1.0, f'{arch}: word accuracy {acc:.2f} after {step} steps (loss {loss.item():.3f})'
+
+
+# ----------------------------------------------------------------------------- transformers TrOCR converter
+
+HF_STYLES = {  # ViT + TrOCR-Small-style decoder (ReLU, scaled embeddings, untied head, cross_attention_hidden_size);
+               # DeiT + TrOCR-Base-style decoder (GELU, embedding LayerNorm, tied head, an enc_to_dec_proj to fold)
+    'vit': dict(activation_function='relu', scale_embedding=True, layernorm_embedding=False, tie_word_embeddings=False,
+                cross_attention_hidden_size=32),
+    'deit': dict(activation_function='gelu', scale_embedding=False, layernorm_embedding=True, tie_word_embeddings=True),
+}
+HF_VOCAB = ['<s>', '<pad>', '</s>', '<unk>', 'a', 'Ġb', 'cd', 'Ġ', 'ĠĠx', 'yz', 'Ã©', '9']   # byte-level BPE pieces
+
+
+@pytest.fixture(scope='module', params=sorted(HF_STYLES))
+def hf_trocr(request, tmp_path_factory):
+    """A random transformers VisionEncoderDecoderModel saved with save_pretrained (+ vocab.json), and its conversion."""
+    tf = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    enc_config = {'vit': tf.ViTConfig, 'deit': tf.DeiTConfig}[request.param](
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    dec_config = tf.TrOCRConfig(vocab_size=len(HF_VOCAB), d_model=24, decoder_layers=2, decoder_attention_heads=2,
+                                decoder_ffn_dim=40, max_position_embeddings=10, **HF_STYLES[request.param])
+    hf = tf.VisionEncoderDecoderModel(tf.VisionEncoderDecoderConfig(encoder=enc_config.to_dict(),
+                                                                    decoder=dec_config.to_dict())).eval()
+    with torch.no_grad():
+        for p in hf.parameters():                  # no zero biases or unit norms that could hide a mix-up
+            p.normal_(0, 0.3)
+    folder, out = tmp_path_factory.mktemp('hf'), tmp_path_factory.mktemp('ckpt') / 'trocr.pt'
+    hf.save_pretrained(folder)
+    (folder / 'vocab.json').write_text(json.dumps({p: i for i, p in enumerate(HF_VOCAB)}))
+    with pytest.raises(SystemExit) as exit_info:
+        M.convert_main([str(folder), str(out), '--check'])
+    assert exit_info.value.code == 0               # --check passed: logits within 1e-4 of transformers'
+    return hf, torch.load(out, weights_only=True)
+
+
+def test_converted_trocr_matches_transformers(hf_trocr):
+    hf, ckpt = hf_trocr
+    m = build_model(ModelConfig(**ckpt['model_config']))
+    m.load_state_dict(ckpt['model'])
+    m.eval()
+    hf_id = [2] + list(range(3, len(HF_VOCAB))) + [0, 1]    # ours -> transformers: EOS, text, BOS (<s>), PAD
+    assert ckpt['tokenizer'] == {'type': 'pieces', 'pieces': ['<unk>', 'a', ' b', 'cd', ' ', '  x', 'yz', 'é', '9'],
+                                 'max_len': 9}
+    torch.manual_seed(1)
+    x, tok = torch.rand(3, 3, 32, 32) * 2 - 1, torch.randint(0, len(HF_VOCAB) - 2, (3, 7))
+    tok[:, 0] = EOS                                # the original decoder starts from EOS
+    with torch.no_grad():
+        ours = m.decoder(tok, m.memory_kv(x))
+        theirs = hf(pixel_values=x, decoder_input_ids=torch.tensor(hf_id)[tok]).logits[..., hf_id[:-2]]
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
+        ids, _ = m.decode(x, max_len=6)            # greedy decoding agrees with transformers' generate
+        gen = hf.generate(pixel_values=x, max_new_tokens=7, do_sample=False, num_beams=1, decoder_start_token_id=2,
+                          eos_token_id=2, pad_token_id=1, suppress_tokens=[0, 1])   # ours never predicts <s>, <pad>
+    ours_of = {h: i for i, h in enumerate(hf_id)}
+    ref = [[ours_of[t] for t in row[1:]] for row in gen.tolist()]
+    assert [row + [m.pad] * (len(ref[0]) - len(row)) for row in ids.tolist()] == ref
+
+
+def test_converted_tokenizer_loads_in_data_py(hf_trocr):
+    data = pytest.importorskip('data')
+    if not hasattr(data, 'PieceTokenizer'):
+        pytest.skip('needs data.PieceTokenizer (issue 10)')
+    tok = data.load_tokenizer(hf_trocr[1]['tokenizer'])
+    assert tok.vocab_size == len(HF_VOCAB) and tok.tokens[1:3] == ['a', ' b']
