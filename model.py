@@ -1,8 +1,7 @@
 """
 ViT, TrOCR and PARSeq in one file, at the sizes of Rang et al. (arXiv 2401.00028).
 
-    python model.py            # size table: layers, widths, parameters (ours vs paper), forward GFLOPs
-    python model.py --json     # the same as a JSON list
+    python model.py            # size table: layers, widths, parameters (ours, the study's, the gap), GFLOPs, basis
 
     from model import make_config, build_model
     cfg = make_config('parseq', 'S', vocab_size=tok.vocab_size, enc_depth=6)   # any field can be overridden
@@ -247,9 +246,8 @@ class TrOCR(Recognizer):
 
     @torch.no_grad()
     def decode(self, images, max_len=None, beam=1, ar=True, refine_iters=1, len_norm=True, use_cache=True):
-        """Beam search (beam=1: greedy). Finished hypotheses keep their slot and repeat EOS at no cost; with len_norm
-        (fairseq's default) the final pick divides each score by its length incl. EOS. conf = product of the chosen
-        tokens' probabilities."""
+        """Beam search (beam=1: greedy). Finished hypotheses keep their slot, repeating EOS at no cost; len_norm (fairseq's
+        default) ranks the final beam by score / length (EOS included). conf = product of the chosen tokens' probs."""
         if ar is not True or refine_iters != 1:
             raise ValueError('TrOCR decodes autoregressively: ar and refine_iters apply to PARSeq only')
         steps = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1
@@ -303,11 +301,10 @@ def num_orders(cfg, L):
 
 
 def sample_orders(L, n, mirrored=True, key_len=None, device=None):
-    """n PLM orders (n, L+2) over positions 0..L+1 (0 = [B], always first; L+1 = EOS): the forward order, the
-    reverse order with EOS first (paper §4), then random orders (each followed by its mirror), EOS last.
-    A random order ranks key_len >= L uniform draws made on `device` and keeps the first L: no host sync, and a
-    batch padded to more positions orders its real positions the same way. (Unlike the original for L < 5,
-    random orders may repeat.)"""
+    """n PLM orders (n, L+2) over positions 0..L+1 (0 = [B] first, L+1 = EOS): the forward order, the reverse one with
+    EOS first (paper §4), then random orders (each followed by its mirror) ending in EOS. A random order ranks
+    key_len >= L uniform draws made on `device` and keeps the first L: no host sync, and padding keeps the order of
+    the real positions. (Unlike the original for L < 5, random orders may repeat.)"""
     fwd = torch.arange(L + 2, device=device)
     orders = [fwd[None], torch.cat([fwd[:1], fwd[1:].flip(0)])[None]][:n]
     if n > 2:
@@ -380,10 +377,9 @@ class PARSeq(Recognizer):
         return self.head(self.norm(queries))
 
     def loss(self, images, tokens):
-        """PLM loss: (sum of token cross-entropies over the orders, token count); EOS is a target in the first two
-        orders only. Training uses num_orders(cfg, L) orders, eval the two fixed ones (val loss uses no RNG).
-        Extra padding changes nothing (same orders over the real positions; dropout aside) while the order count
-        stays the same, i.e. always in eval and for L >= 3 in training."""
+        """PLM loss: (sum of token cross-entropies over num_orders(cfg, L) orders, token count); EOS is a target in the
+        first two only. Eval uses the two fixed orders (no RNG). Extra padding changes nothing while the order count
+        stays the same (always in eval, L >= 3 in training), dropout aside."""
         mem_kv = self.memory_kv(images)
         ctx_tok, tgt = tokens[:, :-1], tokens[:, 1:]                       # (B, L+1) each
         L = tokens.shape[1] - 2
@@ -594,167 +590,122 @@ def train_flops_per_sample(cfg, dec_len=None):
 
 # ----------------------------------------------------------------------------- size table
 
-def table(vocab_size=97):
-    rows = []
-    for arch in SIZES:
-        for size in SIZES[arch]:
-            cfg = make_config(arch, size, vocab_size)
-            paper = PAPER_PARAMS[arch].get(size)
-            rows.append(dict(arch=arch, size=size, enc_layers=cfg.enc_depth, enc_width=cfg.enc_width,
-                             enc_heads=cfg.enc_heads, dec_layers=cfg.dec_depth, dec_width=cfg.dec_width,
-                             dec_heads=cfg.dec_heads, image=f'{cfg.img_h}x{cfg.img_w}',
-                             patch=f'{cfg.patch_h}x{cfg.patch_w}', params=count_params(cfg)[0],
-                             paper_params=None if paper is None else int(paper),
-                             basis=BASIS[arch].get(size, 'CPU ladder'), gflops=float(f'{forward_flops(cfg) / 1e9:.4g}')))
-    return rows
-
-
-def print_table(rows):
-    def fmt(n):
-        return '-' if n is None else f'{n / 1e3:.1f}k' if n < 1e6 else f'{n / 1e6:.2f}M' if n < 1e9 else f'{n / 1e9:.3f}B'
+def print_table(vocab_size=97):
+    fmt = lambda n: f'{n / 1e3:.1f}k' if n < 1e6 else f'{n / 1e6:.2f}M' if n < 1e9 else f'{n / 1e9:.3f}B'  # noqa: E731
     print(f'{"arch":7}{"size":5}{"enc L/d/h":>14}{"dec L/d/h":>13}{"image/patch":>15}{"params":>10}'
           f'{"study":>10}{"gap":>7}{"GFLOPs":>9}  basis')
-    for r in rows:
-        p = r['paper_params']
-        enc, dec = (f"{r[k + '_layers']}/{r[k + '_width']}/{r[k + '_heads']}" for k in ('enc', 'dec'))
-        gap = f"{100 * (r['params'] / p - 1):+.1f}%" if p else ''
-        print(f"{r['arch']:7}{r['size']:5}{enc:>14}{dec:>13}{r['image'] + '/' + r['patch']:>15}"
-              f"{fmt(r['params']):>10}{fmt(p):>10}{gap:>7}{r['gflops']:>9.4g}  {r['basis']}")
+    for arch in SIZES:
+        for size in SIZES[arch]:
+            c, paper = make_config(arch, size, vocab_size), PAPER_PARAMS[arch].get(size)
+            n = count_params(c)[0]
+            print(f'{arch:7}{size:5}{f"{c.enc_depth}/{c.enc_width}/{c.enc_heads}":>14}'
+                  f'{f"{c.dec_depth}/{c.dec_width}/{c.dec_heads}":>13}{f"{c.img_h}x{c.img_w}/{c.patch_h}x{c.patch_w}":>15}'
+                  f'{fmt(n):>10}{fmt(paper) if paper else "-":>10}{f"{100 * (n / paper - 1):+.1f}%" if paper else "":>7}'
+                  f'{forward_flops(c) / 1e9:>9.4g}  {BASIS[arch].get(size, "CPU ladder")}')
 
 
 # ----------------------------------------------------------------------------- transformers TrOCR -> checkpoint
 
-def _byte_decoder():
-    """Byte-level BPE (GPT-2, RoBERTa) writes byte b as chr(b) when printable, else as chr(256 + n), n counting up."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
-
-
 def _hf_pieces(hf_dir, V):
-    """Text of every transformers id from tokenizer.json or vocab.json (byte-level BPE decoded, SentencePiece's
-    '\u2581' as a space); '<id>' placeholders when the folder has neither."""
-    pieces = [f'<{i}>' for i in range(V)]
-    path = next((p for p in ('tokenizer.json', 'vocab.json') if os.path.exists(os.path.join(hf_dir, p))), None)
-    if path is None:
-        return pieces
-    spec = json.load(open(os.path.join(hf_dir, path), encoding='utf-8'))
-    if path == 'vocab.json':
-        vocab, byte_level = spec, True
-    else:
-        vocab, byte_level = spec['model']['vocab'], 'ByteLevel' in json.dumps(spec.get('decoder'))
-        vocab = {p[0]: i for i, p in enumerate(vocab)} if isinstance(vocab, list) else vocab
-        vocab.update({t['content']: t['id'] for t in spec.get('added_tokens', [])})
-    byte_of = _byte_decoder()
+    """Text of every transformers id from tokenizer.json or vocab.json (byte-level BPE decoded to text,
+    SentencePiece's '\u2581' to a space); placeholders '<id>' when the folder has neither."""
+    pieces, name = [f'<{i}>' for i in range(V)], os.path.join(hf_dir, 'tokenizer.json')
+    if not os.path.exists(name):
+        name = os.path.join(hf_dir, 'vocab.json')
+        if not os.path.exists(name):
+            return pieces
+    spec = json.load(open(name, encoding='utf-8'))
+    vocab, byte_level = (spec['model']['vocab'], 'ByteLevel' in str(spec['decoder'])) if 'model' in spec else (spec, True)
+    vocab = {p[0]: i for i, p in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)  # Unigram: [piece, score]
+    vocab.update({t['content']: t['id'] for t in spec.get('added_tokens', []) if 'model' in spec})
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]   # GPT-2's bytes -> characters table
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(sorted(set(range(256)) - set(printable)))}
     for text, i in vocab.items():
+        if byte_level and set(text) <= byte_of.keys():
+            text = bytes(byte_of[c] for c in text).decode(errors='replace')
         if i < V:
-            byte_text = byte_level and all(c in byte_of for c in text)
-            pieces[i] = bytes(byte_of[c] for c in text).decode(errors='replace') if byte_text else text.replace('\u2581', ' ')
+            pieces[i] = text.replace('\u2581', ' ')
     return pieces
 
 
-def _hf_state(hf_dir):
+def _hf_pairs(cfg):
+    """(our parameter prefix, transformers prefixes stacked into it) for every linear/conv/norm layer."""
+    enc = [('attn.qkv.', 'attention.attention.query. attention.attention.key. attention.attention.value.'),
+           ('attn.proj.', 'attention.output.dense.'), ('norm1.', 'layernorm_before.'), ('norm2.', 'layernorm_after.'),
+           ('mlp.0.', 'intermediate.dense.'), ('mlp.2.', 'output.dense.')]
+    dec = [('self_attn.qkv.', 'self_attn.q_proj. self_attn.k_proj. self_attn.v_proj.'), ('mlp.0.', 'fc1.'),
+           ('self_attn.proj.', 'self_attn.out_proj.'), ('norm1.', 'self_attn_layer_norm.'), ('mlp.2.', 'fc2.'),
+           ('cross_attn.q.', 'encoder_attn.q_proj.'), ('cross_attn.kv.', 'encoder_attn.k_proj. encoder_attn.v_proj.'),
+           ('cross_attn.proj.', 'encoder_attn.out_proj.'), ('norm2.', 'encoder_attn_layer_norm.'),
+           ('norm3.', 'final_layer_norm.')]
+    D = 'decoder.model.decoder.'
+    return ([('encoder.patch.', ['encoder.embeddings.patch_embeddings.projection.']),
+             ('encoder.norm.', ['encoder.layernorm.']), ('emb_norm.', [D + 'layernorm_embedding.'])]
+            + [(f'encoder.blocks.{i}.{o}', [f'encoder.encoder.layer.{i}.{t}' for t in ts.split()])
+               for i in range(cfg.enc_depth) for o, ts in enc]
+            + [(f'layers.{i}.{o}', [f'{D}layers.{i}.{t}' for t in ts.split()]) for i in range(cfg.dec_depth) for o, ts in dec])
+
+
+def trocr_from_transformers(hf_dir):
+    """(model, hf_id, tokenizer spec) from a VisionEncoderDecoderModel folder (ViT or DeiT + TrOCRForCausalLM);
+    hf_id[i] = transformers' id of our id i. transformers' <s> becomes our BOS (no input: the decoder starts from
+    EOS) and, like PAD, is never predicted."""
+    try:
+        hc = json.load(open(os.path.join(hf_dir, 'config.json')))
+        e, d = hc['encoder'], hc['decoder']
+    except (OSError, KeyError, ValueError) as err:
+        raise SystemExit(f'{hf_dir}: not a VisionEncoderDecoderModel folder ({err})')
+    if e.get('model_type') not in ('vit', 'deit') or d.get('model_type') != 'trocr' or e['hidden_act'] != 'gelu' \
+            or not d['use_learned_position_embeddings']:
+        raise SystemExit(f"{hf_dir}: {e.get('model_type')} + {d.get('model_type')}: only ViT/DeiT (GELU) encoders with "
+                         'a TrOCR decoder with learned positions are supported (not BEiT: trocr-base/large)')
+    V, eos, pad = d['vocab_size'], d['eos_token_id'], d['pad_token_id']
+    start = next(i for i in (hc.get('decoder_start_token_id'), d.get('decoder_start_token_id'), eos) if i is not None)
+    bos = d['bos_token_id'] if start == eos else start
+    hf_id = [eos] + [i for i in range(V) if i not in (eos, pad, bos)] + [bos, pad]
+    (img_h, img_w), (patch_h, patch_w) = ((v, v) if isinstance(v, int) else v for v in (e['image_size'], e['patch_size']))
+    cfg = ModelConfig(
+        arch='trocr', img_h=img_h, img_w=img_w, patch_h=patch_h, patch_w=patch_w, in_chans=e['num_channels'],
+        enc_width=e['hidden_size'], enc_depth=e['num_hidden_layers'], enc_heads=e['num_attention_heads'],
+        mlp_ratio=e['intermediate_size'] / e['hidden_size'], cls_token=1 + (e['model_type'] == 'deit'),
+        qkv_bias=e.get('qkv_bias', True), enc_eps=e['layer_norm_eps'], dec_width=d['d_model'],
+        dec_depth=d['decoder_layers'], dec_heads=d['decoder_attention_heads'], dec_eps=1e-5,
+        dec_mlp_ratio=d['decoder_ffn_dim'] / d['d_model'], max_len=d['max_position_embeddings'] - 1, vocab_size=V,
+        dropout=d['dropout'], attn_dropout=d['attention_dropout'], act_dropout=d['activation_dropout'], post_ln=True,
+        emb_scale=d['scale_embedding'], emb_norm=d['layernorm_embedding'], start_eos=start == eos,
+        dec_act=d['activation_function'])
     path = os.path.join(hf_dir, 'model.safetensors')
     if os.path.exists(path):
         try:
             from safetensors.torch import load_file
         except ImportError:
             raise SystemExit(f'reading {path} needs the safetensors package: pip install safetensors')
-        return load_file(path)
-    path = os.path.join(hf_dir, 'pytorch_model.bin')
-    if not os.path.exists(path):
-        raise SystemExit(f'{hf_dir}: no model.safetensors or pytorch_model.bin (merge a sharded checkpoint first)')
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def trocr_from_transformers(hf_dir):
-    """(model, id map, tokenizer spec) from a transformers VisionEncoderDecoderModel folder (ViT or DeiT encoder,
-    TrOCRForCausalLM decoder). hf_id[i] = the transformers id of our id i (0 EOS, text, V-2 BOS, V-1 PAD)."""
-    if not os.path.exists(os.path.join(hf_dir, 'config.json')):
-        raise SystemExit(f'{hf_dir}: no config.json (expected a VisionEncoderDecoderModel.save_pretrained folder)')
-    hc = json.load(open(os.path.join(hf_dir, 'config.json')))
-    e, d = hc.get('encoder', {}), hc.get('decoder', {})
-    if e.get('model_type') not in ('vit', 'deit') or d.get('model_type') != 'trocr':
-        raise SystemExit(f"{hf_dir}: need a ViT or DeiT encoder with a TrOCR decoder, found {e.get('model_type')} + "
-                         f"{d.get('model_type')} (BEiT encoders, as in trocr-base/large, are not supported)")
-    if not d.get('use_learned_position_embeddings', True) or e.get('hidden_act', 'gelu') != 'gelu':
-        raise SystemExit(f'{hf_dir}: sinusoidal decoder positions or a non-GELU encoder are not supported')
-    V, eos, pad = d['vocab_size'], d['eos_token_id'], d['pad_token_id']
-    start = next(i for i in (hc.get('decoder_start_token_id'), d.get('decoder_start_token_id'), eos) if i is not None)
-    bos = d['bos_token_id'] if start == eos else start
-    hf_id = [eos] + [i for i in range(V) if i not in (eos, pad, bos)] + [bos, pad]
-    size = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
-    (img_h, img_w), (patch_h, patch_w) = size(e['image_size']), size(e['patch_size'])
-    cfg = ModelConfig(arch='trocr', img_h=img_h, img_w=img_w, patch_h=patch_h, patch_w=patch_w,
-                      in_chans=e['num_channels'], enc_width=e['hidden_size'], enc_depth=e['num_hidden_layers'],
-                      enc_heads=e['num_attention_heads'], mlp_ratio=e['intermediate_size'] / e['hidden_size'],
-                      cls_token=1 + (e['model_type'] == 'deit'), qkv_bias=e.get('qkv_bias', True),
-                      enc_eps=e['layer_norm_eps'], dec_width=d['d_model'], dec_depth=d['decoder_layers'],
-                      dec_heads=d['decoder_attention_heads'], dec_mlp_ratio=d['decoder_ffn_dim'] / d['d_model'],
-                      max_len=d['max_position_embeddings'] - 1, vocab_size=V, dropout=d['dropout'],
-                      attn_dropout=d['attention_dropout'], act_dropout=d['activation_dropout'], dec_eps=1e-5,
-                      post_ln=True, emb_scale=d['scale_embedding'], emb_norm=d['layernorm_embedding'],
-                      start_eos=start == eos, dec_act=d['activation_function'])
-    sd, ours = _hf_state(hf_dir), {}
-    out_proj = sd.get('decoder.output_projection.weight')
-    cfg.tie_head = out_proj is None or torch.equal(out_proj, sd['decoder.model.decoder.embed_tokens.weight'])
-
-    def put(dst, *srcs):  # ours[dst.weight/bias] = the sources' weights/biases stacked (fused qkv, kv)
-        for p in ('weight', 'bias'):
-            if srcs[0] + p in sd:
-                ours[dst + p] = torch.cat([sd[s + p] for s in srcs])
-
-    put('encoder.patch.', 'encoder.embeddings.patch_embeddings.projection.')
-    prefix = ['cls_token', 'distillation_token'][:cfg.cls_token]
+        sd = load_file(path)
+    else:
+        path = os.path.join(hf_dir, 'pytorch_model.bin')
+        if not os.path.exists(path):
+            raise SystemExit(f'{hf_dir}: no model.safetensors or pytorch_model.bin (merge a sharded checkpoint first)')
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+    emb, out_proj = sd['decoder.model.decoder.embed_tokens.weight'], sd.get('decoder.output_projection.weight')
+    cfg.tie_head = out_proj is None or torch.equal(out_proj, emb)
+    ours = {o + p: torch.cat([sd[t + p] for t in ts]) for o, ts in _hf_pairs(cfg) for p in ('weight', 'bias')
+            if ts[0] + p in sd}
+    prefix = ('cls_token', 'distillation_token')[:cfg.cls_token]
     ours['encoder.cls'] = torch.cat([sd['encoder.embeddings.' + k] for k in prefix], 1)
     ours['encoder.pos'] = sd['encoder.embeddings.position_embeddings']
-    for i in range(cfg.enc_depth):
-        o, h = f'encoder.blocks.{i}.', f'encoder.encoder.layer.{i}.'
-        put(o + 'attn.qkv.', *(h + f'attention.attention.{n}.' for n in ('query', 'key', 'value')))
-        for dst, src in (('attn.proj.', 'attention.output.dense.'), ('norm1.', 'layernorm_before.'),
-                         ('norm2.', 'layernorm_after.'), ('mlp.0.', 'intermediate.dense.'), ('mlp.2.', 'output.dense.')):
-            put(o + dst, h + src)
-    put('encoder.norm.', 'encoder.layernorm.')
-    D = 'decoder.model.decoder.'
-    ours['tok_emb.weight'] = sd[D + 'embed_tokens.weight'][hf_id]
-    ours['pos_emb'] = sd[D + 'embed_positions.weight'][None, 2:cfg.max_len + 3]  # transformers offsets positions by 2
-    put('emb_norm.', D + 'layernorm_embedding.')
-    for i in range(cfg.dec_depth):
-        o, h = f'layers.{i}.', f'{D}layers.{i}.'
-        put(o + 'self_attn.qkv.', *(h + f'self_attn.{n}_proj.' for n in 'qkv'))
-        put(o + 'cross_attn.kv.', h + 'encoder_attn.k_proj.', h + 'encoder_attn.v_proj.')
-        for dst, src in (('self_attn.proj.', 'self_attn.out_proj.'), ('norm1.', 'self_attn_layer_norm.'),
-                         ('cross_attn.q.', 'encoder_attn.q_proj.'), ('cross_attn.proj.', 'encoder_attn.out_proj.'),
-                         ('norm2.', 'encoder_attn_layer_norm.'), ('mlp.0.', 'fc1.'), ('mlp.2.', 'fc2.'),
-                         ('norm3.', 'final_layer_norm.')):
-            put(o + dst, h + src)
-        if 'enc_to_dec_proj.weight' in sd:   # fold transformers' encoder->decoder width projection into K/V
-            P, b = sd['enc_to_dec_proj.weight'].double(), sd['enc_to_dec_proj.bias'].double()
-            W, c = ours[o + 'cross_attn.kv.weight'].double(), ours[o + 'cross_attn.kv.bias'].double()
-            ours[o + 'cross_attn.kv.weight'], ours[o + 'cross_attn.kv.bias'] = (W @ P).float(), (W @ b + c).float()
+    ours['tok_emb.weight'] = emb[hf_id]
+    ours['pos_emb'] = sd['decoder.model.decoder.embed_positions.weight'][None, 2:cfg.max_len + 3]  # offset 2 there
     if not cfg.tie_head:
         ours['head.weight'] = out_proj[hf_id[:V - 2]]
+    if 'enc_to_dec_proj.weight' in sd:   # fold transformers' encoder -> decoder width projection into K/V
+        P, b = sd['enc_to_dec_proj.weight'].double(), sd['enc_to_dec_proj.bias'].double()
+        for i in range(cfg.dec_depth):
+            W, c = ours[f'layers.{i}.cross_attn.kv.weight'].double(), ours[f'layers.{i}.cross_attn.kv.bias'].double()
+            ours[f'layers.{i}.cross_attn.kv.weight'], ours[f'layers.{i}.cross_attn.kv.bias'] = (W @ P).float(), (W @ b + c).float()
     model = build_model(cfg)
     model.load_state_dict(ours)
     pieces = _hf_pieces(hf_dir, V)
     return model.eval(), hf_id, {'type': 'pieces', 'pieces': [pieces[i] for i in hf_id[1:V - 2]], 'max_len': cfg.max_len}
-
-
-def check_against_transformers(model, hf_dir, hf_id, batch=2, label_len=12):
-    """Max |our teacher-forced logits - transformers'| on random images and labels (float32)."""
-    try:
-        from transformers import VisionEncoderDecoderModel
-    except ImportError:
-        raise SystemExit('--check needs transformers: pip install transformers')
-    ref = VisionEncoderDecoderModel.from_pretrained(hf_dir).float().eval()
-    cfg, g = model.cfg, torch.Generator().manual_seed(0)
-    images = torch.rand(batch, cfg.in_chans, cfg.img_h, cfg.img_w, generator=g) * 2 - 1
-    tokens = torch.randint(0, cfg.vocab_size - 2, (batch, min(label_len, cfg.max_len) + 1), generator=g)
-    tokens[:, 0] = model.start
-    with torch.no_grad():
-        ours = model.decoder(tokens, model.memory_kv(images))
-        theirs = ref(pixel_values=images, decoder_input_ids=torch.tensor(hf_id)[tokens]).logits[..., hf_id[:-2]]
-    return (ours - theirs).abs().max().item()
 
 
 def convert_main(argv):
@@ -768,8 +719,20 @@ def convert_main(argv):
     torch.save(dict(model=model.state_dict(), model_config=asdict(model.cfg), tokenizer=spec,
                     source=os.path.abspath(args.hf_dir)), args.out)
     print(f'{args.out}: {count_params(model.cfg)[0] / 1e6:.2f}M params, {len(spec["pieces"])} text tokens')
-    if args.check:
-        diff = check_against_transformers(model, args.hf_dir, hf_id)
+    if args.check:   # teacher-forced logits on random images and labels
+        try:
+            from transformers import VisionEncoderDecoderModel
+        except ImportError:
+            raise SystemExit('--check needs transformers: pip install transformers')
+        ref, cfg = VisionEncoderDecoderModel.from_pretrained(args.hf_dir).float().eval(), model.cfg
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(2, cfg.in_chans, cfg.img_h, cfg.img_w, generator=g) * 2 - 1
+        tokens = torch.randint(0, cfg.vocab_size - 2, (2, min(12, cfg.max_len) + 1), generator=g)
+        tokens[:, 0] = model.start
+        with torch.no_grad():
+            ours = model.decoder(tokens, model.memory_kv(images))
+            theirs = ref(pixel_values=images, decoder_input_ids=torch.tensor(hf_id)[tokens]).logits[..., hf_id[:-2]]
+        diff = (ours - theirs).abs().max().item()
         print(f'max |logits - transformers| = {diff:.3g}')
         sys.exit(int(diff > 1e-4))
 
@@ -779,7 +742,5 @@ if __name__ == '__main__':
         convert_main(sys.argv[2:])
     else:
         ap = argparse.ArgumentParser(description='Print the size table (parameters at a 97-id char vocabulary).')
-        ap.add_argument('--json', action='store_true', help='print a JSON list instead of a table')
         ap.add_argument('--vocab', type=int, default=97, help='tokenizer vocab size (94 chars + EOS/BOS/PAD)')
-        args = ap.parse_args()
-        print(json.dumps(table(args.vocab), indent=1)) if args.json else print_table(table(args.vocab))
+        print_table(ap.parse_args().vocab)
