@@ -655,8 +655,8 @@ def trocr_from_transformers(hf_dir):
         e, d = hc['encoder'], hc['decoder']
     except (OSError, KeyError, ValueError) as err:
         raise SystemExit(f'{hf_dir}: not a VisionEncoderDecoderModel folder ({err})')
-    if e.get('model_type') not in ('vit', 'deit') or d.get('model_type') != 'trocr' or e['hidden_act'] != 'gelu' \
-            or not d['use_learned_position_embeddings']:
+    if e.get('model_type') not in ('vit', 'deit') or d.get('model_type') != 'trocr' or e.get('hidden_act') != 'gelu' \
+            or not d.get('use_learned_position_embeddings', True):
         raise SystemExit(f"{hf_dir}: {e.get('model_type')} + {d.get('model_type')}: only ViT/DeiT (GELU) encoders with "
                          'a TrOCR decoder with learned positions are supported (not BEiT: trocr-base/large)')
     V, eos, pad = d['vocab_size'], d['eos_token_id'], d['pad_token_id']

@@ -190,7 +190,7 @@ def test_parseq_compiles_once_for_padded_batches():
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    m = build_model(small('parseq', dropout=0.1)).train()
+    m = build_model(small('parseq', dropout=0.1, perm_num=4)).train()   # fwd, reverse, one random pair
     compiled = torch.compile(m, backend='eager', dynamic=False)
     x = torch.randn(2, 3, 16, 64)
     for words in (['ab', 'c'], ['abcdefgh', 'xy'], ['q1z', 'hello']):
@@ -446,3 +446,11 @@ def test_converted_tokenizer_loads_in_data_py(hf_trocr):
         pytest.skip('needs data.PieceTokenizer (issue 10)')
     tok = data.load_tokenizer(hf_trocr[1]['tokenizer'])
     assert tok.vocab_size == len(HF_VOCAB) and tok.tokens[1:3] == ['a', ' b']
+
+
+def test_convert_trocr_bad_folder_is_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match='not a VisionEncoderDecoderModel folder'):
+        M.convert_main([str(tmp_path), str(tmp_path / 'out.pt')])
+    (tmp_path / 'config.json').write_text(json.dumps({'encoder': {'model_type': 'beit'}, 'decoder': {'model_type': 'trocr'}}))
+    with pytest.raises(SystemExit, match='not BEiT'):
+        M.convert_main([str(tmp_path), str(tmp_path / 'out.pt')])
