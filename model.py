@@ -246,8 +246,8 @@ class TrOCR(Recognizer):
 
     @torch.no_grad()
     def decode(self, images, max_len=None, beam=1, ar=True, refine_iters=1, len_norm=True, use_cache=True):
-        """Beam search (beam=1: greedy). Finished hypotheses keep their slot, repeating EOS at no cost; len_norm (fairseq's
-        default) ranks the final beam by score / length (EOS included). conf = product of the chosen tokens' probs."""
+        """Beam search (beam=1: greedy). Finished hypotheses keep their slot, repeating EOS at no cost; len_norm
+        (fairseq's default) ranks the final beam by score / length incl. EOS. conf = product of the chosen probs."""
         if ar is not True or refine_iters != 1:
             raise ValueError('TrOCR decodes autoregressively: ar and refine_iters apply to PARSeq only')
         steps = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1
@@ -619,7 +619,8 @@ def _hf_pieces(hf_dir, V):
     vocab = {p[0]: i for i, p in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)  # Unigram: [piece, score]
     vocab.update({t['content']: t['id'] for t in spec.get('added_tokens', []) if 'model' in spec})
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]   # GPT-2's bytes -> characters table
-    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(sorted(set(range(256)) - set(printable)))}
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
     for text, i in vocab.items():
         if byte_level and set(text) <= byte_of.keys():
             text = bytes(byte_of[c] for c in text).decode(errors='replace')
@@ -643,7 +644,8 @@ def _hf_pairs(cfg):
              ('encoder.norm.', ['encoder.layernorm.']), ('emb_norm.', [D + 'layernorm_embedding.'])]
             + [(f'encoder.blocks.{i}.{o}', [f'encoder.encoder.layer.{i}.{t}' for t in ts.split()])
                for i in range(cfg.enc_depth) for o, ts in enc]
-            + [(f'layers.{i}.{o}', [f'{D}layers.{i}.{t}' for t in ts.split()]) for i in range(cfg.dec_depth) for o, ts in dec])
+            + [(f'layers.{i}.{o}', [f'{D}layers.{i}.{t}' for t in ts.split()])
+               for i in range(cfg.dec_depth) for o, ts in dec])
 
 
 def trocr_from_transformers(hf_dir):
@@ -700,12 +702,13 @@ def trocr_from_transformers(hf_dir):
     if 'enc_to_dec_proj.weight' in sd:   # fold transformers' encoder -> decoder width projection into K/V
         P, b = sd['enc_to_dec_proj.weight'].double(), sd['enc_to_dec_proj.bias'].double()
         for i in range(cfg.dec_depth):
-            W, c = ours[f'layers.{i}.cross_attn.kv.weight'].double(), ours[f'layers.{i}.cross_attn.kv.bias'].double()
-            ours[f'layers.{i}.cross_attn.kv.weight'], ours[f'layers.{i}.cross_attn.kv.bias'] = (W @ P).float(), (W @ b + c).float()
+            w, c = f'layers.{i}.cross_attn.kv.weight', f'layers.{i}.cross_attn.kv.bias'
+            ours[w], ours[c] = (ours[w].double() @ P).float(), (ours[w].double() @ b + ours[c].double()).float()
     model = build_model(cfg)
     model.load_state_dict(ours)
     pieces = _hf_pieces(hf_dir, V)
-    return model.eval(), hf_id, {'type': 'pieces', 'pieces': [pieces[i] for i in hf_id[1:V - 2]], 'max_len': cfg.max_len}
+    spec = {'type': 'pieces', 'pieces': [pieces[i] for i in hf_id[1:V - 2]], 'max_len': cfg.max_len}
+    return model.eval(), hf_id, spec
 
 
 def convert_main(argv):

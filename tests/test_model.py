@@ -81,7 +81,7 @@ def test_trocr_cached_decode_equals_uncached(dec_depth, style):
     m = build_model(small('trocr', dec_depth=dec_depth, **style)).double().eval()
     x = torch.randn(16, 3, 16, 64, dtype=torch.double)
     for beam, len_norm in ((1, True), (3, True), (3, False)):
-        (a, ca), (b, cb) = m.decode(x, beam=beam, len_norm=len_norm), m.decode(x, beam=beam, len_norm=len_norm, use_cache=False)
+        (a, ca), (b, cb) = (m.decode(x, beam=beam, len_norm=len_norm, use_cache=c) for c in (True, False))
         assert torch.equal(a, b) and a.shape[1] > 1
         torch.testing.assert_close(ca, cb)
     ids, conf = m.decode(x, beam=3)
