@@ -14,7 +14,8 @@ ViT, TrOCR and PARSeq in one file, at the sizes of Rang et al. (arXiv 2401.00028
 Token ids (shared with data.py): 0 = EOS, 1..V-3 text tokens, V-2 = BOS, V-1 = PAD. Heads predict V-2 classes.
 - TrOCR: ViT encoder (CLS, DeiT's distillation token too, kept in the memory) + causal Transformer decoder with
   cross-attention; greedy/beam decoding with a KV cache. The study sizes use the original decoder (post-LN,
-  embedding LayerNorm, EOS as start token, untied head); the CPU sizes keep the pre-LN decoder (trains faster).
+  embedding LayerNorm, EOS as start token, untied head); the CPU sizes keep the pre-LN decoder the CPU ladder
+  was tuned with (the original one trained about as well there: --set post_ln=true emb_norm=true ...).
 - PARSeq: ViT encoder (no CLS) + two-stream decoder trained by permutation language modelling; AR (cached) or
   NAR decoding followed by cloze refinement passes over all position queries.
 New config fields default to the behaviour of older checkpoints. Not here: data, tokenizers, training loop,
