@@ -84,16 +84,17 @@ def hf_trocr(cfg):
                              num_attention_heads=cfg.enc_heads, intermediate_size=int(cfg.enc_width * cfg.mlp_ratio),
                              hidden_act='gelu', hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                              image_size=(cfg.img_h, cfg.img_w), patch_size=(cfg.patch_h, cfg.patch_w),
-                             qkv_bias=cfg.qkv_bias, layer_norm_eps=1e-6), add_pooling_layer=False)
+                             qkv_bias=cfg.qkv_bias, layer_norm_eps=cfg.enc_eps), add_pooling_layer=False)
     dec = TrOCRForCausalLM(TrOCRConfig(vocab_size=cfg.vocab_size, d_model=cfg.dec_width, decoder_layers=cfg.dec_depth,
                                        decoder_attention_heads=cfg.dec_heads,
                                        decoder_ffn_dim=int(cfg.dec_width * cfg.dec_mlp_ratio),
-                                       activation_function='gelu', max_position_embeddings=cfg.max_len + 2,
+                                       activation_function=cfg.dec_act, max_position_embeddings=cfg.max_len + 2,
                                        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                                       layernorm_embedding=False, cross_attention_hidden_size=cfg.enc_width,
+                                       layernorm_embedding=cfg.emb_norm, scale_embedding=cfg.emb_scale,
+                                       cross_attention_hidden_size=cfg.enc_width,
                                        pad_token_id=cfg.vocab_size - 1, bos_token_id=cfg.vocab_size - 2,
-                                       eos_token_id=0, decoder_start_token_id=cfg.vocab_size - 2,
-                                       tie_word_embeddings=True))
+                                       eos_token_id=0, decoder_start_token_id=0 if cfg.start_eos else cfg.vocab_size - 2,
+                                       tie_word_embeddings=cfg.tie_head))
     return VisionEncoderDecoderModel(encoder=enc, decoder=dec)
 
 
@@ -108,7 +109,8 @@ def bench_trocr(cfg, args):
     opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
 
     def step_ours():
-        loss, _ = ours.loss(x, tok)
+        total, n = ours.loss(x, tok)
+        loss = total / n
         opt_o.zero_grad(set_to_none=True)
         loss.backward()
         opt_o.step()
@@ -133,7 +135,7 @@ def bench_vit(cfg, args):
     ours = build_model(cfg).encoder
     theirs = VisionTransformer(img_size=(cfg.img_h, cfg.img_w), patch_size=(cfg.patch_h, cfg.patch_w),
                                embed_dim=cfg.enc_width, depth=cfg.enc_depth, num_heads=cfg.enc_heads,
-                               mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.cls_token,
+                               mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=bool(cfg.cls_token),
                                global_pool='', num_classes=0)
     x = torch.randn(args.batch, 3, cfg.img_h, cfg.img_w)
 

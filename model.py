@@ -1,28 +1,32 @@
 """
 ViT, TrOCR and PARSeq in one file, at the sizes of Rang et al. (arXiv 2401.00028).
 
-    python model.py            # size table: layers, widths, parameters (ours vs paper), forward GFLOPs
-    python model.py --json     # the same as a JSON list
+    python model.py            # size table: layers, widths, parameters (ours, the study's, the gap), GFLOPs, basis
 
     from model import make_config, build_model
     cfg = make_config('parseq', 'S', vocab_size=tok.vocab_size, enc_depth=6)   # any field can be overridden
     model = build_model(cfg)
-    loss, n = model.loss(images, tok.encode(labels))      # images (B,3,H,W) in [-1,1]; model(...) is the same
-    ids, conf = model.decode(images)                      # beam=k (TrOCR), ar=False / refine_iters=k (PARSeq)
+    total, n = model.loss(images, tok.encode(labels))     # SUM of token losses and token count; model(...) is the same
+    ids, conf = model.decode(images)                      # beam=k, len_norm (TrOCR); ar=False, refine_iters=k (PARSeq)
     count_params(cfg), forward_flops(cfg), train_flops_per_sample(cfg)   # analytic, no model needed
+    python model.py convert-trocr HF_DIR OUT.pt --check   # a transformers TrOCR folder -> our checkpoint
 
 Token ids (shared with data.py): 0 = EOS, 1..V-3 text tokens, V-2 = BOS, V-1 = PAD. Heads predict V-2 classes.
-- TrOCR: ViT encoder (CLS kept in the memory) + causal Transformer decoder with cross-attention and a tied
-  output projection; greedy/beam decoding with a KV cache.
+- TrOCR: ViT encoder (CLS, DeiT's distillation token too, kept in the memory) + causal Transformer decoder with
+  cross-attention; greedy/beam decoding with a KV cache. The study sizes use the original decoder (post-LN,
+  embedding LayerNorm, EOS as start token, untied head); the CPU sizes keep the pre-LN decoder the CPU ladder
+  was tuned with (the original one trained about as well there: --set post_ln=true emb_norm=true ...).
 - PARSeq: ViT encoder (no CLS) + two-stream decoder trained by permutation language modelling; AR (cached) or
-  NAR decoding followed by cloze refinement passes.
-Not here: data, tokenizers, training loop, mixed precision (train.py uses autocast; losses are float32 anyway).
-All blocks are pre-LN (the original TrOCR decoder is post-LN; the parameter count is the same).
+  NAR decoding followed by cloze refinement passes over all position queries.
+New config fields default to the behaviour of older checkpoints. Not here: data, tokenizers, training loop,
+mixed precision (train.py uses autocast; losses are float32 anyway).
 """
 import argparse
 import json
 import math
-from dataclasses import dataclass, fields
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -41,7 +45,7 @@ class ModelConfig:
     enc_depth: int = 12
     enc_heads: int = 6
     mlp_ratio: float = 4.0
-    cls_token: bool = False       # TrOCR keeps CLS in the memory, PARSeq has none
+    cls_token: int = 0            # tokens before the patches: 0 (PARSeq), 1 (ViT CLS), 2 (DeiT CLS + distillation)
     qkv_bias: bool = True         # encoder only; decoder projections always have biases
     dec_width: int = 384
     dec_depth: int = 1
@@ -50,10 +54,21 @@ class ModelConfig:
     max_len: int = 25             # longest label in tokens (EOS not included)
     vocab_size: int = 97          # tokenizer.vocab_size (94 chars + EOS, BOS, PAD)
     dropout: float = 0.1          # decoder only (PARSeq and TrOCR both train with 0.1 there)
+    attn_dropout: float = 0.0     # decoder attention probabilities (PARSeq: 0.1)
+    act_dropout: float = 0.0      # decoder MLP hidden layer (PARSeq: 0.1)
+    enc_eps: float = 1e-6         # LayerNorm epsilons (transformers' ViT: 1e-12; PARSeq and TrOCR decoders: 1e-5)
+    dec_eps: float = 1e-6
     pos_std: float = 0.02         # init std of learned position embeddings (0.5 helps tiny column-patch models)
     init_std: float = 0.02        # init std of other weights; 0 = 1/sqrt(fan_in) (tiny widths learn far faster)
     perm_num: int = 6             # PARSeq: permutations per batch, mirrors included
     perm_mirrored: bool = True
+    # TrOCR decoder as the original (defaults: the pre-LN decoder of older checkpoints)
+    post_ln: bool = False         # post-LN layers, no final LayerNorm
+    emb_scale: bool = False       # token embeddings times sqrt(dec_width)
+    emb_norm: bool = False        # LayerNorm on the embeddings (after adding positions)
+    start_eos: bool = False       # the decoder starts from EOS, not BOS (transformers' decoder_start_token_id)
+    dec_act: str = 'gelu'         # 'gelu' | 'relu' (decoder MLP; both archs)
+    tie_head: bool = True         # output projection = token embedding
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -62,10 +77,10 @@ class Attention(nn.Module):
     """Multi-head attention. kv_dim=None: self-attention with a fused qkv projection (KV cache optional);
     otherwise queries come from x and keys/values from a context of width kv_dim (or precomputed (k, v))."""
 
-    def __init__(self, dim, heads, kv_dim=None, bias=True):
+    def __init__(self, dim, heads, kv_dim=None, bias=True, dropout=0.0):
         super().__init__()
         assert dim % heads == 0, f'width {dim} not divisible by {heads} heads'
-        self.heads, self.fused = heads, kv_dim is None
+        self.heads, self.fused, self.dropout = heads, kv_dim is None, dropout
         if self.fused:
             self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         else:
@@ -91,21 +106,23 @@ class Attention(nn.Module):
         else:
             q = self.split(self.q(x))
             k, v = kv if isinstance(kv, tuple) else self.project_kv(kv)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, heads, Tq, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, heads, Tq, hd)
         return self.proj(y.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Sequential):
-    def __init__(self, dim, ratio):
-        super().__init__(nn.Linear(dim, int(dim * ratio)), nn.GELU(), nn.Linear(int(dim * ratio), dim))
+    def __init__(self, dim, ratio, act='gelu', dropout=0.0):   # activation + dropout share slot 1: keys mlp.0, mlp.2
+        act = nn.Sequential({'gelu': nn.GELU(), 'relu': nn.ReLU()}[act], nn.Dropout(dropout))
+        super().__init__(nn.Linear(dim, int(dim * ratio)), act, nn.Linear(int(dim * ratio), dim))
 
 
 class Block(nn.Module):
     """Pre-LN ViT block."""
 
-    def __init__(self, dim, heads, mlp_ratio, qkv_bias):
+    def __init__(self, dim, heads, mlp_ratio, qkv_bias, eps):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, bias=qkv_bias)
         self.mlp = MLP(dim, mlp_ratio)
 
@@ -115,17 +132,18 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """Conv patch embedding, learned absolute positions, optional CLS, pre-LN blocks, final LayerNorm."""
+    """Conv patch embedding, learned absolute positions, optional CLS (+distillation), pre-LN blocks, final LayerNorm."""
 
     def __init__(self, cfg):
         super().__init__()
         assert cfg.img_h % cfg.patch_h == 0 and cfg.img_w % cfg.patch_w == 0, 'image size must be a multiple of the patch'
         d = cfg.enc_width
         self.patch = nn.Conv2d(cfg.in_chans, d, (cfg.patch_h, cfg.patch_w), (cfg.patch_h, cfg.patch_w))
-        self.cls = nn.Parameter(torch.zeros(1, 1, d)) if cfg.cls_token else None
+        self.cls = nn.Parameter(torch.zeros(1, int(cfg.cls_token), d)) if cfg.cls_token else None
         self.pos = nn.Parameter(torch.zeros(1, num_patches(cfg) + cfg.cls_token, d))
-        self.blocks = nn.ModuleList(Block(d, cfg.enc_heads, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.enc_depth))
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.blocks = nn.ModuleList(Block(d, cfg.enc_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.enc_eps)
+                                    for _ in range(cfg.enc_depth))
+        self.norm = nn.LayerNorm(d, eps=cfg.enc_eps)
 
     def forward(self, images):
         x = self.patch(images).flatten(2).transpose(1, 2)  # (B, T_e, d)
@@ -182,55 +200,67 @@ class TrOCRLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.dec_width
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d, eps=1e-6) for _ in range(3))
-        self.self_attn = Attention(d, cfg.dec_heads)
-        self.cross_attn = Attention(d, cfg.dec_heads, kv_dim=cfg.enc_width)
-        self.mlp = MLP(d, cfg.dec_mlp_ratio)
+        self.post_ln = cfg.post_ln
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d, eps=cfg.dec_eps) for _ in range(3))
+        self.self_attn = Attention(d, cfg.dec_heads, dropout=cfg.attn_dropout)
+        self.cross_attn = Attention(d, cfg.dec_heads, kv_dim=cfg.enc_width, dropout=cfg.attn_dropout)
+        self.mlp = MLP(d, cfg.dec_mlp_ratio, cfg.dec_act, cfg.act_dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def residual(self, x, norm, fn):
+        return norm(x + self.drop(fn(x))) if self.post_ln else x + self.drop(fn(norm(x)))
+
     def forward(self, x, mem_kv, cache=None):
-        x = x + self.drop(self.self_attn(self.norm1(x), causal=cache is None, cache=cache))
-        x = x + self.drop(self.cross_attn(self.norm2(x), kv=mem_kv))
-        return x + self.drop(self.mlp(self.norm3(x)))
+        x = self.residual(x, self.norm1, lambda h: self.self_attn(h, causal=cache is None, cache=cache))
+        x = self.residual(x, self.norm2, lambda h: self.cross_attn(h, kv=mem_kv))
+        return self.residual(x, self.norm3, self.mlp)
 
 
 class TrOCR(Recognizer):
     def __init__(self, cfg):
         super().__init__(cfg)
         d, V = cfg.dec_width, cfg.vocab_size
+        self.start = self.eos if cfg.start_eos else self.bos
         self.tok_emb = nn.Embedding(V, d)
-        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.max_len + 1, d))  # inputs: BOS + up to max_len tokens
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.max_len + 1, d))  # inputs: start + up to max_len tokens
+        self.emb_norm = nn.LayerNorm(d, eps=cfg.dec_eps) if cfg.emb_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TrOCRLayer(cfg) for _ in range(cfg.dec_depth))
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.norm = nn.Identity() if cfg.post_ln else nn.LayerNorm(d, eps=cfg.dec_eps)
+        self.head = None if cfg.tie_head else nn.Linear(d, V - 2, bias=False)
         init_weights(self, cfg)
 
     def decoder(self, tokens, mem_kv, start=0, caches=None):
-        x = self.drop(self.tok_emb(tokens) + self.pos_emb[:, start:start + tokens.shape[1]])
+        x = self.tok_emb(tokens) * (self.cfg.dec_width ** 0.5 if self.cfg.emb_scale else 1.0)
+        x = self.drop(self.emb_norm(x + self.pos_emb[:, start:start + tokens.shape[1]]))
         for layer, kv, cache in zip(self.layers, mem_kv, caches or [None] * len(self.layers)):
             x = layer(x, kv, cache)
-        return F.linear(self.norm(x), self.tok_emb.weight[:self.pad - 1])  # tied; BOS/PAD never predicted
+        head = self.tok_emb.weight[:self.pad - 1] if self.head is None else self.head.weight  # BOS/PAD never predicted
+        return F.linear(self.norm(x), head)
 
     def loss(self, images, tokens):
-        logits = self.decoder(tokens[:, :-1], self.memory_kv(images)).float()
+        inputs = F.pad(tokens[:, 1:-1], (1, 0), value=self.start)
+        logits = self.decoder(inputs, self.memory_kv(images)).float()
         tgt = tokens[:, 1:]
-        n = (tgt != self.pad).sum()
-        return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=self.pad), n
+        total = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=self.pad, reduction='sum')
+        return total, (tgt != self.pad).sum()
 
     @torch.no_grad()
-    def decode(self, images, max_len=None, beam=1, ar=True, refine_iters=1, use_cache=True):
-        """Beam search (beam=1: greedy). Finished hypotheses keep their score and repeat EOS at no cost;
-        no length penalty, so conf = product of the chosen tokens' probabilities, as for greedy."""
+    def decode(self, images, max_len=None, beam=1, ar=True, refine_iters=1, len_norm=True, use_cache=True):
+        """Beam search (beam=1: greedy). Finished hypotheses keep their slot, repeating EOS at no cost; len_norm
+        (fairseq's default) ranks the final beam by score / length incl. EOS. conf = product of the chosen probs."""
+        if ar is not True or refine_iters != 1:
+            raise ValueError('TrOCR decodes autoregressively: ar and refine_iters apply to PARSeq only')
         steps = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1
         mem_kv = self.memory_kv(images)
-        B, C = len(images), self.pad - 1
+        B, C, dev = len(images), self.pad - 1, images.device
         if beam > 1:
             mem_kv = [(k.repeat_interleave(beam, 0), v.repeat_interleave(beam, 0)) for k, v in mem_kv]
-        seqs = torch.full((B * beam, 1), self.bos, dtype=torch.long, device=images.device)
-        scores = torch.full((B, beam), float('-inf'), device=images.device)
+        seqs = torch.full((B * beam, 1), self.start, dtype=torch.long, device=dev)
+        scores = torch.full((B, beam), float('-inf'), device=dev)
         scores[:, 0] = 0                                    # all beams start identical: expand only one
-        done = torch.zeros(B * beam, dtype=torch.bool, device=images.device)
-        eos_only = torch.full((C,), float('-inf'), device=images.device)
+        done = torch.zeros(B * beam, dtype=torch.bool, device=dev)
+        eos_only = torch.full((C,), float('-inf'), device=dev)
         eos_only[self.eos] = 0
         caches = [{} for _ in self.layers] if use_cache else None
         for t in range(steps):
@@ -242,7 +272,7 @@ class TrOCR(Recognizer):
             logp = torch.where(done[:, None], eos_only, logp)
             cand = (scores.view(-1, 1) + logp).view(B, beam * C)
             scores, idx = cand.topk(beam, dim=1)                                  # (B, beam)
-            src = (idx // C + torch.arange(B, device=idx.device)[:, None] * beam).view(-1)
+            src = (idx // C + torch.arange(B, device=dev)[:, None] * beam).view(-1)
             tok = (idx % C).view(-1, 1)
             seqs, done = torch.cat([seqs[src], tok], 1), done[src] | (tok[:, 0] == self.eos)
             if use_cache and beam > 1:
@@ -250,43 +280,51 @@ class TrOCR(Recognizer):
                     c['k'], c['v'] = c['k'][src], c['v'][src]
             if done.all():
                 break
-        best = scores.argmax(1)
-        ids = seqs[torch.arange(B, device=best.device) * beam + best, 1:]
+        ids = seqs[:, 1:]
+        length = ((ids != self.eos).cumprod(1).sum(1) + 1).clamp(max=ids.shape[1]).view(B, beam)
+        best = (scores / length if len_norm else scores).argmax(1)
+        ids = ids[torch.arange(B, device=dev) * beam + best]
         conf = scores.gather(1, best[:, None])[:, 0].exp()
-        ids, _ = finish(ids, torch.ones(ids.shape, device=ids.device), self.eos, self.pad)
+        ids, _ = finish(ids, torch.ones(ids.shape, device=dev), self.eos, self.pad)
         return ids, conf
 
 
 # ----------------------------------------------------------------------------- PARSeq
 
-def sample_orders(L, k, mirrored=True):
-    """PLM orders over sequence positions 0..L+1 (0 = [B], always first; L+1 = EOS position) for a batch whose
-    longest label has L tokens: the forward order, then (mirrored) the EOS-first reverse order, then random
-    orders each followed by its mirror; fewer when L is short. Uses torch's global RNG."""
-    n = k // 2 if mirrored and L > 1 else k
-    n = min(n, math.factorial(L) // (2 if mirrored and L > 1 else 1))
-    perms = [torch.arange(L)]
-    while len(perms) < n:
-        p = torch.randperm(L)
-        if not any(torch.equal(p, q) or (mirrored and torch.equal(p, q.flip(0))) for q in perms):
-            perms.append(p)
-    if mirrored and L > 1:
-        perms = [r for p in perms for r in (p, p.flip(0))]
-    orders = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), p + 1, torch.tensor([L + 1])]) for p in perms])
-    if len(orders) > 1:                      # paper §4: the reverse order predicts EOS first, from [B] alone
-        orders[1, 1:] = torch.arange(L + 1, 0, -1)
-    return orders
+def num_orders(cfg, L):
+    """PLM orders PARSeq trains on for a batch padded to L label tokens (counted as the original does: perm_num,
+    fewer when L! is smaller, mirrors included; L = 1: the forward order alone); 1 for TrOCR."""
+    if cfg.arch != 'parseq' or L <= 1:
+        return 1
+    if cfg.perm_mirrored:
+        return 2 * max(1, min(cfg.perm_num // 2, math.factorial(L) // 2))
+    return max(1, min(cfg.perm_num, math.factorial(L)))
 
 
-def order_masks(order):
-    """Attention masks (True = may attend) for one order over positions 0..L+1.
-    query mask (L+1, L+1): query i predicts position i+1, keys are context slots 0..L; it sees the slots that
+def sample_orders(L, n, mirrored=True, key_len=None, device=None):
+    """n PLM orders (n, L+2) over positions 0..L+1 (0 = [B] first, L+1 = EOS): the forward order, the reverse one with
+    EOS first (paper §4), then random orders (each followed by its mirror) ending in EOS. A random order ranks
+    key_len >= L uniform draws made on `device` and keeps the first L: no host sync, and padding keeps the order of
+    the real positions. (Unlike the original for L < 5, random orders may repeat.)"""
+    fwd = torch.arange(L + 2, device=device)
+    orders = [fwd[None], torch.cat([fwd[:1], fwd[1:].flip(0)])[None]][:n]
+    if n > 2:
+        keys = torch.rand((n - 2) // (1 + mirrored), max(key_len or L, L), device=device)[:, :L]
+        perms = keys.argsort(-1) + 1
+        if mirrored:
+            perms = torch.stack([perms, perms.flip(-1)], 1).flatten(0, 1)
+        orders.append(torch.cat([fwd[:1].expand(len(perms), 1), perms, fwd[-1:].expand(len(perms), 1)], 1))
+    return torch.cat(orders)
+
+
+def order_masks(orders):
+    """Attention masks (True = may attend) for orders (..., L+2) over positions 0..L+1.
+    query mask (..., L+1, L+1): query i predicts position i+1, keys are context slots 0..L; it sees the slots that
     come strictly before position i+1 in the order (so never its own slot, always [B]).
-    content mask (L+1, L+1): slot i sees itself and the slots before it in the order."""
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order))
-    qmask = rank[None, :-1] < rank[1:, None]
-    cmask = rank[None, :-1] <= rank[:-1, None]
+    content mask (..., L+1, L+1): slot i sees itself and the slots before it in the order."""
+    rank = orders.argsort(-1)                                  # rank[p] = step at which position p is predicted
+    qmask = rank[..., None, :-1] < rank[..., 1:, None]
+    cmask = rank[..., None, :-1] <= rank[..., :-1, None]
     return qmask, cmask
 
 
@@ -296,10 +334,10 @@ class PARSeqLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.dec_width
-        self.norm_q, self.norm_c, self.norm1, self.norm2 = (nn.LayerNorm(d, eps=1e-6) for _ in range(4))
-        self.self_attn = Attention(d, cfg.dec_heads, kv_dim=d)
-        self.cross_attn = Attention(d, cfg.dec_heads, kv_dim=cfg.enc_width)
-        self.mlp = MLP(d, cfg.dec_mlp_ratio)
+        self.norm_q, self.norm_c, self.norm1, self.norm2 = (nn.LayerNorm(d, eps=cfg.dec_eps) for _ in range(4))
+        self.self_attn = Attention(d, cfg.dec_heads, kv_dim=d, dropout=cfg.attn_dropout)
+        self.cross_attn = Attention(d, cfg.dec_heads, kv_dim=cfg.enc_width, dropout=cfg.attn_dropout)
+        self.mlp = MLP(d, cfg.dec_mlp_ratio, cfg.dec_act, cfg.act_dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
     def stream(self, x, x_norm, ctx_kv, mem_kv, mask=None):
@@ -324,7 +362,7 @@ class PARSeq(Recognizer):
         self.pos_queries = nn.Parameter(torch.zeros(1, cfg.max_len + 1, d))
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(PARSeqLayer(cfg) for _ in range(cfg.dec_depth))
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.norm = nn.LayerNorm(d, eps=cfg.dec_eps)
         self.head = nn.Linear(d, V - 2)
         init_weights(self, cfg)
 
@@ -340,28 +378,34 @@ class PARSeq(Recognizer):
         return self.head(self.norm(queries))
 
     def loss(self, images, tokens):
-        """PLM loss: token-weighted mean cross-entropy over K orders; EOS is a target in the first two only."""
+        """PLM loss: (sum of token cross-entropies over num_orders(cfg, L) orders, token count); EOS is a target in the
+        first two only. Eval uses the two fixed orders (no RNG). Extra padding changes nothing while the order count
+        stays the same (always in eval, L >= 3 in training), dropout aside."""
         mem_kv = self.memory_kv(images)
         ctx_tok, tgt = tokens[:, :-1], tokens[:, 1:]                       # (B, L+1) each
         L = tokens.shape[1] - 2
-        ctx = self.drop(self.embed(ctx_tok))
-        queries = self.drop(self.pos_queries[:, :L + 1].expand(len(tokens), -1, -1))  # a dropout mask per sample
+        ctx = self.embed(ctx_tok)
+        queries = self.pos_queries[:, :L + 1].expand(len(tokens), -1, -1)
         keep = ((ctx_tok != self.pad) & (ctx_tok != self.eos))[:, None, None, :]  # padded context is never seen
+        n_orders = num_orders(self.cfg, L) if self.training else 2
+        orders = sample_orders(L, n_orders, self.cfg.perm_mirrored, self.cfg.max_len, tokens.device)
+        qmasks, cmasks = order_masks(orders)
         total, n = 0.0, 0
-        k = self.cfg.perm_num if self.training else 2  # eval: the two fixed orders, so val loss uses no RNG
-        for i, order in enumerate(sample_orders(L, k, self.cfg.perm_mirrored)):
-            qmask, cmask = (m.to(tokens.device) for m in order_masks(order))
+        for i in range(n_orders):
             if i == 2:
                 tgt = tgt.masked_fill(tgt == self.eos, self.pad)
-            logits = self.run(ctx, queries, mem_kv, qmask & keep, cmask & keep).float()
+            # input dropout drawn afresh for every order (a mask per sample and order), as the original does
+            logits = self.run(self.drop(ctx), self.drop(queries), mem_kv, qmasks[i] & keep, cmasks[i] & keep).float()
             total = total + F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=self.pad, reduction='sum')
             n = n + (tgt != self.pad).sum()
-        return total / n, n
+        return total, n
 
     @torch.no_grad()
-    def decode(self, images, max_len=None, beam=1, ar=True, refine_iters=1, use_cache=True):
-        """AR (greedy; cached context keys/values) or NAR decoding, then refine_iters cloze passes.
-        beam is ignored (PARSeq decodes greedily)."""
+    def decode(self, images, max_len=None, beam=1, ar=True, refine_iters=1, len_norm=True, use_cache=True):
+        """AR (greedy; cached context keys/values) or NAR decoding, then refine_iters cloze passes that run every
+        position query against the previous output, as the original does (so a removed EOS lengthens the text)."""
+        if beam != 1 or len_norm is not True:
+            raise ValueError('PARSeq decodes greedily: beam and len_norm apply to TrOCR only')
         T = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1
         B, dev = len(images), images.device
         mem_kv = self.memory_kv(images)
@@ -383,13 +427,13 @@ class PARSeq(Recognizer):
             logits = torch.cat(logits, 1)
         else:                                                  # NAR: every query sees only [B]
             logits = self.run(self.embed(bos), queries, mem_kv)
-        Tq = logits.shape[1]
-        for _ in range(refine_iters):                          # cloze: every slot but one's own, cut after EOS
-            ctx_tok = torch.cat([bos, logits[:, :-1].argmax(-1)], 1)
+        for _ in range(refine_iters):                          # cloze: every slot but one's own, none after EOS
+            ctx_tok = torch.cat([bos, logits[:, :-1].argmax(-1)], 1)   # (B, S): S = T, or less after an early AR stop
+            S = ctx_tok.shape[1]
             keep = ((ctx_tok == self.eos).int().cumsum(1) == 0)[:, None, None, :]
-            causal = torch.ones(Tq, Tq, dtype=torch.bool, device=dev).tril()
-            cloze = ~torch.ones(Tq, Tq, dtype=torch.bool, device=dev).triu(1).tril(1)  # all but own slot i+1
-            logits = self.run(self.embed(ctx_tok), queries[:, :Tq], mem_kv, cloze & keep, causal & keep)
+            causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+            cloze = torch.arange(S, device=dev)[None] != torch.arange(1, T + 1, device=dev)[:, None]  # (T, S)
+            logits = self.run(self.embed(ctx_tok), queries, mem_kv, cloze & keep, causal & keep)
         probs, ids = logits.float().softmax(-1).max(-1)
         return finish(ids, probs, self.eos, self.pad)
 
@@ -412,38 +456,42 @@ class PARSeq(Recognizer):
 
 # ----------------------------------------------------------------------------- sizes
 
-_TROCR = dict(arch='trocr', img_h=384, img_w=384, patch_h=16, patch_w=16, cls_token=True, qkv_bias=False,
-              dec_width=1024, dec_depth=12, dec_heads=16)
-_PARSEQ = dict(arch='parseq', img_h=32, img_w=128, patch_h=4, patch_w=8, cls_token=False, qkv_bias=True)
+# the original TrOCR decoder (transformers' TrOCRConfig as in microsoft/trocr-*): Base/Large style; Small below
+_TROCR = dict(arch='trocr', img_h=384, img_w=384, patch_h=16, patch_w=16, cls_token=1, qkv_bias=False,
+              dec_width=1024, dec_depth=12, dec_heads=16, post_ln=True, emb_norm=True, start_eos=True,
+              tie_head=False, dec_eps=1e-5)
+# the original PARSeq decoder: dropout 0.1 on inputs, attention and MLP; LayerNorm eps 1e-5
+_PARSEQ = dict(arch='parseq', img_h=32, img_w=128, patch_h=4, patch_w=8, cls_token=0, qkv_bias=True,
+               attn_dropout=0.1, act_dropout=0.1, dec_eps=1e-5)
 _TINY = dict(img_h=16, img_w=64, patch_h=16, patch_w=4, dropout=0.0, pos_std=0.5, init_std=0, dec_depth=1)
 
 
 def _tiny(arch, i):
     w, depth = (16, 24, 32, 48, 64, 96, 128)[i], (1, 2, 2, 2, 3, 3, 4)[i]   # design notes' CPU ladder
     h = max(1, w // 32)
-    return dict(arch=arch, cls_token=arch == 'trocr', qkv_bias=True, **_TINY,
+    return dict(arch=arch, cls_token=int(arch == 'trocr'), qkv_bias=True, **_TINY,
                 enc_width=w, enc_depth=depth, enc_heads=h, dec_width=w, dec_heads=h)
 
 
 SIZES = {
     'trocr': {
-        # S: DeiT-S/16 encoder (qkv bias) + a MiniLM-width decoder (384, heads of 64); the study's 43.09M leaves
-        # ~21M for the decoder, i.e. 9 layers (the original TrOCR-S decoder, 6 x 256, would total only 28M).
+        # S (guess): DeiT-S/16 encoder (qkv bias) + a MiniLM-width decoder (384, heads of 64) in TrOCR-Small's style
+        # (ReLU, scaled embeddings); the study's 43.09M leaves ~21M for the decoder, i.e. 9 layers (the original
+        # TrOCR-S decoder, 6 x 256, would total only 28M with a char vocabulary).
         'S': dict(_TROCR, enc_width=384, enc_depth=12, enc_heads=6, qkv_bias=True,
-                  dec_width=384, dec_depth=9, dec_heads=6),
+                  dec_width=384, dec_depth=9, dec_heads=6, dec_act='relu', emb_scale=True),
         # B, L: original TrOCR-Base/Large (ViT-B/16, ViT-L/16 at 384 + 12x1024 decoder) with a char vocabulary
         'B': dict(_TROCR, enc_width=768, enc_depth=12, enc_heads=12),
         'L': dict(_TROCR, enc_width=1024, enc_depth=24, enc_heads=16),
-        # H: unpublished recipe; ViT-H/16 encoder (1280 x 32) and the decoder doubled to 24 layers hits 1.037B
+        # H (guess): unpublished recipe; ViT-H/16 encoder (1280 x 32) and the decoder doubled to 24 layers hits 1.037B
         'H': dict(_TROCR, enc_width=1280, enc_depth=32, enc_heads=16, dec_depth=24),
     },
     'parseq': {
-        # S: original PARSeq-S encoder (384 x 12); a 256-wide decoder accounts for the study's 22.51M
-        # (the original 384-wide decoder gives 23.83M).  Decoder heads = width/32 as in PARSeq.
-        'S': dict(_PARSEQ, enc_width=384, enc_depth=12, enc_heads=6, dec_width=256, dec_depth=1, dec_heads=8),
-        # B, H: ViT-B / ViT-H encoders at 32x128; two decoder layers make up the published ~104M / 682M.
+        # S: the original PARSeq-S (23.83M at 94 chars; the study prints 22.51M). Decoder heads = width/32.
+        'S': dict(_PARSEQ, enc_width=384, enc_depth=12, enc_heads=6, dec_width=384, dec_depth=1, dec_heads=12),
+        # B, H (guesses): ViT-B / ViT-H encoders at 32x128; two decoder layers make up the published ~104M / 682M.
         'B': dict(_PARSEQ, enc_width=768, enc_depth=12, enc_heads=12, dec_width=768, dec_depth=2, dec_heads=24),
-        # L (unpublished): the ViT-L encoder, as TrOCR-L; ~336M sits near the geometric mean of B and H (266M),
+        # L (guess, unpublished): the ViT-L encoder, as TrOCR-L; ~336M sits near the geometric mean of B and H (266M),
         # so the four sizes are roughly evenly spaced in log N for the size law.
         'L': dict(_PARSEQ, enc_width=1024, enc_depth=24, enc_heads=16, dec_width=1024, dec_depth=2, dec_heads=32),
         'H': dict(_PARSEQ, enc_width=1280, enc_depth=32, enc_heads=16, dec_width=1280, dec_depth=2, dec_heads=40),
@@ -455,6 +503,10 @@ for _arch in SIZES:
 PAPER_PARAMS = {  # paper §3: (text) quoted, (fig) read off figures
     'trocr': {'S': 43.09e6, 'B': 282.5e6, 'L': 505.6e6, 'H': 1.037e9},
     'parseq': {'S': 22.51e6, 'B': 104e6, 'L': None, 'H': 682e6},
+}
+BASIS = {  # where each study size's shape comes from (printed in the size table)
+    'trocr': {'S': 'guess', 'B': 'TrOCR-B (ViT for BEiT)', 'L': 'TrOCR-L (ViT for BEiT)', 'H': 'guess'},
+    'parseq': {'S': 'original PARSeq-S', 'B': 'guess', 'L': 'guess', 'H': 'guess'},
 }
 
 
@@ -494,9 +546,10 @@ def count_params(cfg):
     enc = (_lin(cfg.in_chans * cfg.patch_h * cfg.patch_w, e) + e * cfg.cls_token + T_e * e + 2 * e
            + cfg.enc_depth * (4 * e + _attn(e, bias=cfg.qkv_bias) + _mlp(e, cfg.mlp_ratio)))
     emb = V * d + (cfg.max_len + 1) * d + T_e * e
-    if cfg.arch == 'trocr':   # 3 norms, self-attn, cross-attn, MLP per layer; tied head
+    if cfg.arch == 'trocr':   # 3 norms, self-attn, cross-attn, MLP per layer; embedding/final norms; head
         layer = 6 * d + _attn(d) + _attn(d, e) + _mlp(d, cfg.dec_mlp_ratio)
-        dec = V * d + (cfg.max_len + 1) * d + cfg.dec_depth * layer + 2 * d
+        dec = (V * d + (cfg.max_len + 1) * d + cfg.dec_depth * layer + 2 * d * (cfg.emb_norm + (not cfg.post_ln))
+               + (not cfg.tie_head) * d * (V - 2))
     else:                     # 4 norms, two attentions, MLP per layer; untied head over V-2 classes
         layer = 8 * d + _attn(d, d) + _attn(d, e) + _mlp(d, cfg.dec_mlp_ratio)
         dec = V * d + (cfg.max_len + 1) * d + cfg.dec_depth * layer + 2 * d + _lin(d, V - 2)
@@ -529,44 +582,169 @@ def forward_flops(cfg, dec_len=None):
 
 
 def train_flops_per_sample(cfg, dec_len=None):
-    """Forward + backward (= 3x forward) FLOPs per training image; PARSeq runs the decoder once per order
-    (perm_num of them) against cross-attention keys/values computed once."""
+    """Forward + backward (= 3x forward) FLOPs per training image padded to dec_len label tokens (default
+    max_len); PARSeq runs the decoder once per order used, num_orders(cfg, dec_len), against cross-attention
+    keys/values computed once."""
     enc, xkv, dec = _flops_parts(cfg, dec_len)
-    return 3.0 * (enc + xkv + dec * (cfg.perm_num if cfg.arch == 'parseq' else 1))
+    return 3.0 * (enc + xkv + dec * num_orders(cfg, dec_len or cfg.max_len))
 
 
 # ----------------------------------------------------------------------------- size table
 
-def table(vocab_size=97):
-    rows = []
+def print_table(vocab_size=97):
+    fmt = lambda n: f'{n / 1e3:.1f}k' if n < 1e6 else f'{n / 1e6:.2f}M' if n < 1e9 else f'{n / 1e9:.3f}B'  # noqa: E731
+    print(f'{"arch":7}{"size":5}{"enc L/d/h":>14}{"dec L/d/h":>13}{"image/patch":>15}{"params":>10}'
+          f'{"study":>10}{"gap":>7}{"GFLOPs":>9}  basis')
     for arch in SIZES:
         for size in SIZES[arch]:
-            cfg = make_config(arch, size, vocab_size)
-            paper = PAPER_PARAMS[arch].get(size)
-            rows.append(dict(arch=arch, size=size, enc_layers=cfg.enc_depth, enc_width=cfg.enc_width,
-                             enc_heads=cfg.enc_heads, dec_layers=cfg.dec_depth, dec_width=cfg.dec_width,
-                             dec_heads=cfg.dec_heads, image=f'{cfg.img_h}x{cfg.img_w}',
-                             patch=f'{cfg.patch_h}x{cfg.patch_w}', params=count_params(cfg)[0],
-                             paper_params=None if paper is None else int(paper),
-                             gflops=float(f'{forward_flops(cfg) / 1e9:.4g}')))
-    return rows
+            c, paper = make_config(arch, size, vocab_size), PAPER_PARAMS[arch].get(size)
+            n = count_params(c)[0]
+            print(f'{arch:7}{size:5}{f"{c.enc_depth}/{c.enc_width}/{c.enc_heads}":>14}'
+                  f'{f"{c.dec_depth}/{c.dec_width}/{c.dec_heads}":>13}{f"{c.img_h}x{c.img_w}/{c.patch_h}x{c.patch_w}":>15}'
+                  f'{fmt(n):>10}{fmt(paper) if paper else "-":>10}{f"{100 * (n / paper - 1):+.1f}%" if paper else "":>7}'
+                  f'{forward_flops(c) / 1e9:>9.4g}  {BASIS[arch].get(size, "CPU ladder")}')
+
+
+# ----------------------------------------------------------------------------- transformers TrOCR -> checkpoint
+
+def _hf_pieces(hf_dir, V):
+    """Text of every transformers id from tokenizer.json or vocab.json (byte-level BPE decoded to text,
+    SentencePiece's '\u2581' to a space); placeholders '<id>' when the folder has neither."""
+    pieces, name = [f'<{i}>' for i in range(V)], os.path.join(hf_dir, 'tokenizer.json')
+    if not os.path.exists(name):
+        name = os.path.join(hf_dir, 'vocab.json')
+        if not os.path.exists(name):
+            return pieces
+    spec = json.load(open(name, encoding='utf-8'))
+    vocab, byte_level = (spec['model']['vocab'], 'ByteLevel' in str(spec['decoder'])) if 'model' in spec else (spec, True)
+    vocab = {p[0]: i for i, p in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)  # Unigram: [piece, score]
+    vocab.update({t['content']: t['id'] for t in spec.get('added_tokens', []) if 'model' in spec})
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]   # GPT-2's bytes -> characters table
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    for text, i in vocab.items():
+        if byte_level and set(text) <= byte_of.keys():
+            text = bytes(byte_of[c] for c in text).decode(errors='replace')
+        if i < V:
+            pieces[i] = text.replace('\u2581', ' ')
+    return pieces
+
+
+def _hf_pairs(cfg):
+    """(our parameter prefix, transformers prefixes stacked into it) for every linear/conv/norm layer."""
+    enc = [('attn.qkv.', 'attention.attention.query. attention.attention.key. attention.attention.value.'),
+           ('attn.proj.', 'attention.output.dense.'), ('norm1.', 'layernorm_before.'), ('norm2.', 'layernorm_after.'),
+           ('mlp.0.', 'intermediate.dense.'), ('mlp.2.', 'output.dense.')]
+    dec = [('self_attn.qkv.', 'self_attn.q_proj. self_attn.k_proj. self_attn.v_proj.'), ('mlp.0.', 'fc1.'),
+           ('self_attn.proj.', 'self_attn.out_proj.'), ('norm1.', 'self_attn_layer_norm.'), ('mlp.2.', 'fc2.'),
+           ('cross_attn.q.', 'encoder_attn.q_proj.'), ('cross_attn.kv.', 'encoder_attn.k_proj. encoder_attn.v_proj.'),
+           ('cross_attn.proj.', 'encoder_attn.out_proj.'), ('norm2.', 'encoder_attn_layer_norm.'),
+           ('norm3.', 'final_layer_norm.')]
+    D = 'decoder.model.decoder.'
+    return ([('encoder.patch.', ['encoder.embeddings.patch_embeddings.projection.']),
+             ('encoder.norm.', ['encoder.layernorm.']), ('emb_norm.', [D + 'layernorm_embedding.'])]
+            + [(f'encoder.blocks.{i}.{o}', [f'encoder.encoder.layer.{i}.{t}' for t in ts.split()])
+               for i in range(cfg.enc_depth) for o, ts in enc]
+            + [(f'layers.{i}.{o}', [f'{D}layers.{i}.{t}' for t in ts.split()])
+               for i in range(cfg.dec_depth) for o, ts in dec])
+
+
+def trocr_from_transformers(hf_dir):
+    """(model, hf_id, tokenizer spec) from a VisionEncoderDecoderModel folder (ViT or DeiT + TrOCRForCausalLM);
+    hf_id[i] = transformers' id of our id i. transformers' <s> becomes our BOS (no input: the decoder starts from
+    EOS) and, like PAD, is never predicted."""
+    try:
+        hc = json.load(open(os.path.join(hf_dir, 'config.json')))
+        e, d = hc['encoder'], hc['decoder']
+    except (OSError, KeyError, ValueError) as err:
+        raise SystemExit(f'{hf_dir}: not a VisionEncoderDecoderModel folder ({err})')
+    if e.get('model_type') not in ('vit', 'deit') or d.get('model_type') != 'trocr' or e.get('hidden_act') != 'gelu' \
+            or not d.get('use_learned_position_embeddings', True):
+        raise SystemExit(f"{hf_dir}: {e.get('model_type')} + {d.get('model_type')}: only ViT/DeiT (GELU) encoders with "
+                         'a TrOCR decoder with learned positions are supported (not BEiT: trocr-base/large)')
+    V, eos, pad = d['vocab_size'], d['eos_token_id'], d['pad_token_id']
+    start = next(i for i in (hc.get('decoder_start_token_id'), d.get('decoder_start_token_id'), eos) if i is not None)
+    bos = d['bos_token_id'] if start == eos else start
+    hf_id = [eos] + [i for i in range(V) if i not in (eos, pad, bos)] + [bos, pad]
+    (img_h, img_w), (patch_h, patch_w) = ((v, v) if isinstance(v, int) else v for v in (e['image_size'], e['patch_size']))
+    cfg = ModelConfig(
+        arch='trocr', img_h=img_h, img_w=img_w, patch_h=patch_h, patch_w=patch_w, in_chans=e['num_channels'],
+        enc_width=e['hidden_size'], enc_depth=e['num_hidden_layers'], enc_heads=e['num_attention_heads'],
+        mlp_ratio=e['intermediate_size'] / e['hidden_size'], cls_token=1 + (e['model_type'] == 'deit'),
+        qkv_bias=e.get('qkv_bias', True), enc_eps=e['layer_norm_eps'], dec_width=d['d_model'],
+        dec_depth=d['decoder_layers'], dec_heads=d['decoder_attention_heads'], dec_eps=1e-5,
+        dec_mlp_ratio=d['decoder_ffn_dim'] / d['d_model'], max_len=d['max_position_embeddings'] - 1, vocab_size=V,
+        dropout=d['dropout'], attn_dropout=d['attention_dropout'], act_dropout=d['activation_dropout'], post_ln=True,
+        emb_scale=d['scale_embedding'], emb_norm=d['layernorm_embedding'], start_eos=start == eos,
+        dec_act=d['activation_function'])
+    path = os.path.join(hf_dir, 'model.safetensors')
+    if os.path.exists(path):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise SystemExit(f'reading {path} needs the safetensors package: pip install safetensors')
+        sd = load_file(path)
+    else:
+        path = os.path.join(hf_dir, 'pytorch_model.bin')
+        if not os.path.exists(path):
+            raise SystemExit(f'{hf_dir}: no model.safetensors or pytorch_model.bin (merge a sharded checkpoint first)')
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+    emb, out_proj = sd['decoder.model.decoder.embed_tokens.weight'], sd.get('decoder.output_projection.weight')
+    cfg.tie_head = out_proj is None or torch.equal(out_proj, emb)
+    ours = {o + p: torch.cat([sd[t + p] for t in ts]) for o, ts in _hf_pairs(cfg) for p in ('weight', 'bias')
+            if ts[0] + p in sd}
+    prefix = ('cls_token', 'distillation_token')[:cfg.cls_token]
+    ours['encoder.cls'] = torch.cat([sd['encoder.embeddings.' + k] for k in prefix], 1)
+    ours['encoder.pos'] = sd['encoder.embeddings.position_embeddings']
+    ours['tok_emb.weight'] = emb[hf_id]
+    ours['pos_emb'] = sd['decoder.model.decoder.embed_positions.weight'][None, 2:cfg.max_len + 3]  # offset 2 there
+    if not cfg.tie_head:
+        ours['head.weight'] = out_proj[hf_id[:V - 2]]
+    if 'enc_to_dec_proj.weight' in sd:   # fold transformers' encoder -> decoder width projection into K/V
+        P, b = sd['enc_to_dec_proj.weight'].double(), sd['enc_to_dec_proj.bias'].double()
+        for i in range(cfg.dec_depth):
+            w, c = f'layers.{i}.cross_attn.kv.weight', f'layers.{i}.cross_attn.kv.bias'
+            ours[w], ours[c] = (ours[w].double() @ P).float(), (ours[w].double() @ b + ours[c].double()).float()
+    model = build_model(cfg)
+    model.load_state_dict(ours)
+    pieces = _hf_pieces(hf_dir, V)
+    spec = {'type': 'pieces', 'pieces': [pieces[i] for i in hf_id[1:V - 2]], 'max_len': cfg.max_len}
+    return model.eval(), hf_id, spec
+
+
+def convert_main(argv):
+    ap = argparse.ArgumentParser(prog='model.py convert-trocr', description='Convert a transformers TrOCR folder '
+                                 '(ViT/DeiT encoder + TrOCRForCausalLM) into a checkpoint train.py --init can load.')
+    ap.add_argument('hf_dir', help='folder written by VisionEncoderDecoderModel.save_pretrained (+ tokenizer files)')
+    ap.add_argument('out', help='checkpoint to write (.pt)')
+    ap.add_argument('--check', action='store_true', help='compare logits with transformers; exit 1 above 1e-4')
+    args = ap.parse_args(argv)
+    model, hf_id, spec = trocr_from_transformers(args.hf_dir)
+    torch.save(dict(model=model.state_dict(), model_config=asdict(model.cfg), tokenizer=spec,
+                    source=os.path.abspath(args.hf_dir)), args.out)
+    print(f'{args.out}: {count_params(model.cfg)[0] / 1e6:.2f}M params, {len(spec["pieces"])} text tokens')
+    if args.check:   # teacher-forced logits on random images and labels
+        try:
+            from transformers import VisionEncoderDecoderModel
+        except ImportError:
+            raise SystemExit('--check needs transformers: pip install transformers')
+        ref, cfg = VisionEncoderDecoderModel.from_pretrained(args.hf_dir).float().eval(), model.cfg
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(2, cfg.in_chans, cfg.img_h, cfg.img_w, generator=g) * 2 - 1
+        tokens = torch.randint(0, cfg.vocab_size - 2, (2, min(12, cfg.max_len) + 1), generator=g)
+        tokens[:, 0] = model.start
+        with torch.no_grad():
+            ours = model.decoder(tokens, model.memory_kv(images))
+            theirs = ref(pixel_values=images, decoder_input_ids=torch.tensor(hf_id)[tokens]).logits[..., hf_id[:-2]]
+        diff = (ours - theirs).abs().max().item()
+        print(f'max |logits - transformers| = {diff:.3g}')
+        sys.exit(int(diff > 1e-4))
 
 
 if __name__ == '__main__':
-    ap = argparse.ArgumentParser(description='Print the size table (parameters at a 97-id char vocabulary).')
-    ap.add_argument('--json', action='store_true', help='print a JSON list instead of a table')
-    ap.add_argument('--vocab', type=int, default=97, help='tokenizer vocab size (94 chars + EOS/BOS/PAD)')
-    args = ap.parse_args()
-    rows = table(args.vocab)
-    if args.json:
-        print(json.dumps(rows, indent=1))
+    if sys.argv[1:2] == ['convert-trocr']:
+        convert_main(sys.argv[2:])
     else:
-        print(f'{"arch":7}{"size":5}{"enc L/d/h":>14}{"dec L/d/h":>13}{"image/patch":>15}{"params":>11}'
-              f'{"paper":>10}{"diff":>7}{"GFLOPs":>10}')
-        for r in rows:
-            p, fmt = r['paper_params'], (lambda n: f'{n / 1e3:.1f}k' if n < 1e6 else f'{n / 1e6:.2f}M' if n < 1e9 else f'{n / 1e9:.3f}B')
-            enc = f"{r['enc_layers']}/{r['enc_width']}/{r['enc_heads']}"
-            dec = f"{r['dec_layers']}/{r['dec_width']}/{r['dec_heads']}"
-            diff = f"{100 * (r['params'] / p - 1):+.1f}%" if p else ''
-            print(f"{r['arch']:7}{r['size']:5}{enc:>14}{dec:>13}{r['image'] + '/' + r['patch']:>15}"
-                  f"{fmt(r['params']):>11}{fmt(p) if p else '-':>10}{diff:>7}{r['gflops']:>10.4g}")
+        ap = argparse.ArgumentParser(description='Print the size table (parameters at a 97-id char vocabulary).')
+        ap.add_argument('--vocab', type=int, default=97, help='tokenizer vocab size (94 chars + EOS/BOS/PAD)')
+        print_table(ap.parse_args().vocab)

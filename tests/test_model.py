@@ -1,8 +1,10 @@
-"""Tests for model.py: attention, cached decoding, PARSeq permutations, sizes, FLOPs, overfitting.
+"""Tests for model.py: attention, cached decoding, beam search, PARSeq permutations and refinement, static
+padding and torch.compile, sizes, FLOPs, the transformers TrOCR converter, overfitting.
 
     python -m pytest -q tests/test_model.py
 """
 import dataclasses
+import json
 import math
 import random
 
@@ -14,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import model as M
 from model import (PAPER_PARAMS, SIZES, Attention, ModelConfig, build_model, count_params, forward_flops,
-                   make_config, order_masks, sample_orders, train_flops_per_sample)
+                   make_config, num_orders, order_masks, sample_orders, train_flops_per_sample)
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds sync cost on a shared machine
 CHARS = '0123456789abcdefghijklmnopqrstuvwxyz'
@@ -70,13 +72,16 @@ def small(arch, **kw):
     return make_config(arch, 'T3', V, max_len=8, **kw)
 
 
-@pytest.mark.parametrize('dec_depth', [1, 2])
-def test_trocr_cached_decode_equals_uncached(dec_depth):
+ORIGINAL_TROCR = dict(post_ln=True, emb_scale=True, emb_norm=True, start_eos=True, dec_act='relu', tie_head=False)
+
+
+@pytest.mark.parametrize('dec_depth,style', [(1, {}), (2, {}), (2, ORIGINAL_TROCR)])
+def test_trocr_cached_decode_equals_uncached(dec_depth, style):
     torch.manual_seed(1)
-    m = build_model(small('trocr', dec_depth=dec_depth)).double().eval()
+    m = build_model(small('trocr', dec_depth=dec_depth, **style)).double().eval()
     x = torch.randn(16, 3, 16, 64, dtype=torch.double)
-    for beam in (1, 3):
-        (a, ca), (b, cb) = m.decode(x, beam=beam), m.decode(x, beam=beam, use_cache=False)
+    for beam, len_norm in ((1, True), (3, True), (3, False)):
+        (a, ca), (b, cb) = (m.decode(x, beam=beam, len_norm=len_norm, use_cache=c) for c in (True, False))
         assert torch.equal(a, b) and a.shape[1] > 1
         torch.testing.assert_close(ca, cb)
     ids, conf = m.decode(x, beam=3)
@@ -111,10 +116,12 @@ def test_decode_output_format():
 
 def test_permutation_masks():
     torch.manual_seed(0)
-    for L in range(1, 9):
-        orders = sample_orders(L, 6)
-        assert len(orders) == {1: 1, 2: 2, 3: 6}.get(L, 6)
-        assert len({tuple(o.tolist()) for o in orders}) == len(orders)
+    cfg = small('parseq')
+    for L in range(1, 9):                          # order counts as the original's gen_tgt_perms
+        assert num_orders(cfg, L) == {1: 1, 2: 2}.get(L, 6)
+        assert num_orders(dataclasses.replace(cfg, perm_mirrored=False), L) == {1: 1, 2: 2}.get(L, 6)
+        orders = sample_orders(L, num_orders(cfg, L), key_len=8)
+        assert len(orders) == num_orders(cfg, L)
         qmask, cmask = order_masks(orders[0])      # forward order: plain causal masks
         assert torch.equal(qmask, torch.ones(L + 1, L + 1, dtype=torch.bool).tril())
         assert torch.equal(cmask, qmask)
@@ -134,37 +141,153 @@ def test_permutation_masks():
             assert qmask[L].tolist() == [True] + [False] * L
 
 
-def test_parseq_eos_rule_and_token_weighting():
+def test_parseq_eos_rule_and_token_sums():
     torch.manual_seed(0)
     m = build_model(small('parseq', dropout=0.0))
     words = ['abcde', 'xy', 'q1z9']
     tok, x = encode(words), torch.randn(3, 3, 16, 64)
     chars = sum(map(len, words))
-    loss, n = m.loss(x, tok)                        # L=5: 6 orders, EOS a target in the first two only
-    assert int(n) == 2 * (chars + 3) + 4 * chars
-    # token-weighted: recompute with the same orders and compare to the per-order sums
+    total, n = m.loss(x, tok)                       # L=5: 6 orders, EOS a target in the first two only
+    assert int(n) == 2 * (chars + 3) + 4 * chars and total.dtype == torch.float32 and total.dim() == 0
+    # the sum over orders of per-order summed cross-entropies, recomputed with the same orders
     torch.manual_seed(1)
-    orders = sample_orders(5, 6)
+    orders = sample_orders(5, 6, key_len=8)
     torch.manual_seed(1)
-    loss, n = m.loss(x, tok)
+    total, n = m.loss(x, tok)
     mem_kv = m.memory_kv(x)
     ctx, tgt = m.embed(tok[:, :-1]), tok[:, 1:]
     keep = ((tok[:, :-1] != PAD) & (tok[:, :-1] != EOS))[:, None, None, :]
     q = m.pos_queries[:, :6].expand(3, -1, -1)
-    total, count = 0.0, 0
+    ref, count = 0.0, 0
     for i, order in enumerate(orders):
         qm, cm = order_masks(order)
         t = tgt if i < 2 else tgt.masked_fill(tgt == EOS, PAD)
         logits = m.run(ctx, q, mem_kv, qm & keep, cm & keep)
-        total += F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=PAD, reduction='sum')
+        ref += F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=PAD, reduction='sum')
         count += int((t != PAD).sum())
     assert count == int(n)
-    torch.testing.assert_close(loss, total / count)
+    torch.testing.assert_close(total, ref)
+
+
+@pytest.mark.parametrize('arch', ['trocr', 'parseq'])
+def test_loss_identical_with_static_padding(arch):
+    m = build_model(small(arch, dropout=0.0))      # max_len 8
+    x, tok = torch.randn(3, 3, 16, 64), encode(['abc', 'xyz12', 'q'])
+    padded = F.pad(tok, (0, 8 + 2 - tok.shape[1]), value=PAD)
+    for training in (False, True):
+        m.train(training)
+        torch.manual_seed(5)
+        total, n = m.loss(x, tok)
+        torch.manual_seed(5)
+        total_p, n_p = m.loss(x, padded)
+        torch.testing.assert_close(total, total_p)
+        assert int(n) == int(n_p) > 0
+
+
+def test_parseq_compiles_once_for_padded_batches():
+    """Under torch.compile (labels padded to max_len) the PLM loss is one graph: no breaks, no recompiles."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    m = build_model(small('parseq', dropout=0.1, perm_num=4)).train()   # fwd, reverse, one random pair
+    compiled = torch.compile(m, backend='eager', dynamic=False)
+    x = torch.randn(2, 3, 16, 64)
+    for words in (['ab', 'c'], ['abcdefgh', 'xy'], ['q1z', 'hello']):
+        tok = F.pad(encode(words), (0, 10 - len(max(words, key=len)) - 2), value=PAD)
+        torch.manual_seed(1)
+        total, n = compiled(x, tok)
+        total.backward()
+        torch.manual_seed(1)
+        ref, ref_n = m(x, tok)
+        torch.testing.assert_close(total, ref)
+        assert int(n) == int(ref_n)
+    assert counters['stats']['unique_graphs'] == 1, dict(counters['stats'])
+    assert not counters['graph_break'], dict(counters['graph_break'])
+    torch._dynamo.reset()
+
+
+def test_parseq_refinement_runs_all_queries_after_early_eos(monkeypatch):
+    """AR forced to stop at position 2; refinement (as the original) runs all max_len+1 queries over the AR output."""
+    torch.manual_seed(4)
+    m = build_model(small('parseq', dec_depth=2)).double().eval()
+    x = torch.randn(8, 3, 16, 64, dtype=torch.double)
+    stop, T, step = 2, 9, m.step
+
+    def force_eos(logits, i):                      # EOS exactly at position `stop`
+        logits[..., EOS] = 1e4 if i == stop else -1e4
+        return logits
+
+    monkeypatch.setattr(m, 'step', lambda tok, i, *a: force_eos(step(tok, i, *a), i))
+    ids, conf = m.decode(x)
+    with torch.no_grad():                          # reference: uncached AR, then one cloze pass written out
+        mem_kv, q = m.memory_kv(x), m.pos_queries[:, :T].expand(8, -1, -1)
+        ctx = torch.full((8, 1), BOS)
+        for i in range(stop + 1):
+            causal = torch.ones(i + 1, i + 1, dtype=torch.bool).tril()
+            out = force_eos(m.run(m.embed(ctx), q[:, :i + 1], mem_kv, causal, causal)[:, -1:], i)
+            ctx = torch.cat([ctx, out.argmax(-1)], 1)
+        ctx = ctx[:, :-1]                          # [B] + positions 0..stop-1
+        S = ctx.shape[1]
+        cloze = torch.ones(T, S, dtype=torch.bool)
+        cloze[torch.arange(S - 1), torch.arange(1, S)] = False   # query i never sees slot i+1 (its own)
+        logits = m.run(m.embed(ctx), q, mem_kv, cloze, torch.ones(S, S, dtype=torch.bool).tril())
+        probs, ref = logits.float().softmax(-1).max(-1)
+        ref, ref_conf = M.finish(ref, probs, EOS, PAD)
+    assert torch.equal(ids, ref)
+    torch.testing.assert_close(conf, ref_conf)
+    assert ids.shape[1] > stop + 1                 # texts run past the AR stop (the old code cut them there)
+
+
+def test_beam_len_norm_matches_exhaustive_search():
+    """beam = C^3 never prunes with max_len 2, so beam search must return the best of all sequences."""
+    chars = 'abc'
+    torch.manual_seed(6)
+    m = build_model(make_config('trocr', 'T2', len(chars) + 3, max_len=2)).double().eval()
+    C, x = len(chars) + 1, torch.randn(4, 3, 16, 64, dtype=torch.double)
+    seqs = torch.cartesian_prod(*[torch.arange(C)] * 3)                        # (C^3, 3)
+    with torch.no_grad():
+        logp = torch.stack([m.decoder(torch.cat([torch.full((len(seqs), 1), m.start), seqs[:, :2]], 1),
+                                      [(k[b:b + 1].expand(len(seqs), -1, -1, -1), v[b:b + 1].expand(len(seqs), -1, -1, -1))
+                                       for k, v in m.memory_kv(x)]).log_softmax(-1) for b in range(len(x))])
+    tok_lp = logp.gather(-1, seqs[None, :, :, None].expand(len(x), -1, -1, 1))[..., 0]  # (B, C^3, 3)
+    alive = (seqs != EOS).int().cumprod(1)
+    kept = torch.cat([torch.ones(len(seqs), 1, dtype=torch.int), alive[:, :-1]], 1)     # up to and incl. first EOS
+    score, length = (tok_lp * kept).sum(-1), kept.sum(1)
+    for len_norm in (False, True):
+        best = (score / length if len_norm else score).argmax(1)
+        ids, conf = m.decode(x, beam=C ** 3, len_norm=len_norm)
+        ref = seqs[best].masked_fill(kept[best] == 0, m.pad)
+        assert ids.tolist() == [r[:ids.shape[1]] for r in ref.tolist()]
+        torch.testing.assert_close(conf, score.gather(1, best[:, None])[:, 0].exp())
+
+
+def test_unused_decode_arguments_raise():
+    x = torch.randn(2, 3, 16, 64)
+    trocr, parseq = build_model(small('trocr')).eval(), build_model(small('parseq')).eval()
+    for m, kw in ((parseq, dict(beam=3)), (parseq, dict(len_norm=False)), (trocr, dict(ar=False)),
+                  (trocr, dict(refine_iters=2))):
+        with pytest.raises(ValueError):
+            m.decode(x, **kw)
+    trocr.decode(x, refine_iters=1, ar=True)       # the defaults are accepted
+
+
+def test_old_checkpoint_config_loads_with_old_behaviour():
+    old = dict(arch='trocr', img_h=16, img_w=64, patch_h=16, patch_w=4, in_chans=3, enc_width=32, enc_depth=1,
+               enc_heads=1, mlp_ratio=4.0, cls_token=True, qkv_bias=True, dec_width=32, dec_depth=1, dec_heads=1,
+               dec_mlp_ratio=4.0, max_len=8, vocab_size=V, dropout=0.0, pos_std=0.5, init_std=0.0, perm_num=6,
+               perm_mirrored=True)                  # the fields model.py had before the original-decoder options
+    cfg = ModelConfig(**old)
+    assert not (cfg.post_ln or cfg.emb_scale or cfg.emb_norm or cfg.start_eos) and cfg.tie_head
+    assert cfg.dec_act == 'gelu' and cfg.enc_eps == cfg.dec_eps == 1e-6 and cfg.attn_dropout == cfg.act_dropout == 0
+    m = build_model(cfg)
+    assert m.encoder.cls.shape == (1, 1, 32) and m.start == BOS and isinstance(m.norm, torch.nn.LayerNorm)
+    assert {k.split('.')[0] for k in m.state_dict()} == {'encoder', 'tok_emb', 'pos_emb', 'layers', 'norm'}
 
 
 @pytest.mark.parametrize('arch', ['trocr', 'parseq'])
 def test_count_params_matches_modules(arch):
-    variants = [dict(size='T1'), dict(size='T4'), dict(size='T7'),
+    variants = [dict(size='T1'), dict(size='T4'), dict(size='T7'), dict(size='T2', cls_token=2, **ORIGINAL_TROCR),
                 dict(size='T3', cls_token=not (arch == 'trocr'), qkv_bias=False, dec_depth=2),
                 dict(size='T2', dec_width=40, dec_heads=2, mlp_ratio=2.0, dec_mlp_ratio=3.0, max_len=12),
                 dict(size='S', enc_width=64, enc_depth=1, enc_heads=2, dec_width=32, dec_heads=1, dec_depth=2)]
@@ -178,10 +301,11 @@ def test_count_params_matches_modules(arch):
 
 
 def test_study_sizes_match_paper():
+    assert abs(count_params(make_config('parseq', 'S', 97))[0] / 23.83e6 - 1) < 0.005   # the original PARSeq-S
     for arch in ('trocr', 'parseq'):
         for size in 'SBLH':
             n, paper = count_params(make_config(arch, size, 97))[0], PAPER_PARAMS[arch][size]
-            if paper is not None:
+            if paper is not None and (arch, size) != ('parseq', 'S'):
                 assert abs(n / paper - 1) < 0.02, (arch, size, n, paper)
     p = {s: count_params(make_config('parseq', s, 97))[0] for s in 'BLH'}
     assert p['B'] < p['L'] < p['H']
@@ -207,7 +331,8 @@ def test_flops_against_flop_counter(arch, monkeypatch):
     cfg = make_config(arch, 'T5', V, max_len=10, dec_depth=2, dropout=0.0)
     m = build_model(cfg)
     x, tok = torch.randn(4, 3, 16, 64), encode([''.join(random.Random(i).choices(CHARS, k=10)) for i in range(4)])
-    per_pass = train_flops_per_sample(cfg) / 3     # PARSeq: all perm_num orders (labels are max_len long)
+    per_pass = train_flops_per_sample(cfg) / 3     # PARSeq: num_orders(cfg, 10) = 6 orders
+    assert train_flops_per_sample(cfg, dec_len=1) == 3 * forward_flops(cfg, dec_len=1)  # 1-token labels: one order
     if arch == 'trocr':
         assert per_pass == forward_flops(cfg)
     with FlopCounterMode(display=False) as fc:
@@ -216,7 +341,7 @@ def test_flops_against_flop_counter(arch, monkeypatch):
     assert 0.85 < fc.get_total_flops() / 4 / per_pass < 1.0
     # with attention written as plain matmuls, the count should agree closely
     monkeypatch.setattr(F, 'scaled_dot_product_attention',
-                        lambda q, k, v, attn_mask=None, is_causal=False: naive_attention(
+                        lambda q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0: naive_attention(
                             q, k, v, torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril() if is_causal
                             else attn_mask))
     with FlopCounterMode(display=False) as fc:
@@ -244,7 +369,8 @@ def test_tiny_model_overfits_32_words(arch):
     acc = 0.0
     for step in range(1, 401):
         m.train()
-        loss, _ = m.loss(x, tok)
+        total, n = m.loss(x, tok)
+        loss = total / n
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -255,3 +381,76 @@ def test_tiny_model_overfits_32_words(arch):
             if acc == 1.0:
                 break
     assert acc == 1.0, f'{arch}: word accuracy {acc:.2f} after {step} steps (loss {loss.item():.3f})'
+
+
+# ----------------------------------------------------------------------------- transformers TrOCR converter
+
+HF_STYLES = {  # ViT + TrOCR-Small-style decoder (ReLU, scaled embeddings, untied head, cross_attention_hidden_size);
+               # DeiT + TrOCR-Base-style decoder (GELU, embedding LayerNorm, tied head, an enc_to_dec_proj to fold)
+    'vit': dict(activation_function='relu', scale_embedding=True, layernorm_embedding=False, tie_word_embeddings=False,
+                cross_attention_hidden_size=32),
+    'deit': dict(activation_function='gelu', scale_embedding=False, layernorm_embedding=True, tie_word_embeddings=True),
+}
+HF_VOCAB = ['<s>', '<pad>', '</s>', '<unk>', 'a', 'Ġb', 'cd', 'Ġ', 'ĠĠx', 'yz', 'Ã©', '9']   # byte-level BPE pieces
+
+
+@pytest.fixture(scope='module', params=sorted(HF_STYLES))
+def hf_trocr(request, tmp_path_factory):
+    """A random transformers VisionEncoderDecoderModel saved with save_pretrained (+ vocab.json), and its conversion."""
+    tf = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    enc_config = {'vit': tf.ViTConfig, 'deit': tf.DeiTConfig}[request.param](
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    dec_config = tf.TrOCRConfig(vocab_size=len(HF_VOCAB), d_model=24, decoder_layers=2, decoder_attention_heads=2,
+                                decoder_ffn_dim=40, max_position_embeddings=10, **HF_STYLES[request.param])
+    hf = tf.VisionEncoderDecoderModel(tf.VisionEncoderDecoderConfig(encoder=enc_config.to_dict(),
+                                                                    decoder=dec_config.to_dict())).eval()
+    with torch.no_grad():
+        for p in hf.parameters():                  # no zero biases or unit norms that could hide a mix-up
+            p.normal_(0, 0.3)
+    folder, out = tmp_path_factory.mktemp('hf'), tmp_path_factory.mktemp('ckpt') / 'trocr.pt'
+    hf.save_pretrained(folder)
+    (folder / 'vocab.json').write_text(json.dumps({p: i for i, p in enumerate(HF_VOCAB)}))
+    with pytest.raises(SystemExit) as exit_info:
+        M.convert_main([str(folder), str(out), '--check'])
+    assert exit_info.value.code == 0               # --check passed: logits within 1e-4 of transformers'
+    return hf, torch.load(out, weights_only=True)
+
+
+def test_converted_trocr_matches_transformers(hf_trocr):
+    hf, ckpt = hf_trocr
+    m = build_model(ModelConfig(**ckpt['model_config']))
+    m.load_state_dict(ckpt['model'])
+    m.eval()
+    hf_id = [2] + list(range(3, len(HF_VOCAB))) + [0, 1]    # ours -> transformers: EOS, text, BOS (<s>), PAD
+    assert ckpt['tokenizer'] == {'type': 'pieces', 'pieces': ['<unk>', 'a', ' b', 'cd', ' ', '  x', 'yz', 'é', '9'],
+                                 'max_len': 9}
+    torch.manual_seed(1)
+    x, tok = torch.rand(3, 3, 32, 32) * 2 - 1, torch.randint(0, len(HF_VOCAB) - 2, (3, 7))
+    tok[:, 0] = EOS                                # the original decoder starts from EOS
+    with torch.no_grad():
+        ours = m.decoder(tok, m.memory_kv(x))
+        theirs = hf(pixel_values=x, decoder_input_ids=torch.tensor(hf_id)[tok]).logits[..., hf_id[:-2]]
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
+        ids, _ = m.decode(x, max_len=6)            # greedy decoding agrees with transformers' generate
+        gen = hf.generate(pixel_values=x, max_new_tokens=7, do_sample=False, num_beams=1, decoder_start_token_id=2,
+                          eos_token_id=2, pad_token_id=1, suppress_tokens=[0, 1])   # ours never predicts <s>, <pad>
+    ours_of = {h: i for i, h in enumerate(hf_id)}
+    ref = [[ours_of[t] for t in row[1:]] for row in gen.tolist()]
+    assert [row + [m.pad] * (len(ref[0]) - len(row)) for row in ids.tolist()] == ref
+
+
+def test_converted_tokenizer_loads_in_data_py(hf_trocr):
+    data = pytest.importorskip('data')
+    if not hasattr(data, 'PieceTokenizer'):
+        pytest.skip('needs data.PieceTokenizer (issue 10)')
+    tok = data.load_tokenizer(hf_trocr[1]['tokenizer'])
+    assert tok.vocab_size == len(HF_VOCAB) and tok.tokens[1:3] == ['a', ' b']
+
+
+def test_convert_trocr_bad_folder_is_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match='not a VisionEncoderDecoderModel folder'):
+        M.convert_main([str(tmp_path), str(tmp_path / 'out.pt')])
+    (tmp_path / 'config.json').write_text(json.dumps({'encoder': {'model_type': 'beit'}, 'decoder': {'model_type': 'trocr'}}))
+    with pytest.raises(SystemExit, match='not BEiT'):
+        M.convert_main([str(tmp_path), str(tmp_path / 'out.pt')])
