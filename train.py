@@ -357,8 +357,7 @@ def main(argv=None):
     batches = iter(stream.loader(workers, pin_memory=use_cuda))
     bar = tqdm(total=total_steps * args.batch, initial=prog.samples, unit="img", desc=name, disable=not master or args.quiet,
                dynamic_ncols=True, position=args.bar_position, leave=True)
-    window, wall_start, started = new_window(), prog.wall_s, time.time()
-    last_save = started
+    window, wall_start, started, last_save = new_window(), prog.wall_s, time.time(), time.time()
     if prog.step >= total_steps:  # resumed from the checkpoint written after the final eval
         with open(metrics_path) as f:
             row = json.loads(f.readlines()[-1])
@@ -367,7 +366,8 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         save_vote = master and save_minutes is not None and time.time() - last_save >= 60 * save_minutes
-        stats = torch.tensor([0, 0, 0, save_vote], dtype=torch.float64, device=device)  # loss sum, tokens, FLOPs, save vote
+        stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, tokens, FLOPs, save vote
+        stats[3] = save_vote  # a fill, not a host-to-device copy that would wait for the last step's kernels
         for micro_step in range(accum):
             t0 = time.time()
             images, labels = next(batches)

@@ -92,7 +92,7 @@ def test_sigkill_then_resume_exactly_or_under_another_layout(shards, tmp_path):
     assert torch.load(killed / "last.pt", weights_only=True)["step"] < 60
     shutil.copytree(killed, tmp_path / "moved")
     # Same layout: the same run, bit for bit.
-    subprocess.run(TRAIN + base_args(shards, tmp_path, "killed", *common), check=True, env=ENV, cwd=ROOT)
+    train.main(base_args(shards, tmp_path, "killed", *common))
     a, b = metrics(tmp_path / "straight"), metrics(killed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [20, 40, 60]
     for ra, rb in zip(a, b):
@@ -100,7 +100,7 @@ def test_sigkill_then_resume_exactly_or_under_another_layout(shards, tmp_path):
         assert ra["val_error"] == rb["val_error"]
     assert relative_difference(weights(tmp_path / "straight"), weights(killed)) < 1e-6
     before = os.path.getmtime(killed / "result.json")  # re-running a finished run does not redo it
-    subprocess.run(TRAIN + base_args(shards, tmp_path, "killed", *common), check=True, env=ENV, cwd=ROOT)
+    train.main(base_args(shards, tmp_path, "killed", *common))
     assert os.path.getmtime(killed / "result.json") == before
     # Two processes and another --workers: same global position, not the same data order; a warning, no traceback.
     out = subprocess.run(TORCHRUN + base_args(shards, tmp_path, "moved", *common[:-1], "1"), env=ENV, cwd=ROOT,
@@ -141,6 +141,8 @@ def test_learns_and_logs_samples_epochs_and_one_C(learned):
     assert torch.load(run_dir / "best.pt", weights_only=True)["tokenizer"]["charset"] == data.CHARSET36
 
 
+@pytest.mark.skipif(not hasattr(data, "PieceTokenizer"), reason="needs issue 10's data.py (seams: stream.num_samples = "
+                    "usable images after label filtering, stream.drops counted at build)")
 def test_D_counts_usable_images_and_drops_are_recorded(tmp_path):
     # One source of 120 labels of 2-3 digits and 80 of 4: with max_len 3 the 80 are dropped as too long, D = 120.
     for name, n, lo, hi in (("short", 120, 2, 3), ("long", 80, 4, 4)):
