@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -48,12 +49,10 @@ FLOPS_CONVENTION = ("C = sum over optimizer steps of train_flops_per_sample(cfg,
                     "x batch; PARSeq counts the orders used; forward+backward = 3x forward, multiply-add = 2 FLOPs")
 
 
-def save_interval(text):
-    """--save-every: '15m' (minutes of wall time) or a number of samples -> (minutes, samples), one of them None."""
-    try:
-        return (float(text[:-1]), None) if text.endswith("m") else (None, int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes minutes (15m) or samples (200000), got {text!r}") from None
+def save_interval(text):  # --save-every: '15m' (minutes of wall time) or a number of samples -> (minutes, samples)
+    if not text.removesuffix("m").isdigit():
+        raise argparse.ArgumentTypeError(f"takes minutes (15m) or samples (200000), got {text!r}")
+    return (float(text[:-1]), None) if text.endswith("m") else (None, int(text))
 
 
 def parse_args(argv=None):
@@ -184,10 +183,6 @@ def atomic_save(obj, path):
     os.close(folder)
 
 
-def new_window():  # throughput since the last eval (or resume)
-    return dict(start=time.time(), wait=0.0, samples=0, flops=0.0)
-
-
 @torch.no_grad()
 def evaluate(net, tok, path, args, cfg, micro, rank, world, workers, device, autocast):
     """Loss per token, word error and 1-NED on one pass over `path`, exact across ranks (sums are all-reduced)."""
@@ -233,7 +228,7 @@ def log_eval(row, eval_model, tok, cfg, args, eval_args, run_dir, best_error, ma
 def save_checkpoint(path, raw_model, optimizer, scaler, ema, prog, stream, cfg, tok, args, master):
     """last.pt: the full state, with every rank's data-stream and RNG state (gathered: every rank calls this).
     Only torch's global RNG drives training (dropout, PARSeq orders); the stream seeds its own."""
-    ranks = [dict(stream=stream.state_dict(), rng=[torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if
+    ranks = [dict(stream=stream.state_dict(), rng=[torch.get_rng_state(), *([torch.cuda.get_rng_state()] if
                                                                              torch.cuda.is_available() else [])])]
     if dist.is_initialized():
         ranks = ranks * dist.get_world_size()
@@ -320,7 +315,10 @@ def main(argv=None):
 
     # --- resume: same run name. Any layout: the stream re-splits the global position (one warning line if changed)
     if os.path.exists(last_path):
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+        try:
+            ckpt = torch.load(last_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+        except pickle.UnpicklingError as e:  # e.g. written by an older train.py (numpy RNG states)
+            sys.exit(f"train.py: cannot resume from {last_path} ({str(e).splitlines()[0]}); move it away to start over")
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -331,8 +329,8 @@ def main(argv=None):
         stream.load_state_dict(ckpt["stream"][rank % len(ckpt["stream"])])  # every rank's state holds the position
         if len(ckpt["rng"]) == world:
             torch.set_rng_state(ckpt["rng"][rank][0])
-            if use_cuda:
-                torch.cuda.set_rng_state_all(ckpt["rng"][rank][1:])
+            if use_cuda and ckpt["rng"][rank][1:]:  # this process's GPU
+                torch.cuda.set_rng_state(ckpt["rng"][rank][1])
         else:  # another process count: per-rank RNG streams cannot carry over
             torch.manual_seed(args.seed * 1000003 + prog.step * world + rank)
         if master:
@@ -357,7 +355,8 @@ def main(argv=None):
     batches = iter(stream.loader(workers, pin_memory=use_cuda))
     bar = tqdm(total=total_steps * args.batch, initial=prog.samples, unit="img", desc=name, disable=not master or args.quiet,
                dynamic_ncols=True, position=args.bar_position, leave=True)
-    window, wall_start, started, last_save = new_window(), prog.wall_s, time.time(), time.time()
+    wall_start, started, last_save = prog.wall_s, time.time(), time.time()
+    window = dict(start=started, wait=0.0, samples=0, flops=0.0)  # throughput since the last eval (or resume)
     if prog.step >= total_steps:  # resumed from the checkpoint written after the final eval
         with open(metrics_path) as f:
             row = json.loads(f.readlines()[-1])
@@ -424,7 +423,7 @@ def main(argv=None):
                        mfu=window["flops"] / elapsed / (peak * world) if peak else None, final=final)
             row, prog.best_error = log_eval(row, ema or raw_model, tok, cfg, args, eval_args, run_dir, prog.best_error, master)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", img_s=f"{row['samples_per_s']:.0f}", val_err=f"{row['val_error']:.1f}%")
-            window, prog.loss_sum, prog.tokens = new_window(), 0.0, 0.0
+            window, prog.loss_sum, prog.tokens = dict(start=time.time(), wait=0.0, samples=0, flops=0.0), 0.0, 0.0
         if save_vote or final or save_samples and prog.samples // save_samples > (prog.samples - args.batch) // save_samples:
             save_checkpoint(last_path, raw_model, optimizer, scaler, ema, prog, stream, cfg, tok, args, master)
             last_save = time.time()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,3 +272,7 @@ def test_bad_paths_fail_before_training(shards, tmp_path):
     with pytest.raises(SystemExit, match="no such checkpoint"):
         train.main(base_args(shards, tmp_path, "typo", "--init", str(tmp_path / "nowhere.pt")))
     assert not (tmp_path / "typo").exists()
+    os.makedirs(tmp_path / "old")  # a last.pt with a pickled numpy RNG state, as an older train.py wrote it
+    torch.save({"rng": [{"numpy": np.random.get_state()}]}, tmp_path / "old" / "last.pt")
+    with pytest.raises(SystemExit, match="^train.py: cannot resume from .*last.pt"):
+        train.main(base_args(shards, tmp_path, "old"))
