@@ -4,11 +4,13 @@
     torchrun --nproc_per_node=8 train.py --arch parseq --size B --train data/real:3 --train data/synth:1 \
         --val data/val --test IIIT5k=data/IIIT5k --test SVT=data/SVT
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...
+    python train.py ... --init runs/parseq-T4-dall-s0/best.pt --charset @greek.txt   # fine-tune onto a new charset
 
-Writes runs/NAME/: config.json (arguments, N, D, FLOPs per sample), metrics.jsonl (one line per eval:
-samples seen D, compute C, val loss and word error), last.pt (full state, written atomically), best.pt
-(weights with the lowest val error) and result.json (written last: the run is finished). Re-running the
-same command resumes from last.pt exactly; a finished run is not redone.
+Writes runs/NAME/: config.json (arguments, N, D = usable images, drops, FLOPs convention), metrics.jsonl (a line per
+eval: samples seen, epochs, C, val loss and error), last.pt (every --save-every), best.pt, result.json (written last).
+A step's loss is its token losses summed over micro-batches and ranks / its token count: any split of a batch trains
+the same model. Re-running a command resumes it (exactly, or from the same data position under another process count
+or --workers); a finished run is not redone.
 Not here: data preparation (data.py), fitting laws (fit.py), sweeps (ocrscale.py).
 """
 import argparse
@@ -18,12 +20,12 @@ import dataclasses
 import json
 import math
 import os
-import random
+import pickle
 import subprocess
 import sys
 import time
+import types
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -43,6 +45,14 @@ RECIPES = {
 TINY_LR = {"T1": 3e-3, "T2": 3e-3, "T3": 2.5e-3, "T4": 2e-3, "T5": 1.8e-3, "T6": 1.5e-3, "T7": 1.2e-3}
 DEFAULTS = dict(batch=64, lr=2e-3, weight_decay=0.05, schedule="cosine", warmup=0.05, clip=1.0)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+FLOPS_CONVENTION = ("C = sum over optimizer steps of train_flops_per_sample(cfg, padded label length of each micro-batch) "
+                    "x batch; PARSeq counts the orders used; forward+backward = 3x forward, multiply-add = 2 FLOPs")
+
+
+def save_interval(text):  # --save-every: '15m' (minutes of wall time) or a number of samples -> (minutes, samples)
+    if not text.removesuffix("m").isdigit():
+        raise argparse.ArgumentTypeError(f"takes minutes (15m) or samples (200000), got {text!r}")
+    return (float(text[:-1]), None) if text.endswith("m") else (None, int(text))
 
 
 def parse_args(argv=None):
@@ -54,9 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--train", action="append", required=True, metavar="DIR[:WEIGHT]", help="training shards")
     p.add_argument("--val", required=True, metavar="DIR", help="validation shards")
     p.add_argument("--test", action="append", default=[], metavar="NAME=DIR", help="test sets, evaluated at the end")
-    p.add_argument("--charset", default="36", help="36, 94 or the characters themselves")
+    p.add_argument("--charset", default="36", help="36, 94, the characters themselves or @FILE (UTF-8)")
     p.add_argument("--spm", default=None, help="SentencePiece model file (python data.py spm ...) instead of chars")
-    p.add_argument("--samples", type=int, default=None, help="D: use only the first D training images (default all)")
+    p.add_argument("--samples", type=int, default=None, help="D: use only the first D usable training images (default all)")
     p.add_argument("--epochs", type=float, default=20, help="passes over D when --train-samples is not given")
     p.add_argument("--train-samples", type=int, default=None, help="samples to train on in total")
     p.add_argument("--batch", type=int, default=None, help="global batch (all processes, all micro-steps)")
@@ -71,9 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--ema-start", type=float, default=0.75, help="start averaging after this fraction (PARSeq: last quarter)")
     p.add_argument("--augment", action="store_true", help="light geometric/photometric augmentation")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every this many samples (default: 10 evals)")
+    p.add_argument("--save-every", type=save_interval, default="15m", help="write last.pt every 15m (minutes) or N samples")
     p.add_argument("--beam", type=int, default=1, help="TrOCR beam width at evaluation")
     p.add_argument("--refine-iters", type=int, default=1, help="PARSeq cloze refinement passes at evaluation")
-    p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tuning)")
+    p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tuning; any --charset)")
     p.add_argument("--resume", action="store_true", help="insist on resuming (re-running a run name always resumes)")
     p.add_argument("--name", default=None, help="run name (default: ARCH-SIZE-dD-sSEED)")
     p.add_argument("--runs", default="runs", help="root folder of run folders")
@@ -111,87 +122,130 @@ def get_lr(step, total_steps, args):
     return args.lr * (1 + math.cos(math.pi * min(1.0, t))) / 2
 
 
-def make_tokenizer(args):
-    if args.spm:
-        return data.SPTokenizer(args.spm)
-    charset = {"36": data.CHARSET36, "94": data.CHARSET94}.get(args.charset, args.charset)
-    return data.CharTokenizer(charset)
-
-
-def model_config(args, vocab_size):
+def tokenizer_and_config(args):
     overrides = {}
-    for item in args.set:  # make_config rejects unknown fields, naming the valid ones
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value  # a plain string
+    for key, _, value in (item.partition("=") for item in args.set):  # make_config rejects unknown fields
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)  # numbers, booleans, lists; anything else stays a string
+        overrides[key] = value
     try:
-        return modellib.make_config(args.arch, args.size, vocab_size, **overrides)
-    except (KeyError, TypeError) as e:
+        tok = data.SPTokenizer(args.spm) if args.spm else data.CharTokenizer(data.load_charset(args.charset))
+        cfg = modellib.make_config(args.arch, args.size, tok.vocab_size, **overrides)
+        return data.load_tokenizer({**tok.spec, "max_len": cfg.max_len}), cfg  # the stream skips longer labels
+    except (KeyError, TypeError, ValueError, OSError) as e:
         sys.exit(f"train.py: {e}")
 
 
+def load_init(raw_model, tok, path):
+    """--init: copy every checkpoint tensor whose shape fits. Under another vocabulary the vocabulary-sized ones
+    (embedding, PARSeq's head; TrOCR's head is tied to its embedding) keep their fresh init but for the rows of
+    tokens both tokenizers share (same text; EOS, BOS, PAD by role). Returns one line saying what was loaded."""
+    if not os.path.exists(path):
+        sys.exit(f"train.py: --init {path}: no such checkpoint")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    old_tok, V = data.load_tokenizer(ckpt["tokenizer"]), tok.vocab_size
+    old_ids = {text: i + 1 for i, text in enumerate(old_tok.tokens)}  # the seams' ids: 0 EOS, 1..V-3 text, V-2 BOS, V-1 PAD
+    pairs = [(0, 0), (V - 2, old_tok.vocab_size - 2), (V - 1, old_tok.vocab_size - 1)]  # (new id, old id)
+    pairs += [(i + 1, old_ids[text]) for i, text in enumerate(tok.tokens) if text in old_ids]
+    sizes = {old_tok.vocab_size: V, old_tok.vocab_size - 2: V - 2} if old_tok.tokens != tok.tokens else {}
+    state, loaded, remapped = raw_model.state_dict(), [], []
+    for name, old in ckpt["model"].items():
+        new = state.get(name, torch.empty(0))
+        if old.dim() <= 2 and sizes.get(old.shape[0]) == new.shape[0] and old.shape[1:] == new.shape[1:]:
+            rows = torch.tensor([(i, j) for i, j in pairs if i < new.shape[0] and j < old.shape[0]])
+            new[rows[:, 0]] = old[rows[:, 1]].to(new.dtype)  # state_dict tensors share the parameters' storage
+            remapped.append(name)
+        elif new.shape == old.shape:
+            new.copy_(old)
+            loaded.append(name)
+    fresh = ", ".join(name for name in state if name not in loaded + remapped) or "none"
+    shared = f", rows of {len(pairs) - 3}/{len(tok.tokens)} shared tokens in {', '.join(remapped)}" if remapped else ""
+    return f"--init {path}: loaded {len(loaded)} tensors{shared}; fresh: {fresh}"
+
+
 def git_commit():
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.abspath(__file__))
+    with contextlib.suppress(OSError):  # no git: None
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def atomic_save(obj, path):
+    """Write obj (bytes as they are, anything else with torch.save) to path.tmp, flush it to disk, rename it over
+    path and flush the folder: a kill or power cut leaves the old file or the new one, never a torn one."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous file intact
-
-
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    with open(tmp, "wb") as f:
+        f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def rng_state():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the new name is on disk too
+    os.fsync(folder)
+    os.close(folder)
 
 
 @torch.no_grad()
-def evaluate(net, tok, loader, args, device, autocast):
-    """Val loss per character, word error and 1-NED (36-char), exact across ranks (sums are all-reduced)."""
+def evaluate(net, tok, path, args, cfg, micro, rank, world, workers, device, autocast):
+    """Loss per token, word error and 1-NED on one pass over `path`, exact across ranks (sums are all-reduced)."""
+    batches = data.ShardStream(path, cfg.img_h, cfg.img_w, micro, getattr(tok, "charset", None), max_len=cfg.max_len,
+                               rank=rank, world_size=world, loop=False, fold=tok.fold, tokenizer=tok).loader(workers)
     net.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, n, correct, words, 1-NED sum
-    for images, labels in loader:
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, tokens, correct, words, 1-NED sum
+    for images, labels in batches:
         images, tokens = images.to(device), tok.encode(labels).to(device)
         with autocast:
-            loss, n = net.loss(images, tokens)
-            ids, _ = net.decode(images, beam=args.beam, refine_iters=args.refine_iters)
-        s = data.score(tok.decode(ids.cpu()), labels)
-        sums += torch.tensor([loss.item() * int(n), int(n), s["correct"], s["n"], s["ned_sum"]], dtype=torch.float64, device=device)
+            total, n = net.loss(images, tokens)
+            ids, _ = net.decode(images, **dict(beam=args.beam) if args.arch == "trocr" else dict(refine_iters=args.refine_iters))
+        s = data.score(tok.decode(ids.cpu()), labels, fold=tok.fold)
+        sums += torch.tensor([total.item(), n.item(), s["correct"], s["n"], s["ned_sum"]], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(sums)
     net.train()
-    loss_n, n, correct, words, ned = sums.tolist()
+    loss_sum, n, correct, words, ned = sums.tolist()
     if words == 0:
         raise SystemExit("evaluation set is empty: check the --val/--test folders")
-    return dict(loss=loss_n / max(n, 1), error=100 * (1 - correct / words), ned=100 * ned / words, n=int(words))
+    return dict(loss=loss_sum / max(n, 1), error=100 * (1 - correct / words), ned=100 * ned / words, n=int(words))
+
+
+def log_eval(row, eval_model, tok, cfg, args, eval_args, run_dir, best_error, master):
+    """Evaluate on --val (and every --test set when row['final']), append the row to metrics.jsonl, keep the
+    weights of a new best val error in best.pt. Returns the row and the best error so far."""
+    val = evaluate(eval_model, tok, args.val, args, cfg, *eval_args)
+    row.update(val_loss=val["loss"], val_error=val["error"], val_ned=val["ned"], val_n=val["n"])
+    if row["final"] and args.test:
+        row["tests"] = {name: {k: r[k] for k in ("error", "ned", "n")} for name, r in (
+            (name, evaluate(eval_model, tok, folder, args, cfg, *eval_args)) for name, folder in
+            (spec.partition("=")[::2] for spec in args.test))}
+        row["test_error"] = data.weighted_average(row["tests"])
+    if master:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if val["error"] < best_error:
+            atomic_save(dict(model=eval_model.state_dict(), model_config=dataclasses.asdict(cfg), tokenizer=tok.spec,
+                             step=row["step"], val_error=val["error"]), os.path.join(run_dir, "best.pt"))
+    return row, min(best_error, val["error"])
+
+
+def save_checkpoint(path, raw_model, optimizer, scaler, ema, prog, stream, cfg, tok, args, master):
+    """last.pt: the full state, with every rank's data-stream and RNG state (gathered: every rank calls this).
+    Only torch's global RNG drives training (dropout, PARSeq orders); the stream seeds its own."""
+    ranks = [dict(stream=stream.state_dict(), rng=[torch.get_rng_state(), *([torch.cuda.get_rng_state()] if
+                                                                             torch.cuda.is_available() else [])])]
+    if dist.is_initialized():
+        ranks = ranks * dist.get_world_size()
+        dist.all_gather_object(ranks, ranks[0])
+    if master:
+        atomic_save(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                         ema=ema.state_dict() if ema is not None else None, **vars(prog),
+                         stream=[r["stream"] for r in ranks], rng=[r["rng"] for r in ranks],
+                         model_config=dataclasses.asdict(cfg), tokenizer=tok.spec, args=vars(args)), path)
+
+
+def keep_metrics_upto(path, step):
+    """A run killed after logging an eval but before its checkpoint would log it twice: drop lines past `step`."""
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # drop a torn last line
+        atomic_save("".join(rows).encode(), path)
 
 
 def main(argv=None):
@@ -202,51 +256,48 @@ def main(argv=None):
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     master = rank == 0
     dtype = {"auto": torch.bfloat16 if use_cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)  # bf16 keeps fp32's range: no scaling needed
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 keeps fp32's range: no scaling
     workers = args.workers if args.workers is not None else (6 if use_cuda else 0)
 
     # --- model, tokenizer, data
     torch.manual_seed(args.seed)
-    tok = make_tokenizer(args)
-    cfg = model_config(args, tok.vocab_size)
+    tok, cfg = tokenizer_and_config(args)
     raw_model = modellib.build_model(cfg).to(device)
     micro = args.micro_batch or args.batch // world
     accum = args.batch // (micro * world) if micro else 0
     if accum < 1 or accum * micro * world != args.batch:
         sys.exit(f"--batch {args.batch} must be a multiple of micro-batch {micro} x {world} processes")
-    charset = getattr(tok, "charset", None)  # SentencePiece: no character filter
-    tests = dict(spec.partition("=")[::2] for spec in args.test)
     try:
-        stream = data.ShardStream(data.parse_sources(",".join(args.train)), cfg.img_h, cfg.img_w, micro, charset,
-                                  max_len=cfg.max_len, rank=rank, world_size=world, seed=args.seed,
-                                  samples=args.samples, augment=args.augment, loop=True)
-        for path in [args.val, *tests.values()]:  # fail now, not after hours of training
+        stream = data.ShardStream(data.parse_sources(",".join(args.train)), cfg.img_h, cfg.img_w, micro, getattr(tok, "charset", None),
+                                  max_len=cfg.max_len, rank=rank, world_size=world, seed=args.seed, samples=args.samples,
+                                  augment=args.augment, loop=True, fold=tok.fold, tokenizer=tok)
+        for path in [args.val, *(spec.partition("=")[2] for spec in args.test)]:  # fail now, not after hours of training
             if not path:
                 raise ValueError(f"--test takes NAME=DIR, got {args.test}")
             data.find_shards(path)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"train.py: {e}")
-    D = stream.num_samples
+    D = stream.num_samples  # usable images: what a D axis means
     train_samples = args.train_samples or int(args.epochs * D)
     total_steps = max(1, train_samples // args.batch)
     eval_every = max(1, (args.eval_every or train_samples // 10) // args.batch)  # in optimizer steps
+    save_minutes, save_samples = args.save_every
     name = args.name or f"{args.arch}-{args.size}-d{args.samples or 'all'}-s{args.seed}" + ("-ft" if args.init else "")
     run_dir = os.path.join(args.runs, name)
+    last_path, metrics_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "metrics.jsonl")
     total, non_embed = modellib.count_params(cfg)
-    flops_per_sample = modellib.train_flops_per_sample(cfg)
     config = dict(vars(args), name=name, model=dataclasses.asdict(cfg), N=total, N_nonembed=non_embed, D=D,
-                  flops_per_sample=flops_per_sample, train_samples=total_steps * args.batch, tokenizer=tok.spec,
-                  git_commit=git_commit(), world_size=world, global_batch=args.batch, micro_batch=micro, accum=accum)
+                  drops=stream.drops, flops_per_sample=modellib.train_flops_per_sample(cfg), flops_convention=FLOPS_CONVENTION,
+                  train_samples=total_steps * args.batch, tokenizer=tok.spec, git_commit=git_commit(),
+                  world_size=world, global_batch=args.batch, micro_batch=micro, accum=accum)
     if os.path.exists(os.path.join(run_dir, "result.json")):
         with open(os.path.join(run_dir, "result.json")) as f:
             result = json.load(f)
@@ -258,186 +309,134 @@ def main(argv=None):
     no_decay = [p for n, p in raw_model.named_parameters() if not (p.dim() >= 2 and "pos" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=tuple(float(b) for b in args.betas.split(",")), fused=use_cuda)
+    # where the run stands (saved in last.pt); loss_sum / tokens since the last eval = the next row's train loss
+    prog = types.SimpleNamespace(step=0, samples=0, flops=0.0, wall_s=0.0, bad_steps=0, best_error=math.inf, loss_sum=0.0, tokens=0.0)
     ema = None
-    step, samples_seen, flops_seen, wall_s, bad_steps, best_error = 0, 0, 0.0, 0.0, 0, float("inf")
-    last_path, metrics_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(last_path):  # resume: same command, same run name
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
+
+    # --- resume: same run name. Any layout: the stream re-splits the global position (one warning line if changed)
+    if os.path.exists(last_path):
+        try:
+            ckpt = torch.load(last_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+        except pickle.UnpicklingError as e:  # e.g. written by an older train.py (numpy RNG states)
+            sys.exit(f"train.py: cannot resume from {last_path} ({str(e).splitlines()[0]}); move it away to start over")
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        stream.load_state_dict(ckpt["stream"][rank])
         if ckpt["ema"] is not None:
             ema = copy.deepcopy(raw_model)
             ema.load_state_dict(ckpt["ema"])
-        step, samples_seen, flops_seen, wall_s, bad_steps, best_error = (
-            ckpt[k] for k in ("step", "samples", "flops", "wall_s", "bad_steps", "best_error"))
-        set_rng_state(ckpt["rng"][rank])
+        prog = types.SimpleNamespace(**{k: ckpt[k] for k in vars(prog)})
+        stream.load_state_dict(ckpt["stream"][rank % len(ckpt["stream"])])  # every rank's state holds the position
+        if len(ckpt["rng"]) == world:
+            torch.set_rng_state(ckpt["rng"][rank][0])
+            if use_cuda and ckpt["rng"][rank][1:]:  # this process's GPU
+                torch.cuda.set_rng_state(ckpt["rng"][rank][1])
+        else:  # another process count: per-rank RNG streams cannot carry over
+            torch.manual_seed(args.seed * 1000003 + prog.step * world + rank)
         if master:
-            print(f"{name}: resuming at step {step} ({samples_seen:,} samples)")
+            print(f"{name}: resuming at step {prog.step} ({prog.samples:,} samples, {len(ckpt['rng'])} -> {world} processes)")
     elif args.resume:
         sys.exit(f"--resume: no checkpoint at {last_path}")
     elif args.init:
-        raw_model.load_state_dict(torch.load(args.init, map_location=device, weights_only=False)["model"])
+        line = load_init(raw_model, tok, args.init)
+        if master:
+            print(line)
     if master:
         os.makedirs(run_dir, exist_ok=True)
-        write_json(config, os.path.join(run_dir, "config.json"))
-        keep_metrics_upto(metrics_path, step)
+        atomic_save(json.dumps(config, indent=1).encode(), os.path.join(run_dir, "config.json"))
+        keep_metrics_upto(metrics_path, prog.step)
     net = torch.compile(raw_model) if args.compile else raw_model
     if world > 1:
         net = DDP(net, device_ids=[local_rank] if use_cuda else None)
-
-    def eval_batches(path):  # one pass, each sample once across ranks
-        return data.ShardStream(path, cfg.img_h, cfg.img_w, micro, charset, max_len=cfg.max_len, rank=rank,
-                                world_size=world, loop=False).loader(workers)
-    peak = peak_flops(device) if dtype else None  # the table holds 16-bit dense peaks
-
-    def log_eval(final=False):
-        nonlocal best_error
-        eval_model = ema if ema is not None else raw_model
-        val = evaluate(eval_model, tok, eval_batches(args.val), args, device, autocast)
-        row = dict(step=step, samples=samples_seen, flops=flops_seen, wall_s=round(wall_s, 2),
-                   gpu_hours=wall_s * world / 3600 if use_cuda else None, train_loss=train_loss, lr=lr,
-                   samples_per_s=rate, data_wait=wait_share, mfu=flops_rate / (peak * world) if peak and flops_rate else None,
-                   val_loss=val["loss"], val_error=val["error"], val_ned=val["ned"], val_n=val["n"])
-        if final:
-            row["final"] = True
-            if tests:
-                row["tests"] = {}
-                for tname, tdir in tests.items():
-                    r = evaluate(eval_model, tok, eval_batches(tdir), args, device, autocast)
-                    row["tests"][tname] = dict(error=r["error"], ned=r["ned"], n=r["n"])
-                row["test_error"] = data.weighted_average(row["tests"])
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if val["error"] < best_error:
-                best_error = val["error"]
-                atomic_save(dict(model=eval_model.state_dict(), model_config=dataclasses.asdict(cfg), tokenizer=tok.spec,
-                                 step=step, val_error=val["error"]), os.path.join(run_dir, "best.pt"))
-        return row
-
-    def save_last():
-        states = [None] * world
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, stream.state_dict())
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            states, rngs = [stream.state_dict()], [rng_state()]
-        if master:
-            atomic_save(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                             stream=states, rng=rngs, ema=ema.state_dict() if ema is not None else None, step=step,
-                             samples=samples_seen, flops=flops_seen, wall_s=wall_s, bad_steps=bad_steps, best_error=best_error,
-                             model_config=dataclasses.asdict(cfg), tokenizer=tok.spec, args=vars(args)), last_path)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) if use_cuda and dtype else None
+    eval_args = (micro, rank, world, workers, device, autocast)
 
     # --- the loop
     batches = iter(stream.loader(workers, pin_memory=use_cuda))
-    bar = tqdm(total=total_steps * args.batch, initial=samples_seen, unit="img", desc=name, disable=not master or args.quiet,
+    bar = tqdm(total=total_steps * args.batch, initial=prog.samples, unit="img", desc=name, disable=not master or args.quiet,
                dynamic_ncols=True, position=args.bar_position, leave=True)
-    train_loss, lr, rate, flops_rate, wait_share = None, get_lr(step, total_steps, args), None, None, None
-    loss_sum, window_t, window_wait, window_samples, window_flops = 0.0, time.time(), 0.0, 0, 0.0
-
-    def close_window():
-        """Fold the steps since the last eval into wall time, mean train loss, throughput and data-wait share."""
-        nonlocal wall_s, train_loss, rate, flops_rate, wait_share, loss_sum, window_t, window_wait, window_samples, window_flops
-        elapsed = max(time.time() - window_t, 1e-9)
-        wall_s += elapsed
-        if window_samples:
-            train_loss, rate = loss_sum * args.batch / window_samples, window_samples / elapsed
-            flops_rate, wait_share = window_flops / elapsed, window_wait / elapsed
-        loss_sum, window_samples, window_wait, window_flops, window_t = 0.0, 0, 0.0, 0.0, time.time()
-
-    final_logged = step >= total_steps
-    while step < total_steps:
-        lr = get_lr(step, total_steps, args)
+    wall_start, started, last_save = prog.wall_s, time.time(), time.time()
+    window = dict(start=started, wait=0.0, samples=0, flops=0.0)  # throughput since the last eval (or resume)
+    if prog.step >= total_steps:  # resumed from the checkpoint written after the final eval
+        with open(metrics_path) as f:
+            row = json.loads(f.readlines()[-1])
+    while prog.step < total_steps:
+        lr = get_lr(prog.step, total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = torch.zeros(2, dtype=torch.float64, device=device)  # mean loss, FLOPs of this step (all ranks)
+        save_vote = master and save_minutes is not None and time.time() - last_save >= 60 * save_minutes
+        stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, tokens, FLOPs, save vote
+        stats[3] = save_vote  # a fill, not a host-to-device copy that would wait for the last step's kernels
         for micro_step in range(accum):
             t0 = time.time()
             images, labels = next(batches)
-            window_wait += time.time() - t0
+            window["wait"] += time.time() - t0
             images, tokens = images.to(device, non_blocking=True), tok.encode(labels).to(device, non_blocking=True)
             if world > 1:  # sync gradients only on the last micro-step
                 net.require_backward_grad_sync = micro_step == accum - 1
             with autocast:
-                loss, _ = net(images, tokens)
-            scaler.scale(loss / accum).backward()
-            stats[0] += loss.detach().double() / (accum * world)
-            stats[1] += modellib.train_flops_per_sample(cfg, dec_len=tokens.shape[1] - 2) * len(images)  # padded length
+                loss_sum, n = net(images, tokens)  # summed over this micro-batch's tokens
+            scaler.scale(loss_sum / args.batch).backward()  # /batch keeps fp16 gradients in range; rescaled below
+            stats[:2] += torch.stack([loss_sum.detach(), n]).double()
+            stats[2] += modellib.train_flops_per_sample(cfg, dec_len=tokens.shape[1] - 2) * len(images)  # padded length
         if world > 1:
             dist.all_reduce(stats)
-        step_loss, step_flops = stats.tolist()
-        flops_seen += step_flops  # compute is spent even on a skipped step
-        window_flops += step_flops
-        grad_norm = math.nan
-        if math.isfinite(step_loss):
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip or math.inf).item()
+        # DDP averaged the gradients over ranks; scale them to d(all token losses of the step) / (its token count)
+        scaler.unscale_(optimizer)
+        torch._foreach_mul_([p.grad for p in raw_model.parameters() if p.grad is not None], (world * args.batch / stats[1]).float())
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip or math.inf)
+        loss_sum, step_tokens, step_flops, save_vote, grad_norm = torch.cat([stats, grad_norm.double().view(1)]).tolist()
+        prog.flops += step_flops
+        window["flops"] += step_flops
         # Loss and gradients are the same on every rank, so all ranks skip together. With fp16 the scaler
         # itself skips steps with inf gradients (and lowers its scale): those are not bad steps.
-        if not math.isfinite(step_loss) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
+        if not math.isfinite(loss_sum) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
             optimizer.zero_grad(set_to_none=True)
-            bad_steps += 1
+            scaler.update()  # fp16: closes this step's unscale_ and lowers the scale
+            prog.bad_steps += 1
             if master:
-                tqdm.write(f"{name}: non-finite loss or gradients at step {step} (skipped, {bad_steps}/{args.max_bad_steps})")
-            if bad_steps >= args.max_bad_steps:
-                raise SystemExit(f"{name}: {bad_steps} non-finite losses or gradients; stopping. {last_path} holds the "
-                                 "last good state; lower --lr, raise --warmup or use --dtype bf16/fp32")
+                tqdm.write(f"{name}: non-finite loss or gradients at step {prog.step} (skipped, {prog.bad_steps}/{args.max_bad_steps})")
+            if prog.bad_steps >= args.max_bad_steps:
+                raise SystemExit(f"{name}: {prog.bad_steps} non-finite losses or gradients; stopping. {last_path} holds "
+                                 "the last good state; lower --lr, raise --warmup or use --dtype bf16/fp32")
             continue
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        samples_seen += args.batch
-        if args.ema > 0 and step >= args.ema_start * total_steps:
-            if ema is None:
-                ema = copy.deepcopy(raw_model)
+        prog.step += 1
+        prog.samples += args.batch
+        prog.wall_s = wall_start + time.time() - started
+        if args.ema > 0 and prog.step >= args.ema_start * total_steps:
+            ema = ema or copy.deepcopy(raw_model)
             with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), raw_model.parameters()):
-                    pe.lerp_(pm, 1 - args.ema)
-        loss_sum += step_loss
-        window_samples += args.batch
+                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - args.ema)
+        prog.loss_sum += loss_sum
+        prog.tokens += step_tokens
+        window["samples"] += args.batch
         bar.update(args.batch)
-        if step % eval_every == 0 and step < total_steps:
-            close_window()
-            t_eval = time.time()
-            row = log_eval()
-            bar.set_postfix(loss=f"{train_loss:.3f}", img_s=f"{rate:.0f}", val_err=f"{row['val_error']:.1f}%")
-            save_last()
-            wall_s += time.time() - t_eval  # in wall time and GPU-hours, not in training throughput
-            window_t = time.time()
+        final = prog.step == total_steps
+        if prog.step % eval_every == 0 or final:
+            elapsed = time.time() - window["start"]
+            row = dict(step=prog.step, samples=prog.samples, epochs=prog.samples / D, flops=prog.flops, wall_s=round(prog.wall_s, 2),
+                       gpu_hours=prog.wall_s * world / 3600 if use_cuda else None, lr=lr, train_loss=prog.loss_sum / prog.tokens,
+                       samples_per_s=window["samples"] / elapsed, data_wait=window["wait"] / elapsed,
+                       mfu=window["flops"] / elapsed / (peak * world) if peak else None, final=final)
+            row, prog.best_error = log_eval(row, ema or raw_model, tok, cfg, args, eval_args, run_dir, prog.best_error, master)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", img_s=f"{row['samples_per_s']:.0f}", val_err=f"{row['val_error']:.1f}%")
+            window, prog.loss_sum, prog.tokens = dict(start=time.time(), wait=0.0, samples=0, flops=0.0), 0.0, 0.0
+        if save_vote or final or save_samples and prog.samples // save_samples > (prog.samples - args.batch) // save_samples:
+            save_checkpoint(last_path, raw_model, optimizer, scaler, ema, prog, stream, cfg, tok, args, master)
+            last_save = time.time()
     bar.close()
-    if final_logged:  # resumed from the checkpoint written after the final eval
-        with open(metrics_path) as f:
-            row = json.loads(f.readlines()[-1])
-    else:
-        close_window()
-        row = log_eval(final=True)
-        save_last()
-    result = dict(name=name, N=total, D=D, C=flops_seen, **{k: row.get(k) for k in
+    result = dict(name=name, N=total, D=D, C=prog.flops, epochs=prog.samples / D, drops=stream.drops, **{k: row.get(k) for k in
                   ("step", "samples", "wall_s", "val_loss", "val_error", "val_ned", "tests", "test_error")})
     if master:
-        write_json(result, os.path.join(run_dir, "result.json"))
-        extra = f", test error {result['test_error']:.2f}%" if result.get("test_error") is not None else ""
-        print(f"{name}: N={total:,} D={D:,} C={result['C']:.3g} FLOPs, {samples_seen:,} samples in {wall_s:.0f}s, "
-              f"val error {result['val_error']:.2f}%{extra}")
+        atomic_save(json.dumps(result, indent=1).encode(), os.path.join(run_dir, "result.json"))
+        print(f"{name}: N={total:,} D={D:,} C={prog.flops:.3g} FLOPs, {prog.samples:,} samples in {prog.wall_s:.0f}s, val error "
+              f"{row['val_error']:.2f}%" + (f", test error {row['test_error']:.2f}%" if row.get("test_error") is not None else ""))
     if dist.is_initialized():
         dist.barrier()
     return result
-
-
-def keep_metrics_upto(path, step):
-    """A run killed after logging an eval but before its checkpoint would log it twice: drop lines past `step`."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # drop a torn last line
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(rows)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""train.py end to end on CPU: DDP equivalence, kill-and-resume, learning, NaN handling."""
+"""train.py end to end on CPU: any batch split trains the same model, kill-and-resume (same and new layout),
+one C, D and drops, new-charset fine-tuning, checkpoint cadence and atomic writes, NaN handling."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +18,9 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+TRAIN = [sys.executable, os.path.join(ROOT, "train.py")]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py")]
+SYMBOLS = "!#$%&*+<=>?@0123"  # a charset outside the Latin letters that Pillow's built-in font draws; 4 digits shared with '36'
 
 
 @pytest.fixture(scope="module")
@@ -38,71 +44,171 @@ def metrics(run_dir):
 
 
 def weights(run_dir, which="last.pt"):
-    return torch.load(os.path.join(run_dir, which), weights_only=False)["model"]
+    return torch.load(os.path.join(run_dir, which), weights_only=True)["model"]
 
 
-def test_two_process_gloo_equals_one_process(shards, tmp_path):
-    # Same global batch of 16: two processes x one worker x micro 8, or one process x two workers x 2 micro-steps of 8.
-    common = ["--batch", "16", "--micro-batch", "8", "--train-samples", "160", "--eval-every", "32"]
-    one = base_args(shards, tmp_path, "one", *common, "--workers", "2")
-    two = base_args(shards, tmp_path, "two", *common, "--workers", "1")
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *one], check=True, env=ENV, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    os.path.join(ROOT, "train.py"), *two], check=True, env=ENV, cwd=ROOT)
-    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [2, 4, 6, 8, 10]
-    for a, b in zip(m1, m2):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
-    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
-    assert json.load(open(tmp_path / "two" / "config.json"))["world_size"] == 2
+def relative_difference(a, b):
+    """||a - b|| / ||a|| over the weight matrices. Biases are left out: a key bias shifts every attention score
+    equally, so its true gradient is 0 and Adam turns float noise in it into lr-sized steps in any run."""
+    keys = [k for k in a if a[k].dim() >= 2]
+    diff = sum(((a[k] - b[k]).double() ** 2).sum() for k in keys)
+    return (diff / sum((a[k].double() ** 2).sum() for k in keys)).sqrt().item()
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(shards, tmp_path):
+def test_any_split_of_the_batch_trains_the_same_model(shards, tmp_path):
+    # Labels of 2-4 digits: a mean of per-micro-batch means would weight short labels more when a batch is split.
+    common = ["--batch", "16", "--train-samples", "160", "--eval-every", "160"]
+    for name, micro in (("m16", "16"), ("m8", "8")):  # one loader group
+        train.main(base_args(shards, tmp_path, name, *common, "--micro-batch", micro, "--workers", "0"))
+    assert json.load(open(tmp_path / "m8" / "config.json"))["accum"] == 2
+    assert relative_difference(weights(tmp_path / "m16"), weights(tmp_path / "m8")) < 1e-5
+    # Two loader groups: 1 process x 2 workers x micro 8 or micro 4, and 2 processes x 1 worker x micro 4.
+    for name, micro in (("g8", "8"), ("g4", "4")):
+        train.main(base_args(shards, tmp_path, name, *common, "--micro-batch", micro, "--workers", "2"))
+    subprocess.run(TORCHRUN + base_args(shards, tmp_path, "ddp4", *common, "--micro-batch", "4", "--workers", "1"),
+                   check=True, env=ENV, cwd=ROOT)
+    runs = [tmp_path / name for name in ("g8", "g4", "ddp4")]
+    assert json.load(open(runs[2] / "config.json"))["world_size"] == 2
+    for run in runs[1:]:
+        assert relative_difference(weights(runs[0]), weights(run)) < 1e-5, run
+        for a, b in zip(metrics(runs[0]), metrics(run), strict=True):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert metrics(runs[1])[-1]["flops"] == metrics(runs[2])[-1]["flops"]  # same micro-batches: same C
+
+
+def test_sigkill_then_resume_exactly_or_under_another_layout(shards, tmp_path):
     # PARSeq with dropout: permutations and dropout masks come from the RNG that the checkpoint must restore.
-    common = ["--arch", "parseq", "--set", "dropout=0.1", "--batch", "16", "--train-samples", "3200",
-              "--eval-every", "160", "--workers", "0"]
-    cmd = [sys.executable, os.path.join(ROOT, "train.py")]
-    subprocess.run(cmd + base_args(shards, tmp_path, "straight", *common), check=True, env=ENV, cwd=ROOT)
+    common = ["--arch", "parseq", "--set", "dropout=0.1", "--batch", "16", "--train-samples", "960",
+              "--eval-every", "320", "--save-every", "160", "--workers", "0"]
+    train.main(base_args(shards, tmp_path, "straight", *common))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + base_args(shards, tmp_path, "killed", *common), env=ENV, cwd=ROOT)
-    while not (killed / "last.pt").exists():
+    proc = subprocess.Popen(TRAIN + base_args(shards, tmp_path, "killed", *common), env=ENV, cwd=ROOT)
+    while not (killed / "last.pt").exists():  # written every 10 steps from step 10 on
         assert proc.poll() is None, "run ended before its first checkpoint"
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "result.json").exists(), "the run finished before it could be killed"
-    assert torch.load(killed / "last.pt", weights_only=False)["step"] < 200
-    subprocess.run(cmd + base_args(shards, tmp_path, "killed", *common), check=True, env=ENV, cwd=ROOT)
+    assert torch.load(killed / "last.pt", weights_only=True)["step"] < 60
+    shutil.copytree(killed, tmp_path / "moved")
+    # Same layout: the same run, bit for bit.
+    train.main(base_args(shards, tmp_path, "killed", *common))
     a, b = metrics(tmp_path / "straight"), metrics(killed)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [20, 40, 60]
     for ra, rb in zip(a, b):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-6)
         assert ra["val_error"] == rb["val_error"]
-    wa, wb = weights(tmp_path / "straight"), weights(killed)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
-    # Re-running a finished run does not redo it.
-    before = os.path.getmtime(killed / "result.json")
-    subprocess.run(cmd + base_args(shards, tmp_path, "killed", *common), check=True, env=ENV, cwd=ROOT)
+    assert relative_difference(weights(tmp_path / "straight"), weights(killed)) < 1e-6
+    before = os.path.getmtime(killed / "result.json")  # re-running a finished run does not redo it
+    train.main(base_args(shards, tmp_path, "killed", *common))
     assert os.path.getmtime(killed / "result.json") == before
+    # Two processes and another --workers: same global position, not the same data order; a warning, no traceback.
+    out = subprocess.run(TORCHRUN + base_args(shards, tmp_path, "moved", *common[:-1], "1"), env=ENV, cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "resuming at step" in out.stdout and "1 -> 2 processes" in out.stdout
+    assert "warning" in out.stderr
+    result = json.load(open(tmp_path / "moved" / "result.json"))
+    assert result["step"] == 60 and result["samples"] == 960
+    assert [r["step"] for r in metrics(tmp_path / "moved")] == [20, 40, 60]
+    assert result["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=0.2)  # trained as far, on other batches
 
 
-def test_learns_and_logs_monotone_D_and_C(shards, tmp_path):
-    result = train.main(base_args(shards, tmp_path, "learn", "--arch", "parseq", "--size", "T4", "--batch", "32", "--train-samples", "12800",
-                                  "--eval-every", "3200", "--workers", "0", "--test", f"again={shards / 'val'}"))
-    rows = metrics(tmp_path / "learn")
+@pytest.fixture(scope="module")
+def learned(shards, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("learn")
+    result = train.main(base_args(shards, runs, "learn", "--arch", "parseq", "--size", "T4", "--charset", "36",
+                                  "--batch", "32", "--train-samples", "12800", "--eval-every", "3200", "--workers", "0",
+                                  "--test", f"again={shards / 'val'}"))
+    return runs / "learn", result
+
+
+def test_learns_and_logs_samples_epochs_and_one_C(learned):
+    run_dir, result = learned
+    rows = metrics(run_dir)
     assert len(rows) == 4 and rows[-1]["final"] and rows[-1]["tests"]["again"]["n"] == 100
+    config = json.load(open(run_dir / "config.json"))
+    assert all(r["epochs"] == pytest.approx(r["samples"] / 1200) for r in rows) and result["D"] == config["D"] == 1200
     assert all(b["samples"] > a["samples"] and b["flops"] > a["flops"] for a, b in zip(rows, rows[1:]))
-    config = json.load(open(tmp_path / "learn" / "config.json"))
-    assert config["N"] == sum(p.numel() for p in modellib.build_model(modellib.ModelConfig(**config["model"])).parameters())
-    # C counts each batch at its padded label length: below the max-length estimate, above the encoder alone.
     cfg = modellib.ModelConfig(**config["model"])
-    assert modellib.train_flops_per_sample(cfg, dec_len=2) * rows[-1]["samples"] <= rows[-1]["flops"]
+    assert config["N"] == sum(p.numel() for p in modellib.build_model(cfg).parameters())
+    # One C: each batch at its padded label length (PARSeq: the orders used), as config.json says.
+    assert config["flops_convention"] == train.FLOPS_CONVENTION and "padded label length" in config["flops_convention"]
+    assert modellib.train_flops_per_sample(cfg, dec_len=2) * rows[-1]["samples"] <= rows[-1]["flops"] == result["C"]
     assert rows[-1]["flops"] <= modellib.train_flops_per_sample(cfg, dec_len=4) * rows[-1]["samples"]
-    assert result["val_error"] < 75 and rows[0]["val_error"] > 95, rows  # untrained: reads nothing, 100% error
+    assert result["val_error"] < 85 and rows[0]["val_error"] > 95, rows  # untrained: reads nothing, 100% error
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
-    assert (tmp_path / "learn" / "best.pt").exists()
+    assert torch.load(run_dir / "best.pt", weights_only=True)["tokenizer"]["charset"] == data.CHARSET36
+
+
+@pytest.mark.skipif(not hasattr(data, "PieceTokenizer"), reason="needs issue 10's data.py (seams: stream.num_samples = "
+                    "usable images after label filtering, stream.drops counted at build)")
+def test_D_counts_usable_images_and_drops_are_recorded(tmp_path):
+    # One source of 120 labels of 2-3 digits and 80 of 4: with max_len 3 the 80 are dropped as too long, D = 120.
+    for name, n, lo, hi in (("short", 120, 2, 3), ("long", 80, 4, 4)):
+        data.synth(str(tmp_path / "mixed" / name), n, seed=n, style="clean", min_len=lo, max_len=hi, charset="0123456789",
+                   workers=1)
+    result = train.main(["--arch", "trocr", "--size", "T1", "--set", "max_len=3", "--charset", "0123456789",
+                         "--train", str(tmp_path / "mixed" / "*" / "*.tar"), "--val", str(tmp_path / "mixed" / "short"),
+                         "--runs", str(tmp_path), "--name", "drops", "--batch", "16", "--train-samples", "32",
+                         "--workers", "0", "--threads", "1", "--quiet"])
+    config = json.load(open(tmp_path / "drops" / "config.json"))
+    assert config["D"] == result["D"] == 120 and config["drops"]["too_long"] == 80
+    assert result["drops"]["too_long"] >= 80 and result["epochs"] == pytest.approx(32 / 120)
+
+
+def test_fine_tune_a_36_char_checkpoint_onto_a_new_charset(learned, tmp_path, capsys):
+    ckpt_path = str(learned[0] / "best.pt")
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    old_tok, tok = data.load_tokenizer(ckpt["tokenizer"]), data.CharTokenizer(SYMBOLS)
+    net = modellib.build_model(modellib.make_config("parseq", "T4", tok.vocab_size))
+    line = train.load_init(net, tok, ckpt_path)
+    Vo, V, state, old = old_tok.vocab_size, tok.vocab_size, net.state_dict(), ckpt["model"]
+    # new id -> old id: the 4 shared digits by their text, EOS/BOS/PAD by role
+    shared = {SYMBOLS.index(c) + 1: data.CHARSET36.index(c) + 1 for c in "0123"}
+    vocab_sized = [k for k in state if state[k].shape[0] in (V, V - 2) and old[k].shape[0] in (Vo, Vo - 2)]
+    assert len(vocab_sized) >= 2 and f"rows of 4/{len(SYMBOLS)} shared tokens" in line, line
+    for k in state:
+        if k not in vocab_sized:
+            assert torch.equal(state[k], old[k]), k
+            continue
+        pairs = {**shared, 0: 0, **({V - 2: Vo - 2, V - 1: Vo - 1} if state[k].shape[0] == V else {})}
+        assert all(torch.equal(state[k][i], old[k][j]) for i, j in pairs.items()), k
+        assert not torch.equal(state[k][1], old[k][1])  # '!' is new: a fresh row, not the checkpoint's '0'
+    # ... and the run trains on rendered images of the new charset.
+    for name, n in (("train", 400), ("val", 60)):
+        data.synth(str(tmp_path / name), n, seed=n, style="clean", min_len=2, max_len=4, charset=SYMBOLS, workers=1)
+    capsys.readouterr()
+    train.main(base_args(tmp_path, tmp_path, "ft", "--arch", "parseq", "--size", "T4", "--charset", SYMBOLS,
+                         "--init", ckpt_path, "--batch", "32", "--train-samples", "1920", "--eval-every", "640",
+                         "--workers", "0"))
+    assert "--init" in capsys.readouterr().out
+    rows = metrics(tmp_path / "ft")
+    assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"] and rows[-1]["val_loss"] < rows[0]["val_loss"], rows
+
+
+def test_checkpoint_cadence_fp16_scaler_and_atomic_writes(shards, tmp_path, monkeypatch):
+    assert train.save_interval("15m") == (15.0, None) and train.save_interval("200000") == (None, 200000)
+    assert train.parse_args(["--train", "x", "--val", "y"]).save_every == (15.0, None)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--train", "x", "--val", "y", "--save-every", "15x"])
+    real_save, saved = train.atomic_save, []
+    monkeypatch.setattr(train, "atomic_save", lambda obj, path: (saved.append((os.path.basename(path), obj.get("step") if isinstance(obj, dict) else None)), real_save(obj, path)))
+    args = ["--batch", "16", "--train-samples", "160", "--eval-every", "80", "--workers", "0"]
+    train.main(base_args(shards, tmp_path, "every48", *args, "--save-every", "48"))
+    assert [s for f, s in saved if f == "last.pt"] == [3, 6, 9, 10]  # every 48 samples and at the end, not at evals
+    assert [s for f, s in saved if f == "best.pt"][:1] == [5]
+    saved.clear()
+    train.main(base_args(shards, tmp_path, "fp16", *args, "--save-every", "0m", "--dtype", "fp16"))
+    assert [s for f, s in saved if f == "last.pt"] == list(range(1, 11))  # minutes: every step once due
+    assert "scale" in torch.load(tmp_path / "fp16" / "last.pt", weights_only=True)["scaler"]  # a CPU GradScaler, enabled
+    events = []
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), shutil.move(a, b)))
+    real_save({"x": torch.ones(2)}, str(tmp_path / "x.pt"))
+    assert events == ["fsync", "replace", "fsync"]  # the file, then the folder that holds its new name
+    assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["x"], torch.ones(2))
 
 
 def test_nan_losses_are_skipped_then_stop(shards, tmp_path, monkeypatch):
@@ -123,16 +229,16 @@ def test_nan_losses_are_skipped_then_stop(shards, tmp_path, monkeypatch):
         net.forward = loss
         return net
 
-    args = ["--batch", "16", "--train-samples", "160", "--eval-every", "80", "--workers", "0"]
+    args = ["--batch", "16", "--train-samples", "160", "--eval-every", "80", "--save-every", "80", "--workers", "0"]
     monkeypatch.setattr(modellib, "build_model", lambda cfg: build_with_nan(cfg, lambda i: i in (3, 4)))
     result = train.main(base_args(shards, tmp_path, "two-bad", *args))
-    assert result["step"] == 10 and torch.load(tmp_path / "two-bad" / "last.pt", weights_only=False)["bad_steps"] == 2
+    assert result["step"] == 10 and torch.load(tmp_path / "two-bad" / "last.pt", weights_only=True)["bad_steps"] == 2
     calls["n"] = 0
     monkeypatch.setattr(modellib, "build_model", lambda cfg: build_with_nan(cfg, lambda i: i > 7))
     with pytest.raises(SystemExit, match="non-finite"):
         train.main(base_args(shards, tmp_path, "goes-bad", *args))
-    # The checkpoint from the last good eval (step 5) is intact; no result was written.
-    assert torch.load(tmp_path / "goes-bad" / "last.pt", weights_only=False)["step"] == 5
+    # The checkpoint from step 5 (80 samples) is intact; no result was written.
+    assert torch.load(tmp_path / "goes-bad" / "last.pt", weights_only=True)["step"] == 5
     assert not (tmp_path / "goes-bad" / "result.json").exists()
 
     def build_with_nan_grads(cfg):  # a finite loss whose gradients are NaN: skipped too, never applied
@@ -142,7 +248,7 @@ def test_nan_losses_are_skipped_then_stop(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(modellib, "build_model", build_with_nan_grads)
     with pytest.raises(SystemExit, match="non-finite losses or gradients"):
         train.main(base_args(shards, tmp_path, "bad-grads", *args))
-    assert not (tmp_path / "bad-grads" / "last.pt").exists()  # no eval was reached, so nothing was saved
+    assert not (tmp_path / "bad-grads" / "last.pt").exists()  # no step was taken, so nothing was saved
 
 
 def test_lr_schedules():
@@ -161,4 +267,12 @@ def test_bad_paths_fail_before_training(shards, tmp_path):
         train.main(base_args(shards, tmp_path, "typo", "--test", str(shards / "val")))
     with pytest.raises(SystemExit, match="holds only"):
         train.main(base_args(shards, tmp_path, "typo", "--samples", "5000"))
+    with pytest.raises(SystemExit, match="^train.py: .*nowhere"):
+        train.main(base_args(shards, tmp_path, "typo", "--charset", f"@{tmp_path / 'nowhere.txt'}"))
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        train.main(base_args(shards, tmp_path, "typo", "--init", str(tmp_path / "nowhere.pt")))
     assert not (tmp_path / "typo").exists()
+    os.makedirs(tmp_path / "old")  # a last.pt with a pickled numpy RNG state, as an older train.py wrote it
+    torch.save({"rng": [{"numpy": np.random.get_state()}]}, tmp_path / "old" / "last.pt")
+    with pytest.raises(SystemExit, match="^train.py: cannot resume from .*last.pt"):
+        train.main(base_args(shards, tmp_path, "old"))
