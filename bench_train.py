@@ -1,16 +1,16 @@
 """bench_train.py: the GPU path of train.py and model.py, measured in one run, as a table for the README.
 
-    timeout 480 python bench_train.py --gpu                # one CUDA GPU, ~7 minutes (budget: --budget 450)
-    python bench_train.py --dry-run                        # the same code path on the CPU, tiny sizes, < 1 minute
-    python bench_train.py --gpu --profile parseq-B         # top kernels of one compiled training step
+    timeout 480 python bench_train.py --gpu                # one CUDA GPU, ~7 minutes (--budget 450 seconds)
+    python bench_train.py --dry-run                        # the same code path on the CPU, tiny sizes, ~1 minute
+    python bench_train.py --gpu --profile parseq-B         # top kernels of three compiled training steps
 
---gpu renders a varied-style synth set once (cached in OUT/data, all cores), then measures, each part within a
-time budget and in priority order: a short training run per model (PARSeq-B, TrOCR-B with and without
---compile, PARSeq-S, TrOCR-S compiled; bf16, 6 loader workers) via `train.py` in a child process, read from the
-run's metrics.jsonl: samples/s, MFU, data-wait share of the post-warm-up eval window with the median
-throughput, plus peak memory, recompiles and graph breaks; greedy/beam decoding images/s at batch 256; a kill -9
-and resume against an uninterrupted run; a 2-process torchrun sharing the one GPU. After each part it rewrites
-OUT/bench_train.json and OUT/bench_train.md, so a timeout still leaves the numbers measured so far.
+--gpu renders a varied-style synth set once (cached in OUT/data, on all cores), then runs each part of PLAN
+within its time cap and the budget: short training runs of PARSeq-B and TrOCR-B with and without --compile,
+PARSeq-S and TrOCR-S with it (bf16, 6 loader workers; `train.py` in a child process, killed once measured),
+reading samples/s, MFU and data-wait share of the post-compilation eval window with the median throughput from
+the run's metrics.jsonl, plus peak memory, recompiles and graph breaks; a kill -9 and resume against an
+uninterrupted run; greedy/beam decoding images/s at batch 256; a 2-process torchrun sharing the one GPU.
+After each part it rewrites OUT/bench_train.json and OUT/bench_train.md: a timeout leaves what was measured.
 --dry-run swaps S/B for T1/T2, bf16 for fp32, the GPU for the CPU and drops --compile.
 Not here: model-vs-peer speed (bench_model.py), loader speed (bench_data.py).
 """
@@ -36,15 +36,21 @@ import model as modellib
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# (arch, size, compile) in priority order: the B sizes carry the issue's MFU goal, then eager B shows the gain
-TRAIN_PLAN = [("parseq", "B", True), ("trocr", "B", True), ("parseq", "B", False), ("trocr", "B", False),
-              ("parseq", "S", True), ("trocr", "S", True)]
+# the parts in priority order, each within its time cap: the B sizes carry the issue's MFU goal, eager B shows
+# the gain of --compile; torchrun and the S sizes come last
+PLAN = [("train", "parseq", "B", True), ("train", "trocr", "B", True), ("train", "parseq", "B", False),
+        ("train", "trocr", "B", False), ("resume",), ("decode", "parseq"), ("decode", "trocr"), ("ddp",),
+        ("train", "parseq", "S", True), ("train", "trocr", "S", True)]
+# Sizes of each part. A training run stops once it has min_rows evals whose windows after the first span steady_s
+# seconds, or at its cap. resume_tol: relative loss difference allowed after a resume (bf16 kernels are not
+# bit-reproducible; fp32 on the CPU is). The dry run's caps only stop hangs.
 GPU = dict(sizes={"S": "S", "B": "B"}, images=20000, val=512, label_len="2,12", workers=6, dtype="bf16",
-           micro={("trocr", "S"): 256, ("trocr", "B"): 128}, window_steps=16, steady_s=6.0, decode_batch=256,
-           cap_s={"compile": 80, "eager": 35, "decode": 30, "resume": 75, "ddp": 40}, resume_tol=0.05)
+           micro={("trocr", "S"): 512}, window_steps=20, min_rows=2, steady_s=5.0, decode_batch=256,
+           resume=(256, 36, 12), cap_s={"compile": 100, "eager": 35, "decode": 30, "resume": 60, "ddp": 30},
+           resume_tol=0.05)
 DRY = dict(sizes={"S": "T1", "B": "T2"}, images=800, val=32, label_len="2,6", workers=1, dtype="fp32",
-           micro={}, window_steps=4, steady_s=0.0, decode_batch=32, batch=32,
-           cap_s={"compile": 150, "eager": 150, "decode": 60, "resume": 150, "ddp": 150}, resume_tol=1e-4)  # caps: hangs only
+           micro={}, window_steps=4, min_rows=3, steady_s=0.0, decode_batch=32, batch=32, resume=(32, 24, 6),
+           cap_s={"compile": 150, "eager": 150, "decode": 60, "resume": 150, "ddp": 150}, resume_tol=1e-4)
 TRAIN_COLUMNS = ["model", "params", "compile", "batch", "samples/s", "MFU", "peak mem GB", "data wait",
                  "recompiles", "graph breaks", "first window s", "note"]
 
@@ -167,12 +173,14 @@ def watch(proc, deadline, metrics_path=None, min_rows=0, steady_s=0.0, until_fil
     return f"exit {proc.returncode}"
 
 
-def error_line(log_path):
-    """The most telling line of a failed run's log: the last one naming an error, else the last line."""
+def error_line(log_path, cause=None):
+    """The most telling line of a failed run's log: the first matching the regex `cause` (a known root cause),
+    else the last one naming an error, else the last line."""
     with open(log_path, errors="replace") as f:
         lines = [line.strip() for line in f if line.strip()]
+    causes = [line for line in lines if cause and re.search(cause, line)]
     named = [line for line in lines if re.search(r"error|exception|killed|refused", line, re.I)]
-    return (named or lines or ["(empty log)"])[-1][:300]
+    return (causes[:1] or named[-1:] or lines[-1:] or ["(no output)"])[0][:300]
 
 
 class Bench:
@@ -186,7 +194,9 @@ class Bench:
             shutil.rmtree(scratch, ignore_errors=True)
             os.makedirs(scratch)
         self.vocab_size = data.CharTokenizer(data.CHARSET36).vocab_size
-        self.result = dict(device=self.device_name(), torch=torch.__version__, python=sys.version.split()[0],
+        self.result = dict(device=self.device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+                           python=sys.version.split()[0], cpus=len(os.sched_getaffinity(0)),
+                           shm_free_gb=shutil.disk_usage("/dev/shm").free / 1e9 if os.path.isdir("/dev/shm") else None,
                            mode="dry-run (CPU, tiny sizes, fp32, no compile)" if args.dry_run else "gpu",
                            budget_s=args.budget, train=[], decode=[], resume=None, ddp=None)
         self.result.update(self.peak())
@@ -201,7 +211,7 @@ class Bench:
         CPUs have no table entry: the measured fp32 matmul rate stands in as the peak."""
         n, dtype = (8192, torch.bfloat16) if self.device.type == "cuda" else (512, torch.float32)
         a, b = (torch.randn(n, n, device=self.device, dtype=dtype) for _ in range(2))
-        a @ b
+        a @ b  # warm-up
         reps, t = 0, time.perf_counter()
         while reps < 3 or time.perf_counter() - t < 0.5:
             a @ b
@@ -209,6 +219,9 @@ class Bench:
                 torch.cuda.synchronize()
             reps += 1
         measured = 2 * n ** 3 * reps / (time.perf_counter() - t)
+        del a, b
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the training children need the memory
         if self.args.peak_tflops:
             return dict(peak_flops=self.args.peak_tflops * 1e12, peak_source="--peak-tflops", matmul_flops=measured)
         table = train.peak_flops(self.device)
@@ -258,6 +271,8 @@ class Bench:
         return batch, min(batch, self.mode["micro"].get((arch, size), batch))
 
     def train_speed(self, arch, size_key, compile_, profile_at=None):
+        """One train.py run in a child process, killed once its post-compilation windows are measured (or, with
+        profile_at, once the profile of optimizer steps profile_at+2 .. +4 is written)."""
         size = self.mode["sizes"][size_key]
         label = f"{'PARSeq' if arch == 'parseq' else 'TrOCR'}-{size}"
         name = f"{arch}-{size}-{'compiled' if compile_ else 'eager'}"
@@ -265,20 +280,21 @@ class Bench:
         window = self.mode["window_steps"] * batch
         row = dict(model=label, arch=arch, size=size, size_key=size_key, compile=compile_, batch=batch, micro_batch=micro,
                    workers=self.args.workers, log=os.path.join(self.logs, name + ".log"))
-        cap = self.mode["cap_s"]["compile" if compile_ else "eager"]
+        cap = self.args.budget if profile_at else self.mode["cap_s"]["compile" if compile_ else "eager"]
         if self.left(cap) < 10:
             return dict(row, note="skipped: out of time budget")
         log(f"train {name}: batch {batch} (micro {micro}), eval window {window} samples, up to {self.left(cap):.0f}s")
         stats = os.path.join(self.logs, name + "-stats.json")
         cmd = [sys.executable, os.path.join(HERE, "bench_train.py"), "--child", stats]
         if profile_at:
-            cmd += ["--profile-at", str(profile_at), os.path.join(self.out, f"profile-{name}")]
+            row["profile"] = os.path.join(self.out, f"profile-{name}")
+            cmd += ["--profile-at", str(profile_at), row["profile"]]
         argv = self.train_argv(arch, size, name, batch, micro, 50 * window, window, compile_)
         proc = launch(cmd + argv, row["log"], env={"TORCH_LOGS": "recompiles"})
         run_dir = os.path.join(self.runs, name)
         ended = watch(proc, time.time() + self.left(cap), os.path.join(run_dir, "metrics.jsonl"),
-                      min_rows=0 if profile_at else 3, steady_s=self.mode["steady_s"],
-                      until_file=os.path.join(self.out, f"profile-{name}.txt") if profile_at else None)
+                      min_rows=0 if profile_at else self.mode["min_rows"], steady_s=self.mode["steady_s"],
+                      until_file=row["profile"] + ".txt" if profile_at else None)
         rows = read_rows(os.path.join(run_dir, "metrics.jsonl"))
         row.update(self.window_numbers(rows, ended, row["log"]))
         stats = os.path.join(self.logs, name + "-stats-rank0.json")
@@ -289,7 +305,9 @@ class Bench:
             row["recompiles"] = f.read().count("Recompiling function")
         if os.path.exists(os.path.join(run_dir, "config.json")):
             with open(os.path.join(run_dir, "config.json")) as f:
-                row["N"] = json.load(f)["N"]
+                config = json.load(f)
+            row["N"] = config["N"]
+            self.result["flops_convention"] = config.get("flops_convention")
         shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a B model are GBs
         log(f"train {name}: {ended}; " + ", ".join(f"{k} {row.get(k)}" for k in ("samples_per_s", "mfu", "data_wait", "note")))
         return row
@@ -303,10 +321,12 @@ class Bench:
         steady = sorted(ws[1:] or ws, key=lambda w: w["rate"])
         w = steady[len(steady) // 2]
         flops_per_sample = w["flops"] / w["samples"]
+        notes = ["only the first window (includes compilation)"] if len(ws) == 1 else []
+        if ended.startswith("exit") and ended != "exit 0":  # crashed after some evals
+            notes.append(f"{ended}: {error_line(log_path)}")
         return dict(samples_per_s=w["rate"], flops_per_sample=flops_per_sample,
                     mfu=w["rate"] * flops_per_sample / self.result["peak_flops"], mfu_train=w["mfu_train"],
-                    data_wait=w["data_wait"], windows=len(ws), first_window_s=ws[0]["seconds"],
-                    note="" if len(ws) > 1 else "only the first window (includes compilation)")
+                    data_wait=w["data_wait"], windows=len(ws), first_window_s=ws[0]["seconds"], note="; ".join(notes))
 
     # ------------------------------------------------------------------------- decoding throughput
 
@@ -324,6 +344,8 @@ class Bench:
         modes = {"parseq": [("greedy AR", dict(ar=True, refine_iters=0)), ("NAR + 1 refine", dict(ar=False, refine_iters=1))],
                  "trocr": [("greedy", dict(beam=1)), ("beam 5", dict(beam=5))]}[arch]
         batch = self.mode["decode_batch"]
+        if self.left(self.mode["cap_s"]["decode"]) < 5:
+            return []
         images = torch.rand(batch, 3, cfg.img_h, cfg.img_w, device=self.device) * 2 - 1
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         rows = []
@@ -350,7 +372,7 @@ class Bench:
     def resume_check(self):
         """An uninterrupted run, then the same run killed (SIGKILL, loader workers included) once its first
         checkpoint exists and re-run with the same command: its evals after the resume point must match."""
-        size, batch, steps, every = self.mode["sizes"]["S"], *((32, 24, 6) if self.args.dry_run else (256, 60, 12))
+        size, (batch, steps, every) = self.mode["sizes"]["S"], self.mode["resume"]
         cap = self.mode["cap_s"]["resume"]
         if self.left(cap) < 20:
             return dict(note="skipped: out of time budget")
@@ -394,7 +416,8 @@ class Bench:
         backend = "gloo" if self.args.dry_run else "nccl"
         result_path = os.path.join(self.runs, "ddp", "result.json")
         if ended != "exit 0" or not os.path.exists(result_path):
-            return dict(processes=2, backend=backend, ok=False, note=f"{ended}: {error_line(logfile)}")
+            return dict(processes=2, backend=backend, ok=False,
+                        note=f"{ended}: {error_line(logfile, r'Duplicate GPU|ncclInvalidUsage|NCCL error|invalid device')}")
         rows = read_rows(os.path.join(self.runs, "ddp", "metrics.jsonl"))
         with open(os.path.join(self.runs, "ddp", "config.json")) as f:
             world = json.load(f)["world_size"]
@@ -468,34 +491,28 @@ def main(argv=None):
     log(f"data: {bench.train_dir}")
     if args.profile:
         arch, size_key = args.profile.split("-")
-        row = bench.train_speed(arch, size_key, not args.dry_run, profile_at=3 * mode["window_steps"])
-        path = os.path.join(bench.out, f"profile-{arch}-{mode['sizes'][size_key]}-{'eager' if args.dry_run else 'compiled'}.txt")
-        if not os.path.exists(path):
+        row = bench.train_speed(arch, size_key, not args.dry_run, profile_at=mode["window_steps"] + 4)  # past compile
+        if not os.path.exists(row["profile"] + ".txt"):
             sys.exit(f"no profile written ({row.get('note')}); see {row['log']}")
-        with open(path) as f:
+        with open(row["profile"] + ".txt") as f:
             print(f.read())
-        return log(f"top kernels: {path}; timeline: {path[:-4]}.trace.json (chrome://tracing or ui.perfetto.dev)")
-    parts = args.only.split(",")
-    if "train" in parts:
-        seen = set()
-        for arch, size_key, compile_ in TRAIN_PLAN:
-            compile_ = compile_ and not args.dry_run
-            if (arch, size_key, compile_) not in seen:  # the dry run drops --compile: the eager B rows repeat
-                seen.add((arch, size_key, compile_))
-                bench.result["train"].append(bench.train_speed(arch, size_key, compile_))
-                bench.save()
-        bench.result["train"].sort(key=lambda t: (t["size_key"] == "B", t["arch"], not t["compile"]))  # run in priority order
-    if "decode" in parts:
-        for arch in ("parseq", "trocr"):
-            if bench.left(mode["cap_s"]["decode"]) > 5:
-                bench.result["decode"] += bench.decode_speed(arch)
-                bench.save()
-    if "resume" in parts:
-        bench.result["resume"] = bench.resume_check()
+        return log(f"top kernels: {row['profile']}.txt; timeline: {row['profile']}.trace.json (ui.perfetto.dev)")
+    trained = set()
+    for part, *what in PLAN:
+        if part not in args.only.split(","):
+            continue
+        if part == "train":
+            arch, size_key, compile_ = what[0], what[1], what[2] and not args.dry_run
+            if (arch, size_key, compile_) in trained:  # the dry run drops --compile: the eager B rows repeat
+                continue
+            trained.add((arch, size_key, compile_))
+            bench.result["train"].append(bench.train_speed(arch, size_key, compile_))
+            bench.result["train"].sort(key=lambda t: (t["size_key"] == "B", t["arch"], not t["compile"]))
+        elif part == "decode":
+            bench.result["decode"] += bench.decode_speed(what[0])
+        else:
+            bench.result[part] = bench.resume_check() if part == "resume" else bench.ddp_check()
         bench.save()
-    if "ddp" in parts:
-        bench.result["ddp"] = bench.ddp_check()
-    bench.save()
     log(f"done: {os.path.join(bench.out, 'bench_train.json')}")
     print(bench.result["table_md"])
 
