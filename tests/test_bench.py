@@ -109,3 +109,29 @@ def test_gpu_without_cuda_is_a_one_line_error():
                           text=True, env=ENV, cwd=ROOT)
     assert proc.returncode == 1 and "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_error_line_prefers_the_root_cause(tmp_path):
+    log = tmp_path / "ddp.log"
+    log.write_text("starting\ntorch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp\n"
+                   "Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1d000\n"
+                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n")
+    assert bench_train.error_line(str(log)).endswith("ChildFailedError:")
+    assert bench_train.error_line(str(log), r"Duplicate GPU").startswith("Duplicate GPU detected")
+    bench = bench_train.Bench.__new__(bench_train.Bench)
+    bench.result = dict(peak_flops=1.0)
+    rows = [dict(samples=10, flops=10.0, samples_per_s=5.0, data_wait=0.0, mfu=None)]
+    assert bench.window_numbers(rows, "exit 1", str(log))["note"] == (
+        "only the first window (includes compilation); exit 1: torch.distributed.elastic.multiprocessing.errors.ChildFailedError:")
+
+
+def test_out_of_budget_parts_are_skipped_and_saved(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench_train.py"), "--dry-run", "--out", str(tmp_path),
+                           "--budget", "1", "--images", "100", "--only", "train,resume"],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "bench_train.json") as f:
+        result = json.load(f)
+    assert len(result["train"]) == 4 and all(t["note"] == "skipped: out of time budget" for t in result["train"])
+    assert result["resume"]["note"] == "skipped: out of time budget" and result["decode"] == [] and result["ddp"] is None
+    assert (tmp_path / "bench_train.md").read_text().count("skipped: out of time budget") == 5
