@@ -766,14 +766,15 @@ def format_table(result):
     return "\n".join(L)
 
 def _log_ticks(axis, lo, hi):
-    """Readable log-axis ticks: 1-2-5 steps (decades when those are too many), plain labels, no minor labels."""
+    """Readable ticks on a log axis spanning lo..hi: 1-2-5 steps (decades when many, finer when few), at most 6,
+    short plain labels and no minor labels (matplotlib's overlap on short ranges: '3x10^4 4x10^4')."""
     from matplotlib import ticker
-    ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
-    inside = [t for t in ticks if lo <= t <= hi]
-    if len(inside) > 6:
-        inside = [t for t in inside if f"{t:.0e}".startswith("1")]
-    axis.set_major_locator(ticker.FixedLocator(inside if len(inside) >= 2 else [lo, *inside, hi]))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    nice = lambda steps: [m * 10.0 ** e for e in decades for m in steps if lo <= m * 10.0 ** e <= hi]
+    ticks = nice((1, 2, 5))
+    ticks = nice((1,)) if len(ticks) > 6 else ticks if len(ticks) >= 3 else nice((1, 1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)) or [lo, hi]
+    axis.set_major_locator(ticker.FixedLocator(ticks[::math.ceil(len(ticks) / 6)]))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}".replace("e+0", "e").replace("e+", "e")))
     axis.set_minor_formatter(ticker.NullFormatter())
 
 def plot_all(result, out_dir):
@@ -810,7 +811,7 @@ def plot_all(result, out_dir):
             a.plot(xs, (r["k"] / xs) ** r["alpha"] * scale, "C0-",
                    label=f"({r['k']:.3g}/{ax})^{r['alpha']:.3f}, R2 {_r2(r['r2'])}")
         a.set(xscale="log", yscale="log", xlabel=names[ax], ylabel=ylab, title=f"{result['metric']} vs {ax}")
-        figs.append((fig, a, f"fit_{ax}.png", [p["x"] for p in pts], [p["y"] for p in pts] + r["band"]["lo"]))
+        figs.append((fig, a, f"fit_{ax}.png"))
     j = result["joint"]
     if "error" not in j:
         fig, a = plt.subplots(figsize=(5.5, 4))
@@ -823,11 +824,10 @@ def plot_all(result, out_dir):
             a.plot(Ns, (j["einf"] + j["A"] / Ns ** j["alpha"] + j["B"] / D ** j["beta"]) * scale, f"C{i % 10}-",
                    label=f"D={D:.3g}")
         a.set(xscale="log", yscale="log", xlabel=names["N"], ylabel=ylab, title="joint fit E(N, D)")
-        figs.append((fig, a, "fit_joint.png", Nx, [p["y"] for p in j["points"]]))
-    for fig, a, name, xv, yv in figs:
-        yv = [v for v in yv if v > 0]
-        _log_ticks(a.xaxis, min(xv), max(xv))
-        _log_ticks(a.yaxis, min(yv), max(yv))
+        figs.append((fig, a, "fit_joint.png"))
+    for fig, a, name in figs:
+        _log_ticks(a.xaxis, *a.get_xlim())
+        _log_ticks(a.yaxis, *a.get_ylim())
         a.legend(fontsize=8)
         fig.tight_layout()
         paths.append(os.path.join(out_dir, name))

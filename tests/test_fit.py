@@ -384,17 +384,19 @@ def test_json_keys_and_plots(tmp_path, capsys):
     assert all(os.path.getsize(tmp_path / "png" / f) > 1000 for f in pngs)
 
 
-def test_plot_ticks_are_plain_and_minor_labels_off(tmp_path):
+def test_plot_ticks_are_plain_and_minor_labels_off():
     plt = pytest.importorskip("matplotlib.pyplot")
     fig, a = plt.subplots()
     a.set(xscale="log", yscale="log")
     a.plot([3e4, 4.5e4], [12, 30])
-    fit._log_ticks(a.xaxis, 3e4, 4.5e4)  # under a factor 2: no 1-2-5 tick inside, the ends instead
-    fit._log_ticks(a.yaxis, 12, 30)
+    fit._log_ticks(a.xaxis, 3e4, 4.5e4)  # under a factor 2: finer steps, plain short labels
+    fit._log_ticks(a.yaxis, 8.5, 99)
     fig.canvas.draw()
-    assert [t.get_text() for t in a.get_xticklabels()] == ["3e+04", "4.5e+04"]
-    assert [t.get_text() for t in a.get_yticklabels()] == ["12", "20", "30"]
+    assert [t.get_text() for t in a.get_xticklabels()] == ["3e4", "4e4"]
+    assert [t.get_text() for t in a.get_yticklabels()] == ["10", "20", "50"]
     assert all(t.get_text() == "" for t in a.get_xticklabels(minor=True) + a.get_yticklabels(minor=True))
-    fit._log_ticks(a.xaxis, 1e3, 1e9)  # wide: decades only
-    assert list(a.xaxis.get_major_locator().locs) == [1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9]
+    fit._log_ticks(a.xaxis, 1e3, 1e9)  # wide: decades only, at most 6
+    assert list(a.xaxis.get_major_locator().locs) == [1e3, 1e5, 1e7, 1e9]
+    fit._log_ticks(a.xaxis, 22, 130)
+    assert list(a.xaxis.get_major_locator().locs) == [30, 50, 70, 90, 120]
     plt.close(fig)
