@@ -1,29 +1,27 @@
 """fit.py: scaling laws from run folders (or a table of points), with error bars, extrapolation checks and plots.
 
-    python fit.py runs/                                   # E(N), E(D), E(C), the joint E(N, D), compute-optimal N, D
+    python fit.py runs/                                   # E(N), E(D), E(C), the joint E(N, D), compute-optimal N, S
     python fit.py runs/ --where arch=parseq --metric loss --plot plots/ --json
     python fit.py tests/trocr_size_points.csv --holdout N=largest    # the paper's TrOCR-H check
 
-Laws (Rang et al. 2024, arXiv 2401.00028; ../shared/paper.md section 2), word error fitted as a FRACTION (the TrOCR
-size law's X_c is ~1.97e4, as printed; tables show percent), goodness as R^2 and RMSE of log E:
-- per axis X in {N, D, C}: E = (X_c / X)^alpha by least squares in log-log space, as the study fitted. Intervals:
-  below 8 points the OLS t-interval (n-2 degrees of freedom; X_c by the delta method): a bootstrap over 3-5 points
-  spans only the pairwise slopes and covers far less than its nominal level; from 8 points a percentile bootstrap
-  over runs (all points of a run together). Each axis is refitted without its largest 1 and 2 points, which are
-  then predicted with a t prediction interval. `--saturating` adds E = E_inf + (X_c / X)^alpha (Huber on log E).
-- joint: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: Huber delta=1e-3 on log E, summed, L-BFGS-B
-  from a grid of starts), cross-checked by variable projection on the same objective. Its bootstrap keeps draws
-  with >= 3 distinct N and D whose refit converged (warm start, then restarts), and says how many it dropped.
-- compute-optimal N and S (samples seen, Chinchilla's training tokens) for a budget C = c0 N^gamma S, where c0 N^gamma
-  is fitted to each run's C / samples seen (train.py's FLOP convention, printed from config.json). The law is read
-  with D = samples seen, i.e. one pass over fresh images: runs that repeated their images are named.
-Every fit draws from its own random stream (seed, fit name): adding a fit never changes another's interval.
-Points, from train.py's run folders (config.json + metrics.jsonl + result.json once finished; unfinished runs are
-left out unless --include-unfinished) or a CSV of one finished run per row (header: any of N, D, C, samples; one of
-E (word error), acc (word accuracy), loss; optional label, arch, seed). Numbers may carry K/M/B/G suffixes ("43.5M");
-errors or accuracies that are all <= 1 are read as fractions (and the output says so).
-- E(N): each run's final eval (`--best`: its best) on the ladder of runs sharing (arch, D, sample budget) with the
-  most distinct N; the median of a size's seeds is fitted, their spread reported. E(D): likewise at fixed N.
+Laws (Rang et al. 2024, arXiv 2401.00028; ../shared/paper.md section 2), word error fitted as a FRACTION (tables show
+percent), goodness as R^2 and RMSE of log E; every fit draws from its own random stream (seed, fit name):
+- per axis X in {N, D, C}: E = (X_c / X)^alpha by least squares in log-log space, as the study fitted. Intervals: below
+  8 points the OLS t-interval (n-2 dof; X_c by the delta method), as a bootstrap over 3-5 points spans only the pairwise
+  slopes; from 8 points a percentile bootstrap over runs. Each axis is refitted without its largest 1 and 2 points,
+  predicted with a t prediction interval. `--saturating` adds E = E_inf + (X_c / X)^alpha (Huber on log E).
+- joint: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: Huber delta=1e-3 on log E, summed, L-BFGS-B from a
+  grid of starts), cross-checked by variable projection on the same objective; its bootstrap keeps the draws with
+  >= 3 distinct N and D whose refit converged, and counts the others.
+- compute-optimal N and S (samples seen, Chinchilla's training tokens) for C = c0 N^gamma S, c0 N^gamma fitted to the
+  runs' C / samples seen (train.py's convention, printed). The law is read with D = S (one pass over fresh images):
+  runs that repeated their images are named.
+Points: train.py's run folders (config.json, metrics.jsonl, result.json once finished: unfinished runs are left out
+unless --include-unfinished) or a CSV, one run per row (header: any of N, D, C, samples; one of E (word error), acc
+(word accuracy), loss; optional label, arch, seed). Numbers may end in K/M/B/G ("43.5M"); word errors or accuracies
+all <= 1 are read as fractions (and the output says so).
+- E(N): each run's final eval (`--best`: its best) on the ladder of runs sharing (arch, D, sample budget) with the most
+  distinct N; the median of a size's seeds is fitted, their spread reported. E(D): likewise at fixed N.
 - E(C): the lower envelope (compute frontier) of every eval of every run. Joint: every run's final point.
 Error at >= 99.5% (a model that reads nothing) carries no information: flagged, kept out of every fit.
 Not done here: training (train.py), IsoFLOP parabolas (biased even on clean data: Czech et al. 2026), other forms.
@@ -435,12 +433,9 @@ def _fit_axis(runs, axis, o):
         return dict(out, error=f"{axis}: {use.sum()} usable point(s) ({len(x)} in all{why}); need at least 3 "
                                f"distinct {axis}")
     f = fit_power(x[use], y[use] / scale)
-    if f["r2"] is None:
-        out["warnings"].append(f"{axis}: every fitted point has the same value: R2 undefined, no power law to see")
-    elif np.any(np.diff(y[use]) >= 0):
+    if f["r2"] is None or np.any(np.diff(y[use]) >= 0):
         f["r2"] = None
-        out["warnings"].append(f"{axis}: the fitted points do not fall monotonically: R2 undefined, read the law "
-                               f"with care")
+        out["warnings"].append(f"{axis}: the fitted points are flat or do not fall monotonically: R2 undefined")
     grid = np.geomspace(x.min(), x.max(), 40)
     if f["n"] < SMALL_N:
         ci = dict(_t_intervals(f, o["level"]), method=f"t ({f['n'] - 2} dof)")

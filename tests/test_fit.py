@@ -312,10 +312,10 @@ def test_input_units_suffixes_flat_and_malformed(tmp_path, capsys):
     assert fit._num("43.5M") == 43.5e6 and fit._num("2G") == 2e9 and fit._num("3k") == 3e3 and fit._num("M") is None
     # a flat series has no R2 (it was 1.0); a non-monotone one gets a warning
     flat = fit.fit_all({"N": [(1e4, 50), (2e4, 50), (4e4, 50)]})["N"]
-    assert flat["r2"] is None and "same value" in flat["warnings"][0]
+    assert flat["r2"] is None and "flat or do not fall monotonically" in flat["warnings"][0]
     bumpy = fit.fit_all({"N": [(1e4, 50), (2e4, 30), (4e4, 40), (8e4, 20)]})
     assert bumpy["N"]["r2"] is None and "not fall monotonically" in bumpy["N"]["warnings"][0]
-    assert "undef" in fit.format_table(bumpy) and "WARNING N: the fitted points" in fit.format_table(bumpy)
+    assert "undef" in fit.format_table(bumpy) and "WARNING N: the fitted points are flat" in fit.format_table(bumpy)
     # metrics.jsonl lines that are not a JSON object (or not JSON) are skipped and counted
     write_run(tmp_path / "runs", "r0", {"N": 1e4, "D": 1e3}, [{"samples": 1, "flops": 1e9, "val_error": 50}],
               extra_lines=["[1, 2]\n", "7\n", "{truncated\n", "\n"])
