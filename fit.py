@@ -239,7 +239,8 @@ def fit_power(x, y):
     flat = np.ptp(ly) < 1e-12
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # flat curve: alpha ~ 0, k astronomical
         k = float(np.exp(-intercept / slope))
-    return {"alpha": float(-slope), "k": k, "r2": None if flat else float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum()),
+    r2 = None if flat else float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum())
+    return {"alpha": float(-slope), "k": k, "r2": r2,
             "rmse": float(np.sqrt((res ** 2).mean())), "slope": float(slope), "intercept": float(intercept), "n": n,
             "s": float(np.sqrt((res ** 2).sum() / (n - 2))) if n > 2 else math.nan, "mean_logx": float(mx),
             "sxx": float(sxx)}
@@ -387,9 +388,8 @@ def varpro(logN, logD, y):
 def _one_blas_thread():
     """OpenBLAS wakes a thread per core even for L-BFGS-B's 5x5 matrices: 10x slower on 2 busy cores (measured).
     fit_all runs with one thread in the calling thread (numpy/scipy pip wheels' OpenBLAS), restored on return."""
-    libs = [lib for pkg in (np, scipy) for lib in glob.glob(os.path.dirname(pkg.__file__) + ".libs/*openblas*")]
     setters = []
-    for lib in libs:
+    for lib in [lib for pkg in (np, scipy) for lib in glob.glob(os.path.dirname(pkg.__file__) + ".libs/*openblas*")]:
         with contextlib.suppress(OSError, AttributeError):
             setters.append(ctypes.CDLL(lib).openblas_set_num_threads_local)
     before = [set_threads(1) for set_threads in setters]
@@ -514,7 +514,8 @@ def _fit_saturating(x, y, obs, axis, cut, o):
                                _rng(o, axis + " saturating"))
     boot = np.column_stack([np.exp(boot[:, 2]), boot[:, 1], np.exp(boot[:, 0] / boot[:, 1])]) if len(boot) else boot
     res = np.log(np.exp(_lse_terms(th, F)).sum(1)) - ly
-    ci = {n: _percentile_ci(boot[:, i], o["level"]) if len(boot) else None for i, n in enumerate(("einf", "alpha", "k"))}
+    ci = {n: _percentile_ci(boot[:, i], o["level"]) if len(boot) else None
+          for i, n in enumerate(("einf", "alpha", "k"))}
     return {"einf": math.exp(th[2]), "alpha": th[1], "k": math.exp(th[0] / th[1]),
             "r2": float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum()), "loss": loss, "starts": len(starts),
             "starts_at_best": reached, "converged": converged, "ci": dict(ci, n_boot=len(boot), dropped=dropped)}
@@ -523,7 +524,7 @@ def _joint_rows(runs, o):
     """One row per usable run: N, D, E, name, samples seen S, C, whether S was assumed (= D, one pass)."""
     rows = []
     for r in runs:
-        if r["skip"] or not (_ok(r["N"]) and _ok(r["D"])) or isinstance(_observations(r, "N", o["key"], o["best"]), str):
+        if r["skip"] or not _ok(r["D"]) or isinstance(_observations(r, "N", o["key"], o["best"]), str):
             continue
         e = _pick_eval(r, o["key"], o["best"])
         y, S, C = _num(e[o["key"]]), _num(e.get("samples")), _num(e.get("flops"))
@@ -673,24 +674,22 @@ def _r2(v):
 def format_table(result):
     """A plain-text report of fit_all's result (stdout, and REPORT.md via ocrscale.py)."""
     pct = result["metric"] in ("error", "test")
-    u = "%" if pct else ""
+    u, pts_word = ("%", " points") if pct else ("", "")
     L = [f"metric: {result['metric']} ({result['key']}, {result['unit']}); {result['runs']} runs"]
     if result["unfinished"]:
-        how = "included" if result["include_unfinished"] else "excluded (no result.json; --include-unfinished fits them)"
+        how = ("included" if result["include_unfinished"] else
+               "excluded (no result.json; fit them with --include-unfinished)")
         L.append(f"  {len(result['unfinished'])} unfinished run(s) {how}: {', '.join(result['unfinished'])}")
     L += [f"  note: {s}" for s in result["notes"]] + [f"  skipped {s}" for s in result["skipped"]]
     level = next((result[a]["ci"]["level"] for a in AXES if "ci" in result[a]), 0.95)
     L.append(f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} intervals: t (n-2 dof) below "
-             f"{SMALL_N} points, else a bootstrap over runs")
-    L.append(f"{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}{'alpha':>8} {'CI':<20}{'R2(log)':>8}{'RMSE(log)':>10}"
-             f"  interval method")
+             f"{SMALL_N} points, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}"
+             f"{'alpha':>8} {'CI':<20}{'R2(log)':>8}{'RMSE(log)':>10}  interval method")
     for ax in AXES:
         r = result[ax]
-        if "error" in r:
-            L.append(f"{ax:<5}  not fitted: {r['error']}")
-        else:
-            L.append(f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
-                     f"{_ci(r['ci']['alpha']):<20}{_r2(r['r2']):>8}{r['rmse']:>10.4f}  {r['ci']['method']}")
+        L.append(f"{ax:<5}  not fitted: {r['error']}" if "error" in r else
+                 f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
+                 f"{_ci(r['ci']['alpha']):<20}{_r2(r['r2']):>8}{r['rmse']:>10.4f}  {r['ci']['method']}")
     for ax in AXES:
         r = result[ax]
         if "error" in r:
@@ -700,64 +699,59 @@ def format_table(result):
         L.append(f"\n{ax} points" + (f" (ladder at {grp})" if grp else "") + f": {ax}, {result['metric']}{u}")
         for p in r["points"]:
             tag = " PINNED (not fitted)" if p["pinned"] else " HELD OUT" if p["held_out"] else ""
-            tag += " (unfinished)" if p["unfinished"] else ""
             n = len(p["runs"])
             who = f"{n} runs {p['spread'][0]:.4g}..{p['spread'][1]:.4g}" if n > 1 else p["runs"][0]
-            L.append(f"  {p['x']:>11.4g} {p['y']:>9.4g}  log resid {p['log_residual']:+.4f}  {who}{tag}")
+            L.append(f"  {p['x']:>11.4g} {p['y']:>9.4g}  log resid {p['log_residual']:+.4f}  {who}{tag}"
+                     + " (unfinished)" * p["unfinished"])
         L += [f"  skipped {s}" for s in r["skipped"]] + [f"  WARNING {w}" for w in r["warnings"]]
-        dropped = r["ci"].get("dropped")
-        if dropped:
-            L.append(f"  bootstrap dropped " + "; ".join(f"{n} draws: {why}" for why, n in dropped.items()))
+        L += [f"  bootstrap dropped {n} draws: {why}" for why, n in r["ci"].get("dropped", {}).items()]
         checks = ([("held out (--holdout)", r["holdout"])] if r["holdout"] else []) + [
-            (f"extrapolation: fit on {e['n_fitted']}, without the largest {e['held_out']}", e) for e in r["extrapolation"]]
+            (f"extrapolation: fit on {e['n_fitted']}, without the largest {e['held_out']}", e)
+            for e in r["extrapolation"]]
         for what, h in checks:
             for x, m, pr, lo, hi in zip(*(h[k] for k in ("x", "measured", "predicted", "lo", "hi"))):
-                L.append(f"  {what}: {ax}={x:.4g} measured {m:.4g}{u}, predicted {pr:.4g}{u} ({pr - m:+.3g}"
-                         f"{' points' if pct else ''}), {level:.0%} prediction interval {_ci([lo, hi])}")
+                L.append(f"  {what}: {ax}={x:.4g} measured {m:.4g}{u}, predicted {pr:.4g}{u} ({pr - m:+.3g}{pts_word}),"
+                         f" {level:.0%} prediction interval {_ci([lo, hi])}")
         s = r.get("saturating")
-        if s and "error" in s:
-            L.append(f"  saturating E_inf + (X_c/X)^alpha: {s['error']}")
-        elif s:
-            L.append(f"  saturating E_inf + (X_c/X)^alpha: E_inf {s['einf']:.4g} {_ci(s['ci']['einf'])}, X_c "
-                     f"{s['k']:.4g} {_ci(s['ci']['k'])}, alpha {s['alpha']:.4f} {_ci(s['ci']['alpha'])}, R2 "
-                     f"{s['r2']:.4f} ({s['starts_at_best']}/{s['starts']} starts at best"
-                     f"{'' if s['converged'] else ', NOT converged'}; {s['ci']['n_boot']} bootstrap draws)")
+        if s:
+            L.append(f"  saturating E_inf + (X_c/X)^alpha: " + (s["error"] if "error" in s else
+                     f"E_inf {s['einf']:.4g} {_ci(s['ci']['einf'])}, X_c {s['k']:.4g} {_ci(s['ci']['k'])}, alpha "
+                     f"{s['alpha']:.4f} {_ci(s['ci']['alpha'])}, R2 {s['r2']:.4f} ({s['starts_at_best']}/{s['starts']} "
+                     f"starts at best{'' if s['converged'] else ', NOT converged'}; {s['ci']['n_boot']} bootstrap "
+                     f"draws)"))
     j = result["joint"]
     L.append("\njoint E = E_inf + A/N^alpha + B/D^beta (Huber on log E, L-BFGS-B from a grid of starts)")
     if "error" in j:
-        L.append(f"  not fitted: {j['error']}")
-        return "\n".join(L)
+        return "\n".join(L + [f"  not fitted: {j['error']}"])
     vp = j["varpro"]
-    for k in ("einf", "A", "alpha", "B", "beta"):
-        L.append(f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}   variable projection: {vp[k]:.5g}")
+    L += [f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}   variable projection: {vp[k]:.5g}"
+          for k in ("einf", "A", "alpha", "B", "beta")]
     L.append(f"  {j['n_points']} runs, R2(log) {j['r2']:.4f}, RMSE(log) {j['rmse']:.4f}, {j['starts_at_best']}/"
              f"{j['starts']} starts reached the best{'' if j['converged'] else ' (NOT converged)'}; bootstrap: "
-             f"{j['ci']['n_boot']} draws kept" + "".join(f", {n} dropped ({why})" for why, n in j['ci']['dropped'].items()))
+             f"{j['ci']['n_boot']} draws kept" + "".join(f", {n} dropped ({why})"
+                                                        for why, n in j["ci"]["dropped"].items()))
     L.append(f"  same objective (summed Huber): main fit {j['loss']:.6g}, variable projection {vp['loss']:.6g}; "
              f"predictions differ by at most {vp['max_rel_diff_pred']:.2%}")
     if vp["loss"] < j["loss"] * (1 - 1e-6) - 1e-12:
         L.append("  WARNING variable projection found a lower loss: the main fit missed the optimum")
-    if j["holdout"]:
-        h = j["holdout"]
-        for n, d, m, pr in zip(h["N"], h["D"], h["measured"], h["predicted"]):
-            L.append(f"  held out N={n:.4g}, D={d:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u}")
+    h = j["holdout"] or {"N": []}
+    L += [f"  held out N={n:.4g}, D={d:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u}"
+          for n, d, m, pr in zip(*(h.get(k, []) for k in ("N", "D", "measured", "predicted")))]
     co = j["compute_optimal"]
     if "error" in co:
-        L.append(f"  compute-optimal: {co['error']}")
-        return "\n".join(L)
+        return "\n".join(L + [f"  compute-optimal: {co['error']}"])
     f = co["flops_per_sample"]
     L.append(f"  compute-optimal N and S = samples seen, for C = c0 N^gamma S with c0 = {f['c0']:.4g}, gamma = "
              f"{f['gamma']:.3f} ({f['source']}):\n    N_opt = [alpha A / (gamma beta B) (C / c0)^beta]^(1/(alpha + "
-             f"gamma beta)) ~ C^{co['N_exponent']:.3f}, S_opt = C / (c0 N_opt^gamma) ~ C^{co['S_exponent']:.3f}; the law"
-             f" is read with D = S (each sample a fresh image)\n    C convention: {co['convention']}")
+             f"gamma beta)) ~ C^{co['N_exponent']:.3f}, S_opt = C / (c0 N_opt^gamma) ~ C^{co['S_exponent']:.3f};\n"
+             f"    the law is read with D = S (each sample a fresh image)\n    C convention: {co['convention']}")
     if co["multi_epoch"]:
-        L.append(f"    runs trained for more than one epoch (their D is not their samples seen): "
+        L.append(f"    runs trained for more than one epoch (D is not their samples seen): "
                  f"{', '.join(co['multi_epoch'])}")
     if co["samples_assumed"]:
         L.append(f"    no 'samples' logged, one pass assumed (S = D): {', '.join(co['samples_assumed'])}")
-    for b in co["budgets"]:
-        L.append(f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, S {b['S']:.3g} "
-                 f"{_ci(b['ci']['S'], '{:.3g}')}, predicted {result['metric']} {b['E']:.4g}{u}")
+    L += [f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, S {b['S']:.3g} "
+          f"{_ci(b['ci']['S'], '{:.3g}')}, predicted {result['metric']} {b['E']:.4g}{u}" for b in co["budgets"]]
     return "\n".join(L)
 
 def _log_ticks(axis, lo, hi):
@@ -767,7 +761,8 @@ def _log_ticks(axis, lo, hi):
     decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
     nice = lambda steps: [m * 10.0 ** e for e in decades for m in steps if lo <= m * 10.0 ** e <= hi]
     ticks = nice((1, 2, 5))
-    ticks = nice((1,)) if len(ticks) > 6 else ticks if len(ticks) >= 3 else nice((1, 1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)) or [lo, hi]
+    if len(ticks) > 6 or len(ticks) < 3:
+        ticks = nice((1,)) if len(ticks) > 6 else nice((1, 1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)) or [lo, hi]
     axis.set_major_locator(ticker.FixedLocator(ticks[::math.ceil(len(ticks) / 6)]))
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}".replace("e+0", "e").replace("e+", "e")))
     axis.set_minor_formatter(ticker.NullFormatter())
@@ -842,41 +837,35 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Fit OCR scaling laws to run folders or a CSV of points.")
     p.add_argument("paths", nargs="+", help="run folders (searched recursively) and/or CSV files")
     p.add_argument("--metric", choices=sorted(METRICS), default="error",
-                   help="error: val word error (%%, the study's target); loss: val loss per character; test: "
-                        "final test-set error")
+                   help="error: val word error (the study's target); loss: val loss per character; test: test error")
     p.add_argument("--best", action="store_true", help="use each run's best eval instead of its final one (N, D)")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="keep runs whose config.json has KEY=VALUE (repeatable; dotted keys reach into 'model')")
     p.add_argument("--holdout", action="append", default=[], metavar="AXIS=largest|largest:K|VALUE",
-                   help="fit AXIS without its largest (K) points or those >= VALUE, report predicted vs measured "
-                        "(repeatable; no AXIS= means every axis, and a bare VALUE only when one axis is fitted)")
+                   help="fit AXIS without its largest (K) points or those >= VALUE and predict them (repeatable; "
+                        "no AXIS=: every axis, and a bare VALUE only when one axis is fitted)")
     p.add_argument("--include-unfinished", action="store_true", help="also fit runs without result.json")
     p.add_argument("--saturating", action="store_true", help="also fit E = E_inf + (X_c/X)^alpha per axis")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per fit (every fit uses them all)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of every bootstrapped fit")
     p.add_argument("--ci", type=float, default=0.95, help="confidence level, between 0 and 1")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (each fit derives its own stream from it)")
-    p.add_argument("--budget", action="append", default=None, metavar="FLOPS",
-                   help="FLOP budget(s) for the compute-optimal N, S, e.g. 1e18 (default: biggest run's C, x10, x100)")
+    p.add_argument("--budget", action="append", metavar="FLOPS", help="FLOP budget(s) for the compute-optimal N, S "
+                   "(default: the biggest run's C, x10, x100)")
     p.add_argument("--pinned", type=float, default=PINNED, help="word error %% at which a point counts as pinned")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
-    p.add_argument("--plot", metavar="DIR", default=None, help="write log-log PNG plots here (needs matplotlib)")
+    p.add_argument("--plot", metavar="DIR", help="write log-log PNG plots here (needs matplotlib)")
     args = p.parse_args(argv)
     try:
         result = fit_all(load_runs(args.paths, args.where), metric=args.metric, holdout=args.holdout,
                          saturating=args.saturating, n_boot=args.n_boot, seed=args.seed, best=args.best,
                          level=args.ci, budgets=args.budget, pinned=args.pinned,
                          include_unfinished=args.include_unfinished)
-    except (ValueError, OSError) as e:
+        print(json.dumps(_finite(result), indent=1) if args.json else format_table(result))
+        for path in plot_all(result, args.plot) if args.plot else []:
+            print(f"wrote {path}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as e:  # bad arguments or input, no matplotlib: one line, exit 2
         print(f"fit.py: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(_finite(result), indent=1) if args.json else format_table(result))
-    if args.plot:
-        try:
-            for path in plot_all(result, args.plot):
-                print(f"wrote {path}", file=sys.stderr)
-        except ImportError as e:
-            print(f"fit.py: {e}", file=sys.stderr)
-            return 2
     if not result["ok"]:
         print("fit.py: nothing could be fitted (see the messages above)", file=sys.stderr)
     return 0 if result["ok"] else 1

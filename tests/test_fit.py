@@ -266,7 +266,7 @@ def test_run_folders_grouping_seeds_pinned_and_unfinished(tmp_path):
     assert any("empty" in s and "no evals" in s for s in r["skipped"])
     running = os.path.join(str(tmp_path), "n3e6-running")
     assert r["unfinished"] == [running] and r["runs"] == 9  # excluded by default
-    assert f"1 unfinished run(s) excluded (no result.json; --include-unfinished fits them): {running}" in \
+    assert f"1 unfinished run(s) excluded (no result.json; fit them with --include-unfinished): {running}" in \
         fit.format_table(r)
     n = r["N"]
     assert n["group"] == {"arch": "trocr", "D": 5e4, "budget": 1e5}
