@@ -734,6 +734,9 @@ def format_table(result):
              f"predictions differ by at most {vp['max_rel_diff_pred']:.2%}")
     if vp["loss"] < j["loss"] * (1 - 1e-6) - 1e-12:
         L.append("  WARNING variable projection found a lower loss: the main fit missed the optimum")
+    elif vp["max_rel_diff_params"] > 0.01:
+        L.append(f"  note: equal losses, parameters up to {vp['max_rel_diff_params']:.0%} apart: the runs do not pin "
+                 f"them down (the loss is flat along some direction)")
     h = j["holdout"] or {"N": []}
     L += [f"  held out N={n:.4g}, D={d:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u}"
           for n, d, m, pr in zip(*(h.get(k, []) for k in ("N", "D", "measured", "predicted")))]
