@@ -437,12 +437,14 @@ def _fit_axis(runs, axis, o):
         f["r2"] = None
         out["warnings"].append(f"{axis}: the fitted points are flat or do not fall monotonically: R2 undefined")
     grid = np.geomspace(x.min(), x.max(), 40)
-    if f["n"] < SMALL_N:
-        ci = dict(_t_intervals(f, o["level"]), method=f"t ({f['n'] - 2} dof)")
+    boot, dropped = np.empty((0, 2)), {}
+    if f["n"] >= SMALL_N:
+        boot, dropped = _bootstrap(len(obs), lambda d: _refit_power(obs, axis, cut, o, d), o["n_boot"], _rng(o, axis))
+        boot = boot.reshape(-1, 2)
+    if len(boot) < 2:  # few points (or no usable draw): the OLS t-intervals
+        ci = dict(_t_intervals(f, o["level"]), method=f"t ({f['n'] - 2} dof)", dropped=dropped)
         lo, hi = _line_interval(f, grid, o["level"], new=False)[1:]
     else:
-        boot, dropped = _bootstrap(len(obs), lambda d: _refit_power(obs, axis, cut, o, d), o["n_boot"],
-                                   _rng(o, axis))
         curves = np.exp(boot[:, 1:2] + boot[:, 0:1] * np.log(grid))
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             boot_k = np.exp(boot[:, 1] / -boot[:, 0])

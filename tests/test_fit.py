@@ -161,6 +161,8 @@ def test_compute_frontier_of_hand_made_curves(tmp_path):
         (2, 80, "a"), (3, 70, "b"), (4, 60, "a"), (6, 45, "b"), (10, 35, "c"), (12, 30, "b"), (20, 25, "c"),
         (40, 24, "c")]
     assert r["ci"]["method"] == "bootstrap over runs (50 draws)"
+    # fewer than 2 usable draws: the t-interval instead of a percentile of nothing
+    assert fit.fit_all(fit.load_runs(str(tmp_path)), n_boot=1)["C"]["ci"]["method"] == "t (6 dof)"
 
 
 def test_joint_fit_recovers_parameters_and_varpro_reaches_the_same_optimum():
