@@ -540,7 +540,7 @@ def _fit_joint(runs, o):
     if len(rows) < 7 or nN < 3 or nD < 3:  # 5 parameters: at least 2 degrees of freedom, 3 values per axis
         return {"error": f"joint E(N, D): needs >= 7 usable runs spanning >= 3 N and >= 3 D; has {len(rows)} runs "
                          f"with both, not pinned, {nN} N, {nD} D"}
-    N, D, y, names, S, C, assumed = (np.array([r[i] for r in rows]) for i in range(7))
+    N, D, y, names = (np.array([r[i] for r in rows]) for i in range(4))
     held = (N >= _holdout_cut(o["holdout"].get("N"), N)) | (D >= _holdout_cut(o["holdout"].get("D"), D))
     use = ~held
     if use.sum() < 7:
@@ -589,7 +589,7 @@ def _optimum(p, fps, C):
 def _compute_optimal(p, boot, rows, o):
     """Compute-optimal N and S (samples seen) with CIs and predicted E per FLOP budget; FLOPs per sample seen =
     c0 N^gamma fitted to the runs' C / S. Default budgets: the biggest run's C, x10, x100."""
-    N, D, S, C = (np.array([r[i] for r in rows], float) for i in (0, 1, 4, 5))
+    N, S, C = (np.array([r[i] for r in rows], float) for i in (0, 4, 5))
     have = np.isfinite(C)
     if not have.any():
         return {"error": "no run logged its compute ('flops' in metrics.jsonl or a CSV column C)"}
