@@ -324,8 +324,8 @@ def _refit_lse(F, ly, theta, draw, min_distinct):
     E, as a floor fitted to ~0 has no gradient left), restarting from 1 in 4 grid starts if that does not converge.
     Returns theta, or why the draw was dropped."""
     Fb, lyb = F[draw], ly[draw]
-    if min(len(np.unique(c)) for c in Fb.T) < min_distinct or len(np.unique(Fb, axis=0)) < len(theta) + 1:
-        return f"fewer than {min_distinct} distinct values per variable or {len(theta) + 1} distinct points"
+    if min(len(np.unique(c)) for c in Fb.T) < min_distinct or len(np.unique(Fb, axis=0)) < len(theta):
+        return f"fewer than {min_distinct} distinct values per variable or {len(theta)} distinct points"
     warm = np.r_[theta[:-1], max(theta[-1], lyb.min() + math.log(0.1))]
     th, _, _, ok = _lse_fit(Fb, lyb, [warm], ftol=1e-12)
     if not ok:

@@ -195,7 +195,7 @@ def test_joint_bootstrap_drops_unidentifiable_draws():
     n_drop = sum(j["ci"]["dropped"].values())
     # the expected share, by simulation with an independent generator
     rng, idx = np.random.default_rng(99), np.arange(9)
-    bad = np.mean([min(len(set(d // 3)), len(set(d % 3))) < 3 or len(set(d)) < 6
+    bad = np.mean([min(len(set(d // 3)), len(set(d % 3))) < 3 or len(set(d)) < 5
                    for d in (rng.choice(idx, 9) for _ in range(20000))])
     assert abs(n_drop / 300 - bad) < 4 * math.sqrt(bad * (1 - bad) / 300)
     assert j["ci"]["n_boot"] == 300 - n_drop and j["ci"]["alpha"][1] < 5  # no draw stuck at the bound 10
