@@ -203,7 +203,7 @@ def _holdout_specs(holdout, axes):
     """{axis: 'largest' | 'largest:K' | value string} from --holdout's AXIS=SPEC items (a spec without an axis
     applies to every axis; a bare value only when one axis in `axes` has data, as units differ per axis)."""
     specs = {}
-    for item in [holdout] if isinstance(holdout, str) else holdout or []:
+    for item in holdout if isinstance(holdout, (list, tuple)) else [holdout] if holdout is not None else []:
         ax, _, spec = str(item).rpartition("=")
         ax, spec = ax.strip(), spec.strip()
         largest = spec == "largest" or (spec.startswith("largest:") and spec[8:].isdigit() and int(spec[8:]) > 0)
