@@ -5,26 +5,19 @@
     python fit.py tests/trocr_size_points.csv --holdout N=largest    # the paper's TrOCR-H check
 
 Laws (Rang et al. 2024, arXiv 2401.00028; ../shared/paper.md section 2), word error fitted as a FRACTION (tables show
-percent), goodness as R^2 and RMSE of log E; every fit draws from its own random stream (seed, fit name):
-- per axis X in {N, D, C}: E = (X_c / X)^alpha by least squares in log-log space, as the study fitted. Intervals: below
-  8 points the OLS t-interval (n-2 dof; X_c by the delta method), as a bootstrap over 3-5 points spans only the pairwise
-  slopes; from 8 points a percentile bootstrap over runs. Each axis is refitted without its largest 1 and 2 points,
-  predicted with a t prediction interval. `--saturating` adds E = E_inf + (X_c / X)^alpha (Huber on log E).
-- joint: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: Huber delta=1e-3 on log E, summed, L-BFGS-B from a
-  grid of starts), cross-checked by variable projection on the same objective; its bootstrap keeps the draws with
-  >= 3 distinct N and D whose refit converged, and counts the others.
-- compute-optimal N and S (samples seen, Chinchilla's training tokens) for C = c0 N^gamma S, c0 N^gamma fitted to the
-  runs' C / samples seen (train.py's convention, printed). The law is read with D = S (one pass over fresh images):
-  runs that repeated their images are named.
-Points: train.py's run folders (config.json, metrics.jsonl, result.json once finished: unfinished runs are left out
-unless --include-unfinished) or a CSV, one run per row (header: any of N, D, C, samples; one of E (word error), acc
-(word accuracy), loss; optional label, arch, seed). Numbers may end in K/M/B/G ("43.5M"); word errors or accuracies
-all <= 1 are read as fractions (and the output says so).
-- E(N): each run's final eval (`--best`: its best) on the ladder of runs sharing (arch, D, sample budget) with the most
-  distinct N; the median of a size's seeds is fitted, their spread reported. E(D): likewise at fixed N.
-- E(C): the lower envelope (compute frontier) of every eval of every run. Joint: every run's final point.
-Error at >= 99.5% (a model that reads nothing) carries no information: flagged, kept out of every fit.
-Not done here: training (train.py), IsoFLOP parabolas (biased even on clean data: Czech et al. 2026), other forms.
+percent); each fit draws from its own random stream (seed, fit name):
+- per axis X in {N, D, C}: E = (X_c / X)^alpha, least squares in log-log space as the study fitted. Intervals: the OLS
+  t-interval below 8 points (a bootstrap over 3-5 points spans only the pairwise slopes), else a percentile bootstrap
+  over runs. Each axis is refitted without its largest 1 and 2 points to predict them. `--saturating`: E_inf + power.
+- joint: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: summed Huber on log E, L-BFGS-B from a grid of
+  starts), cross-checked by variable projection on the same objective; bootstrap draws that cannot identify the law
+  or do not converge are dropped and counted.
+- compute-optimal N and S (samples seen) for C = c0 N^gamma S, c0 N^gamma fitted to the runs' C / samples seen.
+Points: train.py's run folders (finished ones unless --include-unfinished) or a CSV, a run per row (header: any of N, D,
+C, samples; one of E, acc, loss; optional label, arch, seed; numbers may end in K/M/B/G, errors <= 1 are fractions).
+E(N): each run's final eval (--best: its best) on the ladder of runs sharing (arch, D, sample budget) with the most
+distinct N, the median of a size's seeds; E(D) likewise; E(C): the lower envelope of every eval of every run.
+Error >= 99.5% (a model that reads nothing) is never fitted. Not done here: training, IsoFLOP parabolas.
 """
 import argparse
 import contextlib
@@ -48,6 +41,7 @@ DELTA = 1e-3     # Huber delta on log E (Chinchilla approach 3)
 SMALL_N = 8      # below this many points an axis gets t-intervals instead of the run bootstrap
 AXES = ("N", "D", "C")
 SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
+JOINT = ("einf", "A", "alpha", "B", "beta")
 
 # ----------------------------------------------------------------------------- reading runs
 
@@ -63,21 +57,13 @@ def _num(v):
 def _ok(v):
     return v is not None and math.isfinite(v) and v > 0
 
-def _parse_where(where):
-    if isinstance(where, dict):
-        return {k: str(v) for k, v in where.items()}
-    for item in where or []:
-        if "=" not in item:
-            raise ValueError(f"--where {item!r}: expected KEY=VALUE, e.g. arch=parseq")
-    return dict(item.split("=", 1) for item in where or [])
-
 def _matches(config, where):
     for key, want in where.items():
         v = config
         for part in key.split("."):  # model.enc_width=64 reaches into nested dicts
             v = v.get(part) if isinstance(v, dict) else None
         numeric = _num(v) is not None and _num(want) is not None
-        if v is None or (_num(v) != _num(want) if numeric else str(v) != want):
+        if v is None or (_num(v) != _num(want) if numeric else str(v) != str(want)):
             return False
     return True
 
@@ -126,19 +112,22 @@ def _read_csv(path):
         err = _num(row.get("E")) if "E" in cols else (None if acc is None else top - acc)
         ev = {"flops": _num(row.get("C")), "samples": _num(row.get("samples")), "val_error": err, "test_error": err,
               "val_loss": _num(row.get("loss"))}
-        config = {k: (_num(v) if k in ("N", "D", "C") else v) for k, v in row.items() if k and v != ""}
+        config = {k: (_num(v) if k in AXES else v) for k, v in row.items() if k and v != ""}
+        bad = [f"{k}={row[k]!r}" for k in (*AXES, "samples", "E", "acc", "loss") if row.get(k) and _num(row[k]) is None]
         run = _make_run(row.get("label") or f"{path}:{i + 2}", config, [ev], True)
-        bad = [f"{k}={row[k]!r}" for k in ("N", "D", "C", "samples", "E", "acc", "loss") if row.get(k)
-               and _num(row[k]) is None]
         runs.append(dict(run, skip=f"unreadable {', '.join(bad)}") if bad else run)
     return runs
 
 def load_runs(paths, where=None):
     """Run dicts from run folders (searched recursively for config.json) and/or CSV files, filtered by `where`
     ({key: value} or ["key=value", ...], any config.json field, dotted for nested ones). Each run: name, config,
-    evals (the metrics.jsonl objects), finished (result.json present), arch, N, D, budget, malformed (lines of
-    metrics.jsonl that were not a JSON object), skip (why unusable)."""
-    where, runs = _parse_where(where), []
+    evals (metrics.jsonl's objects), finished (result.json present), arch, N, D, budget, malformed, skip (why unusable)."""
+    if not isinstance(where, dict):
+        for item in where or []:
+            if "=" not in item:
+                raise ValueError(f"--where {item!r}: expected KEY=VALUE, e.g. arch=parseq")
+        where = dict(item.split("=", 1) for item in where or [])
+    runs = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         if os.path.isfile(p) and str(p).lower().endswith(".csv"):
             runs += _read_csv(p)
@@ -225,25 +214,23 @@ def _holdout_cut(spec, x):
         return ux[-min(int(spec[8:] or 1), len(ux))]
     return _num(spec)
 
+
 # ----------------------------------------------------------------------------- fitting
 
 def fit_power(x, y):
-    """E = (k/x)^alpha by least squares on log E = alpha*log k - alpha*log x. Returns alpha, k, r2 (log space; None
-    for a flat series) and rmse (log space), and what the t-intervals need: the line's slope and intercept (log E on
-    log x), n, the residual standard error s (n-2 dof), the mean and sum of squared deviations of log x."""
+    """E = (k/x)^alpha by least squares on log E = alpha*log k - alpha*log x: alpha, k, r2 (None for a flat series) and
+    rmse in log space, plus what the t-intervals need (slope, intercept, n, residual s.e. s, mean and Sxx of log x)."""
     lx, ly = np.log(x), np.log(y)
     mx, sxx, n = lx.mean(), ((lx - lx.mean()) ** 2).sum(), len(lx)
     slope = ((lx - mx) * (ly - ly.mean())).sum() / sxx
     intercept = ly.mean() - slope * mx
     res = ly - intercept - slope * lx
-    flat = np.ptp(ly) < 1e-12
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # flat curve: alpha ~ 0, k astronomical
         k = float(np.exp(-intercept / slope))
-    r2 = None if flat else float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum())
-    return {"alpha": float(-slope), "k": k, "r2": r2,
-            "rmse": float(np.sqrt((res ** 2).mean())), "slope": float(slope), "intercept": float(intercept), "n": n,
-            "s": float(np.sqrt((res ** 2).sum() / (n - 2))) if n > 2 else math.nan, "mean_logx": float(mx),
-            "sxx": float(sxx)}
+    r2 = None if np.ptp(ly) < 1e-12 else float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum())
+    return {"alpha": float(-slope), "k": k, "r2": r2, "rmse": float(np.sqrt((res ** 2).mean())), "slope": float(slope),
+            "intercept": float(intercept), "n": n, "s": float(np.sqrt((res ** 2).sum() / (n - 2))) if n > 2 else math.nan,
+            "mean_logx": float(mx), "sxx": float(sxx)}
 
 def _t_intervals(f, level):
     """OLS t-intervals (n-2 dof) for alpha and, by the delta method on log k = mean log x - mean log E / slope, k."""
@@ -273,6 +260,12 @@ def _lse_terms(theta, F):
     F = log X, theta = (a_1, alpha_1, ..., a_m, alpha_m, e): term j is exp(a_j) / X_j^alpha_j, E_inf = exp(e)."""
     m = F.shape[1]
     return np.column_stack([theta[0:2 * m:2] - theta[1:2 * m:2] * F, np.full(len(F), theta[-1])])
+
+def _unpack(t):
+    """Named parameters of the saturating (3 numbers) or joint (5) law's theta."""
+    if len(t) == 3:
+        return {"einf": float(np.exp(t[2])), "alpha": float(t[1]), "k": float(np.exp(t[0] / t[1]))}
+    return dict(zip(JOINT, (float(np.exp(t[4])), float(np.exp(t[0])), float(t[1]), float(np.exp(t[2])), float(t[3]))))
 
 def _lse_loss(theta, F, ly):
     """Summed Huber loss of log E_hat - log E, and its gradient."""
@@ -307,11 +300,11 @@ def _lse_fit(F, ly, starts, ftol=1e-15):
     reached = int(sum(f[0] <= best[0] * (1 + 1e-3) + 1e-12 for f in fits))
     return best[1], float(best[0]), reached, bool(best[2])
 
-def _lse_starts(F, ly, alphas=(0.25, 0.5, 1.0, 2.0), floors=(0.01, 0.5)):
-    """A grid of starts scaled to the data: every exponent in `alphas`, each term at half the typical E at the mean
-    log X, E_inf at each of `floors` times the smallest E. 4^m * 2 starts (32 for the joint law)."""
+def _lse_starts(F, ly):
+    """A grid of starts scaled to the data: exponents 0.25, 0.5, 1, 2, each term at half the typical E at the mean
+    log X, E_inf at 1% and 50% of the smallest E. 4^m * 2 starts (32 for the joint law)."""
     m, starts = F.shape[1], []
-    for combo in np.array(np.meshgrid(*([alphas] * m + [floors]))).reshape(m + 1, -1).T:
+    for combo in np.array(np.meshgrid(*([(0.25, 0.5, 1.0, 2.0)] * m + [(0.01, 0.5)]))).reshape(m + 1, -1).T:
         th = np.empty(2 * m + 1)
         th[1:2 * m:2] = combo[:m]
         th[0:2 * m:2] = combo[:m] * F.mean(0) + ly.mean() + math.log(0.5)
@@ -319,40 +312,47 @@ def _lse_starts(F, ly, alphas=(0.25, 0.5, 1.0, 2.0), floors=(0.01, 0.5)):
         starts.append(th)
     return starts
 
-def _refit_lse(F, ly, theta, draw, min_distinct):
+def _refit_lse(F, ly, theta, min_distinct):
     """One bootstrap refit of the saturating or joint law: from the full fit (E_inf lifted to >= 10% of the smallest
     E, as a floor fitted to ~0 has no gradient left), restarting from 1 in 4 grid starts if that does not converge.
-    Returns theta, or why the draw was dropped."""
-    Fb, lyb = F[draw], ly[draw]
-    if min(len(np.unique(c)) for c in Fb.T) < min_distinct or len(np.unique(Fb, axis=0)) < len(theta):
+    Returns the named parameters, or why the draw was dropped."""
+    if min(len(np.unique(c)) for c in F.T) < min_distinct or len(np.unique(F, axis=0)) < len(theta):
         return f"fewer than {min_distinct} distinct values per variable or {len(theta)} distinct points"
-    warm = np.r_[theta[:-1], max(theta[-1], lyb.min() + math.log(0.1))]
-    th, _, _, ok = _lse_fit(Fb, lyb, [warm], ftol=1e-12)
+    warm = np.r_[theta[:-1], max(theta[-1], ly.min() + math.log(0.1))]
+    th, _, _, ok = _lse_fit(F, ly, [warm], ftol=1e-12)
     if not ok:
-        th, _, _, ok = _lse_fit(Fb, lyb, _lse_starts(Fb, lyb)[::4], ftol=1e-12)
-    return th if ok else "no start converged"
+        th, _, _, ok = _lse_fit(F, ly, _lse_starts(F, ly)[::4], ftol=1e-12)
+    return _unpack(th) if ok else "no start converged"
 
-def _bootstrap(n_units, refit, n_draws, rng):
-    """The one bootstrap of this file: refit(draw) on n_draws resamples (with replacement) of the units (runs).
-    refit returns a parameter vector, or a string saying why the draw cannot be used. Returns (kept, {why: count})."""
-    kept, dropped = [], {}
-    for _ in range(n_draws):
+def _fit_lse(F, ly, n_units, data, name, o, min_distinct):
+    """The saturating (F = log X) or joint (F = log N, log D) law fitted to log E = ly from a grid of starts, and its
+    bootstrap over n_units runs (data(draw) -> that draw's F, ly). Returns (theta, summary with ci, kept draws)."""
+    starts = _lse_starts(F, ly)
+    th, loss, reached, converged = _lse_fit(F, ly, starts)
+    res = np.log(np.exp(_lse_terms(th, F)).sum(1)) - ly
+    kept, ci = _bootstrap(n_units, lambda d: _refit_lse(*data(d), th, min_distinct), o, name, tuple(_unpack(th)))
+    return th, dict(_unpack(th), r2=float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum()), loss=loss,
+                    starts=len(starts), starts_at_best=reached, converged=converged, ci=ci), kept
+
+def _bootstrap(n_units, refit, o, name, names):
+    """The one bootstrap of this file: refit(draw) on o["n_boot"] resamples (with replacement) of the units (runs),
+    drawn from the fit's own stream (seed, name). refit returns a dict of parameters, or a string saying why the draw
+    cannot be used. Returns (kept dicts, {percentile interval per name, n_boot, dropped: {why: count}})."""
+    rng, kept, dropped = np.random.default_rng([o["seed"], zlib.crc32(name.encode())]), [], {}
+    for _ in range(o["n_boot"]):
         p = refit(rng.integers(0, n_units, n_units))
         if isinstance(p, str):
             dropped[p] = dropped.get(p, 0) + 1
         else:
             kept.append(p)
-    return np.array(kept, float), dropped
+    ci = {k: _percentile_ci([p[k] for p in kept], o["level"]) for k in names}
+    return kept, dict(ci, n_boot=len(kept), dropped=dropped)
 
 def _percentile_ci(samples, level):
     s = np.asarray(samples, float)
     s = s[np.isfinite(s)]
     q = 50 * (1 - level)
     return [float(np.percentile(s, q)), float(np.percentile(s, 100 - q))] if len(s) > 1 else None
-
-def _rng(o, name):
-    """Each fit's own random stream, from (seed, fit name)."""
-    return np.random.default_rng([o["seed"], zlib.crc32(name.encode())])
 
 def _profile(p, logN, logD, ly):
     """Variable projection's inner step: for fixed exponents p = (alpha, beta) the law is linear in (E_inf, A, B) >= 0;
@@ -374,8 +374,8 @@ def _linear_loss(c, M, ly):
 
 def varpro(logN, logD, y):
     """Cross-check of the joint fit without starting points, on its objective (summed Huber on log E): the exponents
-    from a 15 x 15 grid then Nelder-Mead, (E_inf, A, B) profiled out (_profile). A lower loss here than the main
-    fit's means the main optimiser missed the optimum. Returns dict(einf, A, alpha, B, beta, loss)."""
+    from a 15 x 15 grid then Nelder-Mead, (E_inf, A, B) profiled out. A lower loss here than the main fit's means the
+    main optimiser missed the optimum. Returns dict(einf, A, alpha, B, beta, loss)."""
     ly, grid = np.log(y), np.linspace(0.05, 3.0, 15)
     p0 = min(((a, b) for a in grid for b in grid), key=lambda p: _profile(p, logN, logD, ly)[0])
     p = optimize.minimize(lambda p: _profile(p, logN, logD, ly)[0] if 0 < min(p) and max(p) <= 10 else np.inf, p0,
@@ -401,32 +401,30 @@ def _one_blas_thread():
 
 # ----------------------------------------------------------------------------- per axis and joint
 
+def _has_axis(run, axis):
+    return any(e.get("flops") is not None for e in run["evals"]) if axis == "C" else run[axis] is not None
+
 def _fit_axis(runs, axis, o):
     key, scale = o["key"], o["scale"]
     cand = [r for r in runs if not r["skip"] and _has_axis(r, axis)]
     if not cand:
         source = "'flops' in metrics.jsonl" if axis == "C" else f"config.json '{axis}'"
         return {"error": f"no run has {axis} ({source} or a CSV column '{axis}')"}
-    skipped, obs, used, group = [], [], [], None
-    for r in cand:
-        xy = _observations(r, axis, key, o["best"])
-        if isinstance(xy, str):
-            skipped.append(f"{r['name']}: {xy}")
-        else:
-            obs.append(xy)
-            used.append(r)
+    obs = [(r, _observations(r, axis, key, o["best"])) for r in cand]  # (run, its (x, y) array or why it has none)
+    skipped = [f"{r['name']}: {xy}" for r, xy in obs if isinstance(xy, str)]
+    obs, group = [(r, xy) for r, xy in obs if not isinstance(xy, str)], None
     if axis != "C" and obs:
-        idx, group = _ladder(used, axis)
+        idx, group = _ladder([r for r, _ in obs], axis)
         if len(obs) > len(idx):
             fixed = ", ".join(f"{k}={v}" for k, v in group.items())
             skipped.append(f"{len(obs) - len(idx)} run(s) off this ladder (fixed {fixed})")
-        obs, used = [obs[i] for i in idx], [used[i] for i in idx]
+        obs = [obs[i] for i in idx]
     out = {"group": group, "skipped": skipped, "n_runs": len(obs), "warnings": []}
     if not obs:
         return dict(out, error=f"{axis}: no usable runs")
-    x, y, pinned = _reduce(axis, np.concatenate(obs), o["pin"])
+    x, y, pinned = _reduce(axis, np.concatenate([xy for _, xy in obs]), o["pin"])
     cut = _holdout_cut(o["holdout"].get(axis), x[~pinned])
-    use = ~pinned & (x < cut)
+    use, held = ~pinned & (x < cut), ~pinned & (x >= cut)
     if len(np.unique(x[use])) < 3:
         why = f", {(~pinned).sum()} not pinned at >= {o['pin']}%" if pinned.any() else ""
         why += ", after the holdout" if cut < math.inf else ""
@@ -436,91 +434,62 @@ def _fit_axis(runs, axis, o):
     if f["r2"] is None or np.any(np.diff(y[use]) >= 0):
         f["r2"] = None
         out["warnings"].append(f"{axis}: the fitted points are flat or do not fall monotonically: R2 undefined")
-    grid = np.geomspace(x.min(), x.max(), 40)
-    boot, dropped = np.empty((0, 2)), {}
+    grid, kept, ci = np.geomspace(x.min(), x.max(), 40), [], {"dropped": {}}
     if f["n"] >= SMALL_N:
-        boot, dropped = _bootstrap(len(obs), lambda d: _refit_power(obs, axis, cut, o, d), o["n_boot"], _rng(o, axis))
-        boot = boot.reshape(-1, 2)
-    if len(boot) < 2:  # few points (or no usable draw): the OLS t-intervals
-        ci = dict(_t_intervals(f, o["level"]), method=f"t ({f['n'] - 2} dof)", dropped=dropped)
+        kept, ci = _bootstrap(len(obs), lambda d: _refit_power(*_resample(obs, d, axis, cut, o), axis), o, axis,
+                              ("alpha", "k"))
+    if len(kept) < 2:  # few points (or no usable draw): the OLS t-intervals
+        ci = dict(_t_intervals(f, o["level"]), method=f"t ({f['n'] - 2} dof)", dropped=ci["dropped"])
         lo, hi = _line_interval(f, grid, o["level"], new=False)[1:]
     else:
-        curves = np.exp(boot[:, 1:2] + boot[:, 0:1] * np.log(grid))
-        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            boot_k = np.exp(boot[:, 1] / -boot[:, 0])
-        ci = {"alpha": _percentile_ci(-boot[:, 0], o["level"]), "k": _percentile_ci(boot_k, o["level"]),
-              "method": f"bootstrap over runs ({len(boot)} draws)", "n_boot": len(boot), "dropped": dropped}
-        q = 50 * (1 - o["level"])
-        lo, hi = np.percentile(curves, q, 0), np.percentile(curves, 100 - q, 0)
+        ci["method"], q = f"bootstrap over runs ({len(kept)} draws)", 50 * (1 - o["level"])
+        lo, hi = np.percentile([np.exp(b["intercept"] + b["slope"] * np.log(grid)) for b in kept], [q, 100 - q], 0)
     out.update({k: f[k] for k in ("alpha", "k", "r2", "rmse")}, n_points=int(use.sum()), ci=dict(ci, level=o["level"]),
-               band={"x": grid.tolist(), "lo": (lo * scale).tolist(), "hi": (hi * scale).tolist()})
-    held = ~pinned & (x >= cut)
-    out["holdout"] = _predict(f, x[held], y[held], o) if held.any() else None
-    out["extrapolation"] = []
+               band={"x": grid.tolist(), "lo": (lo * scale).tolist(), "hi": (hi * scale).tolist()},
+               holdout=_predict(x, y, use, held, o) if held.any() else None, extrapolation=[])
     for k in (1, 2):  # refit without the largest k fitted points, predict them
-        xs, ys, ux = x[use], y[use], np.unique(x[use])
+        ux = np.unique(x[use])
         if len(ux) - k >= 3:
-            keep = xs < ux[-k]
-            out["extrapolation"].append(dict(_predict(fit_power(xs[keep], ys[keep] / scale), xs[~keep], ys[~keep], o),
-                                             held_out=k, n_fitted=int(keep.sum())))
+            fitted = use & (x < ux[-k])
+            out["extrapolation"].append(dict(_predict(x, y, fitted, use & ~fitted, o), held_out=k,
+                                             n_fitted=int(fitted.sum())))
     pred = np.exp(f["intercept"] + f["slope"] * np.log(x)) * scale
     out["points"] = [{"x": float(xi), "y": float(yi), "pinned": bool(pi), "held_out": bool(hi),
-                      "log_residual": float(np.log(yi / pr)), **_support(axis, xi, yi, obs, used)}
+                      "log_residual": float(np.log(yi / pr)), **_support(axis, xi, yi, obs)}
                      for xi, yi, pi, hi, pr in zip(x, y, pinned, held, pred)]
-    if o["saturating"]:
-        out["saturating"] = _fit_saturating(x[use], y[use] / scale, obs, axis, cut, o)
+    if o["saturating"] and use.sum() < 5:  # 3 parameters: with 4 points every bootstrap draw that fits is the data
+        out["saturating"] = {"error": f"saturating {axis}: needs at least 5 points, has {use.sum()}"}
+    elif o["saturating"]:
+        data = lambda d: _resample(obs, d, axis, cut, o, log=True)
+        out["saturating"] = _fit_lse(*data(range(len(obs))), len(obs), data, f"{axis} saturating", o, 4)[1]
     return out
 
-def _has_axis(run, axis):
-    return any(e.get("flops") is not None for e in run["evals"]) if axis == "C" else run[axis] is not None
+def _predict(x, y, fitted, held, o):
+    """Refit on the `fitted` points; observed vs predicted at the `held` ones, with the t prediction interval."""
+    f = fit_power(x[fitted], y[fitted] / o["scale"])
+    pred, lo, hi = (v * o["scale"] for v in _line_interval(f, x[held], o["level"], new=True))
+    return {"x": x[held].tolist(), "measured": y[held].tolist(), "predicted": pred.tolist(), "lo": lo.tolist(),
+            "hi": hi.tolist(), "rel_error": (pred / y[held] - 1).tolist()}
 
-def _predict(f, x, y, o):
-    """Observed vs predicted at held-out x, with the fit's t prediction interval for a new point."""
-    pred, lo, hi = (v * o["scale"] for v in _line_interval(f, x, o["level"], new=True))
-    return {"x": x.tolist(), "measured": y.tolist(), "predicted": pred.tolist(), "lo": lo.tolist(),
-            "hi": hi.tolist(), "rel_error": (pred / y - 1).tolist()}
+def _resample(obs, draw, axis, cut, o, log=False):
+    """One bootstrap draw: the runs in `draw` (all points of a run together) reduced to the points to fit: (x, E) or,
+    with log, (log x as a column, log E)."""
+    x, y, pinned = _reduce(axis, np.concatenate([obs[i][1] for i in draw]), o["pin"])
+    keep = ~pinned & (x < cut)
+    x, y = x[keep], y[keep] / o["scale"]
+    return (np.log(x)[:, None], np.log(y)) if log else (x, y)
 
-def _resample(obs, axis, cut, o, draw):
-    """One bootstrap draw: the runs in `draw` (all points of a run together) reduced to the points to fit."""
-    x, y, pinned = _reduce(axis, np.concatenate([obs[i] for i in draw]), o["pin"])
-    m = ~pinned & (x < cut)
-    return x[m], y[m] / o["scale"]
+def _refit_power(x, y, axis):
+    return fit_power(x, y) if len(np.unique(x)) >= 3 else f"fewer than 3 distinct {axis}"
 
-def _refit_power(obs, axis, cut, o, draw):
-    x, y = _resample(obs, axis, cut, o, draw)
-    if len(np.unique(x)) < 3:
-        return f"fewer than 3 distinct {axis}"
-    f = fit_power(x, y)
-    return [f["slope"], f["intercept"]]
-
-def _refit_saturating(obs, axis, cut, o, theta, draw):
-    x, y = _resample(obs, axis, cut, o, draw)
-    return _refit_lse(np.log(x)[:, None], np.log(y), theta, np.arange(len(x)), 4)
-
-def _support(axis, x, y, obs, runs):
+def _support(axis, x, y, obs):
     """Which runs a point stands for: the seeds of a size (and their spread), or the run a frontier point is from."""
-    hits = [(r, xy[xy[:, 0] == x, 1]) for r, xy in zip(runs, obs) if (xy[:, 0] == x).any()]
+    hits = [(r, xy[xy[:, 0] == x, 1]) for r, xy in obs if (xy[:, 0] == x).any()]
     if axis == "C":
         hits = [next((r, ys) for r, ys in hits if (ys == y).any())]
     ys = np.concatenate([v for _, v in hits])
     return {"runs": [r["name"] for r, _ in hits], "spread": [float(ys.min()), float(ys.max())],
             "unfinished": any(not r["finished"] for r, _ in hits)}
-
-def _fit_saturating(x, y, obs, axis, cut, o):
-    if len(x) < 5:  # 3 parameters: with 4 points every bootstrap draw that can be fitted is the data itself
-        return {"error": f"saturating {axis}: needs at least 5 points, has {len(x)}"}
-    F, ly = np.log(x)[:, None], np.log(y)
-    starts = _lse_starts(F, ly)
-    th, loss, reached, converged = _lse_fit(F, ly, starts)
-    boot, dropped = _bootstrap(len(obs), lambda d: _refit_saturating(obs, axis, cut, o, th, d), o["n_boot"],
-                               _rng(o, axis + " saturating"))
-    boot = np.column_stack([np.exp(boot[:, 2]), boot[:, 1], np.exp(boot[:, 0] / boot[:, 1])]) if len(boot) else boot
-    res = np.log(np.exp(_lse_terms(th, F)).sum(1)) - ly
-    ci = {n: _percentile_ci(boot[:, i], o["level"]) if len(boot) else None
-          for i, n in enumerate(("einf", "alpha", "k"))}
-    return {"einf": math.exp(th[2]), "alpha": th[1], "k": math.exp(th[0] / th[1]),
-            "r2": float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum()), "loss": loss, "starts": len(starts),
-            "starts_at_best": reached, "converged": converged, "ci": dict(ci, n_boot=len(boot), dropped=dropped)}
 
 def _joint_rows(runs, o):
     """One row per usable run: N, D, E, name, samples seen S, C, whether S was assumed (= D, one pass)."""
@@ -545,37 +514,24 @@ def _fit_joint(runs, o):
     use = ~held
     if use.sum() < 7:
         return {"error": f"joint E(N, D): {use.sum()} runs left after the holdout; need >= 7"}
-    F, ly = np.log(np.column_stack([N, D])), np.log(y / o["scale"])
-    starts = _lse_starts(F[use], ly[use])
-    th, loss, reached, converged = _lse_fit(F[use], ly[use], starts)
-    p = _unpack_joint(th)
-    pred = np.exp(_lse_terms(th, F)).sum(1)
-    res = np.log(pred[use]) - ly[use]
-    vp = varpro(F[use, 0], F[use, 1], y[use] / o["scale"])
+    F_all = np.log(np.column_stack([N, D]))
+    F, ly = F_all[use], np.log(y[use] / o["scale"])
+    th, out, boot = _fit_lse(F, ly, len(ly), lambda d: (F[d], ly[d]), "joint", o, 3)
+    pred = np.exp(_lse_terms(th, F_all)).sum(1)
+    vp = varpro(F[:, 0], F[:, 1], y[use] / o["scale"])
     vpred = vp["einf"] + vp["A"] / N[use] ** vp["alpha"] + vp["B"] / D[use] ** vp["beta"]
-    vp["max_rel_diff_params"] = max(abs(vp[k] - p[k]) / abs(p[k]) for k in p)
+    vp["max_rel_diff_params"] = max(abs(vp[k] - out[k]) / abs(out[k]) for k in JOINT)
     vp["max_rel_diff_pred"] = float(np.max(np.abs(vpred / pred[use] - 1)))
-    idx = np.flatnonzero(use)
-    boot, dropped = _bootstrap(len(idx), lambda d: _refit_lse(F[idx], ly[idx], th, d, 3), o["n_boot"],
-                               _rng(o, "joint"))
-    boot = [_unpack_joint(b) for b in boot]
-    ci = {k: _percentile_ci([b[k] for b in boot], o["level"]) for k in p}
-    ci.update(level=o["level"], method=f"bootstrap over runs ({len(boot)} draws)", n_boot=len(boot), dropped=dropped)
+    out["ci"].update(level=o["level"], method=f"bootstrap over runs ({len(boot)} draws)")
     points = [{"N": float(a), "D": float(b), "y": float(c), "run": str(n), "held_out": bool(h),
                "predicted": float(q * o["scale"])} for a, b, c, n, h, q in zip(N, D, y, names, held, pred)]
-    out = dict(p, r2=float(1 - (res ** 2).sum() / ((ly[use] - ly[use].mean()) ** 2).sum()),
-               rmse=float(np.sqrt((res ** 2).mean())), loss=loss, converged=converged, n_points=int(use.sum()),
-               starts=len(starts), starts_at_best=reached, varpro=vp, ci=ci, points=points, holdout=None)
+    out.update(rmse=float(np.sqrt(((np.log(pred[use]) - ly) ** 2).mean())), n_points=int(use.sum()), varpro=vp,
+               points=points, holdout=None, compute_optimal=_compute_optimal(out, boot, rows, o))
     if held.any():
         out["holdout"] = {"N": N[held].tolist(), "D": D[held].tolist(), "measured": y[held].tolist(),
                           "predicted": (pred[held] * o["scale"]).tolist(),
                           "rel_error": (pred[held] * o["scale"] / y[held] - 1).tolist()}
-    out["compute_optimal"] = _compute_optimal(p, boot, rows, o)
     return out
-
-def _unpack_joint(t):
-    return {"einf": math.exp(t[4]), "A": math.exp(t[0]), "alpha": float(t[1]), "B": math.exp(t[2]),
-            "beta": float(t[3])}
 
 def _optimum(p, fps, C):
     """argmin over N of E_inf + A N^-alpha + B S^-beta subject to c0 N^gamma S = C (closed form)."""
@@ -619,16 +575,14 @@ def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_bo
     Unfinished runs (no result.json) are left out unless include_unfinished. Returns the object `--json` prints; an
     axis that could not be fitted holds {"error": message}; "ok" says whether anything was fitted. Bad arguments
     raise ValueError with a one-line message."""
-    if metric not in METRICS:
-        raise ValueError(f"metric {metric!r}: use one of {sorted(METRICS)}")
-    if not 0 < level < 1:
-        raise ValueError(f"--ci {level}: give a confidence level between 0 and 1, e.g. 0.95")
-    if n_boot < 1:
-        raise ValueError(f"--n-boot {n_boot}: need at least 1 bootstrap draw (1000 or more for a 95% interval)")
-    budgets = [(b, _num(b)) for b in budgets or []]
-    if any(not _ok(v) for _, v in budgets):
-        raise ValueError(f"--budget {next(b for b, v in budgets if not _ok(v))}: a FLOP budget must be a positive "
-                         f"number, e.g. 1e15 or 3e18")
+    bad_budget = next((b for b in budgets or [] if not _ok(_num(b))), None)
+    for wrong, message in (
+            (metric not in METRICS, f"metric {metric!r}: use one of {sorted(METRICS)}"),
+            (not 0 < level < 1, f"--ci {level}: give a confidence level between 0 and 1, e.g. 0.95"),
+            (n_boot < 1, f"--n-boot {n_boot}: need at least 1 bootstrap draw (1000 or more for a 95% interval)"),
+            (bad_budget is not None, f"--budget {bad_budget}: a FLOP budget must be a positive number, e.g. 1e15 or 3e18")):
+        if wrong:
+            raise ValueError(message)
     key, src = METRICS[metric], points_or_runs
     if isinstance(src, dict):  # one finished run per point
         runs = [_make_run(f"{ax}={x:g}", {} if ax == "C" else {ax: x}, [{"flops": x if ax == "C" else None, key: y}],
@@ -644,16 +598,14 @@ def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_bo
                                for e in r["evals"]]) for r in runs]
         notes.append(f"every {key} is <= 1: read as fractions (accuracy a as error 1 - a), shown in percent")
     unfinished = [r["name"] for r in runs if not r["finished"]]
-    if not include_unfinished:
-        runs = [r for r in runs if r["finished"]]
+    runs = runs if include_unfinished else [r for r in runs if r["finished"]]
     conventions = {r["config"].get("flops_convention") for r in runs} - {None}
     o = dict(key=key, scale=scale, pin=pinned if scale == 100 else math.inf, best=best, saturating=saturating,
-             n_boot=int(n_boot), level=level, budgets=[v for _, v in budgets], seed=seed,
+             n_boot=int(n_boot), level=level, budgets=[_num(b) for b in budgets or []], seed=seed,
              convention=" | ".join(sorted(conventions)) or "not recorded (CSV or older runs): C as logged",
              holdout=_holdout_specs(holdout, [ax for ax in AXES if any(_has_axis(r, ax) for r in runs)]))
     malformed = sum(r["malformed"] for r in runs)
-    if malformed:
-        notes.append(f"skipped {malformed} line(s) of metrics.jsonl that were not a JSON object")
+    notes += [f"skipped {malformed} line(s) of metrics.jsonl that were not a JSON object"] if malformed else []
     out = {"metric": metric, "key": key, "unit": "% (fitted as a fraction)" if scale == 100 else "as logged",
            "runs": len(runs), "unfinished": unfinished, "include_unfinished": include_unfinished, "notes": notes,
            "skipped": [f"{r['name']}: {r['skip']}" for r in runs if r["skip"]]}
@@ -675,23 +627,20 @@ def _r2(v):
 
 def format_table(result):
     """A plain-text report of fit_all's result (stdout, and REPORT.md via ocrscale.py)."""
-    pct = result["metric"] in ("error", "test")
-    u, pts_word = ("%", " points") if pct else ("", "")
+    u, pts_word = ("%", " points") if result["metric"] in ("error", "test") else ("", "")
     L = [f"metric: {result['metric']} ({result['key']}, {result['unit']}); {result['runs']} runs"]
     if result["unfinished"]:
-        how = ("included" if result["include_unfinished"] else
-               "excluded (no result.json; fit them with --include-unfinished)")
+        how = "included" if result["include_unfinished"] else "excluded (no result.json; fit them with --include-unfinished)"
         L.append(f"  {len(result['unfinished'])} unfinished run(s) {how}: {', '.join(result['unfinished'])}")
     L += [f"  note: {s}" for s in result["notes"]] + [f"  skipped {s}" for s in result["skipped"]]
     level = next((result[a]["ci"]["level"] for a in AXES if "ci" in result[a]), 0.95)
     L.append(f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} intervals: t (n-2 dof) below "
              f"{SMALL_N} points, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}"
              f"{'alpha':>8} {'CI':<20}{'R2(log)':>8}{'RMSE(log)':>10}  interval method")
-    for ax in AXES:
-        r = result[ax]
-        L.append(f"{ax:<5}  not fitted: {r['error']}" if "error" in r else
-                 f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
-                 f"{_ci(r['ci']['alpha']):<20}{_r2(r['r2']):>8}{r['rmse']:>10.4f}  {r['ci']['method']}")
+    L += [f"{ax:<5}  not fitted: {r['error']}" if "error" in r else
+          f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
+          f"{_ci(r['ci']['alpha']):<20}{_r2(r['r2']):>8}{r['rmse']:>10.4f}  {r['ci']['method']}"
+          for ax, r in ((ax, result[ax]) for ax in AXES)]
     for ax in AXES:
         r = result[ax]
         if "error" in r:
@@ -701,19 +650,17 @@ def format_table(result):
         L.append(f"\n{ax} points" + (f" (ladder at {grp})" if grp else "") + f": {ax}, {result['metric']}{u}")
         for p in r["points"]:
             tag = " PINNED (not fitted)" if p["pinned"] else " HELD OUT" if p["held_out"] else ""
-            n = len(p["runs"])
-            who = f"{n} runs {p['spread'][0]:.4g}..{p['spread'][1]:.4g}" if n > 1 else p["runs"][0]
+            who = f"{len(p['runs'])} runs {p['spread'][0]:.4g}..{p['spread'][1]:.4g}" if len(p["runs"]) > 1 else \
+                p["runs"][0]
             L.append(f"  {p['x']:>11.4g} {p['y']:>9.4g}  log resid {p['log_residual']:+.4f}  {who}{tag}"
                      + " (unfinished)" * p["unfinished"])
         L += [f"  skipped {s}" for s in r["skipped"]] + [f"  WARNING {w}" for w in r["warnings"]]
         L += [f"  bootstrap dropped {n} draws: {why}" for why, n in r["ci"].get("dropped", {}).items()]
-        checks = ([("held out (--holdout)", r["holdout"])] if r["holdout"] else []) + [
-            (f"extrapolation: fit on {e['n_fitted']}, without the largest {e['held_out']}", e)
-            for e in r["extrapolation"]]
-        for what, h in checks:
-            for x, m, pr, lo, hi in zip(*(h[k] for k in ("x", "measured", "predicted", "lo", "hi"))):
-                L.append(f"  {what}: {ax}={x:.4g} measured {m:.4g}{u}, predicted {pr:.4g}{u} ({pr - m:+.3g}{pts_word}),"
-                         f" {level:.0%} prediction interval {_ci([lo, hi])}")
+        checks = [("held out (--holdout)", r["holdout"])] * bool(r["holdout"]) + [
+            (f"extrapolation: fit on {e['n_fitted']}, without the largest {e['held_out']}", e) for e in r["extrapolation"]]
+        L += [f"  {what}: {ax}={x:.4g} measured {m:.4g}{u}, predicted {pr:.4g}{u} ({pr - m:+.3g}{pts_word}), "
+              f"{level:.0%} prediction interval {_ci([lo, hi])}"
+              for what, h in checks for x, m, pr, lo, hi in zip(*(h[k] for k in ("x", "measured", "predicted", "lo", "hi")))]
         s = r.get("saturating")
         if s:
             L.append(f"  saturating E_inf + (X_c/X)^alpha: " + (s["error"] if "error" in s else
@@ -726,12 +673,10 @@ def format_table(result):
     if "error" in j:
         return "\n".join(L + [f"  not fitted: {j['error']}"])
     vp = j["varpro"]
-    L += [f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}   variable projection: {vp[k]:.5g}"
-          for k in ("einf", "A", "alpha", "B", "beta")]
+    L += [f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}   variable projection: {vp[k]:.5g}" for k in JOINT]
     L.append(f"  {j['n_points']} runs, R2(log) {j['r2']:.4f}, RMSE(log) {j['rmse']:.4f}, {j['starts_at_best']}/"
              f"{j['starts']} starts reached the best{'' if j['converged'] else ' (NOT converged)'}; bootstrap: "
-             f"{j['ci']['n_boot']} draws kept" + "".join(f", {n} dropped ({why})"
-                                                        for why, n in j["ci"]["dropped"].items()))
+             f"{j['ci']['n_boot']} draws kept" + "".join(f", {n} dropped ({why})" for why, n in j["ci"]["dropped"].items()))
     L.append(f"  same objective (summed Huber): main fit {j['loss']:.6g}, variable projection {vp['loss']:.6g}; "
              f"predictions differ by at most {vp['max_rel_diff_pred']:.2%}")
     if vp["loss"] < j["loss"] * (1 - 1e-6) - 1e-12:
@@ -739,7 +684,7 @@ def format_table(result):
     elif vp["max_rel_diff_params"] > 0.01:
         L.append(f"  note: equal losses, parameters up to {vp['max_rel_diff_params']:.0%} apart: the runs do not pin "
                  f"them down (the loss is flat along some direction)")
-    h = j["holdout"] or {"N": []}
+    h = j["holdout"] or {}
     L += [f"  held out N={n:.4g}, D={d:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u}"
           for n, d, m, pr in zip(*(h.get(k, []) for k in ("N", "D", "measured", "predicted")))]
     co = j["compute_optimal"]
@@ -751,8 +696,7 @@ def format_table(result):
              f"gamma beta)) ~ C^{co['N_exponent']:.3f}, S_opt = C / (c0 N_opt^gamma) ~ C^{co['S_exponent']:.3f};\n"
              f"    the law is read with D = S (each sample a fresh image)\n    C convention: {co['convention']}")
     if co["multi_epoch"]:
-        L.append(f"    runs trained for more than one epoch (D is not their samples seen): "
-                 f"{', '.join(co['multi_epoch'])}")
+        L.append(f"    runs trained for more than one epoch (D is not their samples seen): {', '.join(co['multi_epoch'])}")
     if co["samples_assumed"]:
         L.append(f"    no 'samples' logged, one pass assumed (S = D): {', '.join(co['samples_assumed'])}")
     L += [f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, S {b['S']:.3g} "
@@ -786,22 +730,18 @@ def plot_all(result, out_dir):
     scale, paths, figs = (100.0 if u else 1.0), [], []
     ylab = f"{result['metric']} ({result['key']}{', ' + u if u else ''})"
     names = {"N": "parameters N", "D": "training images D", "C": "training compute C (FLOPs)"}
-    styles = (("fitted", dict(c="C0", marker="o")), ("held out", dict(c="C3", marker="*", s=120)),
-              ("pinned: not fitted", dict(c="grey", marker="x")))
-    for ax in AXES:
-        r = result[ax]
-        if "error" in r:
-            continue
-        fig, a = plt.subplots(figsize=(5.5, 4))
-        pts = r["points"]
-        kind = ["pinned: not fitted" if p["pinned"] else "held out" if p["held_out"] else "fitted" for p in pts]
-        for label, style in styles:
-            ps = [p for p, k in zip(pts, kind) if k == label]
+    styles = {"fitted": dict(c="C0", marker="o"), "held out": dict(c="C3", marker="*", s=120),
+              "pinned: not fitted": dict(c="grey", marker="x")}
+    for ax in [ax for ax in AXES if "error" not in result[ax]]:
+        r, (fig, a) = result[ax], plt.subplots(figsize=(5.5, 4))
+        kind = ["pinned: not fitted" if p["pinned"] else "held out" if p["held_out"] else "fitted" for p in r["points"]]
+        for label, style in styles.items():
+            ps = [p for p, k in zip(r["points"], kind) if k == label]
             if ps:
                 a.scatter([p["x"] for p in ps], [p["y"] for p in ps], zorder=3, label=label, **style)
         a.fill_between(r["band"]["x"], r["band"]["lo"], r["band"]["hi"], color="C0", alpha=0.2,
                        label=f"{r['ci']['level']:.0%} CI ({r['ci']['method'].split(' (')[0]})")
-        xs = np.geomspace(min(p["x"] for p in pts), max(p["x"] for p in pts), 100)
+        xs = np.geomspace(r["band"]["x"][0], r["band"]["x"][-1], 100)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a fit may come out flat or rising
             a.plot(xs, (r["k"] / xs) ** r["alpha"] * scale, "C0-",
                    label=f"({r['k']:.3g}/{ax})^{r['alpha']:.3f}, R2 {_r2(r['r2'])}")
@@ -810,9 +750,8 @@ def plot_all(result, out_dir):
     j = result["joint"]
     if "error" not in j:
         fig, a = plt.subplots(figsize=(5.5, 4))
-        Ds, Nx = sorted({p["D"] for p in j["points"]}), [p["N"] for p in j["points"]]
-        Ns = np.geomspace(min(Nx), max(Nx), 100)
-        for i, D in enumerate(Ds):
+        Ns = np.geomspace(min(p["N"] for p in j["points"]), max(p["N"] for p in j["points"]), 100)
+        for i, D in enumerate(sorted({p["D"] for p in j["points"]})):
             ps = [p for p in j["points"] if p["D"] == D]
             a.scatter([p["N"] for p in ps], [p["y"] for p in ps], c=f"C{i % 10}",
                       marker="*" if any(p["held_out"] for p in ps) else "o")
@@ -830,42 +769,35 @@ def plot_all(result, out_dir):
         plt.close(fig)
     return paths
 
-def _finite(obj):
-    """JSON has no inf/nan: None instead."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fit OCR scaling laws to run folders or a CSV of points.")
-    p.add_argument("paths", nargs="+", help="run folders (searched recursively) and/or CSV files")
-    p.add_argument("--metric", choices=sorted(METRICS), default="error",
-                   help="error: val word error (the study's target); loss: val loss per character; test: test error")
-    p.add_argument("--best", action="store_true", help="use each run's best eval instead of its final one (N, D)")
-    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep runs whose config.json has KEY=VALUE (repeatable; dotted keys reach into 'model')")
-    p.add_argument("--holdout", action="append", default=[], metavar="AXIS=largest|largest:K|VALUE",
-                   help="fit AXIS without its largest (K) points or those >= VALUE and predict them (repeatable; "
-                        "no AXIS=: every axis, and a bare VALUE only when one axis is fitted)")
-    p.add_argument("--include-unfinished", action="store_true", help="also fit runs without result.json")
-    p.add_argument("--saturating", action="store_true", help="also fit E = E_inf + (X_c/X)^alpha per axis")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of every bootstrapped fit")
-    p.add_argument("--ci", type=float, default=0.95, help="confidence level, between 0 and 1")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (each fit derives its own stream from it)")
-    p.add_argument("--budget", action="append", metavar="FLOPS", help="FLOP budget(s) for the compute-optimal N, S "
-                   "(default: the biggest run's C, x10, x100)")
-    p.add_argument("--pinned", type=float, default=PINNED, help="word error %% at which a point counts as pinned")
-    p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
-    p.add_argument("--plot", metavar="DIR", help="write log-log PNG plots here (needs matplotlib)")
+    add = p.add_argument
+    add("paths", nargs="+", help="run folders (searched recursively) and/or CSV files")
+    add("--metric", choices=sorted(METRICS), default="error", help="error: val word error (the study's target); "
+        "loss: val loss per character; test: test error")
+    add("--best", action="store_true", help="use each run's best eval instead of its final one (N, D)")
+    add("--where", action="append", default=[], metavar="KEY=VALUE", help="keep runs whose config.json has KEY=VALUE "
+        "(repeatable; dotted keys reach into 'model')")
+    add("--holdout", action="append", default=[], metavar="AXIS=largest|largest:K|VALUE", help="fit AXIS without its "
+        "largest (K) points or those >= VALUE and predict them (repeatable; a bare VALUE only when one axis is fitted)")
+    add("--include-unfinished", action="store_true", help="also fit runs without result.json")
+    add("--saturating", action="store_true", help="also fit E = E_inf + (X_c/X)^alpha per axis")
+    add("--n-boot", type=int, default=1000, help="bootstrap resamples of every bootstrapped fit")
+    add("--ci", type=float, default=0.95, help="confidence level, between 0 and 1")
+    add("--seed", type=int, default=0, help="bootstrap seed (each fit derives its own stream from it)")
+    add("--budget", action="append", metavar="FLOPS", help="FLOP budget(s) for the compute-optimal N, S (default: "
+        "the biggest run's C, x10, x100)")
+    add("--pinned", type=float, default=PINNED, help="word error %% at which a point counts as pinned")
+    add("--json", action="store_true", help="print the result as JSON instead of the table")
+    add("--plot", metavar="DIR", help="write log-log PNG plots here (needs matplotlib)")
     args = p.parse_args(argv)
     try:
         result = fit_all(load_runs(args.paths, args.where), metric=args.metric, holdout=args.holdout,
                          saturating=args.saturating, n_boot=args.n_boot, seed=args.seed, best=args.best,
                          level=args.ci, budgets=args.budget, pinned=args.pinned,
                          include_unfinished=args.include_unfinished)
-        print(json.dumps(_finite(result), indent=1) if args.json else format_table(result))
+        print(json.dumps(json.loads(json.dumps(result), parse_constant=lambda c: None), indent=1) if args.json  # no NaN
+              else format_table(result))
         for path in plot_all(result, args.plot) if args.plot else []:
             print(f"wrote {path}", file=sys.stderr)
     except (ValueError, OSError, ImportError) as e:  # bad arguments or input, no matplotlib: one line, exit 2
