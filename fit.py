@@ -119,9 +119,8 @@ def _read_csv(path):
     return runs
 
 def load_runs(paths, where=None):
-    """Run dicts from run folders (searched recursively for config.json) and/or CSV files, filtered by `where`
-    ({key: value} or ["key=value", ...], any config.json field, dotted for nested ones). Each run: name, config,
-    evals (metrics.jsonl's objects), finished (result.json present), arch, N, D, budget, malformed, skip (why unusable)."""
+    """Run dicts (name, config, evals, finished, arch, N, D, budget, malformed, skip) from run folders (searched
+    recursively) and/or CSV files, filtered by `where`: {key: value} or ["key=value", ...], dotted for nested keys."""
     if not isinstance(where, dict):
         for item in where or []:
             if "=" not in item:
@@ -157,10 +156,10 @@ def _observations(run, axis, key, best):
     return np.array([[x, y]])
 
 def _pick_eval(run, key, best):
-    """The eval a run stands for: its last one with the metric, or (best) the one where the metric is lowest."""
+    """The eval a run stands for: its last one with the metric, or (best) the lowest; None if none has it."""
     evs = [e for e in run["evals"] if _num(e.get(key)) is not None]
     good = [e for e in evs if _ok(_num(e[key]))]
-    return min(good, key=lambda e: _num(e[key])) if best and good else evs[-1]
+    return min(good, key=lambda e: _num(e[key])) if best and good else evs[-1] if evs else None
 
 def _reduce(axis, xy, pin):
     """Points to fit from raw observations: (x, y, pinned) with per-size medians (N, D) or the compute frontier (C)."""
@@ -176,9 +175,8 @@ def _reduce(axis, xy, pin):
     return ux, my, my >= pin
 
 def _ladder(runs, axis):
-    """Indices of the runs on the best ladder for axis N (fixed arch, D, budget) or D (fixed arch, N and either a
-    fixed sample budget or fixed epochs: budget proportional to D, as train.py's --epochs and the sweep plan it).
-    Best: most distinct values of the axis, then the larger fixed N or D, then a fixed budget over fixed epochs."""
+    """The runs on the best ladder for axis N (fixed arch, D, budget) or D (fixed arch, N, and a fixed budget or fixed
+    epochs, as train.py's --epochs plans it): most distinct values, then the larger fixed N or D, then fixed budget."""
     other = "D" if axis == "N" else "N"
     groups = {}
     for i, r in enumerate(runs):
@@ -189,8 +187,7 @@ def _ladder(runs, axis):
     return groups[key], {"arch": key[0], other: key[1], key[2]: key[3]}
 
 def _holdout_specs(holdout, axes):
-    """{axis: 'largest' | 'largest:K' | value string} from --holdout's AXIS=SPEC items (a spec without an axis
-    applies to every axis; a bare value only when one axis in `axes` has data, as units differ per axis)."""
+    """{axis: 'largest' | 'largest:K' | value} from --holdout's AXIS=SPEC items; no AXIS: every axis in `axes`."""
     specs = {}
     for item in holdout if isinstance(holdout, (list, tuple)) else [holdout] if holdout is not None else []:
         ax, _, spec = str(item).rpartition("=")
@@ -218,8 +215,8 @@ def _holdout_cut(spec, x):
 # ----------------------------------------------------------------------------- fitting
 
 def fit_power(x, y):
-    """E = (k/x)^alpha by least squares on log E = alpha*log k - alpha*log x: alpha, k, r2 (None for a flat series) and
-    rmse in log space, plus what the t-intervals need (slope, intercept, n, residual s.e. s, mean and Sxx of log x)."""
+    """E = (k/x)^alpha by least squares on log E = alpha log k - alpha log x (r2 None for a flat series), and what
+    the t-intervals need."""
     lx, ly = np.log(x), np.log(y)
     mx, sxx, n = lx.mean(), ((lx - lx.mean()) ** 2).sum(), len(lx)
     slope = ((lx - mx) * (ly - ly.mean())).sum() / sxx
@@ -228,9 +225,9 @@ def fit_power(x, y):
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # flat curve: alpha ~ 0, k astronomical
         k = float(np.exp(-intercept / slope))
     r2 = None if np.ptp(ly) < 1e-12 else float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum())
+    s = float(np.sqrt((res ** 2).sum() / (n - 2))) if n > 2 else math.nan  # residual standard error
     return {"alpha": float(-slope), "k": k, "r2": r2, "rmse": float(np.sqrt((res ** 2).mean())), "slope": float(slope),
-            "intercept": float(intercept), "n": n, "s": float(np.sqrt((res ** 2).sum() / (n - 2))) if n > 2 else math.nan,
-            "mean_logx": float(mx), "sxx": float(sxx)}
+            "intercept": float(intercept), "n": n, "s": s, "mean_logx": float(mx), "sxx": float(sxx)}
 
 def _t_intervals(f, level):
     """OLS t-intervals (n-2 dof) for alpha and, by the delta method on log k = mean log x - mean log E / slope, k."""
@@ -256,8 +253,8 @@ def _huber(r):
     return np.where(a <= DELTA, 0.5 * r * r, DELTA * (a - 0.5 * DELTA)).sum(), np.clip(r, -DELTA, DELTA)
 
 def _lse_terms(theta, F):
-    """The log of each term of the saturating or joint law at each point, (n, m+1); E_hat is their exps' sum.
-    F = log X, theta = (a_1, alpha_1, ..., a_m, alpha_m, e): term j is exp(a_j) / X_j^alpha_j, E_inf = exp(e)."""
+    """log of each term at each point (n, m+1), F = log X, theta = (a_1, alpha_1, ..., a_m, alpha_m, e): term j is
+    exp(a_j) / X_j^alpha_j, the last E_inf = exp(e); E_hat is their sum."""
     m = F.shape[1]
     return np.column_stack([theta[0:2 * m:2] - theta[1:2 * m:2] * F, np.full(len(F), theta[-1])])
 
@@ -283,9 +280,8 @@ def _lse_loss(theta, F, ly):
     return loss, grad
 
 def _lse_fit(F, ly, starts, ftol=1e-15):
-    """L-BFGS-B from each start; returns (best theta, its loss, how many starts reached it, whether the best one
-    converged). Optimised with F centred (a_j - alpha_j F_j = (a_j - alpha_j mu_j) - alpha_j (F_j - mu_j)):
-    decorrelates a_j and alpha_j."""
+    """L-BFGS-B from each start, F centred to decorrelate a_j and alpha_j. Returns (best theta, its loss, how many
+    starts reached it, whether the best one converged)."""
     m, mu = F.shape[1], F.mean(0)
     shift = np.zeros(2 * m + 1)
     bounds = [(None, None), (1e-4, 10.0)] * m + [(None, None)]
@@ -301,8 +297,7 @@ def _lse_fit(F, ly, starts, ftol=1e-15):
     return best[1], float(best[0]), reached, bool(best[2])
 
 def _lse_starts(F, ly):
-    """A grid of starts scaled to the data: exponents 0.25, 0.5, 1, 2, each term at half the typical E at the mean
-    log X, E_inf at 1% and 50% of the smallest E. 4^m * 2 starts (32 for the joint law)."""
+    """4^m * 2 starts: exponents 0.25..2, each term half the mean E, E_inf 1% or 50% of the smallest E."""
     m, starts = F.shape[1], []
     for combo in np.array(np.meshgrid(*([(0.25, 0.5, 1.0, 2.0)] * m + [(0.01, 0.5)]))).reshape(m + 1, -1).T:
         th = np.empty(2 * m + 1)
@@ -313,9 +308,8 @@ def _lse_starts(F, ly):
     return starts
 
 def _refit_lse(F, ly, theta, min_distinct):
-    """One bootstrap refit of the saturating or joint law: from the full fit (E_inf lifted to >= 10% of the smallest
-    E, as a floor fitted to ~0 has no gradient left), restarting from 1 in 4 grid starts if that does not converge.
-    Returns the named parameters, or why the draw was dropped."""
+    """One bootstrap refit from the full fit (E_inf lifted to >= 10% of the smallest E: a floor at ~0 has no gradient),
+    else from 1 in 4 grid starts. Returns the named parameters, or why the draw was dropped."""
     if min(len(np.unique(c)) for c in F.T) < min_distinct or len(np.unique(F, axis=0)) < len(theta):
         return f"fewer than {min_distinct} distinct values per variable or {len(theta)} distinct points"
     warm = np.r_[theta[:-1], max(theta[-1], ly.min() + math.log(0.1))]
@@ -324,9 +318,10 @@ def _refit_lse(F, ly, theta, min_distinct):
         th, _, _, ok = _lse_fit(F, ly, _lse_starts(F, ly)[::4], ftol=1e-12)
     return _unpack(th) if ok else "no start converged"
 
-def _fit_lse(F, ly, n_units, data, name, o, min_distinct):
-    """The saturating (F = log X) or joint (F = log N, log D) law fitted to log E = ly from a grid of starts, and its
-    bootstrap over n_units runs (data(draw) -> that draw's F, ly). Returns (theta, summary with ci, kept draws)."""
+def _fit_lse(n_units, data, name, o, min_distinct):
+    """The saturating or joint law fitted to the n_units runs and bootstrapped over them: data(draw) -> (F = log X,
+    log E) of the runs in the draw. Returns (theta, summary with ci, kept draws)."""
+    F, ly = data(np.arange(n_units))
     starts = _lse_starts(F, ly)
     th, loss, reached, converged = _lse_fit(F, ly, starts)
     res = np.log(np.exp(_lse_terms(th, F)).sum(1)) - ly
@@ -335,9 +330,8 @@ def _fit_lse(F, ly, n_units, data, name, o, min_distinct):
                     starts=len(starts), starts_at_best=reached, converged=converged, ci=ci), kept
 
 def _bootstrap(n_units, refit, o, name, names):
-    """The one bootstrap of this file: refit(draw) on o["n_boot"] resamples (with replacement) of the units (runs),
-    drawn from the fit's own stream (seed, name). refit returns a dict of parameters, or a string saying why the draw
-    cannot be used. Returns (kept dicts, {percentile interval per name, n_boot, dropped: {why: count}})."""
+    """The one bootstrap of this file: refit(draw) (parameter dict, or why the draw is unusable) on n_boot resamples of
+    the runs from the fit's own stream. Returns (kept dicts, {interval per name, n_boot, dropped: {why: count}})."""
     rng, kept, dropped = np.random.default_rng([o["seed"], zlib.crc32(name.encode())]), [], {}
     for _ in range(o["n_boot"]):
         p = refit(rng.integers(0, n_units, n_units))
@@ -355,9 +349,8 @@ def _percentile_ci(samples, level):
     return [float(np.percentile(s, q)), float(np.percentile(s, 100 - q))] if len(s) > 1 else None
 
 def _profile(p, logN, logD, ly):
-    """Variable projection's inner step: for fixed exponents p = (alpha, beta) the law is linear in (E_inf, A, B) >= 0;
-    minimise the main fit's objective over them, from a non-negative least squares start on relative residuals
-    (~ log residuals). Returns (loss, [E_inf, A, B])."""
+    """For fixed exponents p the law is linear in (E_inf, A, B) >= 0: the main objective's minimum over them, from an
+    NNLS start on relative residuals. Returns (loss, [E_inf, A, B])."""
     M = np.column_stack([np.ones_like(logN), np.exp(-p[0] * logN), np.exp(-p[1] * logD)])
     col = M.max(0)
     M = M / col  # coefficients on the scale of E
@@ -373,9 +366,8 @@ def _linear_loss(c, M, ly):
     return loss, M.T @ (g / e)
 
 def varpro(logN, logD, y):
-    """Cross-check of the joint fit without starting points, on its objective (summed Huber on log E): the exponents
-    from a 15 x 15 grid then Nelder-Mead, (E_inf, A, B) profiled out. A lower loss here than the main fit's means the
-    main optimiser missed the optimum. Returns dict(einf, A, alpha, B, beta, loss)."""
+    """The joint fit without starting points, on the same objective: exponents from a 15 x 15 grid then Nelder-Mead,
+    (E_inf, A, B) profiled out. A lower loss than the main fit's means the main optimiser missed the optimum."""
     ly, grid = np.log(y), np.linspace(0.05, 3.0, 15)
     p0 = min(((a, b) for a in grid for b in grid), key=lambda p: _profile(p, logN, logD, ly)[0])
     p = optimize.minimize(lambda p: _profile(p, logN, logD, ly)[0] if 0 < min(p) and max(p) <= 10 else np.inf, p0,
@@ -386,8 +378,7 @@ def varpro(logN, logD, y):
 
 @contextlib.contextmanager
 def _one_blas_thread():
-    """OpenBLAS wakes a thread per core even for L-BFGS-B's 5x5 matrices: 10x slower on 2 busy cores (measured).
-    fit_all runs with one thread in the calling thread (numpy/scipy pip wheels' OpenBLAS), restored on return."""
+    """One OpenBLAS thread while fitting (a thread per core for 5x5 matrices: 10x slower on 2 busy cores)."""
     setters = []
     for lib in [lib for pkg in (np, scipy) for lib in glob.glob(os.path.dirname(pkg.__file__) + ".libs/*openblas*")]:
         with contextlib.suppress(OSError, AttributeError):
@@ -460,8 +451,8 @@ def _fit_axis(runs, axis, o):
     if o["saturating"] and use.sum() < 5:  # 3 parameters: with 4 points every bootstrap draw that fits is the data
         out["saturating"] = {"error": f"saturating {axis}: needs at least 5 points, has {use.sum()}"}
     elif o["saturating"]:
-        data = lambda d: _resample(obs, d, axis, cut, o, log=True)
-        out["saturating"] = _fit_lse(*data(range(len(obs))), len(obs), data, f"{axis} saturating", o, 4)[1]
+        out["saturating"] = _fit_lse(len(obs), lambda d: _resample(obs, d, axis, cut, o, log=True),
+                                     f"{axis} saturating", o, 4)[1]
     return out
 
 def _predict(x, y, fitted, held, o):
@@ -495,11 +486,9 @@ def _joint_rows(runs, o):
     """One row per usable run: N, D, E, name, samples seen S, C, whether S was assumed (= D, one pass)."""
     rows = []
     for r in runs:
-        if r["skip"] or not _ok(r["D"]) or isinstance(_observations(r, "N", o["key"], o["best"]), str):
-            continue
-        e = _pick_eval(r, o["key"], o["best"])
-        y, S, C = _num(e[o["key"]]), _num(e.get("samples")), _num(e.get("flops"))
-        if y < o["pin"]:
+        e = None if r["skip"] else _pick_eval(r, o["key"], o["best"])
+        y, S, C = (_num(e[o["key"]]), _num(e.get("samples")), _num(e.get("flops"))) if e else (None, None, None)
+        if _ok(r["N"]) and _ok(r["D"]) and _ok(y) and y < o["pin"]:
             rows.append((r["N"], r["D"], y, r["name"], S if _ok(S) else r["D"], C if _ok(C) else math.nan, not _ok(S)))
     return rows
 
@@ -516,7 +505,7 @@ def _fit_joint(runs, o):
         return {"error": f"joint E(N, D): {use.sum()} runs left after the holdout; need >= 7"}
     F_all = np.log(np.column_stack([N, D]))
     F, ly = F_all[use], np.log(y[use] / o["scale"])
-    th, out, boot = _fit_lse(F, ly, len(ly), lambda d: (F[d], ly[d]), "joint", o, 3)
+    th, out, boot = _fit_lse(len(ly), lambda d: (F[d], ly[d]), "joint", o, 3)
     pred = np.exp(_lse_terms(th, F_all)).sum(1)
     vp = varpro(F[:, 0], F[:, 1], y[use] / o["scale"])
     vpred = vp["einf"] + vp["A"] / N[use] ** vp["alpha"] + vp["B"] / D[use] ** vp["beta"]
@@ -543,8 +532,7 @@ def _optimum(p, fps, C):
     return N, S, p["einf"] + p["A"] / N ** a + p["B"] / S ** b
 
 def _compute_optimal(p, boot, rows, o):
-    """Compute-optimal N and S (samples seen) with CIs and predicted E per FLOP budget; FLOPs per sample seen =
-    c0 N^gamma fitted to the runs' C / S. Default budgets: the biggest run's C, x10, x100."""
+    """N, S (samples seen) and E per FLOP budget (default the biggest run's C, x10, x100), C / S = c0 N^gamma."""
     N, S, C = (np.array([r[i] for r in rows], float) for i in (0, 4, 5))
     have = np.isfinite(C)
     if not have.any():
@@ -570,17 +558,15 @@ def _compute_optimal(p, boot, rows, o):
 @_one_blas_thread()
 def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_boot=1000, seed=0, best=False,
             level=0.95, budgets=None, pinned=PINNED, include_unfinished=False):
-    """Fit every axis and the joint law. points_or_runs: run dicts (load_runs), path(s), or {axis: [(x, y), ...]}
-    with y in the metric's unit (percent for error). holdout: 'AXIS=largest|largest:K|VALUE' or a list of them.
-    Unfinished runs (no result.json) are left out unless include_unfinished. Returns the object `--json` prints; an
-    axis that could not be fitted holds {"error": message}; "ok" says whether anything was fitted. Bad arguments
-    raise ValueError with a one-line message."""
+    """Every axis and the joint law: the object `--json` prints (an unfitted part holds {"error": why}; "ok": anything
+    fitted). points_or_runs: run dicts (load_runs), path(s), or {axis: [(x, y in the metric's unit), ...]}."""
     bad_budget = next((b for b in budgets or [] if not _ok(_num(b))), None)
     for wrong, message in (
             (metric not in METRICS, f"metric {metric!r}: use one of {sorted(METRICS)}"),
             (not 0 < level < 1, f"--ci {level}: give a confidence level between 0 and 1, e.g. 0.95"),
             (n_boot < 1, f"--n-boot {n_boot}: need at least 1 bootstrap draw (1000 or more for a 95% interval)"),
-            (bad_budget is not None, f"--budget {bad_budget}: a FLOP budget must be a positive number, e.g. 1e15 or 3e18")):
+            (bad_budget is not None, f"--budget {bad_budget}: a FLOP budget must be a positive number, e.g. 1e15 or "
+                                     f"3e18")):
         if wrong:
             raise ValueError(message)
     key, src = METRICS[metric], points_or_runs
@@ -630,7 +616,8 @@ def format_table(result):
     u, pts_word = ("%", " points") if result["metric"] in ("error", "test") else ("", "")
     L = [f"metric: {result['metric']} ({result['key']}, {result['unit']}); {result['runs']} runs"]
     if result["unfinished"]:
-        how = "included" if result["include_unfinished"] else "excluded (no result.json; fit them with --include-unfinished)"
+        how = "included" if result["include_unfinished"] else \
+            "excluded (no result.json; fit them with --include-unfinished)"
         L.append(f"  {len(result['unfinished'])} unfinished run(s) {how}: {', '.join(result['unfinished'])}")
     L += [f"  note: {s}" for s in result["notes"]] + [f"  skipped {s}" for s in result["skipped"]]
     level = next((result[a]["ci"]["level"] for a in AXES if "ci" in result[a]), 0.95)
@@ -657,10 +644,11 @@ def format_table(result):
         L += [f"  skipped {s}" for s in r["skipped"]] + [f"  WARNING {w}" for w in r["warnings"]]
         L += [f"  bootstrap dropped {n} draws: {why}" for why, n in r["ci"].get("dropped", {}).items()]
         checks = [("held out (--holdout)", r["holdout"])] * bool(r["holdout"]) + [
-            (f"extrapolation: fit on {e['n_fitted']}, without the largest {e['held_out']}", e) for e in r["extrapolation"]]
+            (f"extrapolation: fit on {e['n_fitted']}, without the largest {e['held_out']}", e)
+            for e in r["extrapolation"]]
         L += [f"  {what}: {ax}={x:.4g} measured {m:.4g}{u}, predicted {pr:.4g}{u} ({pr - m:+.3g}{pts_word}), "
-              f"{level:.0%} prediction interval {_ci([lo, hi])}"
-              for what, h in checks for x, m, pr, lo, hi in zip(*(h[k] for k in ("x", "measured", "predicted", "lo", "hi")))]
+              f"{level:.0%} prediction interval {_ci([lo, hi])}" for what, h in checks
+              for x, m, pr, lo, hi in zip(h["x"], h["measured"], h["predicted"], h["lo"], h["hi"])]
         s = r.get("saturating")
         if s:
             L.append(f"  saturating E_inf + (X_c/X)^alpha: " + (s["error"] if "error" in s else
@@ -676,7 +664,8 @@ def format_table(result):
     L += [f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}   variable projection: {vp[k]:.5g}" for k in JOINT]
     L.append(f"  {j['n_points']} runs, R2(log) {j['r2']:.4f}, RMSE(log) {j['rmse']:.4f}, {j['starts_at_best']}/"
              f"{j['starts']} starts reached the best{'' if j['converged'] else ' (NOT converged)'}; bootstrap: "
-             f"{j['ci']['n_boot']} draws kept" + "".join(f", {n} dropped ({why})" for why, n in j["ci"]["dropped"].items()))
+             f"{j['ci']['n_boot']} draws kept" + "".join(f", {n} dropped ({why})"
+                                                        for why, n in j["ci"]["dropped"].items()))
     L.append(f"  same objective (summed Huber): main fit {j['loss']:.6g}, variable projection {vp['loss']:.6g}; "
              f"predictions differ by at most {vp['max_rel_diff_pred']:.2%}")
     if vp["loss"] < j["loss"] * (1 - 1e-6) - 1e-12:
@@ -696,7 +685,8 @@ def format_table(result):
              f"gamma beta)) ~ C^{co['N_exponent']:.3f}, S_opt = C / (c0 N_opt^gamma) ~ C^{co['S_exponent']:.3f};\n"
              f"    the law is read with D = S (each sample a fresh image)\n    C convention: {co['convention']}")
     if co["multi_epoch"]:
-        L.append(f"    runs trained for more than one epoch (D is not their samples seen): {', '.join(co['multi_epoch'])}")
+        L.append(f"    runs trained for more than one epoch (D is not their samples seen): "
+                 f"{', '.join(co['multi_epoch'])}")
     if co["samples_assumed"]:
         L.append(f"    no 'samples' logged, one pass assumed (S = D): {', '.join(co['samples_assumed'])}")
     L += [f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, S {b['S']:.3g} "
@@ -717,8 +707,7 @@ def _log_ticks(axis, lo, hi):
     axis.set_minor_formatter(ticker.NullFormatter())
 
 def plot_all(result, out_dir):
-    """Log-log PNGs: per axis the points, the fit, its CI band, pinned and held-out points marked; the joint fit
-    as one curve per D. Returns the paths written."""
+    """Log-log PNGs per axis (points, fit, CI band) and of the joint fit (a curve per D); returns their paths."""
     try:
         import matplotlib
         matplotlib.use("Agg")
