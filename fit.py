@@ -560,7 +560,7 @@ def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_bo
             level=0.95, budgets=None, pinned=PINNED, include_unfinished=False):
     """Every axis and the joint law: the object `--json` prints (an unfitted part holds {"error": why}; "ok": anything
     fitted). points_or_runs: run dicts (load_runs), path(s), or {axis: [(x, y in the metric's unit), ...]}."""
-    bad_budget = next((b for b in budgets or [] if not _ok(_num(b))), None)
+    bad_budget = next((str(b) for b in budgets or [] if not _ok(_num(b))), None)
     for wrong, message in (
             (metric not in METRICS, f"metric {metric!r}: use one of {sorted(METRICS)}"),
             (not 0 < level < 1, f"--ci {level}: give a confidence level between 0 and 1, e.g. 0.95"),
@@ -616,8 +616,8 @@ def format_table(result):
     u, pts_word = ("%", " points") if result["metric"] in ("error", "test") else ("", "")
     L = [f"metric: {result['metric']} ({result['key']}, {result['unit']}); {result['runs']} runs"]
     if result["unfinished"]:
-        how = "included" if result["include_unfinished"] else \
-            "excluded (no result.json; fit them with --include-unfinished)"
+        how = ("included" if result["include_unfinished"] else
+               "excluded (no result.json; fit them with --include-unfinished)")
         L.append(f"  {len(result['unfinished'])} unfinished run(s) {how}: {', '.join(result['unfinished'])}")
     L += [f"  note: {s}" for s in result["notes"]] + [f"  skipped {s}" for s in result["skipped"]]
     level = next((result[a]["ci"]["level"] for a in AXES if "ci" in result[a]), 0.95)
@@ -637,13 +637,13 @@ def format_table(result):
         L.append(f"\n{ax} points" + (f" (ladder at {grp})" if grp else "") + f": {ax}, {result['metric']}{u}")
         for p in r["points"]:
             tag = " PINNED (not fitted)" if p["pinned"] else " HELD OUT" if p["held_out"] else ""
-            who = f"{len(p['runs'])} runs {p['spread'][0]:.4g}..{p['spread'][1]:.4g}" if len(p["runs"]) > 1 else \
-                p["runs"][0]
+            n = len(p["runs"])
+            who = f"{n} runs {p['spread'][0]:.4g}..{p['spread'][1]:.4g}" if n > 1 else p["runs"][0]
             L.append(f"  {p['x']:>11.4g} {p['y']:>9.4g}  log resid {p['log_residual']:+.4f}  {who}{tag}"
                      + " (unfinished)" * p["unfinished"])
         L += [f"  skipped {s}" for s in r["skipped"]] + [f"  WARNING {w}" for w in r["warnings"]]
         L += [f"  bootstrap dropped {n} draws: {why}" for why, n in r["ci"].get("dropped", {}).items()]
-        checks = [("held out (--holdout)", r["holdout"])] * bool(r["holdout"]) + [
+        checks = ([("held out (--holdout)", r["holdout"])] if r["holdout"] else []) + [
             (f"extrapolation: fit on {e['n_fitted']}, without the largest {e['held_out']}", e)
             for e in r["extrapolation"]]
         L += [f"  {what}: {ax}={x:.4g} measured {m:.4g}{u}, predicted {pr:.4g}{u} ({pr - m:+.3g}{pts_word}), "
