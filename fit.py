@@ -1,25 +1,26 @@
-"""fit.py: scaling laws from run folders (or a table of points), with error bars, a held-out check and plots.
+"""fit.py: scaling laws from run folders (or a table of points), with error bars, extrapolation checks and plots.
 
-    python fit.py runs/                                   # E(N), E(D), E(C) and the joint E(N, D)
+    python fit.py runs/                                   # E(N), E(D), E(C), the joint E(N, D), compute-optimal N, S
     python fit.py runs/ --where arch=parseq --metric loss --plot plots/ --json
-    python fit.py tests/trocr_size_points.csv --holdout largest     # the paper's TrOCR-H check
+    python fit.py tests/trocr_size_points.csv --holdout N=largest    # the paper's TrOCR-H check
 
-Laws (Rang et al. 2024, arXiv 2401.00028; ../shared/paper.md section 2), word error fitted as a FRACTION (the TrOCR
-size law's X_c is ~1.97e4, as printed; tables show percent), goodness as R^2 and RMSE of log E, CIs by a percentile
-bootstrap over runs (all points of a run together):
-- per axis X in {N, D, C}: E = (X_c / X)^alpha by least squares in log-log space, as the study fitted;
-  `--saturating` adds E = E_inf + (X_c / X)^alpha (Huber loss on log E).
-- joint: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: Huber delta=1e-3 on log E, L-BFGS-B from a
-  grid of starts), cross-checked by variable projection; from it the compute-optimal N and D for a FLOP budget.
-Points, from train.py's run folders (config.json + metrics.jsonl, error in percent) or a CSV of one finished run per
-row (header: any of N, D, C; one of E (word error %), acc (word accuracy %), loss; optional label, arch, seed):
-- E(N): each run's final eval (`--best`: its best) on the ladder of runs sharing (arch, D, sample budget) with the
-  most distinct N; the median of a size's seeds is fitted, their spread reported. E(D): likewise at fixed N.
-- E(C): the lower envelope (compute frontier) of every eval of every run. Joint: every run's final point.
-Error at >= 99.5% (a model that reads nothing) carries no information: flagged, kept out of every fit.
-Not done here: training (train.py), IsoFLOP parabolas (biased even on clean data: Czech et al. 2026), other forms.
+Laws (Rang et al. 2024, arXiv 2401.00028; ../shared/paper.md section 2), word error fitted as a FRACTION (tables show
+percent); each fit draws from its own random stream (seed, fit name):
+- per axis X in {N, D, C}: E = (X_c / X)^alpha, least squares in log-log space as the study fitted. Intervals: the OLS
+  t-interval below 8 points (a bootstrap over 3-5 points spans only the pairwise slopes), else a percentile bootstrap
+  over runs. Each axis is refitted without its largest 1 and 2 points to predict them. `--saturating`: E_inf + power.
+- joint: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: summed Huber on log E, L-BFGS-B from a grid of
+  starts), cross-checked by variable projection on the same objective; bootstrap draws that cannot identify the law
+  or do not converge are dropped and counted.
+- compute-optimal N and S (samples seen) for C = c0 N^gamma S, c0 N^gamma fitted to the runs' C / samples seen.
+Points: train.py's run folders (finished ones unless --include-unfinished) or a CSV, a run per row (header: any of N, D,
+C, samples; one of E, acc, loss; optional label, arch, seed; numbers may end in K/M/B/G, errors <= 1 are fractions).
+E(N): each run's final eval (--best: its best) on the ladder of runs sharing (arch, D, sample budget) with the most
+distinct N, the median of a size's seeds; E(D) likewise; E(C): the lower envelope of every eval of every run.
+Error >= 99.5% (a model that reads nothing) is never fitted. Not done here: training, IsoFLOP parabolas.
 """
 import argparse
+import contextlib
 import csv
 import ctypes
 import glob
@@ -27,53 +28,34 @@ import json
 import math
 import os
 import sys
+import zlib
 
 import numpy as np
 import scipy
 from scipy import optimize
+from scipy.special import stdtrit  # Student t quantile: stdtrit(dof, p)
 
 METRICS = {"error": "val_error", "loss": "val_loss", "test": "test_error"}  # metrics.jsonl key per --metric
-PINNED = 99.5         # % word error at or above which a model reads nothing: flagged, never fitted
-DELTA = 1e-3          # Huber delta on log E (Chinchilla approach 3)
-MAX_NONLINEAR_BOOT = 200  # bootstrap draws for the L-BFGS fits (each is a refit); the log-log fits use n_boot
+PINNED = 99.5    # % word error at or above which a model reads nothing: flagged, never fitted
+DELTA = 1e-3     # Huber delta on log E (Chinchilla approach 3)
+SMALL_N = 8      # below this many points an axis gets t-intervals instead of the run bootstrap
 AXES = ("N", "D", "C")
-
-
-def _one_blas_thread():
-    """OpenBLAS wakes a thread per core even for L-BFGS-B's 5x5 matrices: 10x slower on 2 busy cores (measured).
-    Best effort, for the pip wheels' bundled OpenBLAS (already loaded: CDLL gets the same library)."""
-    for pkg in (np, scipy):
-        for lib in glob.glob(os.path.join(os.path.dirname(pkg.__file__) + ".libs", "*openblas*")):
-            try:
-                dll = ctypes.CDLL(lib)
-            except OSError:
-                continue
-            for sym in ("scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
-                        "openblas_set_num_threads"):
-                if hasattr(dll, sym):
-                    getattr(dll, sym)(1)
-                    break
-
-_one_blas_thread()
+SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
+JOINT = ("einf", "A", "alpha", "B", "beta")
 
 # ----------------------------------------------------------------------------- reading runs
 
 def _num(v):
+    """A float from a number or a string such as '43.5M' (K, M, B, G suffixes); None if unreadable."""
+    s = v.strip() if isinstance(v, str) else v
+    mult = SUFFIX.get(s[-1:].upper(), 1.0) if isinstance(s, str) else 1.0
     try:
-        return float(v)
+        return float(s[:-1] if mult != 1.0 else s) * mult
     except (TypeError, ValueError):
         return None
 
 def _ok(v):
     return v is not None and math.isfinite(v) and v > 0
-
-def _parse_where(where):
-    if isinstance(where, dict):
-        return {k: str(v) for k, v in where.items()}
-    for item in where or []:
-        if "=" not in item:
-            raise ValueError(f"--where {item!r}: expected KEY=VALUE, e.g. arch=parseq")
-    return dict(item.split("=", 1) for item in where or [])
 
 def _matches(config, where):
     for key, want in where.items():
@@ -81,34 +63,38 @@ def _matches(config, where):
         for part in key.split("."):  # model.enc_width=64 reaches into nested dicts
             v = v.get(part) if isinstance(v, dict) else None
         numeric = _num(v) is not None and _num(want) is not None
-        if v is None or (_num(v) != _num(want) if numeric else str(v) != want):
+        if v is None or (_num(v) != _num(want) if numeric else str(v) != str(want)):
             return False
     return True
 
-def _make_run(name, config, evals, finished):
+def _make_run(name, config, evals, finished, malformed=0):
     # the sample budget: config "train_samples", else the samples seen at the last eval
     budget = _num(config.get("train_samples"))
     if budget is None and evals and _num(evals[-1].get("samples")):
         budget = float(f"{_num(evals[-1]['samples']):.2g}")  # 2 significant figures absorb batch rounding
     return {"name": name, "config": config, "evals": evals, "finished": finished, "arch": config.get("arch"),
-            "N": _num(config.get("N")), "D": _num(config.get("D")), "budget": budget,
+            "N": _num(config.get("N")), "D": _num(config.get("D")), "budget": budget, "malformed": malformed,
             "skip": None if evals else "no evals in metrics.jsonl (still starting, or crashed before its first eval)"}
 
 def _read_run(folder):
     try:
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
         return dict(_make_run(folder, {}, [], False), skip=f"unreadable config.json ({e})")
-    evals, path = [], os.path.join(folder, "metrics.jsonl")
+    evals, bad, path = [], 0, os.path.join(folder, "metrics.jsonl")
     if os.path.exists(path):
         with open(path) as f:
-            for line in f:
+            for line in filter(str.strip, f):
                 try:
-                    evals.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # blank, or the last line of a run killed mid-write
-    return _make_run(folder, config, evals, os.path.exists(os.path.join(folder, "result.json")))
+                    e = json.loads(line)
+                except json.JSONDecodeError:  # e.g. the last line of a run killed mid-write
+                    e = None
+                evals += [e] if isinstance(e, dict) else []
+                bad += not isinstance(e, dict)
+    return _make_run(folder, config, evals, os.path.exists(os.path.join(folder, "result.json")), bad)
 
 def _read_csv(path):
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
@@ -116,24 +102,31 @@ def _read_csv(path):
                 for row in csv.DictReader(f)]
     cols = set(rows[0]) if rows else set()
     if not rows or not cols & {"N", "D", "C"} or not cols & {"E", "acc", "loss"}:
-        raise ValueError(f"{path}: needs a header with at least one of N, D, C and one of E (word error %), acc "
-                         f"(word accuracy %), loss, and at least one row; found columns {sorted(cols) or 'none'}")
+        raise ValueError(f"{path}: needs a header with at least one of N, D, C and one of E (word error), acc "
+                         f"(word accuracy), loss, and at least one row; found columns {sorted(cols) or 'none'}")
+    accs = [a for a in (_num(r.get("acc")) for r in rows) if a is not None and math.isfinite(a)]
+    top = 1.0 if accs and max(accs) <= 1 else 100.0  # accuracy as a fraction: error = 1 - acc (fit_all says so)
     runs = []
     for i, row in enumerate(rows):
         acc = _num(row.get("acc"))
-        err = _num(row.get("E")) if "E" in cols else (None if acc is None else 100 - acc)
-        ev = {"flops": _num(row.get("C")), "val_error": err, "test_error": err, "val_loss": _num(row.get("loss"))}
-        config = {k: (_num(v) if k in ("N", "D", "C") else v) for k, v in row.items() if k and v != ""}
-        if _ok(config.get("C")) and _ok(config.get("D")):
-            config["flops_per_sample"] = config["C"] / config["D"]
-        runs.append(_make_run(row.get("label") or f"{path}:{i + 2}", config, [ev], True))
+        err = _num(row.get("E")) if "E" in cols else (None if acc is None else top - acc)
+        ev = {"flops": _num(row.get("C")), "samples": _num(row.get("samples")), "val_error": err, "test_error": err,
+              "val_loss": _num(row.get("loss"))}
+        config = {k: (_num(v) if k in AXES else v) for k, v in row.items() if k and v != ""}
+        bad = [f"{k}={row[k]!r}" for k in (*AXES, "samples", "E", "acc", "loss") if row.get(k) and _num(row[k]) is None]
+        run = _make_run(row.get("label") or f"{path}:{i + 2}", config, [ev], True)
+        runs.append(dict(run, skip=f"unreadable {', '.join(bad)}") if bad else run)
     return runs
 
 def load_runs(paths, where=None):
-    """Run dicts from run folders (searched recursively for config.json) and/or CSV files, filtered by `where`
-    ({key: value} or ["key=value", ...], any config.json field, dotted for nested ones). Each run: name, config,
-    evals (the metrics.jsonl lines), finished (result.json present), arch, N, D, budget, skip (why unusable)."""
-    where, runs = _parse_where(where), []
+    """Run dicts (name, config, evals, finished, arch, N, D, budget, malformed, skip) from run folders (searched
+    recursively) and/or CSV files, filtered by `where`: {key: value} or ["key=value", ...], dotted for nested keys."""
+    if not isinstance(where, dict):
+        for item in where or []:
+            if "=" not in item:
+                raise ValueError(f"--where {item!r}: expected KEY=VALUE, e.g. arch=parseq")
+        where = dict(item.split("=", 1) for item in where or [])
+    runs = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         if os.path.isfile(p) and str(p).lower().endswith(".csv"):
             runs += _read_csv(p)
@@ -157,12 +150,16 @@ def _observations(run, axis, key, best):
         xy = np.array([(_num(e.get("flops")) or np.nan, _num(e[key])) for e in evs])
         xy = xy[np.isfinite(xy).all(1) & (xy > 0).all(1)]
         return xy if len(xy) else f"no eval with finite positive 'flops' and '{key}'"
-    good = [e for e in evs if _ok(_num(e[key]))]
-    e = min(good, key=lambda e: _num(e[key])) if best and good else evs[-1]
-    x, y = run[axis], _num(e[key])
+    x, y = run[axis], _num(_pick_eval(run, key, best)[key])
     if not (_ok(x) and _ok(y)):
         return f"{axis}={x}, {key}={y}: need finite positive values (log space)"
     return np.array([[x, y]])
+
+def _pick_eval(run, key, best):
+    """The eval a run stands for: its last one with the metric, or (best) the lowest; None if none has it."""
+    evs = [e for e in run["evals"] if _num(e.get(key)) is not None]
+    good = [e for e in evs if _ok(_num(e[key]))]
+    return min(good, key=lambda e: _num(e[key])) if best and good else evs[-1] if evs else None
 
 def _reduce(axis, xy, pin):
     """Points to fit from raw observations: (x, y, pinned) with per-size medians (N, D) or the compute frontier (C)."""
@@ -178,9 +175,8 @@ def _reduce(axis, xy, pin):
     return ux, my, my >= pin
 
 def _ladder(runs, axis):
-    """Indices of the runs on the best ladder for axis N (fixed arch, D, budget) or D (fixed arch, N and either a
-    fixed sample budget or fixed epochs: budget proportional to D, as train.py's --epochs and the sweep plan it).
-    Best: most distinct values of the axis, then the larger fixed N or D, then a fixed budget over fixed epochs."""
+    """The runs on the best ladder for axis N (fixed arch, D, budget) or D (fixed arch, N, and a fixed budget or fixed
+    epochs, as train.py's --epochs plans it): most distinct values, then the larger fixed N or D, then fixed budget."""
     other = "D" if axis == "N" else "N"
     groups = {}
     for i, r in enumerate(runs):
@@ -190,30 +186,83 @@ def _ladder(runs, axis):
     key = max(groups, key=lambda k: (len({runs[i][axis] for i in groups[k]}), k[1] or 0, k[2] == "budget"))
     return groups[key], {"arch": key[0], other: key[1], key[2]: key[3]}
 
+def _holdout_specs(holdout, axes):
+    """{axis: 'largest' | 'largest:K' | value} from --holdout's AXIS=SPEC items; no AXIS: every axis in `axes`."""
+    specs = {}
+    for item in holdout if isinstance(holdout, (list, tuple)) else [holdout] if holdout is not None else []:
+        ax, _, spec = str(item).rpartition("=")
+        ax, spec = ax.strip(), spec.strip()
+        largest = spec == "largest" or (spec.startswith("largest:") and spec[8:].isdigit() and int(spec[8:]) > 0)
+        if (ax and ax not in AXES) or not (largest or _num(spec) is not None):
+            raise ValueError(f"--holdout {item!r}: use AXIS=largest, AXIS=largest:K or AXIS=VALUE (x >= VALUE), "
+                             f"AXIS one of N, D, C; e.g. N=largest or D=5e4")
+        if not ax and not largest and len(axes) > 1:
+            raise ValueError(f"--holdout {item!r}: a bare value is ambiguous with {len(axes)} axes fitted "
+                             f"({', '.join(axes)}); name the axis, e.g. {axes[0]}={spec}")
+        specs.update({a: spec for a in ([ax] if ax else AXES)})
+    return specs
+
+def _holdout_cut(spec, x):
+    """Points with x >= the returned value are held out of the fit (inf: none)."""
+    if spec is None or not len(x):
+        return math.inf
+    if spec.startswith("largest"):
+        ux = np.unique(x)
+        return ux[-min(int(spec[8:] or 1), len(ux))]
+    return _num(spec)
+
+
 # ----------------------------------------------------------------------------- fitting
 
-def _goodness(res, ly):
-    """R^2 and RMSE in log space, from the residuals and the log targets."""
-    ss = ((ly - ly.mean()) ** 2).sum()
-    return (1 - (res ** 2).sum() / ss if ss else 1.0), float(np.sqrt((res ** 2).mean()))
-
 def fit_power(x, y):
-    """E = (k/x)^alpha by least squares on log E = alpha*log k - alpha*log x.
-    Returns alpha, k, r2, rmse (log space) and the line's coefficients (slope, intercept) of log E on log x."""
+    """E = (k/x)^alpha by least squares on log E = alpha log k - alpha log x (r2 None for a flat series), and what
+    the t-intervals need."""
     lx, ly = np.log(x), np.log(y)
-    dx, dy = lx - lx.mean(), ly - ly.mean()
-    slope = (dx * dy).sum() / (dx * dx).sum()
-    c = np.array([slope, ly.mean() - slope * lx.mean()])
+    mx, sxx, n = lx.mean(), ((lx - lx.mean()) ** 2).sum(), len(lx)
+    slope = ((lx - mx) * (ly - ly.mean())).sum() / sxx
+    intercept = ly.mean() - slope * mx
+    res = ly - intercept - slope * lx
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # flat curve: alpha ~ 0, k astronomical
-        k = float(np.exp(c[1] / -c[0]))
-    r2, rmse = _goodness(dy - slope * dx, ly)
-    return -c[0], k, r2, rmse, c
+        k = float(np.exp(-intercept / slope))
+    r2 = None if np.ptp(ly) < 1e-12 else float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum())
+    s = float(np.sqrt((res ** 2).sum() / (n - 2))) if n > 2 else math.nan  # residual standard error
+    return {"alpha": float(-slope), "k": k, "r2": r2, "rmse": float(np.sqrt((res ** 2).mean())), "slope": float(slope),
+            "intercept": float(intercept), "n": n, "s": s, "mean_logx": float(mx), "sxx": float(sxx)}
+
+def _t_intervals(f, level):
+    """OLS t-intervals (n-2 dof) for alpha and, by the delta method on log k = mean log x - mean log E / slope, k."""
+    t, b = stdtrit(f["n"] - 2, 0.5 + level / 2), np.float64(f["slope"])
+    my = f["intercept"] + b * f["mean_logx"]
+    with np.errstate(all="ignore"):  # a flat series: slope 0, k undefined
+        se_logk = f["s"] * np.sqrt(1 / (f["n"] * b ** 2) + my ** 2 / (b ** 4 * f["sxx"]))
+        k_ci = np.exp(np.log(f["k"]) + np.array([-t, t]) * se_logk).tolist()
+    half = t * f["s"] / math.sqrt(f["sxx"])
+    return {"alpha": [f["alpha"] - half, f["alpha"] + half], "k": k_ci}
+
+def _line_interval(f, x, level, new):
+    """Fitted E at x with its t-interval (n-2 dof): for the line (new=False) or for a new point (prediction)."""
+    lx = np.log(np.asarray(x, float))
+    t = stdtrit(f["n"] - 2, 0.5 + level / 2)
+    half = t * f["s"] * np.sqrt(new + 1 / f["n"] + (lx - f["mean_logx"]) ** 2 / f["sxx"])
+    mid = f["intercept"] + f["slope"] * lx
+    return np.exp(mid), np.exp(mid - half), np.exp(mid + half)
+
+def _huber(r):
+    """Summed Huber loss of the residuals r and its derivative per residual."""
+    a = np.abs(r)
+    return np.where(a <= DELTA, 0.5 * r * r, DELTA * (a - 0.5 * DELTA)).sum(), np.clip(r, -DELTA, DELTA)
 
 def _lse_terms(theta, F):
-    """The log of each term of the saturating or joint law at each point, (n, m+1); E_hat is their exps' sum.
-    F = log X, theta = (a_1, alpha_1, ..., a_m, alpha_m, e): term j is exp(a_j) / X_j^alpha_j, E_inf = exp(e)."""
+    """log of each term at each point (n, m+1), F = log X, theta = (a_1, alpha_1, ..., a_m, alpha_m, e): term j is
+    exp(a_j) / X_j^alpha_j, the last E_inf = exp(e); E_hat is their sum."""
     m = F.shape[1]
     return np.column_stack([theta[0:2 * m:2] - theta[1:2 * m:2] * F, np.full(len(F), theta[-1])])
+
+def _unpack(t):
+    """Named parameters of the saturating (3 numbers) or joint (5) law's theta."""
+    if len(t) == 3:
+        return {"einf": float(np.exp(t[2])), "alpha": float(t[1]), "k": float(np.exp(t[0] / t[1]))}
+    return dict(zip(JOINT, (float(np.exp(t[4])), float(np.exp(t[0])), float(t[1]), float(np.exp(t[2])), float(t[3]))))
 
 def _lse_loss(theta, F, ly):
     """Summed Huber loss of log E_hat - log E, and its gradient."""
@@ -222,20 +271,17 @@ def _lse_loss(theta, F, ly):
     zmax = Z.max(1, keepdims=True)
     W = np.exp(Z - zmax)
     S = W.sum(1, keepdims=True)
-    r = zmax[:, 0] + np.log(S[:, 0]) - ly
+    loss, g = _huber(zmax[:, 0] + np.log(S[:, 0]) - ly)
     W /= S  # d log E_hat / d log term
-    absr = np.abs(r)
-    loss = np.where(absr <= DELTA, 0.5 * r * r, DELTA * (absr - 0.5 * DELTA)).sum()
-    g = np.clip(r, -DELTA, DELTA)  # d Huber / d r
     grad = np.empty_like(theta)
     grad[0:2 * m:2] = g @ W[:, :m]
     grad[1:2 * m:2] = -(g[:, None] * W[:, :m] * F).sum(0)
     grad[-1] = g @ W[:, m]
     return loss, grad
 
-def _lse_fit(F, ly, starts):
-    """L-BFGS-B from each start; returns (best theta, its loss, how many starts reached it). Optimised with F
-    centred (a_j - alpha_j * F_j = (a_j - alpha_j * mu_j) - alpha_j * (F_j - mu_j)): decorrelates a_j and alpha_j."""
+def _lse_fit(F, ly, starts, ftol=1e-15):
+    """L-BFGS-B from each start, F centred to decorrelate a_j and alpha_j. Returns (best theta, its loss, how many
+    starts reached it, whether the best one converged)."""
     m, mu = F.shape[1], F.mean(0)
     shift = np.zeros(2 * m + 1)
     bounds = [(None, None), (1e-4, 10.0)] * m + [(None, None)]
@@ -243,18 +289,17 @@ def _lse_fit(F, ly, starts):
     for s in starts:
         shift[0:2 * m:2] = s[1:2 * m:2] * mu
         f = optimize.minimize(_lse_loss, s - shift, args=(F - mu, ly), jac=True, method="L-BFGS-B", bounds=bounds,
-                              options=dict(maxiter=5000, ftol=1e-15, gtol=1e-12))
+                              options=dict(maxiter=5000, ftol=ftol, gtol=ftol * 1e3))
         shift[0:2 * m:2] = f.x[1:2 * m:2] * mu
-        fits.append((f.fun, f.x + shift))
+        fits.append((f.fun, f.x + shift, f.success))
     best = min(fits, key=lambda f: f[0])
     reached = int(sum(f[0] <= best[0] * (1 + 1e-3) + 1e-12 for f in fits))
-    return best[1], float(best[0]), reached
+    return best[1], float(best[0]), reached, bool(best[2])
 
-def _lse_starts(F, ly, alphas=(0.25, 0.5, 1.0, 2.0), floors=(0.01, 0.5)):
-    """A grid of starts scaled to the data: every exponent in `alphas`, each term at half the typical E at the mean
-    log X, E_inf at each of `floors` times the smallest E. 4^m * 2 starts (32 for the joint law)."""
+def _lse_starts(F, ly):
+    """4^m * 2 starts: exponents 0.25..2, each term half the mean E, E_inf 1% or 50% of the smallest E."""
     m, starts = F.shape[1], []
-    for combo in np.array(np.meshgrid(*([alphas] * m + [floors]))).reshape(m + 1, -1).T:
+    for combo in np.array(np.meshgrid(*([(0.25, 0.5, 1.0, 2.0)] * m + [(0.01, 0.5)]))).reshape(m + 1, -1).T:
         th = np.empty(2 * m + 1)
         th[1:2 * m:2] = combo[:m]
         th[0:2 * m:2] = combo[:m] * F.mean(0) + ly.mean() + math.log(0.5)
@@ -262,46 +307,40 @@ def _lse_starts(F, ly, alphas=(0.25, 0.5, 1.0, 2.0), floors=(0.01, 0.5)):
         starts.append(th)
     return starts
 
-def _warm(theta, y):
-    """Bootstrap start: the full-data fit with E_inf lifted to >= 10% of the smallest E (a floor fitted to ~0 has
-    no gradient left and would stay stuck there)."""
-    return np.r_[theta[:-1], max(theta[-1], math.log(0.1 * y.min()))]
+def _refit_lse(F, ly, theta, min_distinct):
+    """One bootstrap refit from the full fit (E_inf lifted to >= 10% of the smallest E: a floor at ~0 has no gradient),
+    else from 1 in 4 grid starts. Returns the named parameters, or why the draw was dropped."""
+    if min(len(np.unique(c)) for c in F.T) < min_distinct or len(np.unique(F, axis=0)) < len(theta):
+        return f"fewer than {min_distinct} distinct values per variable or {len(theta)} distinct points"
+    warm = np.r_[theta[:-1], max(theta[-1], ly.min() + math.log(0.1))]
+    th, _, _, ok = _lse_fit(F, ly, [warm], ftol=1e-12)
+    if not ok:
+        th, _, _, ok = _lse_fit(F, ly, _lse_starts(F, ly)[::4], ftol=1e-12)
+    return _unpack(th) if ok else "no start converged"
 
-def varpro(logN, logD, y):
-    """Cross-check of the joint fit without starting points: for fixed (alpha, beta) the law is linear in
-    (E_inf, A, B), solved by non-negative least squares on relative residuals (E_hat - E)/E ~ log E_hat - log E;
-    (alpha, beta) from a grid, then Nelder-Mead. Returns dict(einf, A, alpha, B, beta)."""
-    def inner(p):
-        M = np.column_stack([np.ones_like(y), np.exp(-p[0] * logN), np.exp(-p[1] * logD)]) / y[:, None]
-        scale = np.linalg.norm(M, axis=0)
-        coef, rnorm = optimize.nnls(M / scale, np.ones_like(y))
-        return coef / scale, rnorm
-    grid = np.linspace(0.02, 3.0, 40)
-    p0 = min(((a, b) for a in grid for b in grid), key=lambda p: inner(p)[1])
-    p = optimize.minimize(lambda p: inner(p)[1] if min(p) > 0 else np.inf, p0, method="Nelder-Mead",
-                          options=dict(xatol=1e-9, fatol=1e-15, maxiter=4000)).x
-    c = inner(p)[0]
-    return {"einf": float(c[0]), "A": float(c[1]), "alpha": float(p[0]), "B": float(c[2]), "beta": float(p[1])}
+def _fit_lse(n_units, data, name, o, min_distinct):
+    """The saturating or joint law fitted to the n_units runs and bootstrapped over them: data(draw) -> (F = log X,
+    log E) of the runs in the draw. Returns (theta, summary with ci, kept draws)."""
+    F, ly = data(np.arange(n_units))
+    starts = _lse_starts(F, ly)
+    th, loss, reached, converged = _lse_fit(F, ly, starts)
+    res = np.log(np.exp(_lse_terms(th, F)).sum(1)) - ly
+    kept, ci = _bootstrap(n_units, lambda d: _refit_lse(*data(d), th, min_distinct), o, name, tuple(_unpack(th)))
+    return th, dict(_unpack(th), r2=float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum()), loss=loss,
+                    starts=len(starts), starts_at_best=reached, converged=converged, ci=ci), kept
 
-# ----------------------------------------------------------------------------- per axis and joint
-
-def _holdout_cut(spec, axis, x):
-    """Points with x >= the returned value are held out of the fit (inf: none)."""
-    if not spec:
-        return math.inf
-    spec = str(spec)
-    if "=" in spec:
-        ax, spec = spec.split("=", 1)
-        if ax.strip() != axis:
-            return math.inf
-    if spec.startswith("largest"):
-        k = int(spec.split(":")[1]) if ":" in spec else 1
-        ux = np.unique(x)
-        return ux[-min(k, len(ux))] if len(ux) else math.inf
-    v = _num(spec)
-    if v is None:
-        raise ValueError(f"--holdout {spec!r}: use largest, largest:K, a value, or AXIS=VALUE (e.g. N=5e8)")
-    return v
+def _bootstrap(n_units, refit, o, name, names):
+    """The one bootstrap of this file: refit(draw) (parameter dict, or why the draw is unusable) on n_boot resamples of
+    the runs from the fit's own stream. Returns (kept dicts, {interval per name, n_boot, dropped: {why: count}})."""
+    rng, kept, dropped = np.random.default_rng([o["seed"], zlib.crc32(name.encode())]), [], {}
+    for _ in range(o["n_boot"]):
+        p = refit(rng.integers(0, n_units, n_units))
+        if isinstance(p, str):
+            dropped[p] = dropped.get(p, 0) + 1
+        else:
+            kept.append(p)
+    ci = {k: _percentile_ci([p[k] for p in kept], o["level"]) for k in names}
+    return kept, dict(ci, n_boot=len(kept), dropped=dropped)
 
 def _percentile_ci(samples, level):
     s = np.asarray(samples, float)
@@ -309,202 +348,227 @@ def _percentile_ci(samples, level):
     q = 50 * (1 - level)
     return [float(np.percentile(s, q)), float(np.percentile(s, 100 - q))] if len(s) > 1 else None
 
+def _profile(p, logN, logD, ly):
+    """For fixed exponents p the law is linear in (E_inf, A, B) >= 0: the main objective's minimum over them, from an
+    NNLS start on relative residuals. Returns (loss, [E_inf, A, B])."""
+    M = np.column_stack([np.ones_like(logN), np.exp(-p[0] * logN), np.exp(-p[1] * logD)])
+    col = M.max(0)
+    M = M / col  # coefficients on the scale of E
+    y = np.exp(ly)
+    start = optimize.nnls(M / y[:, None], np.ones_like(y))[0]
+    f = optimize.minimize(_linear_loss, start, args=(M, ly), jac=True, method="L-BFGS-B", bounds=[(0, None)] * 3,
+                          options=dict(maxiter=2000, ftol=1e-15, gtol=1e-12))
+    return f.fun, f.x / col
+
+def _linear_loss(c, M, ly):
+    e = np.maximum(M @ c, 1e-300)
+    loss, g = _huber(np.log(e) - ly)
+    return loss, M.T @ (g / e)
+
+def varpro(logN, logD, y):
+    """The joint fit without starting points, on the same objective: exponents from a 15 x 15 grid then Nelder-Mead,
+    (E_inf, A, B) profiled out. A lower loss than the main fit's means the main optimiser missed the optimum."""
+    ly, grid = np.log(y), np.linspace(0.05, 3.0, 15)
+    p0 = min(((a, b) for a in grid for b in grid), key=lambda p: _profile(p, logN, logD, ly)[0])
+    p = optimize.minimize(lambda p: _profile(p, logN, logD, ly)[0] if 0 < min(p) and max(p) <= 10 else np.inf, p0,
+                          method="Nelder-Mead", options=dict(xatol=1e-8, fatol=1e-15, maxiter=2000)).x
+    loss, c = _profile(p, logN, logD, ly)
+    return {"einf": float(c[0]), "A": float(c[1]), "alpha": float(p[0]), "B": float(c[2]), "beta": float(p[1]),
+            "loss": float(loss)}
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """One OpenBLAS thread while fitting (a thread per core for 5x5 matrices: 10x slower on 2 busy cores)."""
+    setters = []
+    for lib in [lib for pkg in (np, scipy) for lib in glob.glob(os.path.dirname(pkg.__file__) + ".libs/*openblas*")]:
+        with contextlib.suppress(OSError, AttributeError):
+            setters.append(ctypes.CDLL(lib).openblas_set_num_threads_local)
+    before = [set_threads(1) for set_threads in setters]
+    try:
+        yield
+    finally:
+        for set_threads, n in zip(setters, before):
+            set_threads(n)
+
+# ----------------------------------------------------------------------------- per axis and joint
+
+def _has_axis(run, axis):
+    return any(e.get("flops") is not None for e in run["evals"]) if axis == "C" else run[axis] is not None
+
 def _fit_axis(runs, axis, o):
-    key, scale, pin = o["key"], o["scale"], o["pin"]
-    has_x = lambda r: any(e.get("flops") is not None for e in r["evals"]) if axis == "C" else r[axis] is not None
-    cand = [r for r in runs if not r["skip"] and has_x(r)]
+    key, scale = o["key"], o["scale"]
+    cand = [r for r in runs if not r["skip"] and _has_axis(r, axis)]
     if not cand:
         source = "'flops' in metrics.jsonl" if axis == "C" else f"config.json '{axis}'"
         return {"error": f"no run has {axis} ({source} or a CSV column '{axis}')"}
-    skipped, obs, used, group = [], [], [], None
-    for r in cand:
-        xy = _observations(r, axis, key, o["best"])
-        if isinstance(xy, str):
-            skipped.append(f"{r['name']}: {xy}")
-        else:
-            obs.append(xy)
-            used.append(r)
+    obs = [(r, _observations(r, axis, key, o["best"])) for r in cand]  # (run, its (x, y) array or why it has none)
+    skipped = [f"{r['name']}: {xy}" for r, xy in obs if isinstance(xy, str)]
+    obs, group = [(r, xy) for r, xy in obs if not isinstance(xy, str)], None
     if axis != "C" and obs:
-        idx, group = _ladder(used, axis)
+        idx, group = _ladder([r for r, _ in obs], axis)
         if len(obs) > len(idx):
             fixed = ", ".join(f"{k}={v}" for k, v in group.items())
             skipped.append(f"{len(obs) - len(idx)} run(s) off this ladder (fixed {fixed})")
-        obs, used = [obs[i] for i in idx], [used[i] for i in idx]
-    out = {"group": group, "skipped": skipped, "n_runs": len(obs)}
+        obs = [obs[i] for i in idx]
+    out = {"group": group, "skipped": skipped, "n_runs": len(obs), "warnings": []}
     if not obs:
         return dict(out, error=f"{axis}: no usable runs")
-    x, y, pinned = _reduce(axis, np.concatenate(obs), pin)
-    cut = _holdout_cut(o["holdout"], axis, x[~pinned])
-    fit = ~pinned & (x < cut)
-    if len(np.unique(x[fit])) < 3:
-        why = f", {(~pinned).sum()} not pinned at >= {pin}%" if pinned.any() else ""
+    x, y, pinned = _reduce(axis, np.concatenate([xy for _, xy in obs]), o["pin"])
+    cut = _holdout_cut(o["holdout"].get(axis), x[~pinned])
+    use, held = ~pinned & (x < cut), ~pinned & (x >= cut)
+    if len(np.unique(x[use])) < 3:
+        why = f", {(~pinned).sum()} not pinned at >= {o['pin']}%" if pinned.any() else ""
         why += ", after the holdout" if cut < math.inf else ""
-        return dict(out, error=f"{axis}: {fit.sum()} usable point(s) ({len(x)} in all{why}); need at least 3 "
+        return dict(out, error=f"{axis}: {use.sum()} usable point(s) ({len(x)} in all{why}); need at least 3 "
                                f"distinct {axis}")
-    alpha, k, r2, rmse, line = fit_power(x[fit], y[fit] / scale)
-    boot = []  # (slope, intercept) per draw
-    for _ in range(o["n_boot"]):
-        bx, by = _resample(obs, axis, cut, o)
-        if len(np.unique(bx)) >= 2:
-            boot.append(fit_power(bx, by)[4])
-    boot = np.array(boot).reshape(-1, 2)
-    grid, q = np.geomspace(x.min(), x.max(), 40), 50 * (1 - o["level"])
-    curves = np.exp(boot[:, 1:2] + boot[:, 0:1] * np.log(grid)) * scale
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        boot_k = np.exp(boot[:, 1] / -boot[:, 0])
-    out.update(k=k, alpha=alpha, r2=r2, rmse=rmse, n_points=int(fit.sum()),
-               ci={"alpha": _percentile_ci(-boot[:, 0], o["level"]), "k": _percentile_ci(boot_k, o["level"]),
-                   "level": o["level"], "method": "bootstrap over runs", "n_boot": len(boot)},
-               band=None if len(boot) < 2 else {"x": grid.tolist(), "lo": np.percentile(curves, q, 0).tolist(),
-                                                 "hi": np.percentile(curves, 100 - q, 0).tolist()})
-    pred = np.exp(np.polyval(line, np.log(x))) * scale
-    held = ~pinned & (x >= cut)
-    out["holdout"] = None if not held.any() else {
-        "x": x[held].tolist(), "measured": y[held].tolist(), "predicted": pred[held].tolist(),
-        "rel_error": ((pred[held] - y[held]) / y[held]).tolist()}
+    f = fit_power(x[use], y[use] / scale)
+    if f["r2"] is None or np.any(np.diff(y[use]) >= 0):
+        f["r2"] = None
+        out["warnings"].append(f"{axis}: the fitted points are flat or do not fall monotonically: R2 undefined")
+    grid, kept, ci = np.geomspace(x.min(), x.max(), 40), [], {"dropped": {}}
+    if f["n"] >= SMALL_N:
+        kept, ci = _bootstrap(len(obs), lambda d: _refit_power(*_resample(obs, d, axis, cut, o), axis), o, axis,
+                              ("alpha", "k"))
+    if len(kept) < 2:  # few points (or no usable draw): the OLS t-intervals
+        ci = dict(_t_intervals(f, o["level"]), method=f"t ({f['n'] - 2} dof)", dropped=ci["dropped"])
+        lo, hi = _line_interval(f, grid, o["level"], new=False)[1:]
+    else:
+        ci["method"], q = f"bootstrap over runs ({len(kept)} draws)", 50 * (1 - o["level"])
+        lo, hi = np.percentile([np.exp(b["intercept"] + b["slope"] * np.log(grid)) for b in kept], [q, 100 - q], 0)
+    out.update({k: f[k] for k in ("alpha", "k", "r2", "rmse")}, n_points=int(use.sum()), ci=dict(ci, level=o["level"]),
+               band={"x": grid.tolist(), "lo": (lo * scale).tolist(), "hi": (hi * scale).tolist()},
+               holdout=_predict(x, y, use, held, o) if held.any() else None, extrapolation=[])
+    for k in (1, 2):  # refit without the largest k fitted points, predict them
+        ux = np.unique(x[use])
+        if len(ux) - k >= 3:
+            fitted = use & (x < ux[-k])
+            out["extrapolation"].append(dict(_predict(x, y, fitted, use & ~fitted, o), held_out=k,
+                                             n_fitted=int(fitted.sum())))
+    pred = np.exp(f["intercept"] + f["slope"] * np.log(x)) * scale
     out["points"] = [{"x": float(xi), "y": float(yi), "pinned": bool(pi), "held_out": bool(hi),
-                      "log_residual": float(np.log(yi / pr)), **_support(axis, xi, yi, obs, used)}
+                      "log_residual": float(np.log(yi / pr)), **_support(axis, xi, yi, obs)}
                      for xi, yi, pi, hi, pr in zip(x, y, pinned, held, pred)]
-    if o["saturating"]:
-        out["saturating"] = _fit_saturating(x[fit], y[fit] / scale, obs, axis, cut, o)
+    if o["saturating"] and use.sum() < 5:  # 3 parameters: with 4 points every bootstrap draw that fits is the data
+        out["saturating"] = {"error": f"saturating {axis}: needs at least 5 points, has {use.sum()}"}
+    elif o["saturating"]:
+        out["saturating"] = _fit_lse(len(obs), lambda d: _resample(obs, d, axis, cut, o, log=True),
+                                     f"{axis} saturating", o, 4)[1]
     return out
 
-def _resample(obs, axis, cut, o):
-    """One bootstrap draw: resample runs (all points of a run together), rebuild the points to fit."""
-    draw = o["rng"].integers(0, len(obs), len(obs))
-    x, y, pinned = _reduce(axis, np.concatenate([obs[i] for i in draw]), o["pin"])
-    m = ~pinned & (x < cut)
-    return x[m], y[m] / o["scale"]
+def _predict(x, y, fitted, held, o):
+    """Refit on the `fitted` points; observed vs predicted at the `held` ones, with the t prediction interval."""
+    f = fit_power(x[fitted], y[fitted] / o["scale"])
+    pred, lo, hi = (v * o["scale"] for v in _line_interval(f, x[held], o["level"], new=True))
+    return {"x": x[held].tolist(), "measured": y[held].tolist(), "predicted": pred.tolist(), "lo": lo.tolist(),
+            "hi": hi.tolist(), "rel_error": (pred / y[held] - 1).tolist()}
 
-def _support(axis, x, y, obs, runs):
+def _resample(obs, draw, axis, cut, o, log=False):
+    """One bootstrap draw: the runs in `draw` (all points of a run together) reduced to the points to fit: (x, E) or,
+    with log, (log x as a column, log E)."""
+    x, y, pinned = _reduce(axis, np.concatenate([obs[i][1] for i in draw]), o["pin"])
+    keep = ~pinned & (x < cut)
+    x, y = x[keep], y[keep] / o["scale"]
+    return (np.log(x)[:, None], np.log(y)) if log else (x, y)
+
+def _refit_power(x, y, axis):
+    return fit_power(x, y) if len(np.unique(x)) >= 3 else f"fewer than 3 distinct {axis}"
+
+def _support(axis, x, y, obs):
     """Which runs a point stands for: the seeds of a size (and their spread), or the run a frontier point is from."""
-    hits = [(r, xy[xy[:, 0] == x, 1]) for r, xy in zip(runs, obs) if (xy[:, 0] == x).any()]
+    hits = [(r, xy[xy[:, 0] == x, 1]) for r, xy in obs if (xy[:, 0] == x).any()]
     if axis == "C":
         hits = [next((r, ys) for r, ys in hits if (ys == y).any())]
     ys = np.concatenate([v for _, v in hits])
     return {"runs": [r["name"] for r, _ in hits], "spread": [float(ys.min()), float(ys.max())],
             "unfinished": any(not r["finished"] for r, _ in hits)}
 
-def _fit_saturating(x, y, obs, axis, cut, o):
-    if len(x) < 5:  # 3 parameters: with 4 points every bootstrap draw that can be fitted is the data itself
-        return {"error": f"saturating {axis}: needs at least 5 points, has {len(x)}"}
-    F, ly = np.log(x)[:, None], np.log(y)
-    starts = _lse_starts(F, ly)
-    th, loss, reached = _lse_fit(F, ly, starts)
-    unpack = lambda t: [math.exp(t[2]), t[1], math.exp(t[0] / t[1])]  # einf, alpha, k
-    boot = []
-    for _ in range(min(o["n_boot"], MAX_NONLINEAR_BOOT)):
-        bx, by = _resample(obs, axis, cut, o)
-        if len(np.unique(bx)) >= 4:
-            boot.append(unpack(_lse_fit(np.log(bx)[:, None], np.log(by), [_warm(th, by)])[0]))
-    boot = np.array(boot).reshape(-1, 3)
-    r2, rmse = _goodness(np.log(np.exp(_lse_terms(th, F)).sum(1)) - ly, ly)
-    einf, alpha, k = unpack(th)
-    ci = {n: _percentile_ci(boot[:, i], o["level"]) for i, n in enumerate(("einf", "alpha", "k"))}
-    return {"einf": einf, "alpha": alpha, "k": k, "r2": r2, "rmse": rmse, "loss": loss, "starts": len(starts),
-            "starts_at_best": reached, "ci": dict(ci, n_boot=len(boot))}
-
-def _flops_per_sample(runs):
-    """FLOPs per training sample as c0 * N^gamma, fitted over the runs' config (train.py's count)."""
-    pairs = []
+def _joint_rows(runs, o):
+    """One row per usable run: N, D, E, name, samples seen S, C, whether S was assumed (= D, one pass)."""
+    rows = []
     for r in runs:
-        f = _num(r["config"].get("flops_per_sample"))
-        if not _ok(f):  # older logs: C / samples of any eval
-            f = next((e["flops"] / e["samples"] for e in r["evals"] if _ok(_num(e.get("flops")))
-                      and _ok(_num(e.get("samples")))), None)
-        if _ok(f) and _ok(r["N"]):
-            pairs.append((r["N"], f))
-    if not pairs:
-        return None
-    lN, lf = np.log(np.array(pairs)).T
-    if len(np.unique(lN)) > 1:
-        gamma, lc0 = np.polyfit(lN, lf, 1)
-        return {"c0": math.exp(lc0), "gamma": float(gamma), "source": f"power fit over {len(pairs)} runs"}
-    return {"c0": math.exp(lf.mean() - lN.mean()), "gamma": 1.0, "source": "one model size: assumed ~ N"}
-
-def _optimum(p, fps, C):
-    """argmin over N of E_inf + A N^-alpha + B D^-beta subject to c0 N^gamma D = C (closed form)."""
-    a, b, g, c0 = p["alpha"], p["beta"], fps["gamma"], fps["c0"]
-    if min(a, b, g, p["A"], p["B"]) <= 0:
-        return math.nan, math.nan, math.nan
-    N = (a * p["A"] / (b * g * p["B"] * (c0 / C) ** b)) ** (1 / (a + g * b))
-    D = C / (c0 * N ** g)
-    return N, D, p["einf"] + p["A"] / N ** a + p["B"] / D ** b
-
-def _compute_optimal(p, boot, N, D, runs, o):
-    """Compute-optimal N, D (with CIs) and predicted E per FLOP budget. C = flops_per_sample(N) * D: one pass over D
-    unique images (Chinchilla's convention; a run that repeats epochs spent more). Default budgets: that compute for
-    the biggest run, x10, x100."""
-    fps = _flops_per_sample(runs)
-    if fps is None:
-        return {"error": "no flops_per_sample in config.json (nor flops/samples in metrics.jsonl)"}
-    g, c0 = fps["gamma"], fps["c0"]
-    i = int(np.argmax(N ** g * D))
-    opt = []
-    for C in o["budgets"] or [c0 * N[i] ** g * D[i] * m for m in (1, 10, 100)]:
-        n, d, e = _optimum(p, fps, C)
-        bs = np.array([_optimum(b, fps, C) for b in boot]).reshape(-1, 3)
-        ci = {"N": _percentile_ci(bs[:, 0], o["level"]), "D": _percentile_ci(bs[:, 1], o["level"])}
-        opt.append({"C": C, "N": n, "D": d, "E": e * o["scale"], "ci": ci})
-    return {"flops_per_sample": fps, "budgets": opt, "N_exponent": p["beta"] / (p["alpha"] + g * p["beta"]),
-            "D_exponent": p["alpha"] / (p["alpha"] + g * p["beta"])}
+        e = None if r["skip"] else _pick_eval(r, o["key"], o["best"])
+        y, S, C = (_num(e[o["key"]]), _num(e.get("samples")), _num(e.get("flops"))) if e else (None, None, None)
+        if _ok(r["N"]) and _ok(r["D"]) and _ok(y) and y < o["pin"]:
+            rows.append((r["N"], r["D"], y, r["name"], S if _ok(S) else r["D"], C if _ok(C) else math.nan, not _ok(S)))
+    return rows
 
 def _fit_joint(runs, o):
-    both = [r for r in runs if _ok(r["N"]) and _ok(r["D"])]
-    if not both:
-        return {"error": "joint E(N, D): no run has both N and D"}
-    rows = []
-    for r in both:
-        xy = None if r["skip"] else _observations(r, "N", o["key"], o["best"])
-        if isinstance(xy, np.ndarray) and xy[0, 1] < o["pin"]:
-            rows.append((r["N"], r["D"], xy[0, 1], r["name"]))
+    rows = _joint_rows(runs, o)
     nN, nD = len({r[0] for r in rows}), len({r[1] for r in rows})
     if len(rows) < 7 or nN < 3 or nD < 3:  # 5 parameters: at least 2 degrees of freedom, 3 values per axis
         return {"error": f"joint E(N, D): needs >= 7 usable runs spanning >= 3 N and >= 3 D; has {len(rows)} runs "
-                         f"not pinned, {nN} N, {nD} D"}
+                         f"with both, not pinned, {nN} N, {nD} D"}
     N, D, y, names = (np.array([r[i] for r in rows]) for i in range(4))
-    ax = "D" if str(o["holdout"]).startswith("D=") else "N"  # held out along N unless the spec says D=
-    hx = D if ax == "D" else N
-    held = hx >= _holdout_cut(o["holdout"], ax, hx)
-    fit = ~held
-    if fit.sum() < 7:
-        return {"error": f"joint E(N, D): {fit.sum()} runs left after the holdout; need >= 7"}
-    F, ly, ys = np.log(np.column_stack([N, D])), np.log(y / o["scale"]), y / o["scale"]
-    starts = _lse_starts(F[fit], ly[fit])
-    th, loss, reached = _lse_fit(F[fit], ly[fit], starts)
-    unpack = lambda t: {"einf": math.exp(t[4]), "A": math.exp(t[0]), "alpha": t[1], "B": math.exp(t[2]), "beta": t[3]}
-    p = unpack(th)
-    pred = np.exp(_lse_terms(th, F)).sum(1)
-    r2, rmse = _goodness(np.log(pred[fit]) - ly[fit], ly[fit])
-    vp = varpro(F[fit, 0], F[fit, 1], ys[fit])
-    vpred = vp["einf"] + vp["A"] / N[fit] ** vp["alpha"] + vp["B"] / D[fit] ** vp["beta"]
-    vp["max_rel_diff_params"] = max(abs(vp[k] - p[k]) / abs(p[k]) for k in p)
-    vp["max_rel_diff_pred"] = float(np.max(np.abs(vpred / pred[fit] - 1)))
-    boot, idx = [], np.flatnonzero(fit)
-    for _ in range(min(o["n_boot"], MAX_NONLINEAR_BOOT)):
-        b = o["rng"].choice(idx, len(idx))
-        if len(np.unique(N[b])) >= 2 and len(np.unique(D[b])) >= 2:
-            boot.append(unpack(_lse_fit(F[b], ly[b], [_warm(th, ys[b])])[0]))
-    ci = {k: _percentile_ci([b[k] for b in boot], o["level"]) for k in p}
-    ci.update(level=o["level"], method="bootstrap over runs", n_boot=len(boot))
+    held = (N >= _holdout_cut(o["holdout"].get("N"), N)) | (D >= _holdout_cut(o["holdout"].get("D"), D))
+    use = ~held
+    if use.sum() < 7:
+        return {"error": f"joint E(N, D): {use.sum()} runs left after the holdout; need >= 7"}
+    F_all = np.log(np.column_stack([N, D]))
+    F, ly = F_all[use], np.log(y[use] / o["scale"])
+    th, out, boot = _fit_lse(len(ly), lambda d: (F[d], ly[d]), "joint", o, 3)
+    pred = np.exp(_lse_terms(th, F_all)).sum(1)
+    vp = varpro(F[:, 0], F[:, 1], y[use] / o["scale"])
+    vpred = vp["einf"] + vp["A"] / N[use] ** vp["alpha"] + vp["B"] / D[use] ** vp["beta"]
+    vp["max_rel_diff_params"] = max(abs(vp[k] - out[k]) / abs(out[k]) for k in JOINT)
+    vp["max_rel_diff_pred"] = float(np.max(np.abs(vpred / pred[use] - 1)))
+    out["ci"].update(level=o["level"], method=f"bootstrap over runs ({len(boot)} draws)")
     points = [{"N": float(a), "D": float(b), "y": float(c), "run": str(n), "held_out": bool(h),
                "predicted": float(q * o["scale"])} for a, b, c, n, h, q in zip(N, D, y, names, held, pred)]
-    out = dict(p, r2=r2, rmse=rmse, loss=loss, n_points=int(fit.sum()), starts=len(starts), starts_at_best=reached,
-               varpro=vp, ci=ci, points=points, holdout=None)
+    out.update(rmse=float(np.sqrt(((np.log(pred[use]) - ly) ** 2).mean())), n_points=int(use.sum()), varpro=vp,
+               points=points, holdout=None, compute_optimal=_compute_optimal(out, boot, rows, o))
     if held.any():
-        out["holdout"] = {"x": hx[held].tolist(), "axis": ax, "N": N[held].tolist(), "D": D[held].tolist(),
-                          "measured": y[held].tolist(), "predicted": (pred[held] * o["scale"]).tolist(),
+        out["holdout"] = {"N": N[held].tolist(), "D": D[held].tolist(), "measured": y[held].tolist(),
+                          "predicted": (pred[held] * o["scale"]).tolist(),
                           "rel_error": (pred[held] * o["scale"] / y[held] - 1).tolist()}
-    out["compute_optimal"] = _compute_optimal(p, boot, N, D, runs, o)
     return out
 
+def _optimum(p, fps, C):
+    """argmin over N of E_inf + A N^-alpha + B S^-beta subject to c0 N^gamma S = C (closed form)."""
+    a, b, g, c0 = p["alpha"], p["beta"], fps["gamma"], fps["c0"]
+    if min(a, b, g, p["A"], p["B"]) <= 0:
+        return math.nan, math.nan, math.nan
+    N = (a * p["A"] / (b * g * p["B"]) * (C / c0) ** b) ** (1 / (a + g * b))
+    S = C / (c0 * N ** g)
+    return N, S, p["einf"] + p["A"] / N ** a + p["B"] / S ** b
+
+def _compute_optimal(p, boot, rows, o):
+    """N, S (samples seen) and E per FLOP budget (default the biggest run's C, x10, x100), C / S = c0 N^gamma."""
+    N, S, C = (np.array([r[i] for r in rows], float) for i in (0, 4, 5))
+    have = np.isfinite(C)
+    if not have.any():
+        return {"error": "no run logged its compute ('flops' in metrics.jsonl or a CSV column C)"}
+    lN, lf = np.log(N[have]), np.log(C[have] / S[have])
+    if len(np.unique(lN)) > 1:
+        gamma, lc0 = np.polyfit(lN, lf, 1)
+        fps = {"c0": math.exp(lc0), "gamma": float(gamma), "source": f"power fit to C/samples of {have.sum()} runs"}
+    else:
+        fps = {"c0": math.exp(lf.mean() - lN.mean()), "gamma": 1.0, "source": "one model size: assumed ~ N"}
+    opt = []
+    for budget in o["budgets"] or [C[have].max() * m for m in (1, 10, 100)]:
+        n, s, e = _optimum(p, fps, budget)
+        bs = np.array([_optimum(b, fps, budget) for b in boot]).reshape(-1, 3)
+        opt.append({"C": budget, "N": n, "S": s, "E": e * o["scale"],
+                    "ci": {"N": _percentile_ci(bs[:, 0], o["level"]), "S": _percentile_ci(bs[:, 1], o["level"])}})
+    g = fps["gamma"]
+    return {"flops_per_sample": fps, "budgets": opt, "N_exponent": p["beta"] / (p["alpha"] + g * p["beta"]),
+            "S_exponent": p["alpha"] / (p["alpha"] + g * p["beta"]), "convention": o["convention"],
+            "multi_epoch": [f"{r[3]} ({r[4] / r[1]:.3g} epochs)" for r in rows if r[4] > r[1] * 1.01],
+            "samples_assumed": [r[3] for r in rows if r[6]]}
+
+@_one_blas_thread()
 def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_boot=1000, seed=0, best=False,
-            level=0.95, budgets=None, pinned=PINNED):
-    """Fit every axis and the joint law. points_or_runs: run dicts (load_runs), path(s), or {axis: [(x, y), ...]}
-    with y in the metric's unit (percent for error). Returns the object `--json` prints; an axis that could not be
-    fitted holds {"error": message}; "ok" says whether anything was fitted."""
-    if metric not in METRICS:
-        raise ValueError(f"metric {metric!r}: use one of {sorted(METRICS)}")
+            level=0.95, budgets=None, pinned=PINNED, include_unfinished=False):
+    """Every axis and the joint law: the object `--json` prints (an unfitted part holds {"error": why}; "ok": anything
+    fitted). points_or_runs: run dicts (load_runs), path(s), or {axis: [(x, y in the metric's unit), ...]}."""
+    bad_budget = next((str(b) for b in budgets or [] if not _ok(_num(b))), None)
+    for wrong, message in (
+            (metric not in METRICS, f"metric {metric!r}: use one of {sorted(METRICS)}"),
+            (not 0 < level < 1, f"--ci {level}: give a confidence level between 0 and 1, e.g. 0.95"),
+            (n_boot < 1, f"--n-boot {n_boot}: need at least 1 bootstrap draw (1000 or more for a 95% interval)"),
+            (bad_budget is not None, f"--budget {bad_budget}: a FLOP budget must be a positive number, e.g. 1e15 or "
+                                     f"3e18")):
+        if wrong:
+            raise ValueError(message)
     key, src = METRICS[metric], points_or_runs
     if isinstance(src, dict):  # one finished run per point
         runs = [_make_run(f"{ax}={x:g}", {} if ax == "C" else {ax: x}, [{"flops": x if ax == "C" else None, key: y}],
@@ -513,14 +577,26 @@ def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_bo
         runs = load_runs(src)
     else:
         runs = list(src)
-    scale = 100.0 if metric in ("error", "test") else 1.0
-    o = dict(key=key, scale=scale, pin=pinned if scale == 100 else math.inf, best=best, holdout=holdout,
-             saturating=saturating, n_boot=n_boot, level=level, budgets=budgets, rng=np.random.default_rng(seed))
+    scale, notes = (100.0 if metric in ("error", "test") else 1.0), []
+    values = [v for r in runs for e in r["evals"] if (v := _num(e.get(key))) is not None and math.isfinite(v)]
+    if scale == 100 and values and max(values) <= 1:
+        runs = [dict(r, evals=[dict(e, **{key: _num(e[key]) * 100}) if _num(e.get(key)) is not None else e
+                               for e in r["evals"]]) for r in runs]
+        notes.append(f"every {key} is <= 1: read as fractions (accuracy a as error 1 - a), shown in percent")
+    unfinished = [r["name"] for r in runs if not r["finished"]]
+    runs = runs if include_unfinished else [r for r in runs if r["finished"]]
+    conventions = {r["config"].get("flops_convention") for r in runs} - {None}
+    o = dict(key=key, scale=scale, pin=pinned if scale == 100 else math.inf, best=best, saturating=saturating,
+             n_boot=int(n_boot), level=level, budgets=[_num(b) for b in budgets or []], seed=seed,
+             convention=" | ".join(sorted(conventions)) or "not recorded (CSV or older runs): C as logged",
+             holdout=_holdout_specs(holdout, [ax for ax in AXES if any(_has_axis(r, ax) for r in runs)]))
+    malformed = sum(r["malformed"] for r in runs)
+    notes += [f"skipped {malformed} line(s) of metrics.jsonl that were not a JSON object"] if malformed else []
     out = {"metric": metric, "key": key, "unit": "% (fitted as a fraction)" if scale == 100 else "as logged",
-           "runs": len(runs), "unfinished": [r["name"] for r in runs if not r["finished"]],
+           "runs": len(runs), "unfinished": unfinished, "include_unfinished": include_unfinished, "notes": notes,
            "skipped": [f"{r['name']}: {r['skip']}" for r in runs if r["skip"]]}
     if not runs:
-        out["error"] = "no runs found (or none match --where)"
+        out["error"] = "no finished runs found (or none match --where)"
     for ax in AXES:
         out[ax] = _fit_axis(runs, ax, o) if runs else {"error": "no runs"}
     out["joint"] = _fit_joint(runs, o) if runs else {"error": "no runs"}
@@ -532,23 +608,26 @@ def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_bo
 def _ci(c, fmt="{:.4g}"):
     return f"[{fmt.format(c[0])}, {fmt.format(c[1])}]" if c else "[n/a]"
 
+def _r2(v):
+    return f"{v:.4f}" if v is not None else "undef"
+
 def format_table(result):
     """A plain-text report of fit_all's result (stdout, and REPORT.md via ocrscale.py)."""
-    pct = result["metric"] in ("error", "test")
-    u = "%" if pct else ""
-    L = [f"metric: {result['metric']} ({result['key']}, {result['unit']}); {result['runs']} runs"
-         + (f", {len(result['unfinished'])} unfinished" if result["unfinished"] else "")]
-    L += [f"  skipped {s}" for s in result["skipped"]]
+    u, pts_word = ("%", " points") if result["metric"] in ("error", "test") else ("", "")
+    L = [f"metric: {result['metric']} ({result['key']}, {result['unit']}); {result['runs']} runs"]
+    if result["unfinished"]:
+        how = ("included" if result["include_unfinished"] else
+               "excluded (no result.json; fit them with --include-unfinished)")
+        L.append(f"  {len(result['unfinished'])} unfinished run(s) {how}: {', '.join(result['unfinished'])}")
+    L += [f"  note: {s}" for s in result["notes"]] + [f"  skipped {s}" for s in result["skipped"]]
     level = next((result[a]["ci"]["level"] for a in AXES if "ci" in result[a]), 0.95)
-    L.append(f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} bootstrap CIs over runs")
-    L.append(f"{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}{'alpha':>8} {'CI':<20}{'R2(log)':>8}{'RMSE(log)':>10}")
-    for ax in AXES:
-        r = result[ax]
-        if "error" in r:
-            L.append(f"{ax:<5}  not fitted: {r['error']}")
-        else:
-            L.append(f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
-                     f"{_ci(r['ci']['alpha']):<20}{r['r2']:>8.4f}{r['rmse']:>10.4f}")
+    L.append(f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} intervals: t (n-2 dof) below "
+             f"{SMALL_N} points, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}"
+             f"{'alpha':>8} {'CI':<20}{'R2(log)':>8}{'RMSE(log)':>10}  interval method")
+    L += [f"{ax:<5}  not fitted: {r['error']}" if "error" in r else
+          f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
+          f"{_ci(r['ci']['alpha']):<20}{_r2(r['r2']):>8}{r['rmse']:>10.4f}  {r['ci']['method']}"
+          for ax, r in ((ax, result[ax]) for ax in AXES)]
     for ax in AXES:
         r = result[ax]
         if "error" in r:
@@ -558,51 +637,77 @@ def format_table(result):
         L.append(f"\n{ax} points" + (f" (ladder at {grp})" if grp else "") + f": {ax}, {result['metric']}{u}")
         for p in r["points"]:
             tag = " PINNED (not fitted)" if p["pinned"] else " HELD OUT" if p["held_out"] else ""
-            tag += " (unfinished)" if p["unfinished"] else ""
             n = len(p["runs"])
             who = f"{n} runs {p['spread'][0]:.4g}..{p['spread'][1]:.4g}" if n > 1 else p["runs"][0]
-            L.append(f"  {p['x']:>11.4g} {p['y']:>9.4g}  log resid {p['log_residual']:+.4f}  {who}{tag}")
-        L += [f"  skipped {s}" for s in r["skipped"]]
-        if r["holdout"]:
-            for x, m, pr, e in zip(*(r["holdout"][k] for k in ("x", "measured", "predicted", "rel_error"))):
-                L.append(f"  held out {ax}={x:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u} "
-                         f"({pr - m:+.3g}{' points' if pct else ''}, {e:+.2%})")
+            L.append(f"  {p['x']:>11.4g} {p['y']:>9.4g}  log resid {p['log_residual']:+.4f}  {who}{tag}"
+                     + " (unfinished)" * p["unfinished"])
+        L += [f"  skipped {s}" for s in r["skipped"]] + [f"  WARNING {w}" for w in r["warnings"]]
+        L += [f"  bootstrap dropped {n} draws: {why}" for why, n in r["ci"].get("dropped", {}).items()]
+        checks = ([("held out (--holdout)", r["holdout"])] if r["holdout"] else []) + [
+            (f"extrapolation: fit on {e['n_fitted']}, without the largest {e['held_out']}", e)
+            for e in r["extrapolation"]]
+        L += [f"  {what}: {ax}={x:.4g} measured {m:.4g}{u}, predicted {pr:.4g}{u} ({pr - m:+.3g}{pts_word}), "
+              f"{level:.0%} prediction interval {_ci([lo, hi])}" for what, h in checks
+              for x, m, pr, lo, hi in zip(h["x"], h["measured"], h["predicted"], h["lo"], h["hi"])]
         s = r.get("saturating")
-        if s and "error" in s:
-            L.append(f"  saturating E_inf + (X_c/X)^alpha: {s['error']}")
-        elif s:
-            L.append(f"  saturating E_inf + (X_c/X)^alpha: E_inf {s['einf']:.4g} {_ci(s['ci']['einf'])}, X_c "
-                     f"{s['k']:.4g} {_ci(s['ci']['k'])}, alpha {s['alpha']:.4f} {_ci(s['ci']['alpha'])}, R2 "
-                     f"{s['r2']:.4f} ({s['starts_at_best']}/{s['starts']} starts at best)")
+        if s:
+            L.append(f"  saturating E_inf + (X_c/X)^alpha: " + (s["error"] if "error" in s else
+                     f"E_inf {s['einf']:.4g} {_ci(s['ci']['einf'])}, X_c {s['k']:.4g} {_ci(s['ci']['k'])}, alpha "
+                     f"{s['alpha']:.4f} {_ci(s['ci']['alpha'])}, R2 {s['r2']:.4f} ({s['starts_at_best']}/{s['starts']} "
+                     f"starts at best{'' if s['converged'] else ', NOT converged'}; {s['ci']['n_boot']} bootstrap "
+                     f"draws)"))
     j = result["joint"]
     L.append("\njoint E = E_inf + A/N^alpha + B/D^beta (Huber on log E, L-BFGS-B from a grid of starts)")
     if "error" in j:
-        L.append(f"  not fitted: {j['error']}")
-        return "\n".join(L)
-    for k in ("einf", "A", "alpha", "B", "beta"):
-        L.append(f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}   variable projection: {j['varpro'][k]:.5g}")
+        return "\n".join(L + [f"  not fitted: {j['error']}"])
+    vp = j["varpro"]
+    L += [f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}   variable projection: {vp[k]:.5g}" for k in JOINT]
     L.append(f"  {j['n_points']} runs, R2(log) {j['r2']:.4f}, RMSE(log) {j['rmse']:.4f}, {j['starts_at_best']}/"
-             f"{j['starts']} starts reached the best; variable projection predictions differ by at most "
-             f"{j['varpro']['max_rel_diff_pred']:.2%}")
-    if j["holdout"]:
-        h = j["holdout"]
-        for n, d, m, pr in zip(h["N"], h["D"], h["measured"], h["predicted"]):
-            L.append(f"  held out N={n:.4g}, D={d:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u}")
+             f"{j['starts']} starts reached the best{'' if j['converged'] else ' (NOT converged)'}; bootstrap: "
+             f"{j['ci']['n_boot']} draws kept" + "".join(f", {n} dropped ({why})"
+                                                        for why, n in j["ci"]["dropped"].items()))
+    L.append(f"  same objective (summed Huber): main fit {j['loss']:.6g}, variable projection {vp['loss']:.6g}; "
+             f"predictions differ by at most {vp['max_rel_diff_pred']:.2%}")
+    if vp["loss"] < j["loss"] * (1 - 1e-6) - 1e-12:
+        L.append("  WARNING variable projection found a lower loss: the main fit missed the optimum")
+    elif vp["max_rel_diff_params"] > 0.01:
+        L.append(f"  note: equal losses, parameters up to {vp['max_rel_diff_params']:.0%} apart: the runs do not pin "
+                 f"them down (the loss is flat along some direction)")
+    h = j["holdout"] or {}
+    L += [f"  held out N={n:.4g}, D={d:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u}"
+          for n, d, m, pr in zip(*(h.get(k, []) for k in ("N", "D", "measured", "predicted")))]
     co = j["compute_optimal"]
     if "error" in co:
-        L.append(f"  compute-optimal: {co['error']}")
-        return "\n".join(L)
+        return "\n".join(L + [f"  compute-optimal: {co['error']}"])
     f = co["flops_per_sample"]
-    L.append(f"  compute-optimal (C = {f['c0']:.3g} * N^{f['gamma']:.3f} FLOPs/sample [{f['source']}] * D): "
-             f"N ~ C^{co['N_exponent']:.3f}, D ~ C^{co['D_exponent']:.3f}")
-    for b in co["budgets"]:
-        L.append(f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, D {b['D']:.3g} "
-                 f"{_ci(b['ci']['D'], '{:.3g}')}, predicted {result['metric']} {b['E']:.4g}{u}")
+    L.append(f"  compute-optimal N and S = samples seen, for C = c0 N^gamma S with c0 = {f['c0']:.4g}, gamma = "
+             f"{f['gamma']:.3f} ({f['source']}):\n    N_opt = [alpha A / (gamma beta B) (C / c0)^beta]^(1/(alpha + "
+             f"gamma beta)) ~ C^{co['N_exponent']:.3f}, S_opt = C / (c0 N_opt^gamma) ~ C^{co['S_exponent']:.3f};\n"
+             f"    the law is read with D = S (each sample a fresh image)\n    C convention: {co['convention']}")
+    if co["multi_epoch"]:
+        L.append(f"    runs trained for more than one epoch (D is not their samples seen): "
+                 f"{', '.join(co['multi_epoch'])}")
+    if co["samples_assumed"]:
+        L.append(f"    no 'samples' logged, one pass assumed (S = D): {', '.join(co['samples_assumed'])}")
+    L += [f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, S {b['S']:.3g} "
+          f"{_ci(b['ci']['S'], '{:.3g}')}, predicted {result['metric']} {b['E']:.4g}{u}" for b in co["budgets"]]
     return "\n".join(L)
 
+def _log_ticks(axis, lo, hi):
+    """Readable ticks on a log axis spanning lo..hi: 1-2-5 steps (decades when many, finer when few), at most 6,
+    short plain labels and no minor labels (matplotlib's overlap on short ranges: '3x10^4 4x10^4')."""
+    from matplotlib import ticker
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    nice = lambda steps: [m * 10.0 ** e for e in decades for m in steps if lo <= m * 10.0 ** e <= hi]
+    ticks = nice((1, 2, 5))
+    if len(ticks) > 6 or len(ticks) < 3:
+        ticks = nice((1,)) if len(ticks) > 6 else nice((1, 1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)) or [lo, hi]
+    axis.set_major_locator(ticker.FixedLocator(ticks[::math.ceil(len(ticks) / 6)]))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}".replace("e+0", "e").replace("e+", "e")))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
 def plot_all(result, out_dir):
-    """Log-log PNGs: per axis the points, the fit, its CI band, pinned and held-out points marked; the joint fit
-    as one curve per D. Returns the paths written."""
+    """Log-log PNGs per axis (points, fit, CI band) and of the joint fit (a curve per D); returns their paths."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -611,102 +716,82 @@ def plot_all(result, out_dir):
         raise ImportError("--plot needs matplotlib: pip install matplotlib") from e
     os.makedirs(out_dir, exist_ok=True)
     u = "%" if result["metric"] in ("error", "test") else ""
-    scale, paths = (100.0 if u else 1.0), []
+    scale, paths, figs = (100.0 if u else 1.0), [], []
     ylab = f"{result['metric']} ({result['key']}{', ' + u if u else ''})"
     names = {"N": "parameters N", "D": "training images D", "C": "training compute C (FLOPs)"}
-
-    def save(fig, a, name):
-        a.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, name))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    for ax in AXES:
-        r = result[ax]
-        if "error" in r:
-            continue
-        fig, a = plt.subplots(figsize=(5.5, 4))
-        pts = r["points"]
-        for sel, style in ((lambda p: not p["pinned"] and not p["held_out"], dict(c="C0", marker="o", label="fitted")),
-                           (lambda p: p["held_out"], dict(c="C3", marker="*", s=120, label="held out")),
-                           (lambda p: p["pinned"], dict(c="grey", marker="x", label="pinned: not fitted"))):
-            ps = [p for p in pts if sel(p)]
+    styles = {"fitted": dict(c="C0", marker="o"), "held out": dict(c="C3", marker="*", s=120),
+              "pinned: not fitted": dict(c="grey", marker="x")}
+    for ax in [ax for ax in AXES if "error" not in result[ax]]:
+        r, (fig, a) = result[ax], plt.subplots(figsize=(5.5, 4))
+        kind = ["pinned: not fitted" if p["pinned"] else "held out" if p["held_out"] else "fitted" for p in r["points"]]
+        for label, style in styles.items():
+            ps = [p for p, k in zip(r["points"], kind) if k == label]
             if ps:
-                a.scatter([p["x"] for p in ps], [p["y"] for p in ps], zorder=3, **style)
-        if r["band"]:
-            a.fill_between(r["band"]["x"], r["band"]["lo"], r["band"]["hi"], color="C0", alpha=0.2,
-                           label=f"{r['ci']['level']:.0%} CI")
-        xs = np.geomspace(min(p["x"] for p in pts), max(p["x"] for p in pts), 100)
+                a.scatter([p["x"] for p in ps], [p["y"] for p in ps], zorder=3, label=label, **style)
+        a.fill_between(r["band"]["x"], r["band"]["lo"], r["band"]["hi"], color="C0", alpha=0.2,
+                       label=f"{r['ci']['level']:.0%} CI ({r['ci']['method'].split(' (')[0]})")
+        xs = np.geomspace(r["band"]["x"][0], r["band"]["x"][-1], 100)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a fit may come out flat or rising
             a.plot(xs, (r["k"] / xs) ** r["alpha"] * scale, "C0-",
-                   label=f"({r['k']:.3g}/{ax})^{r['alpha']:.3f}, R2 {r['r2']:.3f}")
+                   label=f"({r['k']:.3g}/{ax})^{r['alpha']:.3f}, R2 {_r2(r['r2'])}")
         a.set(xscale="log", yscale="log", xlabel=names[ax], ylabel=ylab, title=f"{result['metric']} vs {ax}")
-        save(fig, a, f"fit_{ax}.png")
+        figs.append((fig, a, f"fit_{ax}.png"))
     j = result["joint"]
     if "error" not in j:
         fig, a = plt.subplots(figsize=(5.5, 4))
-        Ds = sorted({p["D"] for p in j["points"]})
         Ns = np.geomspace(min(p["N"] for p in j["points"]), max(p["N"] for p in j["points"]), 100)
-        for i, D in enumerate(Ds):
+        for i, D in enumerate(sorted({p["D"] for p in j["points"]})):
             ps = [p for p in j["points"] if p["D"] == D]
             a.scatter([p["N"] for p in ps], [p["y"] for p in ps], c=f"C{i % 10}",
                       marker="*" if any(p["held_out"] for p in ps) else "o")
             a.plot(Ns, (j["einf"] + j["A"] / Ns ** j["alpha"] + j["B"] / D ** j["beta"]) * scale, f"C{i % 10}-",
                    label=f"D={D:.3g}")
         a.set(xscale="log", yscale="log", xlabel=names["N"], ylabel=ylab, title="joint fit E(N, D)")
-        save(fig, a, "fit_joint.png")
+        figs.append((fig, a, "fit_joint.png"))
+    for fig, a, name in figs:
+        _log_ticks(a.xaxis, *a.get_xlim())
+        _log_ticks(a.yaxis, *a.get_ylim())
+        a.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, name))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
-
-def _finite(obj):
-    """JSON has no inf/nan: None instead."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fit OCR scaling laws to run folders or a CSV of points.")
-    p.add_argument("paths", nargs="+", help="run folders (searched recursively) and/or CSV files")
-    p.add_argument("--metric", choices=sorted(METRICS), default="error",
-                   help="error: val word error (%%, the study's target); loss: val loss per character; test: "
-                        "final test-set error")
-    p.add_argument("--best", action="store_true", help="use each run's best eval instead of its final one (N, D)")
-    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep runs whose config.json has KEY=VALUE (repeatable; dotted keys reach into 'model')")
-    p.add_argument("--holdout", default=None, help="largest, largest:K, a value (x >= it) or AXIS=VALUE: fit without "
-                   "those points and report predicted vs measured")
-    p.add_argument("--saturating", action="store_true", help="also fit E = E_inf + (X_c/X)^alpha per axis")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (nonlinear fits use at most "
-                   f"{MAX_NONLINEAR_BOOT})")
-    p.add_argument("--ci", type=float, default=0.95, help="confidence level")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--budget", type=float, action="append", default=None, metavar="FLOPS",
-                   help="FLOP budget(s) for the compute-optimal N, D (default: biggest run's, x10, x100)")
-    p.add_argument("--pinned", type=float, default=PINNED, help="word error %% at which a point counts as pinned")
-    p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
-    p.add_argument("--plot", metavar="DIR", default=None, help="write log-log PNG plots here (needs matplotlib)")
+    add = p.add_argument
+    add("paths", nargs="+", help="run folders (searched recursively) and/or CSV files")
+    add("--metric", choices=sorted(METRICS), default="error", help="error: val word error (the study's target); "
+        "loss: val loss per character; test: test error")
+    add("--best", action="store_true", help="use each run's best eval instead of its final one (N, D)")
+    add("--where", action="append", default=[], metavar="KEY=VALUE", help="keep runs whose config.json has KEY=VALUE "
+        "(repeatable; dotted keys reach into 'model')")
+    add("--holdout", action="append", default=[], metavar="AXIS=largest|largest:K|VALUE", help="fit AXIS without its "
+        "largest (K) points or those >= VALUE and predict them (repeatable; a bare VALUE only when one axis is fitted)")
+    add("--include-unfinished", action="store_true", help="also fit runs without result.json")
+    add("--saturating", action="store_true", help="also fit E = E_inf + (X_c/X)^alpha per axis")
+    add("--n-boot", type=int, default=1000, help="bootstrap resamples of every bootstrapped fit")
+    add("--ci", type=float, default=0.95, help="confidence level, between 0 and 1")
+    add("--seed", type=int, default=0, help="bootstrap seed (each fit derives its own stream from it)")
+    add("--budget", action="append", metavar="FLOPS", help="FLOP budget(s) for the compute-optimal N, S (default: "
+        "the biggest run's C, x10, x100)")
+    add("--pinned", type=float, default=PINNED, help="word error %% at which a point counts as pinned")
+    add("--json", action="store_true", help="print the result as JSON instead of the table")
+    add("--plot", metavar="DIR", help="write log-log PNG plots here (needs matplotlib)")
     args = p.parse_args(argv)
     try:
-        runs = load_runs(args.paths, args.where)
-    except (ValueError, OSError) as e:
+        result = fit_all(load_runs(args.paths, args.where), metric=args.metric, holdout=args.holdout,
+                         saturating=args.saturating, n_boot=args.n_boot, seed=args.seed, best=args.best,
+                         level=args.ci, budgets=args.budget, pinned=args.pinned,
+                         include_unfinished=args.include_unfinished)
+        print(json.dumps(json.loads(json.dumps(result), parse_constant=lambda c: None), indent=1) if args.json  # no NaN
+              else format_table(result))
+        for path in plot_all(result, args.plot) if args.plot else []:
+            print(f"wrote {path}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as e:  # bad arguments or input, no matplotlib: one line, exit 2
         print(f"fit.py: {e}", file=sys.stderr)
         return 2
-    try:
-        result = fit_all(runs, metric=args.metric, holdout=args.holdout, saturating=args.saturating,
-                         n_boot=args.n_boot, seed=args.seed, best=args.best, level=args.ci, budgets=args.budget,
-                         pinned=args.pinned)
-    except ValueError as e:  # e.g. an unreadable --holdout
-        print(f"fit.py: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(_finite(result), indent=1) if args.json else format_table(result))
-    if args.plot:
-        try:
-            for path in plot_all(result, args.plot):
-                print(f"wrote {path}", file=sys.stderr)
-        except ImportError as e:
-            print(f"fit.py: {e}", file=sys.stderr)
-            return 2
     if not result["ok"]:
         print("fit.py: nothing could be fitted (see the messages above)", file=sys.stderr)
     return 0 if result["ok"] else 1
