@@ -8,22 +8,20 @@
     python data.py spm data/real --vocab 512                      # SentencePiece BPE -> data/real/spm512.model
 
 Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention: dot-free keys), each with a sidecar
-SHARD.tar.idx (JSON: each sample's label and the byte offsets of its files), plus DIR/index.json = {"shards":
-{name: count}, "samples", "charset", "source", "drops"}. Shards without a sidecar (made by other tools) are
-indexed once with the standard library's tarfile. Importers write samples in a seeded random order, so a union
-of sets is mixed inside every shard, also for readers that stream shards in order.
+SHARD.tar.idx (JSON: each sample's label and file offsets; shards made elsewhere are indexed once with tarfile),
+plus DIR/index.json = {"shards": {name: count}, "samples", "charset", "source", "drops"}. Importers write in a
+seeded random order, so each shard mixes a union's sets (for readers that stream shards in order).
 
-ShardStream goes one step past WebDataset's advice (shuffle at write time, reshuffle shards every epoch, read
-several shards through a buffer): it reads samples by offset in a fresh uniform permutation every epoch, which
-wants the shards on a local disk where random reads are cheap (bench_data.py measures the cost). Global sample
-position p of the run, counted over all ranks and workers, draws a source with probability = its weight and
-takes that source's next sample of its epoch permutation; batch b = positions [b*B, (b+1)*B) goes to group
-b % G (group = rank * num_workers + worker). So one epoch covers each sample once whatever the layout, batches
-mix all sources from the first on, and resuming needs only the position.
-D (num_samples) counts usable images: labels are filtered when the stream is built (whitespace removed,
-NFKD->ASCII folding in the 36/94-char settings only, characters outside the charset removed, then empty labels
-or labels longer than max_len tokens are skipped and counted, never cut); undecodable images are counted when
-read and replaced by another image of the batch (loop=True) or left out (loop=False, evaluation).
+ShardStream does better than WebDataset's advice (shuffle at write time, reshuffle shards every epoch, read
+several shards through a buffer): it reads samples by offset in a fresh uniform permutation per epoch, which
+wants the shards on a local disk (bench_data.py measures the cost). Global position p of the run (all ranks and
+workers) takes the next sample of a source's epoch permutation, each MIX_CHUNK positions holding each source's
+share by weight; batch b = positions [b*B, (b+1)*B) goes to group b % G (group = rank * num_workers + worker).
+So an epoch covers each sample once whatever the layout, batches mix all sources, and resuming needs only p.
+D (num_samples) counts usable images: labels are filtered when the stream is built (whitespace removed, NFKD->ASCII
+folding in the 36/94-char settings only, characters outside the charset removed; empty labels and labels longer
+than max_len tokens are skipped and counted, never cut); undecodable images are counted when read and replaced
+by another image of the batch (loop=True) or left out (loop=False, evaluation).
 Not here: on-the-fly rendering during training.
 """
 import argparse, base64, glob, io, json, os, random, sys, tarfile, time, unicodedata
@@ -38,10 +36,10 @@ from tqdm import tqdm
 
 CHARSET36 = '0123456789abcdefghijklmnopqrstuvwxyz'
 CHARSET94 = CHARSET36 + 'ABCDEFGHIJKLMNOPQRSTUVWXYZ' + '!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~'  # PARSeq's order
-DROP_REASONS = ('bad_image', 'missing_image', 'missing_label', 'empty_label', 'too_long', 'truncated_tar')
 IMAGE_EXTS = ('png', 'jpg', 'jpeg', 'webp', 'bmp')
-MIX_CHUNK = 4096  # source choices for weighted mixing are drawn in seeded chunks of this size
+MIX_CHUNK = 4096  # positions over which weighted sources take exactly their share
 OPEN_SHARDS = 64  # files a reader keeps open
+MAX_WORKERS = 64  # bad-image counters shared with the DataLoader workers
 
 
 def cpu_count():
@@ -52,10 +50,12 @@ def cpu_count():
         return os.cpu_count() or 1
 
 
-def write_json(obj, path):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)
+def write_json(obj, path, indent=None):
+    """Write atomically (a temporary file per process, then a rename): readers never see half a file."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------- labels and charsets
 
@@ -189,7 +189,7 @@ def shard_index(path):
 def write_index(out_dir, shards, charset, source, drops, **extra):
     index = dict(shards=dict(sorted(shards.items())), samples=sum(shards.values()),
                  charset=''.join(sorted(charset)), source=source, drops=dict(drops), **extra)
-    write_json(index, os.path.join(out_dir, 'index.json'))
+    write_json(index, os.path.join(out_dir, 'index.json'), indent=1)
     return index
 
 
@@ -309,9 +309,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         self._all = np.concatenate(self.tables)  # loop=False reads this once, in stored order
         self._base = self._batches = self._start = 0  # position of batch 0, batches handed out, first to hand out
         self._workers = 1  # the num_workers those batches were handed out with
-        self._drop_counts = torch.zeros(1, len(DROP_REASONS), dtype=torch.int64)
-        self._drops_before = Counter()
-        self._perms, self._mix_counts, self._chunk = {}, [np.zeros(len(self.tables), np.int64)], (None,)
+        self._bad_images = torch.zeros(MAX_WORKERS, dtype=torch.int64).share_memory_()  # counts per worker
+        self._perms, self._chunk = {}, (None,)
+        quota = self.weights * MIX_CHUNK  # each chunk of positions holds each source's share (largest remainder)
+        self._quota = np.floor(quota).astype(np.int64)
+        self._quota[np.argsort(self._quota - quota)[:MIX_CHUNK - self._quota.sum()]] += 1
 
     def _usable_rows(self, pattern, tokenizer):
         """(n, 5) int64 rows (shard number, image offset, size, label offset, size) of a source's usable samples;
@@ -343,8 +345,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     # --- state ---
     @property
     def drops(self):
-        now = Counter(dict(zip(DROP_REASONS, self._drop_counts.sum(0).tolist())))
-        return dict(self._build_drops + self._drops_before + now)  # Counter's + keeps the positive counts only
+        return dict(self._build_drops + Counter(bad_image=int(self._bad_images.sum())))  # + keeps counts > 0
 
     def _samples_seen(self):
         return self._base + self._batches * self.world_size * self.batch_size
@@ -373,10 +374,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         W = max(1, num_workers)
         if self._batches and W != self._workers:
             self._rebase(self._samples_seen(), 'num_workers', self._workers, W)
-        self._workers = W
-        self._drops_before.update(Counter(dict(zip(DROP_REASONS, self._drop_counts.sum(0).tolist()))))
-        self._drop_counts = torch.zeros(W, len(DROP_REASONS), dtype=torch.int64).share_memory_()
-        self._start = self._batches
+        self._workers, self._start = W, self._batches
         # its own generator: a DataLoader draws a base seed, which would shift the global RNG on resume
         dl = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                          worker_init_fn=_worker_init if num_workers else None,
@@ -392,18 +390,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._perms[s] = epoch, np.random.default_rng([self.seed, s, epoch]).permutation(len(self.tables[s]))
         return self._perms[s][1]
 
-    def _choices(self, c):
-        return np.random.default_rng([self.seed, 99, c]).choice(len(self.tables), MIX_CHUNK, p=self.weights)
-
     def _mix_chunk(self, c):
-        """Source of each global position of chunk c (drawn by weight) and how many draws that source had before."""
+        """Source of each global position of chunk c (the sources' quotas, shuffled) and its draw number there."""
         if self._chunk[0] != c:
-            S, counts = len(self.tables), self._mix_counts  # counts[c] = draws per source before chunk c
-            while len(counts) <= c:
-                counts.append(counts[-1] + np.bincount(self._choices(len(counts) - 1), minlength=S))
-            src, k = self._choices(c), np.empty(MIX_CHUNK, np.int64)
-            for s in range(S):
-                k[src == s] = counts[c][s] + np.arange((src == s).sum())
+            sources = np.repeat(np.arange(len(self.tables)), self._quota)
+            src, k = np.random.default_rng([self.seed, 99, c]).permutation(sources), np.empty(MIX_CHUNK, np.int64)
+            for s, q in enumerate(self._quota):
+                k[src == s] = c * q + np.arange(q)
             self._chunk = c, src.tolist(), k.tolist()
         return self._chunk[1:]
 
@@ -433,7 +426,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             return decode_image(f.read(image_size), self.img_h, self.img_w, rng), label
         except Exception:  # PIL raises many types on corrupt or truncated bytes
-            self._drop_counts[self._row, DROP_REASONS.index('bad_image')] += 1
+            self._bad_images[self._worker % MAX_WORKERS] += 1
             if shard not in warned:
                 warned.add(shard)
                 print(f'data.py: warning: undecodable image(s) in {self.paths[shard]}, skipped and counted',
@@ -447,7 +440,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._rebase(self._samples_seen(), 'num_workers', self._workers, W)
             self._workers = W
         G, B, files, warned = self.world_size * W, self.batch_size, OrderedDict(), set()
-        self._row = i if self._drop_counts.shape[0] == W else 0
+        self._worker = i
         last, dry = None, 0
         try:
             for t in count(self._start + i, W):  # this worker's batches (the DataLoader asks workers in turn)
@@ -897,8 +890,8 @@ def main(argv=None):
     try:
         if args.cmd == 'synth':
             words = [w.strip() for w in open(args.words, encoding='utf-8') if w.strip()] if args.words else None
-            index = synth(args.out, args.n, args.seed, args.style, args.min_len, args.max_len, load_charset(args.charset), words,
-                          args.workers, args.shard_size, args.fonts)
+            index = synth(args.out, args.n, args.seed, args.style, args.min_len, args.max_len,
+                          load_charset(args.charset), words, args.workers, args.shard_size, args.fonts)
             dt = time.time() - t0
             print(f'{args.out}: {index["samples"]} images in {len(index["shards"])} shards, {dt:.1f} s '
                   f'({index["samples"] / dt:.0f} images/s)')
