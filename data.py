@@ -302,11 +302,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise ValueError(f'no usable sample in {pattern} (drops: {dict(self._build_drops)}): check the '
                                  f'charset (fold={fold}) and max_len={self.max_len}')
             if not 0 < want <= len(rows):
-                raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, which has {len(rows)}')
+                raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, which holds only {len(rows)}')
             keep = np.random.default_rng([data_seed, s]).permutation(len(rows))[:want]
             self.tables.append(rows[np.sort(keep)])
         self.num_samples = sum(len(t) for t in self.tables)
-        self._all = np.concatenate(self.tables)  # loop=False reads this once, in stored order
+        self._all = None if loop else np.concatenate(self.tables)  # read once, in stored order
         self._base = self._batches = self._start = 0  # position of batch 0, batches handed out, first to hand out
         self._workers = 1  # the num_workers those batches were handed out with
         self._bad_images = torch.zeros(MAX_WORKERS, dtype=torch.int64).share_memory_()  # counts per worker
@@ -332,9 +332,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                     rows.append((len(self.paths), image, image_size, txt, txt_size))
             self.paths.append(path)
         return np.array(rows, dtype=np.int64).reshape(-1, 5)
-
-    def _label(self, raw):
-        return clean_label(raw, self.charset, None, self.fold)[0]
 
     def _label_problem(self, raw, tokenizer):
         label, reason = clean_label(raw, self.charset, None if tokenizer else self.max_len, self.fold)
@@ -421,7 +418,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         shard, image, image_size, txt, txt_size = row.tolist()
         f = _open(files, self.paths[shard])
         f.seek(txt)
-        label = self._label(f.read(txt_size).decode('utf-8', 'replace'))
+        label = clean_label(f.read(txt_size).decode('utf-8', 'replace'), self.charset, None, self.fold)[0]
         f.seek(image)
         try:
             return decode_image(f.read(image_size), self.img_h, self.img_w, rng), label

@@ -55,6 +55,13 @@ def test_one_global_epoch_covers_the_data_whatever_the_layout(tmp_path):
     assert len(counts) == 100 and set(counts.values()) <= {2, 3, 4}
 
 
+def test_a_set_smaller_than_the_groups_feeds_every_group(tmp_path):
+    make_shards(tmp_path, [3])  # 3 samples, 2 ranks x 2 workers, batches of 2
+    for rank in range(2):
+        s = data.ShardStream(str(tmp_path), 8, 16, 2, data.CHARSET36, rank=rank, world_size=2)
+        assert [len(y) for _, y in take(s.loader(2), 3)] == [2, 2, 2]
+
+
 def test_batches_mix_a_union_from_the_first_batch(tmp_path):
     make_shards(tmp_path, [250, 250], 'a')  # set A, then set B, in source order (the worst case)
     make_shards(tmp_path, [250, 250], 'b', start=2)
