@@ -302,7 +302,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise ValueError(f'no usable sample in {pattern} (drops: {dict(self._build_drops)}): check the '
                                  f'charset (fold={fold}) and max_len={self.max_len}')
             if not 0 < want <= len(rows):
-                raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, which holds only {len(rows)}')
+                raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, '
+                                 f'which holds only {len(rows)}')
             keep = np.random.default_rng([data_seed, s]).permutation(len(rows))[:want]
             self.tables.append(rows[np.sort(keep)])
         self.num_samples = sum(len(t) for t in self.tables)
