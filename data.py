@@ -7,27 +7,26 @@
     python data.py stats data/real                                # counts, lengths, charset, drops
     python data.py spm data/real --vocab 512                      # SentencePiece BPE -> data/real/spm512.model
 
-Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention: dot-free keys), each with a sidecar
-SHARD.tar.idx (JSON: each sample's label and file offsets; shards made elsewhere are indexed once with tarfile),
-plus DIR/index.json = {"shards": {name: count}, "samples", "charset", "source", "drops"}. Importers write in a
-seeded random order, so each shard mixes a union's sets (for readers that stream shards in order).
+Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention), each with a sidecar SHARD.tar.idx
+(each sample's label and file offsets; shards made elsewhere are indexed once with tarfile), and DIR/index.json
+{"shards": {name: count}, "samples", "charset", "source", "drops"}. Importers write in a seeded random order.
 
-ShardStream does better than WebDataset's advice (shuffle at write time, reshuffle shards every epoch, read
-several shards through a buffer): it reads samples by offset in a fresh uniform permutation per epoch, which
-wants the shards on a local disk (bench_data.py measures the cost). Global position p of the run (all ranks and
-workers) takes the next sample of a source's epoch permutation, each MIX_CHUNK positions holding each source's
-share by weight; batch b = positions [b*B, (b+1)*B) goes to group b % G (group = rank * num_workers + worker).
-So an epoch covers each sample once whatever the layout, batches mix all sources, and resuming needs only p.
+ShardStream does better than WebDataset's advice (shuffle when writing, reshuffle shards every epoch, interleave
+shards through a buffer): it reads samples by offset in a fresh uniform permutation per epoch (best on a local
+disk; bench_data.py measures the cost). Position p of the run (all ranks and workers) takes the next sample of a
+source's epoch permutation, each MIX_CHUNK positions holding each source's share by weight; batch b = positions
+[b*B, (b+1)*B) goes to group b % G (group = rank * num_workers + worker). So an epoch covers each sample once
+whatever the layout, batches mix all sources, and resuming needs only p.
 D (num_samples) counts usable images: labels are filtered when the stream is built (whitespace removed, NFKD->ASCII
-folding in the 36/94-char settings only, characters outside the charset removed; empty labels and labels longer
-than max_len tokens are skipped and counted, never cut); undecodable images are counted when read and replaced
-by another image of the batch (loop=True) or left out (loop=False, evaluation).
-Not here: on-the-fly rendering during training.
+only for the 36/94-char settings, characters outside the charset removed; empty labels and labels over max_len
+tokens are skipped and counted, never cut); undecodable images are counted when read and replaced by another of
+the batch (loop=True) or left out (loop=False, evaluation). Not here: on-the-fly rendering during training.
 """
 import argparse, base64, glob, io, json, os, random, sys, tarfile, time, unicodedata
-from collections import Counter, OrderedDict
+from collections import Counter
 from itertools import count
 from multiprocessing import Pool
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +37,6 @@ CHARSET36 = '0123456789abcdefghijklmnopqrstuvwxyz'
 CHARSET94 = CHARSET36 + 'ABCDEFGHIJKLMNOPQRSTUVWXYZ' + '!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~'  # PARSeq's order
 IMAGE_EXTS = ('png', 'jpg', 'jpeg', 'webp', 'bmp')
 MIX_CHUNK = 4096  # positions over which weighted sources take exactly their share
-OPEN_SHARDS = 64  # files a reader keeps open
 MAX_WORKERS = 64  # bad-image counters shared with the DataLoader workers
 
 
@@ -267,15 +265,6 @@ def _worker_init(_):
     torch.set_num_threads(1)  # the workers decode with PIL; torch threads would only fight over the cores
 
 
-def _open(files, path):
-    """An open file from `files` (an OrderedDict used as an LRU cache of at most OPEN_SHARDS files)."""
-    f = files.pop(path, None) or open(path, 'rb')
-    files[path] = f
-    if len(files) > OPEN_SHARDS:
-        files.popitem(last=False)[1].close()
-    return f
-
-
 class ShardStream(torch.utils.data.IterableDataset):
     """Per-rank batches (images (B,3,H,W) in [-1,1], labels) from one or more weighted shard sets (see top).
     samples: a D cap, drawn uniformly from each source's usable images in proportion to the weights (the
@@ -414,22 +403,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         return rows
 
     # --- the stream ---
-    def _read(self, files, row, rng, warned):
-        """(image array, label) of one table row, or None (counted) if its image does not decode."""
-        shard, image, image_size, txt, txt_size = row.tolist()
-        f = _open(files, self.paths[shard])
-        f.seek(txt)
-        label = clean_label(f.read(txt_size).decode('utf-8', 'replace'), self.charset, None, self.fold)[0]
-        f.seek(image)
-        try:
-            return decode_image(f.read(image_size), self.img_h, self.img_w, rng), label
-        except Exception:  # PIL raises many types on corrupt or truncated bytes
-            self._bad_images[self._worker % MAX_WORKERS] += 1
-            if shard not in warned:
-                warned.add(shard)
-                print(f'data.py: warning: undecodable image(s) in {self.paths[shard]}, skipped and counted',
+    def _read_batch(self, rows, rng):
+        """[(image array, label)] of table rows, leaving out (and counting) images that do not decode."""
+        files, out = {}, []
+        for shard, image, image_size, txt, txt_size in (row.tolist() for row in rows):
+            f = files.get(shard) or files.setdefault(shard, open(self.paths[shard], 'rb'))
+            f.seek(txt)
+            label = clean_label(f.read(txt_size).decode('utf-8', 'replace'), self.charset, None, self.fold)[0]
+            f.seek(image)
+            try:
+                out.append((decode_image(f.read(image_size), self.img_h, self.img_w, rng), label))
+            except Exception:  # PIL raises many types on corrupt or truncated bytes
+                self._bad_images[self._worker % MAX_WORKERS] += 1
+                print(f'data.py: warning: an undecodable image in {self.paths[shard]} was skipped (counted)',
                       file=sys.stderr)
-            return None
+        for f in files.values():
+            f.close()
+        return out
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -437,28 +427,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         if info is None and W != self._workers and self._batches:
             self._rebase(self._samples_seen(), 'num_workers', self._workers, W)
             self._workers = W
-        G, B, files, warned = self.world_size * W, self.batch_size, OrderedDict(), set()
-        self._worker = i
+        G, B, self._worker = self.world_size * W, self.batch_size, i
         last, dry = None, 0
-        try:
-            for t in count(self._start + i, W):  # this worker's batches (the DataLoader asks workers in turn)
-                first = self._base + ((t // W) * G + self.rank * W + t % W) * B  # the global batch's first sample
-                if not self.loop and first >= self.num_samples:
-                    return
-                rng = random.Random(self.seed * 1000003 + first) if self.augment else None
-                good = [x for x in (self._read(files, r, rng, warned) for r in self._rows(first, B)) if x is not None]
-                if self.loop:  # keep batches full (positions = batches * B): refill drops from the batch
-                    dry = 0 if good else dry + 1
-                    if dry * B > self.num_samples + B:
-                        raise RuntimeError(f'no image of {", ".join(self.names)} decodes ({self.drops})')
-                    kept = good or ([last] if last else [])
-                    good = [kept[j % len(kept)] for j in range(B)] if kept else []
-                if good:
-                    last = good[-1]
-                    yield to_tensor([a for a, _ in good]), [y for _, y in good]
-        finally:
-            for f in files.values():
-                f.close()
+        for t in count(self._start + i, W):  # this worker's batches (the DataLoader asks workers in turn)
+            first = self._base + ((t // W) * G + self.rank * W + t % W) * B  # the global batch's first sample
+            if not self.loop and first >= self.num_samples:
+                return
+            rng = random.Random(f'{self.seed}:{first}') if self.augment else None  # the same in any layout
+            good = self._read_batch(self._rows(first, B), rng)
+            if self.loop:  # keep batches full (positions = batches * B): refill drops from the batch
+                dry = 0 if good else dry + 1
+                if dry * B > self.num_samples + B:
+                    raise RuntimeError(f'no image of {", ".join(self.names)} decodes ({self.drops})')
+                kept = good or ([last] if last else [])
+                good = [kept[j % len(kept)] for j in range(B)] if kept else []
+            if good:
+                last = good[-1]
+                yield to_tensor([a for a, _ in good]), [y for _, y in good]
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -719,12 +704,15 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
 # ----------------------------------------------------------------------------- importers
 
 def _check_sample(rec):
-    """(image bytes, label) -> (bytes, ext, label) with the image decoded once to check it, or (None, reason)."""
+    """(image bytes or path, label) -> (bytes, ext, label) with the image decoded once to check it, or (None,
+    drop reason)."""
     data, label = rec
     if label is None:
         return None, 'missing_label'
     if not label.strip():
         return None, 'empty_label'
+    if isinstance(data, str):
+        data = Path(data).read_bytes() if os.path.isfile(data) else None
     if data is None:
         return None, 'missing_image'
     try:
@@ -789,26 +777,15 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
             env.close()
 
 
-def _folder_records(lines, root):
-    for ln in lines:
-        path, tab, label = ln.partition('\t')
-        try:
-            with open(os.path.join(root, path), 'rb') as f:
-                data = f.read()
-        except OSError:
-            data = None
-        yield data, label if tab else None
-
-
 def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=None, seed=0):
     """A label file of lines 'relative/path<TAB>label' (paths relative to root, default: the file's folder),
     written in a seeded random order."""
     root = root if root is not None else os.path.dirname(os.path.abspath(labels_file))
     _check_empty(out_dir)
-    lines = [ln.rstrip('\r\n') for ln in open(labels_file, encoding='utf-8') if ln.strip()]
+    lines = [ln.rstrip('\r\n').partition('\t') for ln in open(labels_file, encoding='utf-8') if ln.strip()]
     random.Random(seed).shuffle(lines)
-    return _import(_folder_records(lines, root), out_dir, os.path.abspath(labels_file), shard_size, workers,
-                   len(lines))
+    records = [(os.path.join(root, path), label if tab else None) for path, tab, label in lines]
+    return _import(records, out_dir, os.path.abspath(labels_file), shard_size, workers, len(records))
 
 # ----------------------------------------------------------------------------- stats, spm, command line
 
@@ -831,8 +808,6 @@ def stats(pattern):
     for k in sorted(lengths):
         print(f'  {k:3d} {lengths[k]:9d} {"#" * max(1, round(50 * lengths[k] / max(lengths.values())))}')
     print(f'charset ({len(chars)}): {"".join(sorted(chars))}')
-    outside = sum(v for c, v in chars.items() if c.lower() not in CHARSET36)
-    print(f'characters outside CHARSET36 after lower-casing: {outside}')
     print(f'import drops: {index.get("drops", {})}')
 
 
@@ -857,29 +832,28 @@ def train_spm(pattern, vocab, out=None, max_len=25):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
-    a = sub.add_parser('synth', help='render word images into shards')
-    a.add_argument('out', help='output folder')
-    a.add_argument('--n', type=int, required=True, help='number of images')
-    a.add_argument('--style', choices=['clean', 'varied'], default='clean', help='clean = the CPU probe task')
-    a.add_argument('--seed', type=int, default=0, help='integer seed')
-    a.add_argument('--min-len', type=int, default=2, help='random strings: shortest length')
-    a.add_argument('--max-len', type=int, default=6, help='random strings: longest length')
-    a.add_argument('--charset', default='36', help='characters of the random strings: 36, 94, the characters, @FILE')
-    a.add_argument('--words', help='word list file (one per line) instead of random strings')
-    a.add_argument('--fonts', help='folder of .ttf/.otf fonts (default: Pillow built-in)')
-    a.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
-    a.add_argument('--shard-size', type=int, default=10000, help='samples per shard')
+    synth_p = sub.add_parser('synth', help='render word images into shards')
+    synth_p.add_argument('out', help='output folder')
+    synth_p.add_argument('--n', type=int, required=True, help='number of images')
+    synth_p.add_argument('--style', choices=['clean', 'varied'], default='clean', help='clean = the CPU probe task')
+    synth_p.add_argument('--seed', type=int, default=0, help='integer seed')
+    synth_p.add_argument('--min-len', type=int, default=2, help='random strings: shortest length')
+    synth_p.add_argument('--max-len', type=int, default=6, help='random strings: longest length')
+    synth_p.add_argument('--charset', default='36', help='characters of random strings: 36, 94, the characters, @FILE')
+    synth_p.add_argument('--words', help='word list file (one per line) instead of random strings')
+    synth_p.add_argument('--fonts', help='folder of .ttf/.otf fonts (default: Pillow built-in)')
+    writers = [synth_p]
     for name, src_help in (('import-lmdb', 'folder holding scene-text LMDBs (searched recursively)'),
                            ('import-folder', 'label file: lines relative/path<TAB>label')):
-        a = sub.add_parser(name, help=f'import {src_help}')
-        a.add_argument('src', help=src_help)
-        a.add_argument('out', help='output folder')
+        writers.append(sub.add_parser(name, help=f'import {src_help} (written in a seeded random order)'))
+        writers[-1].add_argument('src', help=src_help)
+        writers[-1].add_argument('out', help='output folder')
+    writers[-1].add_argument('--root', help='folder the image paths are relative to (default: the label file\'s)')
+    for a in writers:
         a.add_argument('--shard-size', type=int, default=10000, help='samples per shard')
-        a.add_argument('--workers', type=int, default=None, help='processes checking images (default: all cores)')
-        if name == 'import-folder':
-            a.add_argument('--root', help='folder the image paths are relative to (default: the label file\'s)')
-    a = sub.add_parser('stats', help='counts, label lengths, charset and drops of a shard set')
-    a.add_argument('dir', help='shard folder or glob')
+        a.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
+    sub.add_parser('stats', help='counts, label lengths, charset and drops of a shard set').add_argument(
+        'dir', help='shard folder or glob')
     a = sub.add_parser('spm', help='train a SentencePiece BPE tokenizer on shard labels')
     a.add_argument('dir', help='shard folder or glob')
     a.add_argument('--vocab', type=int, required=True, help='SentencePiece pieces (ids = pieces + 3)')
