@@ -55,6 +55,16 @@ def test_one_global_epoch_covers_the_data_whatever_the_layout(tmp_path):
     assert len(counts) == 100 and set(counts.values()) <= {2, 3, 4}
 
 
+@pytest.mark.parametrize('sizes', [[10] * 7 + [3], [37]])
+def test_evaluation_reads_every_sample_once_over_ranks_and_workers(tmp_path, sizes):
+    n = make_shards(tmp_path, sizes)
+    labels = []
+    for rank in range(2):
+        s = data.ShardStream(str(tmp_path), 8, 16, 4, data.CHARSET36, rank=rank, world_size=2, loop=False)
+        labels += labels_of(s.loader(2))
+    assert sorted(labels) == sorted(name(i) for i in range(n))
+
+
 def test_a_set_smaller_than_the_groups_feeds_every_group(tmp_path):
     make_shards(tmp_path, [3])  # 3 samples, 2 ranks x 2 workers, batches of 2
     for rank in range(2):
