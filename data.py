@@ -332,6 +332,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     # --- state ---
     @property
     def drops(self):
+        """{reason: count}: label-level reasons counted once when built, 'bad_image' each time one is read."""
         return dict(self._build_drops + Counter(bad_image=int(self._bad_images.sum())))  # + keeps counts > 0
 
     def _samples_seen(self):
@@ -875,7 +876,7 @@ def main(argv=None):
             stats(args.dir)
         elif args.cmd == 'spm':
             train_spm(args.dir, args.vocab, args.out)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:  # RuntimeError: sentencepiece
         sys.exit(f'data.py {args.cmd}: {e}')
 
 
