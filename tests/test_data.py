@@ -237,6 +237,18 @@ def test_tarfile_archives_with_long_names(tmp_path):
         assert y == want and x.shape[0] == 5 and s.drops == {}
 
 
+def test_shard_writer_headers_are_tarfiles(tmp_path):
+    for member, size in (('000000001.png', 3000), ('k.txt', 0), ('a' * 98 + '.x', 512)):
+        info = tarfile.TarInfo(member)
+        info.size = size
+        assert data._tar_header(member, size) == info.tobuf(tarfile.USTAR_FORMAT)
+    make_shards(tmp_path, [3])
+    with tarfile.open(tmp_path / 'shard-000000.tar') as tf:  # offsets in the sidecar = tarfile's
+        want = [(m.offset_data, m.size) for m in tf]
+    rows = data.shard_index(str(tmp_path / 'shard-000000.tar'))
+    assert [tuple(r[k:k + 2]) for r in rows for k in (1, 3)] == want
+
+
 def _dir(path):
     info = tarfile.TarInfo(path)
     info.type = tarfile.DIRTYPE
