@@ -73,11 +73,6 @@ def load_charset(spec):
     return chars
 
 
-def folds(charset):
-    """True in the study's settings (36/94 chars): labels are NFKD->ASCII folded and scored on 36 chars."""
-    return charset in (CHARSET36, CHARSET94)
-
-
 def clean_label(label, charset=None, max_len=25, fold=True):
     """Label preprocessing (paper §5) -> (label, None) or (None, drop reason). fold: NFKD->ASCII (else NFC, as
     written); an all-lowercase charset reads 'A' as 'a'; characters outside the charset are removed."""
@@ -436,9 +431,6 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         i, W = (info.id, info.num_workers) if info else (0, 1)
-        if info is None and W != self._workers and self._batches:
-            self._rebase(self._samples_seen(), 'num_workers', self._workers, W)
-            self._workers = W
         G, B, self._worker = self.world_size * W, self.batch_size, i
         last, dry = None, 0
         for t in count(self._start + i, W):  # this worker's batches (the DataLoader asks workers in turn)
@@ -498,7 +490,7 @@ class CharTokenizer(_Tokenizer):
 
     def __init__(self, charset=CHARSET36, max_len=25):
         super().__init__(charset, max_len)
-        self.charset, self.fold = charset, folds(charset)
+        self.charset, self.fold = charset, charset in (CHARSET36, CHARSET94)  # the study's settings fold
         self._id = {c: i for i, c in enumerate(charset, 1)}
 
     def ids(self, text):

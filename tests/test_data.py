@@ -319,7 +319,7 @@ def test_load_charset(tmp_path):
     for bad in (f'@{tmp_path / "missing.txt"}', ' \n'):
         with pytest.raises(ValueError, match='charset'):
             data.load_charset(bad)
-    assert data.folds(data.CHARSET94) and not data.folds('αβγ')
+    assert data.CharTokenizer(data.CHARSET94).fold and not data.CharTokenizer('αβγ').fold
 
 
 def test_clean_label():
