@@ -1,4 +1,4 @@
-"""Data for ocrscale: tar shards, a streaming reader, importers, a word renderer, tokenizers, metrics.
+"""Data for ocrscale: tar shards, a shuffling reader, importers, a word renderer, tokenizers, metrics.
 
     python data.py synth data/synth --n 100000                    # 'clean' probe images (all cores)
     python data.py synth data/varied --n 100000 --style varied --fonts FONT_DIR --words words.txt
@@ -7,21 +7,26 @@
     python data.py stats data/real                                # counts, lengths, charset, drops
     python data.py spm data/real --vocab 512                      # SentencePiece BPE -> data/real/spm512.model
 
-Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention: dot-free keys, sorted) plus
-DIR/index.json = {"shards": {name: count}, "samples", "charset", "source", "drops"}.
+Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention), each with a sidecar SHARD.tar.idx
+(each sample's label and file offsets; shards made elsewhere are indexed once with tarfile), and DIR/index.json
+{"shards": {name: count}, "samples", "charset", "source", "drops"}. Importers write in a seeded random order.
 
-ShardStream is an IterableDataset of whole batches (images (B,3,H,W) in [-1,1], labels). Group g =
-rank*num_workers + worker_id of G = world_size*num_workers reads units[g::G] of the shards permuted by (seed,
-epoch), a unit being a shard (or, with fewer shards than groups, one of k interleaved slices of one). Batch j
-of group g is raw samples [j*B, (j+1)*B) of its block-shuffled stream, so resuming needs only the number of
-batches handed out. With loop=True a sample dropped at decode is replaced by a copy of another in its batch
-(batches stay full, resume stays exact); with loop=False (evaluation) it is left out.
-Not here: on-the-fly rendering during training, non-Latin label rules.
+ShardStream does better than WebDataset's advice (shuffle when writing, reshuffle shards every epoch, interleave
+shards through a buffer): it reads samples by offset in a fresh uniform permutation per epoch (best on a local
+disk; bench_data.py measures the cost). Position p of the run (all ranks and workers) takes the next sample of a
+source's epoch permutation, each MIX_CHUNK positions holding each source's share by weight; batch b = positions
+[b*B, (b+1)*B) goes to group b % G (group = rank * num_workers + worker). So an epoch covers each sample once
+whatever the layout, batches mix all sources, and resuming needs only p.
+D (num_samples) counts usable images: labels are filtered when the stream is built (whitespace removed, NFKD->ASCII
+only for the 36/94-char settings, characters outside the charset removed; empty labels and labels over max_len
+tokens are skipped and counted, never cut); undecodable images are counted when read and replaced by another of
+the batch (loop=True) or left out (loop=False, evaluation). Not here: on-the-fly rendering during training.
 """
-import argparse, base64, glob, io, json, os, random, sys, time, unicodedata
+import argparse, base64, glob, io, json, os, random, sys, tarfile, time, unicodedata
 from collections import Counter
-from itertools import islice, repeat
+from itertools import count
 from multiprocessing import Pool
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,62 +35,59 @@ from tqdm import tqdm
 
 CHARSET36 = '0123456789abcdefghijklmnopqrstuvwxyz'
 CHARSET94 = CHARSET36 + 'ABCDEFGHIJKLMNOPQRSTUVWXYZ' + '!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~'  # PARSeq's order
-DROP_REASONS = ('bad_image', 'missing_image', 'missing_label', 'empty_label', 'too_long', 'truncated_tar')
 IMAGE_EXTS = ('png', 'jpg', 'jpeg', 'webp', 'bmp')
-MIX_CHUNK = 4096  # source choices for weighted mixing are drawn in seeded chunks of this size
+MIX_CHUNK = 4096  # positions over which weighted sources take exactly their share
+MAX_WORKERS = 64  # bad-image counters shared with the DataLoader workers
 
-# ----------------------------------------------------------------------------- labels
 
-def clean_label(label, charset=None, max_len=25, nfkd=True):
-    """Label preprocessing of paper §5 -> (label, None) or (None, drop reason)."""
-    label = ''.join(label.split())  # drop all whitespace
-    if nfkd:
-        label = unicodedata.normalize('NFKD', label).encode('ascii', 'ignore').decode()
-    if len(label) > max_len:
-        return None, 'too_long'
+def cpu_count():
+    """Cores this process may use (os.sched_getaffinity exists on Linux only)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def write_json(obj, path, indent=None):
+    """Write atomically (a temporary file per process, then a rename): readers never see half a file."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+        f.write(json.dumps(obj, indent=indent))  # dumps: the C encoder
+    os.replace(tmp, path)
+
+# ----------------------------------------------------------------------------- labels and charsets
+
+def load_charset(spec):
+    """'36', '94', the characters themselves, or '@file' (UTF-8: one character per line, or one string)."""
+    if spec in ('36', '94'):
+        return CHARSET36 if spec == '36' else CHARSET94
+    if spec.startswith('@'):
+        try:
+            with open(spec[1:], encoding='utf-8') as f:
+                spec = ''.join(f.read().splitlines())
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f'cannot read the charset file {spec[1:]!r}: {e}') from None
+    chars = ''.join(c for c in dict.fromkeys(spec) if not c.isspace())  # labels never keep whitespace
+    if not chars:
+        raise ValueError(f'empty charset {spec!r}: give 36, 94, the characters, or @FILE')
+    return chars
+
+
+def clean_label(label, charset=None, max_len=25, fold=True):
+    """Label preprocessing (paper §5) -> (label, None) or (None, drop reason). fold: NFKD->ASCII (else NFC, as
+    written); an all-lowercase charset reads 'A' as 'a'; characters outside the charset are removed."""
+    label = unicodedata.normalize('NFKD' if fold else 'NFC', ''.join(label.split()))
+    if fold:
+        label = label.encode('ascii', 'ignore').decode()
     if charset is not None:
-        if charset == charset.lower():  # a lowercase charset reads 'A' as 'a' rather than dropping it
+        if charset == charset.lower():
             label = label.lower()
         label = ''.join(c for c in label if c in charset)
-    return (label, None) if label else (None, 'empty_label')
+    if not label:
+        return None, 'empty_label'
+    return (None, 'too_long') if max_len is not None and len(label) > max_len else (label, None)
 
 # ----------------------------------------------------------------------------- tar shards
-
-def _padded(size):
-    return (size + 511) // 512 * 512  # tar data is stored in 512-byte blocks
-
-
-def _tar_member(f):
-    """Next regular file header of an open tar -> (name, size) or None at the end-of-archive block.
-    Raises EOFError when the file stops before the end-of-archive block (a truncated tar)."""
-    name = None
-    while True:
-        hdr = f.read(512)
-        if len(hdr) < 512:
-            raise EOFError('truncated tar (no end-of-archive block)')
-        if hdr.count(0) == 512:
-            return None
-        size = int(hdr[124:136].rstrip(b'\0 ').strip() or b'0', 8)
-        kind = hdr[156:157]
-        if kind in (b'L', b'x'):  # GNU long name / PAX header: the real name is in this member's data
-            data = f.read(_padded(size))[:size]
-            if len(data) < size:
-                raise EOFError('truncated tar')
-            if kind == b'L':
-                name = data.rstrip(b'\0').decode()
-            else:
-                for rec in data.split(b'\n'):
-                    if b' path=' in rec:
-                        name = rec.split(b' path=', 1)[1].decode()
-            continue
-        if kind not in (b'0', b'\0', b'7'):  # directories, links, ...: skip
-            f.seek(_padded(size), 1)
-            continue
-        if name is None:
-            name, prefix = hdr[:100].rstrip(b'\0').decode(), hdr[345:500].rstrip(b'\0').decode()
-            name = prefix + '/' + name if prefix and hdr[257:262] == b'ustar' else name
-        return name, size
-
 
 def _split_name(name):
     """'dir/KEY.a.b' -> ('dir/KEY', 'a.b'), the WebDataset rule (the extension starts at the first dot)."""
@@ -94,49 +96,8 @@ def _split_name(name):
     return (d + '/' + key if d else key), ext.lower()
 
 
-def _members(f):
-    """Yield (key, ext, size) of each regular file of an open tar with f at its data, which the caller may read."""
-    while (m := _tar_member(f)) is not None:
-        start = f.tell()
-        yield *_split_name(m[0]), m[1]
-        f.seek(start + _padded(m[1]))
-
-
-def read_tar(path, select=None, limit=None):
-    """Yield (j, key, {ext: bytes}) for sample j < limit of a shard where select(j) is true; the data of other
-    samples is seeked over, not read. Raises EOFError (after the complete samples) if the tar is truncated."""
-    with open(path, 'rb') as f:
-        j, key, files = -1, None, None
-        for k, ext, size in _members(f):
-            if k != key:  # a sample ends when the key changes
-                if files is not None:
-                    yield j, key, files
-                j, key = j + 1, k
-                if limit is not None and j >= limit:
-                    return
-                files = {} if select is None or select(j) else None
-            if files is not None:
-                files[ext] = f.read(size)
-                if len(files[ext]) < size:
-                    raise EOFError('truncated tar')
-        if files is not None:
-            yield j, key, files
-
-
-def count_samples(path):
-    """Number of samples in a shard from its headers alone (for shards that index.json does not list)."""
-    n, key = 0, None
-    with open(path, 'rb') as f:
-        try:
-            for k, _, _ in _members(f):
-                n, key = n + (k != key), k
-        except EOFError:
-            pass
-    return n
-
-
 def _tar_header(name, size):
-    """A ustar header for a regular file (mode 644, mtime 0, no owner): cheaper than tarfile's, same bytes."""
+    """The ustar header tarfile writes for a regular file (mode 644, mtime 0, no owner), 5x cheaper to make."""
     h = bytearray(512)
     h[0:len(name)] = name.encode()
     h[100:136] = b'0000644\x000000000\x000000000\x00' + b'%011o\x00' % size
@@ -147,37 +108,38 @@ def _tar_header(name, size):
 
 
 class ShardWriter:
-    """Writes samples into OUT/PREFIX-NNNNNN.tar shards of at most shard_size samples / max_bytes bytes.
-    Shards are written as .tmp and renamed when full, so a crash never leaves a half shard matching *.tar."""
+    """Writes samples into OUT/PREFIX-NNNNNN.tar shards (+ .idx sidecars) of at most shard_size samples /
+    max_bytes bytes. Shards are written as .tmp and renamed when full: a crash never leaves a half shard."""
 
     def __init__(self, out_dir, shard_size=10000, max_bytes=1.5e9, prefix='shard', start=0):
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.shard_size, self.max_bytes, self.prefix = out_dir, shard_size, max_bytes, prefix
-        self.index, self.shards, self.charset = start, {}, set()
-        self.f, self.count, self.bytes = None, 0, 0
+        self.index, self.shards, self.charset, self.f = start, {}, set(), None
 
     def write(self, key, image_bytes, ext, label):
-        """Add sample KEY.ext + KEY.txt; keys must not contain dots and must come in sorted order."""
+        """Add sample KEY.ext + KEY.txt; keys must be short and contain no dots."""
         if '.' in key or len(key) + len(ext) > 98:
             raise ValueError(f'shard keys must be short and contain no dots: {key!r}')
-        if self.f is not None and (self.count >= self.shard_size or self.bytes >= self.max_bytes):
+        if self.f is not None and (len(self.samples) >= self.shard_size or self.f.tell() >= self.max_bytes):
             self._finish()
         if self.f is None:
-            self.name = f'{self.prefix}-{self.index:06d}.tar'
-            self.f = open(os.path.join(self.out_dir, self.name + '.tmp'), 'wb')
-            self.index += 1
+            self.path = os.path.join(self.out_dir, f'{self.prefix}-{self.index:06d}.tar')
+            self.f, self.samples, self.index = open(self.path + '.tmp', 'wb'), [], self.index + 1
+        row = [label]
         for data, e in ((image_bytes, ext), (label.encode('utf-8'), 'txt')):
-            self.f.write(_tar_header(f'{key}.{e}', len(data)) + data + bytes(-len(data) % 512))
-            self.bytes += len(data) + 1024
-        self.count += 1
+            self.f.write(_tar_header(f'{key}.{e}', len(data)))
+            row += [self.f.tell(), len(data)]
+            self.f.write(data + bytes(-len(data) % 512))  # data fills whole 512-byte blocks
+        self.samples.append(row)
         self.charset.update(label)
 
     def _finish(self):
         self.f.write(bytes(1024))  # end-of-archive: two zero blocks
         self.f.close()
-        os.replace(os.path.join(self.out_dir, self.name + '.tmp'), os.path.join(self.out_dir, self.name))
-        self.shards[self.name] = self.count
-        self.f, self.count, self.bytes = None, 0, 0
+        write_json({'bytes': os.path.getsize(self.path + '.tmp'), 'samples': self.samples}, self.path + '.idx')
+        os.replace(self.path + '.tmp', self.path)
+        self.shards[os.path.basename(self.path)] = len(self.samples)
+        self.f = None
 
     def close(self):
         if self.f is not None:
@@ -185,12 +147,53 @@ class ShardWriter:
         return self.shards
 
 
+def scan_tar(path):
+    """A shard's samples in order, read with tarfile: [[label or None, image offset or None, image size, label
+    offset, label size]]. A truncated or corrupt tar gives the complete samples before the damage."""
+    samples, key, size = [], None, os.path.getsize(path)
+    try:
+        with tarfile.open(path, 'r:') as tf:
+            for m in tf:
+                if m.offset_data + m.size > size:
+                    raise EOFError('truncated tar')
+                if not m.isfile():
+                    continue
+                k, ext = _split_name(m.name)
+                if k != key:  # a sample ends when the key changes
+                    samples.append([None, None, 0, None, 0])
+                    key = k
+                if ext == 'txt':
+                    samples[-1][0] = tf.extractfile(m).read().decode('utf-8', 'replace')
+                    samples[-1][3:] = m.offset_data, m.size
+                elif ext in IMAGE_EXTS and samples[-1][1] is None:
+                    samples[-1][1:3] = m.offset_data, m.size
+    except (tarfile.TarError, EOFError, OSError):
+        if samples and None in samples[-1][:2]:
+            samples.pop()  # the sample the damage cut
+    return samples
+
+
+def shard_index(path):
+    """scan_tar(path) from the sidecar PATH.idx, or by scanning (then saved as the sidecar where writable)."""
+    try:
+        with open(path + '.idx') as f:
+            idx = json.load(f)
+        if idx['bytes'] == os.path.getsize(path):  # else the tar changed after its sidecar was written
+            return idx['samples']
+    except (OSError, ValueError, KeyError):
+        pass
+    samples = scan_tar(path)
+    try:
+        write_json({'bytes': os.path.getsize(path), 'samples': samples}, path + '.idx')
+    except OSError:  # a read-only data folder: scan again next time
+        pass
+    return samples
+
+
 def write_index(out_dir, shards, charset, source, drops, **extra):
     index = dict(shards=dict(sorted(shards.items())), samples=sum(shards.values()),
                  charset=''.join(sorted(charset)), source=source, drops=dict(drops), **extra)
-    with open(os.path.join(out_dir, 'index.json.tmp'), 'w') as f:
-        json.dump(index, f, indent=1)
-    os.replace(os.path.join(out_dir, 'index.json.tmp'), os.path.join(out_dir, 'index.json'))
+    write_json(index, os.path.join(out_dir, 'index.json'), indent=1)
     return index
 
 
@@ -201,7 +204,7 @@ def _read_index(pattern):
 
 
 def find_shards(pattern):
-    """A dir or glob -> sorted [(path, count)], counts from each folder's index.json (or the tar headers)."""
+    """A dir or glob -> sorted [(path, count)], counts from each folder's index.json (or the shard's index)."""
     paths = sorted(glob.glob(os.path.join(pattern, '*.tar') if os.path.isdir(pattern) else pattern))
     if not paths:
         d = pattern if not glob.has_magic(pattern) else os.path.dirname(pattern) or 'DIR'
@@ -214,7 +217,7 @@ def find_shards(pattern):
         if d not in indexes:
             indexes[d] = _read_index(d)
         n = indexes[d].get('shards', {}).get(os.path.basename(p))
-        out.append((p, n if n is not None else count_samples(p)))
+        out.append((p, n if n is not None else len(shard_index(p))))
     return out
 
 
@@ -262,77 +265,110 @@ def to_tensor(arrays):
     x = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32)  # numpy: no thread-pool start-up per batch
     return torch.from_numpy(x * np.float32(1 / 127.5) - np.float32(1.0))
 
-# ----------------------------------------------------------------------------- streaming reader
+# ----------------------------------------------------------------------------- the reader
 
 def _worker_init(_):
     torch.set_num_threads(1)  # the workers decode with PIL; torch threads would only fight over the cores
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Per-rank batches (images (B,3,H,W) in [-1,1], labels) from one or more weighted shard sets (see top)."""
+    """Per-rank batches (images (B,3,H,W) in [-1,1], labels) from one or more weighted shard sets (see top).
+    samples: a D cap, drawn uniformly from each source's usable images in proportion to the weights (the
+    first of a permutation seeded by data_seed, so smaller caps are subsets of larger ones)."""
 
     def __init__(self, sources, img_h, img_w, batch_size, charset, max_len=25, rank=0, world_size=1, seed=0,
-                 samples=None, shuffle_buffer=1000, augment=False, loop=True, nfkd=True, data_seed=0):
+                 samples=None, augment=False, loop=True, fold=True, tokenizer=None, data_seed=0):
         if isinstance(sources, str):
             sources = parse_sources(sources)
         sources = [(s, 1.0) if isinstance(s, str) else (s[0], float(s[1])) for s in sources]
-        self.img_h, self.img_w, self.batch_size, self.charset, self.max_len = img_h, img_w, batch_size, charset, max_len
-        self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, max(1, shuffle_buffer)
-        self.augment, self.loop, self.nfkd = augment, loop, nfkd
+        if charset is None and tokenizer is not None:
+            charset = getattr(tokenizer, 'charset', None)
+        self.img_h, self.img_w, self.batch_size, self.charset, self.fold = img_h, img_w, batch_size, charset, fold
+        self.max_len = max_len if tokenizer is None else min(max_len, tokenizer.max_len)
+        self.rank, self.world_size, self.seed, self.augment, self.loop = rank, world_size, seed, augment, loop
         self.names = [s for s, _ in sources]
         w = np.array([w for _, w in sources], dtype=np.float64)
         self.weights = w / w.sum()
-        self.shards = []  # per source: [(path, number of samples used from the start of that shard)]
+        self.paths, self.tables, self._build_drops = [], [], Counter()
         for s, (pattern, _) in enumerate(sources):
-            found = find_shards(pattern)
-            total = sum(n for _, n in found)
-            want = total if samples is None else int(round(samples * self.weights[s]))
-            if want > total:
-                raise ValueError(f'samples={samples} asks {want} from {pattern}, which holds only {total}')
-            # the first `want` samples of a fixed seeded shard order, so smaller caps are subsets of larger ones
-            capped = []
-            for i in np.random.default_rng([data_seed, s]).permutation(len(found)):
-                if want <= 0:
-                    break
-                capped.append((found[i][0], min(found[i][1], want)))
-                want -= capped[-1][1]
-            if not capped:
-                raise ValueError(f'no samples from {pattern} (samples={samples})')
-            self.shards.append(capped)
-        self.num_samples = sum(n for sh in self.shards for _, n in sh)
-        self._batches = self._start = 0  # batches handed out (by loader), and the count a new iterator starts at
+            rows = self._usable_rows(pattern, tokenizer)
+            want = len(rows) if samples is None else int(round(samples * self.weights[s]))
+            if len(rows) == 0:
+                raise ValueError(f'no usable sample in {pattern} (drops: {dict(self._build_drops)}): check the '
+                                 f'charset (fold={fold}) and max_len={self.max_len}')
+            if not 0 < want <= len(rows):
+                raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, '
+                                 f'which holds only {len(rows)}')
+            keep = np.random.default_rng([data_seed, s]).permutation(len(rows))[:want]
+            self.tables.append(rows[np.sort(keep)])
+        self.num_samples = sum(len(t) for t in self.tables)
+        self._all = None if loop else np.concatenate(self.tables)  # read once, in stored order
+        self._base = self._batches = self._start = 0  # position of batch 0, batches handed out, first to hand out
         self._workers = 1  # the num_workers those batches were handed out with
-        self._drop_counts = torch.zeros(1, len(DROP_REASONS), dtype=torch.int64)
-        self._drops_before = Counter()
+        self._bad_images = torch.zeros(MAX_WORKERS, dtype=torch.int64).share_memory_()  # counts per worker
+        self._perms, self._chunk = {}, (None,)
+        quota = self.weights * MIX_CHUNK  # each chunk of positions holds each source's share (largest remainder)
+        self._quota = np.floor(quota).astype(np.int64)
+        self._quota[np.argsort(self._quota - quota)[:MIX_CHUNK - self._quota.sum()]] += 1
+
+    def _usable_rows(self, pattern, tokenizer):
+        """(n, 5) int64 rows (shard number, image offset, size, label offset, size) of a source's usable samples;
+        the others are counted in self._build_drops by reason."""
+        rows, reasons = [], {}  # reasons: raw label -> drop reason or None, computed once per distinct label
+        for path, n in find_shards(pattern):
+            samples = shard_index(path)
+            self._build_drops['truncated_tar'] += max(0, n - len(samples))
+            for label, image, image_size, txt, txt_size in samples:
+                if label not in reasons:
+                    reasons[label] = 'missing_label' if label is None else self._label_problem(label, tokenizer)
+                reason = reasons[label] or ('missing_image' if image is None else None)
+                if reason:
+                    self._build_drops[reason] += 1
+                else:
+                    rows.append((len(self.paths), image, image_size, txt, txt_size))
+            self.paths.append(path)
+        return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+    def _label_problem(self, raw, tokenizer):
+        label, reason = clean_label(raw, self.charset, None if tokenizer else self.max_len, self.fold)
+        if label is not None and tokenizer is not None and len(tokenizer.ids(label)) > self.max_len:
+            return 'too_long'
+        return reason
 
     # --- state ---
     @property
     def drops(self):
-        now = Counter(dict(zip(DROP_REASONS, self._drop_counts.sum(0).tolist())))
-        return dict(self._drops_before + now)  # Counter's + keeps the positive counts only
+        """{reason: count}: label-level reasons counted once when built, 'bad_image' each time one is read."""
+        return dict(self._build_drops + Counter(bad_image=int(self._bad_images.sum())))  # + keeps counts > 0
+
+    def _samples_seen(self):
+        return self._base + self._batches * self.world_size * self.batch_size
 
     def state_dict(self):
-        return {'batches': self._batches, 'num_workers': self._workers, 'world_size': self.world_size,
-                'seed': self.seed, 'batch_size': self.batch_size}
+        return {'base': self._base, 'batches': self._batches, 'samples': self._samples_seen(),
+                'num_workers': self._workers, 'world_size': self.world_size, 'batch_size': self.batch_size,
+                'seed': self.seed}
 
     def load_state_dict(self, d):
-        was = (d.get('world_size', self.world_size), d.get('batch_size', self.batch_size))
-        if was != (self.world_size, self.batch_size):
-            print(f'data.py: warning: stream state saved with (world_size, batch_size) = {was}, resumed with '
-                  f'{(self.world_size, self.batch_size)}: not an exact continuation', file=sys.stderr)
-        self._batches = self._start = int(d['batches'])
-        self._workers = int(d['num_workers'])
+        """Continue after the batches of `d`; a different layout continues from its global sample position."""
+        self._base, self._batches = int(d.get('base', 0)), int(d['batches'])
+        self._start, self._workers = self._batches, int(d.get('num_workers', 1))
+        was = d.get('world_size', self.world_size), d.get('batch_size', self.batch_size), d.get('seed', self.seed)
+        samples = int(d.get('samples', self._base + self._batches * was[0] * was[1]))
+        if was != (self.world_size, self.batch_size, self.seed):
+            self._rebase(samples, '(world_size, batch_size, seed)', was, (self.world_size, self.batch_size, self.seed))
+
+    def _rebase(self, samples, what, was, now):
+        print(f'data.py: warning: stream state saved with {what} = {was}, resumed with {now}: continuing from '
+              f'global sample {samples:,}, not an exact continuation', file=sys.stderr)
+        self._base, self._batches, self._start = samples, 0, 0
 
     def loader(self, num_workers=0, pin_memory=False):
         """Iterator over this rank's batches; counts them so state_dict() can resume after the last one."""
         W = max(1, num_workers)
         if self._batches and W != self._workers:
-            raise ValueError(f'this stream has handed out {self._batches} batches with num_workers={self._workers}; '
-                             f'resume with the same num_workers (got {num_workers})')
-        self._workers = W
-        self._drops_before.update(self.drops)
-        self._drop_counts = torch.zeros(W, len(DROP_REASONS), dtype=torch.int64).share_memory_()
-        self._start = self._batches
+            self._rebase(self._samples_seen(), 'num_workers', self._workers, W)
+        self._workers, self._start = W, self._batches
         # its own generator: a DataLoader draws a base seed, which would shift the global RNG on resume
         dl = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                          worker_init_fn=_worker_init if num_workers else None,
@@ -341,160 +377,99 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._batches += 1
             yield batch
 
-    # --- the stream ---
-    def _units(self, s, epoch, g, G):
-        """Group g's reading units for one epoch: [(path, first samples used, slice, slices)]."""
-        shards = self.shards[s]
-        k = -(-G // len(shards))  # with fewer shards than groups, each shard is read as k interleaved slices
-        units = [(path, n, sub, k) for path, n in shards for sub in range(k)]
-        units = [units[i] for i in np.random.default_rng([self.seed, s, epoch]).permutation(len(units))][g::G]
-        return units, [len(range(sub, n, k)) for _, n, sub, k in units]
+    # --- the order ---
+    def _perm(self, s, epoch):
+        """Source s's sample order in an epoch (the last one is kept)."""
+        if self._perms.get(s, (None,))[0] != epoch:
+            self._perms[s] = epoch, np.random.default_rng([self.seed, s, epoch]).permutation(len(self.tables[s]))
+        return self._perms[s][1]
 
-    def _read_units(self, units, lens, skip):
-        """Raw items of consecutive units from raw position `skip` on: (shard, key, files), or (shard, None,
-        None) for each sample a truncated tar did not deliver (so positions stay aligned with the index)."""
-        for (path, n, sub, k), m in zip(units, lens):
-            if skip >= m:
-                skip -= m
-                continue
-            shard, got = os.path.basename(path), 0
-            try:
-                for _, key, files in read_tar(path, select=lambda j: j % k == sub, limit=n):
-                    got += 1
-                    if got > skip:
-                        yield shard, key, files
-            except (EOFError, OSError, ValueError):  # truncated or corrupt headers
-                pass
-            if got < m:  # fewer samples than the index says: count them, keep positions (and resume) aligned
-                self._drop('truncated_tar', shard, m - got)
-                for _ in range(max(got, skip), m):
-                    yield shard, None, None
-            skip = 0
+    def _mix_chunk(self, c):
+        """Source of each global position of chunk c (the sources' quotas, shuffled) and its draw number there."""
+        if self._chunk[0] != c:
+            sources = np.repeat(np.arange(len(self.tables)), self._quota)
+            src, k = np.random.default_rng([self.seed, 99, c]).permutation(sources), np.empty(MIX_CHUNK, np.int64)
+            for s, q in enumerate(self._quota):
+                k[src == s] = c * q + np.arange(q)
+            self._chunk = c, src.tolist(), k.tolist()
+        return self._chunk[1:]
 
-    def _source(self, s, g, G, skip):
-        """Group g's raw items of source s, from raw position `skip` on, block-shuffled within each epoch."""
-        K, epoch, empty = self.shuffle_buffer, 0, 0
-        while True:
-            units, lens = self._units(s, epoch, g, G)
-            n = sum(lens)
-            empty = empty + 1 if n == 0 else 0
-            if empty > 1000:
-                raise RuntimeError(f'{self.names[s]} has too few samples to give each of {G} groups some')
-            if skip >= n:
-                skip -= n
+    def _rows(self, first, n):
+        """Table rows of the samples at global positions first..first+n-1."""
+        if not self.loop:
+            return self._all[first:first + n]
+        rows = []
+        for p in range(first, first + n):
+            if len(self.tables) == 1:
+                s, k = 0, p
             else:
-                b, off, skip = skip // K, skip % K, 0
-                items = self._read_units(units, lens, b * K)
-                while True:
-                    block = list(islice(items, K))
-                    if not block:
-                        break
-                    if K > 1:  # block shuffle: resume needs only the block index and the offset in it
-                        order = np.random.default_rng([self.seed, s, epoch, g, b]).permutation(len(block))
-                        block = [block[o] for o in order]
-                    yield from block[off:]
-                    off, b = 0, b + 1
-                self._warn(g)
-            if not self.loop:
-                return
-            epoch += 1
+                src, draws = self._mix_chunk(p // MIX_CHUNK)
+                s, k = src[p % MIX_CHUNK], draws[p % MIX_CHUNK]
+            epoch, i = divmod(k, len(self.tables[s]))
+            rows.append(self.tables[s][self._perm(s, epoch)[i]])
+        return rows
 
-    def _mix(self, g, start):
-        """Source index of each of group g's raw positions from `start` on, and the counts before `start`."""
-        S, (first, off) = len(self.shards), divmod(start, MIX_CHUNK)
-        def chunk(i):
-            return np.random.default_rng([self.seed, 99, g, i]).choice(S, MIX_CHUNK, p=self.weights)
-        counts = np.bincount(chunk(first)[:off], minlength=S)
-        for i in range(first):
-            counts += np.bincount(chunk(i), minlength=S)
-        def gen(i, off):
-            while True:
-                yield from chunk(i)[off:].tolist()
-                i, off = i + 1, 0
-        return gen(first, off), counts.tolist()
-
-    def _drop(self, reason, shard, n=1):
-        self._drop_counts[self._row, DROP_REASONS.index(reason)] += n
-        self._shard_drops[(reason, shard)] += n
-
-    def _warn(self, g):
-        if self._shard_drops:
-            msg = ', '.join(f'{r} {n} ({sh})' for (r, sh), n in sorted(self._shard_drops.items()))
-            print(f'data.py: warning: group {g} skipped samples: {msg}', file=sys.stderr)
-            self._shard_drops.clear()
-
-    def _prepare(self, item, rng):
-        shard, key, files = item
-        if files is None:
-            return None  # counted as truncated_tar already
-        if 'txt' not in files:
-            return self._drop('missing_label', shard)
-        label, reason = clean_label(files['txt'].decode('utf-8', 'replace'), self.charset, self.max_len, self.nfkd)
-        if label is None:
-            return self._drop(reason, shard)
-        data = next((files[e] for e in IMAGE_EXTS if e in files), None)
-        if data is None:
-            return self._drop('missing_image', shard)
-        try:
-            return decode_image(data, self.img_h, self.img_w, rng), label
-        except Exception:  # PIL raises many types on corrupt or truncated bytes
-            return self._drop('bad_image', shard)
+    # --- the stream ---
+    def _read_batch(self, rows, rng):
+        """[(image array, label)] of table rows, leaving out (and counting) images that do not decode."""
+        files, out = {}, []
+        for shard, image, image_size, txt, txt_size in (row.tolist() for row in rows):
+            f = files.get(shard) or files.setdefault(shard, open(self.paths[shard], 'rb'))
+            f.seek(txt)
+            label = clean_label(f.read(txt_size).decode('utf-8', 'replace'), self.charset, None, self.fold)[0]
+            f.seek(image)
+            try:
+                out.append((decode_image(f.read(image_size), self.img_h, self.img_w, rng), label))
+            except Exception:  # PIL raises many types on corrupt or truncated bytes
+                self._bad_images[self._worker % MAX_WORKERS] += 1
+                print(f'data.py: warning: an undecodable image in {self.paths[shard]} was skipped (counted)',
+                      file=sys.stderr)
+        for f in files.values():
+            f.close()
+        return out
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         i, W = (info.id, info.num_workers) if info else (0, 1)
-        start = self._start
-        if start and W != self._workers:
-            raise ValueError(f'resume needs num_workers={self._workers} (this iterator has {W})')
-        l = (i + start) % W  # the DataLoader asks worker 0 first; rotate so batch number `start` comes next
-        g, G, B = self.rank * W + l, self.world_size * W, self.batch_size
-        self._row, self._shard_drops = (i if self._drop_counts.shape[0] == W else 0), Counter()
-        j = (start + W - 1 - l) // W  # batches this group has already handed out
-        mix, pos = self._mix(g, j * B) if len(self.shards) > 1 else (repeat(0), [j * B])
-        sources = [self._source(s, g, G, p) for s, p in enumerate(pos)]
-        alive, last, dry = [True] * len(sources), None, 0
-        while True:
-            rng = random.Random((self.seed * 1000003 + g) * 1000003 + j) if self.augment else None
-            good, taken = [], 0
-            while taken < B:
-                s = next(mix)
-                if not alive[s]:  # loop=False only: an exhausted source hands its turn to the next live one
-                    s = next((t % len(alive) for t in range(s, s + len(alive)) if alive[t % len(alive)]), None)
-                    if s is None:
-                        break
-                item = next(sources[s], None)
-                if item is None:
-                    alive[s] = False
-                    continue
-                taken += 1
-                out = self._prepare(item, rng)
-                if out is not None:
-                    good.append(out)
-            if taken == 0:
-                break
-            dry = dry + 1 if not good and last is None else 0
-            if self.loop and dry * B > self.num_samples + B:  # a whole epoch without one usable sample
-                raise RuntimeError(f'no usable sample in {", ".join(self.names)}: all were dropped '
-                                   f'({self.drops}); check the charset and max_len')
-            j += 1
-            if self.loop and (good or last):  # keep batches full (positions = batches * B): refill drops
-                kept = good or [last]
-                good = [kept[t % len(kept)] for t in range(B)]
+        G, B, self._worker = self.world_size * W, self.batch_size, i
+        last, dry = None, 0
+        for t in count(self._start + i, W):  # this worker's batches (the DataLoader asks workers in turn)
+            first = self._base + ((t // W) * G + self.rank * W + t % W) * B  # the global batch's first sample
+            if not self.loop and first >= self.num_samples:
+                return
+            rng = random.Random(f'{self.seed}:{first}') if self.augment else None  # the same in any layout
+            good = self._read_batch(self._rows(first, B), rng)
+            if self.loop:  # keep batches full (positions = batches * B): refill drops from the batch
+                dry = 0 if good else dry + 1
+                if dry * B > self.num_samples + B:
+                    raise RuntimeError(f'no image of {", ".join(self.names)} decodes ({self.drops})')
+                kept = good or ([last] if last else [])
+                good = [kept[j % len(kept)] for j in range(B)] if kept else []
             if good:
                 last = good[-1]
-                yield to_tensor([a for a, _ in good]), [t for _, t in good]
-        self._warn(g)
+                yield to_tensor([a for a, _ in good]), [y for _, y in good]
 
 # ----------------------------------------------------------------------------- tokenizers
 
 class _Tokenizer:
-    """Ids: 0 = EOS, 1..V-3 = text tokens, V-2 = BOS, V-1 = PAD (the seams' convention)."""
+    """Ids: 0 = EOS, 1..V-3 = the text tokens self.tokens, V-2 = BOS, V-1 = PAD (the seams' convention)."""
     eos_id = 0
 
-    def encode(self, labels):
-        """list[str] -> LongTensor (B, L+2) rows [BOS, t1..tn, EOS, PAD...], L = longest label in tokens."""
-        rows = [self._ids(t)[:self.max_len] for t in labels]
+    def __init__(self, tokens, max_len):
+        self.tokens, self.max_len = list(tokens), max_len
+        self.vocab_size = len(self.tokens) + 3
+        self.bos_id, self.pad_id = self.vocab_size - 2, self.vocab_size - 1
+
+    def encode(self, labels, length=None):
+        """list[str] -> LongTensor (B, L+2) rows [BOS, t1..tn, EOS, PAD...], L = longest label in tokens (or
+        `length`). Never truncates: a label longer than max_len (or length) tokens is a ValueError."""
+        rows = [self.ids(t) for t in labels]
         L = max((len(r) for r in rows), default=0)
+        limit = self.max_len if length is None else min(length, self.max_len)
+        if L > limit:
+            label = next(t for t, r in zip(labels, rows) if len(r) == L)
+            raise ValueError(f'label {label!r} has {L} tokens, more than max_len={limit} (labels are never cut)')
+        L = L if length is None else length
         return torch.tensor([[self.bos_id] + r + [self.eos_id] + [self.pad_id] * (L - len(r)) for r in rows],
                             dtype=torch.long).view(len(rows), L + 2)
 
@@ -503,59 +478,86 @@ class _Tokenizer:
         out = []
         for row in ids.tolist():
             row = row[:row.index(self.eos_id)] if self.eos_id in row else row
-            out.append(self._text([t for t in row if 0 < t < self.bos_id]))
+            out.append(self.text([t for t in row if 0 < t < self.bos_id]))
         return out
+
+    def text(self, ids):
+        return ''.join(self.tokens[t - 1] for t in ids)
 
 
 class CharTokenizer(_Tokenizer):
+    """One id per character of the charset; characters outside it are skipped."""
+
     def __init__(self, charset=CHARSET36, max_len=25):
-        self.charset, self.max_len = charset, max_len
-        self._id = {c: i + 1 for i, c in enumerate(charset)}
-        self.vocab_size = len(charset) + 3
-        self.bos_id, self.pad_id = self.vocab_size - 2, self.vocab_size - 1
+        super().__init__(charset, max_len)
+        self.charset, self.fold = charset, charset in (CHARSET36, CHARSET94)  # the study's settings fold
+        self._id = {c: i for i, c in enumerate(charset, 1)}
 
-    def _ids(self, text):
-        return [self._id[c] for c in text if c in self._id]  # chars outside the charset are skipped
-
-    def _text(self, ids):
-        return ''.join(self.charset[t - 1] for t in ids)
+    def ids(self, text):
+        return [self._id[c] for c in text if c in self._id]
 
     @property
     def spec(self):
         return {'type': 'char', 'charset': self.charset, 'max_len': self.max_len}
 
 
+class PieceTokenizer(_Tokenizer):
+    """Text pieces (e.g. a converted checkpoint's vocabulary): greedy longest-match encode; characters no piece
+    starts with are skipped."""
+    fold = False
+
+    def __init__(self, pieces, max_len=25):
+        super().__init__(pieces, max_len)
+        self._id = {}
+        for i, p in enumerate(pieces, 1):
+            self._id.setdefault(p, i)  # the first id of a repeated piece
+        self._longest = max(map(len, pieces), default=1)
+
+    def ids(self, text):
+        out, i = [], 0
+        while i < len(text):
+            n = next((n for n in range(min(self._longest, len(text) - i), 0, -1) if text[i:i + n] in self._id), 0)
+            if n:
+                out.append(self._id[text[i:i + n]])
+            i += max(n, 1)
+        return out
+
+    @property
+    def spec(self):
+        return {'type': 'pieces', 'pieces': self.tokens, 'max_len': self.max_len}
+
+
 class SPTokenizer(_Tokenizer):
     """SentencePiece BPE; piece p (0 = <unk>) is text token p + 1. The model bytes travel inside the spec."""
+    fold = True
 
     def __init__(self, model, max_len=25):
         import sentencepiece as spm
         self.model = open(model, 'rb').read() if isinstance(model, str) else bytes(model)
         self.sp = spm.SentencePieceProcessor(model_proto=self.model)
-        self.max_len, self._b64 = max_len, base64.b64encode(self.model).decode()
-        self.vocab_size = self.sp.get_piece_size() + 3
-        self.bos_id, self.pad_id = self.vocab_size - 2, self.vocab_size - 1
+        super().__init__([self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())], max_len)
 
-    def _ids(self, text):
+    def ids(self, text):
         return [p + 1 for p in self.sp.encode(text)]
 
-    def _text(self, ids):
+    def text(self, ids):
         return self.sp.decode([t - 1 for t in ids])
 
     @property
     def spec(self):
-        return {'type': 'spm', 'model': self._b64, 'max_len': self.max_len}
+        return {'type': 'spm', 'model': base64.b64encode(self.model).decode(), 'max_len': self.max_len}
 
 
 def load_tokenizer(spec):
-    """A tokenizer from its spec dict, or from a string: '36', '94', a charset, or a SentencePiece .model path."""
+    """A tokenizer from its spec dict, or from a string: a SentencePiece .model path or a load_charset spec."""
     if isinstance(spec, str):
-        if spec.endswith('.model'):
-            return SPTokenizer(spec)
-        return CharTokenizer({'36': CHARSET36, '94': CHARSET94}.get(spec, spec))
+        return SPTokenizer(spec) if spec.endswith('.model') else CharTokenizer(load_charset(spec))
+    max_len = spec.get('max_len', 25)
     if spec['type'] == 'char':
-        return CharTokenizer(spec['charset'], spec.get('max_len', 25))
-    return SPTokenizer(base64.b64decode(spec['model']), spec.get('max_len', 25))
+        return CharTokenizer(spec['charset'], max_len)
+    if spec['type'] == 'pieces':
+        return PieceTokenizer(spec['pieces'], max_len)
+    return SPTokenizer(base64.b64decode(spec['model']), max_len)
 
 # ----------------------------------------------------------------------------- metrics (paper §5)
 
@@ -577,15 +579,17 @@ def edit_distance(a, b):
     return prev[-1]
 
 
-def score(preds, gts):
-    """-> dict(n, correct, ned_sum): exact matches and the sum of 1 - NED after 36-char normalisation,
-    NED = edit distance / max(len(pred), len(gt))."""
+def score(preds, gts, fold=True):
+    """-> dict(n, correct, ned_sum, error %, ned % (= 1-NED)): exact matches and 1 - NED, NED = edit distance /
+    max(len(pred), len(gt)); fold=True after the study's 36-char normalisation, else on the labels as written."""
     correct, ned_sum = 0, 0.0
     for p, g in zip(preds, gts, strict=True):
-        p, g = normalize36(p), normalize36(g)
+        p, g = (normalize36(p), normalize36(g)) if fold else (p, g)
         correct += p == g
         ned_sum += 1.0 - (edit_distance(p, g) / max(len(p), len(g)) if p or g else 0.0)
-    return {'n': len(gts), 'correct': correct, 'ned_sum': ned_sum}
+    n = len(gts)
+    return {'n': n, 'correct': correct, 'ned_sum': ned_sum, 'error': 100 * (1 - correct / n) if n else float('nan'),
+            'ned': 100 * ned_sum / n if n else float('nan')}
 
 
 def weighted_average(results, key='error'):
@@ -694,7 +698,7 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
                words=words, fonts=fonts)
     jobs = [(i, s, min(shard_size, n - s)) for i, s in enumerate(range(0, n, shard_size))]
     shards, chars = {}, set()
-    with Pool(workers or len(os.sched_getaffinity(0)), initializer=_synth_init, initargs=(cfg,)) as pool:
+    with Pool(workers or cpu_count(), initializer=_synth_init, initargs=(cfg,)) as pool:
         for sh, cs in tqdm(pool.imap_unordered(_synth_shard, jobs), total=len(jobs), desc='synth', unit='shard'):
             shards.update(sh)
             chars |= cs
@@ -704,12 +708,15 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
 # ----------------------------------------------------------------------------- importers
 
 def _check_sample(rec):
-    """(image bytes, label) -> (bytes, ext, label) with the image decoded once to check it, or (None, reason)."""
+    """(image bytes or path, label) -> (bytes, ext, label) with the image decoded once to check it, or (None,
+    drop reason)."""
     data, label = rec
     if label is None:
         return None, 'missing_label'
     if not label.strip():
         return None, 'empty_label'
+    if isinstance(data, str):
+        data = Path(data).read_bytes() if os.path.isfile(data) else None
     if data is None:
         return None, 'missing_image'
     try:
@@ -727,20 +734,28 @@ def _check_sample(rec):
 
 def _import(records, out_dir, source, shard_size, workers, total=None, **extra):
     """Check records (image bytes, label) on all cores and write the good ones to shards, in order."""
-    writer, drops = ShardWriter(out_dir, shard_size=shard_size), Counter()
-    with Pool(workers or len(os.sched_getaffinity(0))) as pool:
+    writer, drops, n = ShardWriter(out_dir, shard_size=shard_size), Counter(), 0
+    with Pool(workers or cpu_count()) as pool:
         for r in tqdm(pool.imap(_check_sample, records, chunksize=64), total=total, desc='import', unit='img'):
             if r[0] is None:
                 drops[r[1]] += 1
             else:
-                writer.write(f'{sum(writer.shards.values()) + writer.count:09d}', *r)
+                writer.write(f'{n:09d}', *r)
+                n += 1
     index = write_index(out_dir, writer.close(), writer.charset, source, drops, **extra)
     print(f'{out_dir}: {index["samples"]} samples in {len(index["shards"])} shards, dropped {dict(drops)}')
     return index
 
 
-def import_lmdb(src, out_dir, shard_size=10000, workers=None):
-    """Scene-text LMDBs (num-samples, image-%09d, label-%09d, 1-based) under src, recursively -> one shard set."""
+def _lmdb_records(txns, refs):
+    for db, i in refs:
+        label = txns[db].get(b'label-%09d' % i)
+        yield txns[db].get(b'image-%09d' % i), None if label is None else label.decode('utf-8', 'replace')
+
+
+def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
+    """Scene-text LMDBs (num-samples, image-%09d, label-%09d, 1-based) under src, recursively -> one shard set,
+    written in a seeded random order (so every shard mixes the sets)."""
     try:
         import lmdb
     except ImportError:
@@ -749,53 +764,38 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None):
     if not dbs:
         raise FileNotFoundError(f'no data.mdb in {src} or its sub-folders')
     _check_empty(out_dir)
-    def open_db(db):
-        return lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False)
-
-    counts = {}
-    for db in dbs:
-        with open_db(db) as env, env.begin() as txn:
-            count = txn.get(b'num-samples')
-        if count is None:
-            raise ValueError(f"{db}: no 'num-samples' key; not a scene-text LMDB")
-        counts[db] = int(count)
-
-    def records():
-        for db, count in counts.items():
-            with open_db(db) as env, env.begin() as txn:
-                for i in range(1, count + 1):
-                    label = txn.get(b'label-%09d' % i)
-                    yield txn.get(b'image-%09d' % i), None if label is None else label.decode('utf-8', 'replace')
-    parts = {os.path.relpath(db, src): n for db, n in counts.items()}
-    return _import(records(), out_dir, os.path.abspath(src), shard_size, workers, sum(counts.values()), parts=parts)
+    envs = {db: lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False) for db in dbs}
+    try:
+        txns = {db: env.begin() for db, env in envs.items()}
+        counts = {db: txn.get(b'num-samples') for db, txn in txns.items()}
+        for db, n in counts.items():
+            if n is None:
+                raise ValueError(f"{db}: no 'num-samples' key; not a scene-text LMDB")
+        refs = [(db, i) for db, n in counts.items() for i in range(1, int(n) + 1)]
+        random.Random(seed).shuffle(refs)
+        parts = {os.path.relpath(db, src): int(n) for db, n in counts.items()}
+        return _import(_lmdb_records(txns, refs), out_dir, os.path.abspath(src), shard_size, workers, len(refs),
+                       parts=parts)
+    finally:
+        for env in envs.values():
+            env.close()
 
 
-def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=None):
-    """A label file of lines 'relative/path<TAB>label' (paths relative to root, default: the file's folder)."""
+def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=None, seed=0):
+    """A label file of lines 'relative/path<TAB>label' (paths relative to root, default: the file's folder),
+    written in a seeded random order."""
     root = root if root is not None else os.path.dirname(os.path.abspath(labels_file))
     _check_empty(out_dir)
-    lines = [ln.rstrip('\r\n') for ln in open(labels_file, encoding='utf-8') if ln.strip()]
-
-    def records():
-        for ln in lines:
-            path, tab, label = ln.partition('\t')
-            try:
-                data = open(os.path.join(root, path), 'rb').read()
-            except OSError:
-                data = None
-            yield data, label if tab else None
-    return _import(records(), out_dir, os.path.abspath(labels_file), shard_size, workers, len(lines))
+    lines = [ln.rstrip('\r\n').partition('\t') for ln in open(labels_file, encoding='utf-8') if ln.strip()]
+    random.Random(seed).shuffle(lines)
+    records = [(os.path.join(root, path), label if tab else None) for path, tab, label in lines]
+    return _import(records, out_dir, os.path.abspath(labels_file), shard_size, workers, len(records))
 
 # ----------------------------------------------------------------------------- stats, spm, command line
 
 def _labels(pattern):
-    for path, n in find_shards(pattern):
-        try:
-            for _, _, files in read_tar(path, limit=n):
-                if 'txt' in files:
-                    yield files['txt'].decode('utf-8', 'replace')
-        except EOFError:
-            print(f'warning: {path} is truncated', file=sys.stderr)
+    for path, _ in find_shards(pattern):
+        yield from (row[0] for row in shard_index(path) if row[0] is not None)
 
 
 def stats(pattern):
@@ -812,8 +812,6 @@ def stats(pattern):
     for k in sorted(lengths):
         print(f'  {k:3d} {lengths[k]:9d} {"#" * max(1, round(50 * lengths[k] / max(lengths.values())))}')
     print(f'charset ({len(chars)}): {"".join(sorted(chars))}')
-    outside = sum(v for c, v in chars.items() if c.lower() not in CHARSET36)
-    print(f'characters outside CHARSET36 after lower-casing: {outside}')
     print(f'import drops: {index.get("drops", {})}')
 
 
@@ -838,29 +836,28 @@ def train_spm(pattern, vocab, out=None, max_len=25):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
-    a = sub.add_parser('synth', help='render word images into shards')
-    a.add_argument('out', help='output folder')
-    a.add_argument('--n', type=int, required=True, help='number of images')
-    a.add_argument('--style', choices=['clean', 'varied'], default='clean', help='clean = the CPU probe task')
-    a.add_argument('--seed', type=int, default=0, help='integer seed')
-    a.add_argument('--min-len', type=int, default=2, help='random strings: shortest length')
-    a.add_argument('--max-len', type=int, default=6, help='random strings: longest length')
-    a.add_argument('--charset', default=CHARSET36, help='characters of the random strings')
-    a.add_argument('--words', help='word list file (one per line) instead of random strings')
-    a.add_argument('--fonts', help='folder of .ttf/.otf fonts (default: Pillow built-in)')
-    a.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
-    a.add_argument('--shard-size', type=int, default=10000, help='samples per shard')
+    synth_p = sub.add_parser('synth', help='render word images into shards')
+    synth_p.add_argument('out', help='output folder')
+    synth_p.add_argument('--n', type=int, required=True, help='number of images')
+    synth_p.add_argument('--style', choices=['clean', 'varied'], default='clean', help='clean = the CPU probe task')
+    synth_p.add_argument('--seed', type=int, default=0, help='integer seed')
+    synth_p.add_argument('--min-len', type=int, default=2, help='random strings: shortest length')
+    synth_p.add_argument('--max-len', type=int, default=6, help='random strings: longest length')
+    synth_p.add_argument('--charset', default='36', help='characters of random strings: 36, 94, the characters, @FILE')
+    synth_p.add_argument('--words', help='word list file (one per line) instead of random strings')
+    synth_p.add_argument('--fonts', help='folder of .ttf/.otf fonts (default: Pillow built-in)')
+    writers = [synth_p]
     for name, src_help in (('import-lmdb', 'folder holding scene-text LMDBs (searched recursively)'),
                            ('import-folder', 'label file: lines relative/path<TAB>label')):
-        a = sub.add_parser(name, help=f'import {src_help}')
-        a.add_argument('src', help=src_help)
-        a.add_argument('out', help='output folder')
+        writers.append(sub.add_parser(name, help=f'import {src_help} (written in a seeded random order)'))
+        writers[-1].add_argument('src', help=src_help)
+        writers[-1].add_argument('out', help='output folder')
+    writers[-1].add_argument('--root', help='folder the image paths are relative to (default: the label file\'s)')
+    for a in writers:
         a.add_argument('--shard-size', type=int, default=10000, help='samples per shard')
-        a.add_argument('--workers', type=int, default=None, help='processes checking images (default: all cores)')
-        if name == 'import-folder':
-            a.add_argument('--root', help='folder the image paths are relative to (default: the label file\'s)')
-    a = sub.add_parser('stats', help='counts, label lengths, charset and drops of a shard set')
-    a.add_argument('dir', help='shard folder or glob')
+        a.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
+    sub.add_parser('stats', help='counts, label lengths, charset and drops of a shard set').add_argument(
+        'dir', help='shard folder or glob')
     a = sub.add_parser('spm', help='train a SentencePiece BPE tokenizer on shard labels')
     a.add_argument('dir', help='shard folder or glob')
     a.add_argument('--vocab', type=int, required=True, help='SentencePiece pieces (ids = pieces + 3)')
@@ -869,8 +866,8 @@ def main(argv=None):
     try:
         if args.cmd == 'synth':
             words = [w.strip() for w in open(args.words, encoding='utf-8') if w.strip()] if args.words else None
-            index = synth(args.out, args.n, args.seed, args.style, args.min_len, args.max_len, args.charset, words,
-                          args.workers, args.shard_size, args.fonts)
+            index = synth(args.out, args.n, args.seed, args.style, args.min_len, args.max_len,
+                          load_charset(args.charset), words, args.workers, args.shard_size, args.fonts)
             dt = time.time() - t0
             print(f'{args.out}: {index["samples"]} images in {len(index["shards"])} shards, {dt:.1f} s '
                   f'({index["samples"] / dt:.0f} images/s)')
@@ -882,7 +879,7 @@ def main(argv=None):
             stats(args.dir)
         elif args.cmd == 'spm':
             train_spm(args.dir, args.vocab, args.out)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:  # RuntimeError: sentencepiece
         sys.exit(f'data.py {args.cmd}: {e}')
 
 
