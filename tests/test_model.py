@@ -441,9 +441,7 @@ def test_converted_trocr_matches_transformers(hf_trocr):
 
 
 def test_converted_tokenizer_loads_in_data_py(hf_trocr):
-    data = pytest.importorskip('data')
-    if not hasattr(data, 'PieceTokenizer'):
-        pytest.skip('needs data.PieceTokenizer (issue 10)')
+    import data
     tok = data.load_tokenizer(hf_trocr[1]['tokenizer'])
     assert tok.vocab_size == len(HF_VOCAB) and tok.tokens[1:3] == ['a', ' b']
 

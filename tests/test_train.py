@@ -142,8 +142,6 @@ def test_learns_and_logs_samples_epochs_and_one_C(learned):
     assert torch.load(run_dir / "best.pt", weights_only=True)["tokenizer"]["charset"] == data.CHARSET36
 
 
-@pytest.mark.skipif(not hasattr(data, "PieceTokenizer"), reason="needs issue 10's data.py (seams: stream.num_samples = "
-                    "usable images after label filtering, stream.drops counted at build)")
 def test_D_counts_usable_images_and_drops_are_recorded(tmp_path):
     # One source of 120 labels of 2-3 digits and 80 of 4: with max_len 3 the 80 are dropped as too long, D = 120.
     for name, n, lo, hi in (("short", 120, 2, 3), ("long", 80, 4, 4)):
