@@ -70,9 +70,9 @@ def write_stats(path):
     counters = getattr(sys.modules.get("torch._dynamo.utils"), "counters", None)
     on_gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
     peak = torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    train.write_json(dict(peak_mem_gb=peak / 1e9, peak_mem_kind="cuda max allocated" if on_gpu else "max RSS",
+    train.atomic_save(json.dumps(dict(peak_mem_gb=peak / 1e9, peak_mem_kind="cuda max allocated" if on_gpu else "max RSS",
                           graph_breaks=sum(counters["graph_break"].values()) if counters else 0,
-                          unique_graphs=counters["stats"]["unique_graphs"] if counters else 0), path)
+                          unique_graphs=counters["stats"]["unique_graphs"] if counters else 0)).encode(), path)
 
 
 def write_stats_every_second(path, stop):
@@ -195,7 +195,7 @@ class Bench:
             os.makedirs(scratch)
         self.vocab_size = data.CharTokenizer(data.CHARSET36).vocab_size
         self.result = dict(device=self.device_name(), torch=torch.__version__, cuda=torch.version.cuda,
-                           python=sys.version.split()[0], cpus=len(os.sched_getaffinity(0)),
+                           python=sys.version.split()[0], cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                            shm_free_gb=shutil.disk_usage("/dev/shm").free / 1e9 if os.path.isdir("/dev/shm") else None,
                            mode="dry-run (CPU, tiny sizes, fp32, no compile)" if args.dry_run else "gpu",
                            budget_s=args.budget, train=[], decode=[], resume=None, ddp=None)
@@ -224,7 +224,8 @@ class Bench:
             torch.cuda.empty_cache()  # the training children need the memory
         if self.args.peak_tflops:
             return dict(peak_flops=self.args.peak_tflops * 1e12, peak_source="--peak-tflops", matmul_flops=measured)
-        table = train.peak_flops(self.device)
+        name = self.device_name() if self.device.type == "cuda" else ""
+        table = next((v for k, v in train.PEAK_FLOPS.items() if k in name), None)
         if table:
             return dict(peak_flops=table, peak_source="train.PEAK_FLOPS (dense bf16)", matmul_flops=measured)
         return dict(peak_flops=measured, peak_source=f"measured {dtype} matmul {n}^3", matmul_flops=measured)
@@ -235,7 +236,7 @@ class Bench:
     def save(self):
         self.result["elapsed_s"] = round(self.args.budget - (self.deadline - time.time()), 1)
         self.result["table_md"] = markdown(self.result)
-        train.write_json(self.result, os.path.join(self.out, "bench_train.json"))
+        train.atomic_save(json.dumps(self.result, indent=1).encode(), os.path.join(self.out, "bench_train.json"))
         with open(os.path.join(self.out, "bench_train.md"), "w") as f:
             f.write(self.result["table_md"] + "\n")
 
@@ -379,7 +380,7 @@ class Bench:
         log(f"resume: parseq-{size}, {steps} steps of {batch}, eval every {every}, up to {self.left(cap):.0f}s")
         deadline = time.time() + self.left(cap)
         argv = {name: self.train_argv("parseq", size, f"resume-{name}", batch, batch, steps * batch, every * batch, False)
-                for name in ("straight", "killed")}
+                + ["--save-every", str(every * batch)] for name in ("straight", "killed")}  # last.pt at every eval
         last = os.path.join(self.runs, "resume-killed", "last.pt")
         for name, until_file, expect in (("straight", None, "exit 0"), ("killed", last, "file"), ("killed", None, "exit 0")):
             logfile = os.path.join(self.logs, f"resume-{name}.log")
@@ -388,7 +389,7 @@ class Bench:
             if ended != expect:
                 return dict(note=f"{name} run: {ended} (expected {expect}): {error_line(logfile)}")
             if until_file:
-                killed_at = torch.load(last, map_location="cpu", weights_only=False)["step"]
+                killed_at = torch.load(last, map_location="cpu", weights_only=True)["step"]
         rows = {name: {r["step"]: r for r in read_rows(os.path.join(self.runs, f"resume-{name}", "metrics.jsonl"))}
                 for name in argv}
         after = [s for s in rows["straight"] if s > killed_at]
