@@ -250,9 +250,15 @@ def mix_section(args, cfg):
         return text, "The synthetic:real mix: runs unfinished, no verdict."
     best, alone = min(mixed, key=mixed.get), min(means[0], means[None])
     finding = (f"The synthetic:real mix: the miniature {'reproduced' if mixed[best] < alone else 'did not reproduce'} "
-               f"the study's direction: the best mix ({best}:1; the study's best is 3:1) has {mixed[best]:.1f}% {cfg['metric']} "
-               f"error against {means[0]:.1f}% for real only and {means[None]:.1f}% for synthetic only "
-               f"({alone - mixed[best]:+.1f} points better than the better single source).")
+               f"the study's direction: the best mix ({best}:1; the study's best is about 3:1) has {mixed[best]:.1f}% "
+               f"{cfg['metric']} error against {means[0]:.1f}% for real only and {means[None]:.1f}% for synthetic only, "
+               f"{abs(alone - mixed[best]):.1f} points {'better' if mixed[best] < alone else 'worse'} than the better "
+               f"single source")
+    most = max(mixed)
+    if best != most:  # the study: more synthetic than about 3:1 hurts
+        finding += (f"; the most synthetic mix ({most}:1, {mixed[most]:.1f}%) is {mixed[most] - mixed[best]:.1f} "
+                    f"points worse than the best, as in the study")
+    finding += "."
     try:
         text += f"\n![mix](mix.png)\n" if plot_mix(args.out, means, sorted(mixed), cfg["metric"]) else ""
     except ImportError as e:
@@ -309,11 +315,12 @@ def pretrain_section(args, cfg):
     scratch, task, other = means["real"], means["ft-synth"], means["ft-shapes"]
     if None in (scratch, task, other):
         return text, "Pretraining: runs unfinished, no verdict."
+    than = lambda x, y: f"{abs(x - y):.1f} points {'better' if x < y else 'worse'} than"
     finding = (f"Pretraining: the miniature {'reproduced' if task < min(scratch, other) else 'did not reproduce'} the "
-               f"study's direction: synthetic pretraining then fine-tuning gives {task:.1f}% {cfg['metric']} error against "
-               f"{scratch:.1f}% from scratch ({scratch - task:+.1f} points) and {other:.1f}% after the unrelated "
-               f"pretraining, which is {'worse' if other > scratch else 'better'} than scratch by "
-               f"{abs(other - scratch):.1f} points (the study found ImageNet pretraining worse than scratch).")
+               f"study's direction: synthetic pretraining then fine-tuning gives {task:.1f}% {cfg['metric']} error, "
+               f"{than(task, scratch)} from scratch ({scratch:.1f}%) and {than(task, other)} after the unrelated "
+               f"pretraining ({other:.1f}%), which itself is {than(other, scratch)} from scratch (the study found "
+               f"unrelated ImageNet pretraining worse than scratch).")
     return text, finding
 
 
@@ -371,6 +378,7 @@ def cmd_study(args):
     report = os.path.join(root, "REPORT.md")
     with open(report, "w") as f:
         f.write(f"# The OCR scaling study's findings in miniature ({args.arch}, {time.time() - t0:.0f}s)\n\n"
+                + ("--quick: runs far too short to show the findings; a smoke test of the pipeline.\n\n" if args.quick else "")
                 + "".join(f"- {s}\n" for s in findings) + "\n" + "\n".join(sections))
     print("\n".join(findings) + f"\nwrote {report} ({time.time() - t0:.0f}s in all)")
     return 1 if failed else 0

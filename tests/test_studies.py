@@ -62,7 +62,7 @@ def test_quick_study_all_writes_one_report_with_every_finding(tmp_path):
     report = (out / "REPORT.md").read_text()
     cfg = ocrscale.QUICK_STUDY
     findings = [line for line in report.splitlines() if line.startswith("- ")]
-    assert [f.split(":")[0] for f in findings] == ["- The N law", "- The D law", "- The synthetic:real mix", "- Pretraining"]
+    assert [f.split(": ")[0] for f in findings] == ["- The N law", "- The D law", "- The synthetic:real mix", "- Pretraining"]
     assert all(re.search(r"the miniature (reproduced|did not reproduce) the study's direction", f) for f in findings[2:])
     for heading in ("## The N, D and C laws", "## The synthetic:real mix", "## Pretraining, then fine-tuning on real"):
         assert heading in report
