@@ -3,6 +3,7 @@
     python ocrscale.py demo                     # render data, train N and D ladders, fit, write runs/demo/REPORT.md
     python ocrscale.py demo --arch trocr        # the same for TrOCR
     python ocrscale.py demo --quick             # a smaller version that finishes in about a minute
+    python ocrscale.py demo --study all         # also the synthetic:real mix and pretraining: one REPORT.md
     python ocrscale.py sweep --arch parseq --sizes S,B,L,H --samples 1M,3M,10M --gpus 8 --nodes 2 --out sweep.sh
     python ocrscale.py read --ckpt runs/demo/parseq-N-T6-s0/best.pt word1.png word2.png [--json]
 
