@@ -238,9 +238,9 @@ def mix_section(args, cfg):
     """(markdown with the table and plot, one sentence on whether the study's mix finding reproduced)."""
     arms = [("real", "0 (real only)", 0)] + [(f"mix{r}", f"{r}:1", r) for r in cfg["ratios"]] + [("synth", "synthetic only", None)]
     rows = [f"| synthetic:real | {cfg['metric']} error % per seed | mean % |", "|---|---|---|"]
-    means = {}
+    means, per_seed = {}, {}
     for arm, label, ratio in arms:
-        errors = arm_errors(args.out, args.arch, arm, cfg)
+        errors = per_seed[ratio] = arm_errors(args.out, args.arch, arm, cfg)
         text, means[ratio] = mean_text(errors)
         rows.append(f"| {label} | {', '.join(f'{e:.1f}' for e in errors.values())} | {text} |")
     text = (f"## The synthetic:real mix\n\n{args.arch}-{cfg['size']}, {cfg['train_samples']:,} samples per run, drawn from "
@@ -261,14 +261,15 @@ def mix_section(args, cfg):
                     f"points worse than the best, as in the study")
     finding += "."
     try:
-        text += f"\n![mix](mix.png)\n" if plot_mix(args.out, means, sorted(mixed), cfg["metric"]) else ""
+        text += f"\n![mix](mix.png)\n" if plot_mix(args.out, means, per_seed, sorted(mixed), cfg["metric"]) else ""
     except ImportError as e:
         text += f"\n(no plot: {e})\n"
     return text, finding
 
 
-def plot_mix(out_dir, means, ratios, metric):
-    """Test error against the synthetic:real ratio on a log axis; the single sources as horizontal lines."""
+def plot_mix(out_dir, means, per_seed, ratios, metric):
+    """Test error against the synthetic:real ratio on a log axis (mean line, a dot per seed); the single sources
+    as horizontal lines."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -278,6 +279,8 @@ def plot_mix(out_dir, means, ratios, metric):
         raise ImportError("plots need matplotlib: pip install matplotlib") from e
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ratios, [means[r] for r in ratios], "o-", label="real + synthetic")
+    seeds = [(r, e) for r in ratios for e in per_seed[r].values()]
+    ax.plot([r for r, _ in seeds], [e for _, e in seeds], ".", color="C0", alpha=0.4, label="one seed")
     ax.axhline(means[0], color="C1", ls="--", label="real only")
     ax.axhline(means[None], color="C2", ls=":", label="synthetic only")
     ax.set_xscale("log")
