@@ -152,9 +152,9 @@ def cmd_demo(args):
 # colours, gradients, rotation, blur, noise; no system fonts, so the same images on every machine), scarce, with
 # its own test set; "synthetic" = the demo's clean style, plentiful. Every run is tested on the real-style test set.
 STUDY = dict(size="T5", train_samples=100_000, n_real=3_000, n_real_val=1_000, n_real_test=1_000, n_shapes=20_000,
-             ratios=[1, 3, 10], seeds=[0, 1], metric="word")
+             ratios=[1, 3, 10], seeds=[0, 1])
 QUICK_STUDY = dict(size="T2", train_samples=3_000, n_real=500, n_real_val=200, n_real_test=200, n_shapes=1_000,
-                   ratios=[1, 3, 10], seeds=[0], metric="character")
+                   ratios=[1, 3, 10], seeds=[0])
 
 
 def render_shapes(out_dir, n, seed):
@@ -214,15 +214,13 @@ def study_runs(args, cfg, data_root, studies):
 
 
 def arm_errors(runs_dir, arch, arm, cfg):
-    """{seed: error % on the real-style test set} of one arm's finished runs: word error, or character error
-    (100 - 1-NED) for the quick study, whose runs are too short to read a word right."""
+    """{seed: word error % on the real-style test set} of one arm's finished runs."""
     out = {}
     for seed in cfg["seeds"]:
         path = os.path.join(runs_dir, f"{arch}-{arm}-s{seed}", "result.json")
         if os.path.exists(path):
             with open(path) as f:
-                test = json.load(f)["tests"]["real"]
-            out[seed] = test["error"] if cfg["metric"] == "word" else 100 - test["ned"]
+                out[seed] = json.load(f)["tests"]["real"]["error"]
     return out
 
 
@@ -234,17 +232,22 @@ def mean_text(errors):
     return f"{statistics.mean(values):.1f}{spread}", statistics.mean(values)
 
 
+def than(x, y):
+    """'12.3 points better than' for error x against error y."""
+    return f"{abs(x - y):.1f} points {'better' if x < y else 'worse'} than" if round(x, 1) != round(y, 1) else "level with"
+
+
 def mix_section(args, cfg):
     """(markdown with the table and plot, one sentence on whether the study's mix finding reproduced)."""
     arms = [("real", "0 (real only)", 0)] + [(f"mix{r}", f"{r}:1", r) for r in cfg["ratios"]] + [("synth", "synthetic only", None)]
-    rows = [f"| synthetic:real | {cfg['metric']} error % per seed | mean % |", "|---|---|---|"]
+    rows = [f"| synthetic:real | word error % per seed | mean % |", "|---|---|---|"]
     means, per_seed = {}, {}
     for arm, label, ratio in arms:
         errors = per_seed[ratio] = arm_errors(args.out, args.arch, arm, cfg)
         text, means[ratio] = mean_text(errors)
         rows.append(f"| {label} | {', '.join(f'{e:.1f}' for e in errors.values())} | {text} |")
     text = (f"## The synthetic:real mix\n\n{args.arch}-{cfg['size']}, {cfg['train_samples']:,} samples per run, drawn from "
-            f"{cfg['n_real']:,} real-style training images and the synthetic set at each ratio; {cfg['metric']} error "
+            f"{cfg['n_real']:,} real-style training images and the synthetic set at each ratio; word error "
             f"on {cfg['n_real_test']:,} real-style test images; seeds {cfg['seeds']}.\n\n" + "\n".join(rows) + "\n")
     mixed = {r: m for r, m in means.items() if r and m is not None}
     if not mixed or means[0] is None or means[None] is None:
@@ -252,22 +255,21 @@ def mix_section(args, cfg):
     best, alone = min(mixed, key=mixed.get), min(means[0], means[None])
     finding = (f"The synthetic:real mix: the miniature {'reproduced' if mixed[best] < alone else 'did not reproduce'} "
                f"the study's direction: the best mix ({best}:1; the study's best is about 3:1) has {mixed[best]:.1f}% "
-               f"{cfg['metric']} error against {means[0]:.1f}% for real only and {means[None]:.1f}% for synthetic only, "
-               f"{abs(alone - mixed[best]):.1f} points {'better' if mixed[best] < alone else 'worse'} than the better "
-               f"single source")
+               f"word error against {means[0]:.1f}% for real only and {means[None]:.1f}% for synthetic only, "
+               f"{than(mixed[best], alone)} the better single source")
     most = max(mixed)
-    if best != most:  # the study: more synthetic than about 3:1 hurts
+    if mixed[most] > mixed[best]:  # the study: more synthetic than about 3:1 hurts
         finding += (f"; the most synthetic mix ({most}:1, {mixed[most]:.1f}%) is {mixed[most] - mixed[best]:.1f} "
                     f"points worse than the best, as in the study")
     finding += "."
     try:
-        text += f"\n![mix](mix.png)\n" if plot_mix(args.out, means, per_seed, sorted(mixed), cfg["metric"]) else ""
+        text += f"\n![mix](mix.png)\n" if plot_mix(args.out, means, per_seed, sorted(mixed)) else ""
     except ImportError as e:
         text += f"\n(no plot: {e})\n"
     return text, finding
 
 
-def plot_mix(out_dir, means, per_seed, ratios, metric):
+def plot_mix(out_dir, means, per_seed, ratios):
     """Test error against the synthetic:real ratio on a log axis (mean line, a dot per seed); the single sources
     as horizontal lines."""
     try:
@@ -289,7 +291,7 @@ def plot_mix(out_dir, means, per_seed, ratios, metric):
     ax.xaxis.set_minor_locator(NullLocator())  # no minor tick labels to overlap
     ax.set_xlim(min(ratios) / 1.6, max(ratios) * 1.6)
     ax.set_xlabel("synthetic : real images sampled")
-    ax.set_ylabel(f"{metric} error on the real-style test set (%)")
+    ax.set_ylabel("word error on the real-style test set (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, "mix.png")
@@ -304,7 +306,7 @@ def pretrain_section(args, cfg):
             ("ft-shapes", "unrelated, then real", "counting shapes", "real-style"),
             ("synth", "synthetic, not fine-tuned", "synthetic", "none"),
             ("shapes", "unrelated, not fine-tuned", "counting shapes", "none")]
-    rows = [f"| arm | pretraining | fine-tuning | {cfg['metric']} error % per seed | mean % |", "|---|---|---|---|---|"]
+    rows = [f"| arm | pretraining | fine-tuning | word error % per seed | mean % |", "|---|---|---|---|---|"]
     means = {}
     for arm, label, pre, ft in arms:
         errors = arm_errors(args.out, args.arch, arm, cfg)
@@ -314,14 +316,13 @@ def pretrain_section(args, cfg):
     text = (f"## Pretraining, then fine-tuning on real\n\n{args.arch}-{cfg['size']}: {n} samples on the synthetic set "
             f"or on an unrelated task (counting 1-6 coloured shapes), then {n} samples on the {cfg['n_real']:,} "
             f"real-style images from that checkpoint (`train.py --init`); from scratch = the same {n} samples on real "
-            f"only. The last two rows are the pretrained checkpoints before fine-tuning. {cfg['metric'].capitalize()} "
+            f"only. The last two rows are the pretrained checkpoints before fine-tuning. Word "
             f"error on the real-style test set; seeds {cfg['seeds']}.\n\n" + "\n".join(rows) + "\n")
     scratch, task, other = means["real"], means["ft-synth"], means["ft-shapes"]
     if None in (scratch, task, other):
         return text, "Pretraining: runs unfinished, no verdict."
-    than = lambda x, y: f"{abs(x - y):.1f} points {'better' if x < y else 'worse'} than"
     finding = (f"Pretraining: the miniature {'reproduced' if task < min(scratch, other) else 'did not reproduce'} the "
-               f"study's direction: synthetic pretraining then fine-tuning gives {task:.1f}% {cfg['metric']} error, "
+               f"study's direction: synthetic pretraining then fine-tuning gives {task:.1f}% word error, "
                f"{than(task, scratch)} from scratch ({scratch:.1f}%) and {than(task, other)} after the unrelated "
                f"pretraining ({other:.1f}%), which itself is {than(other, scratch)} from scratch (the study found "
                f"unrelated ImageNet pretraining worse than scratch).")
@@ -339,8 +340,8 @@ def laws_findings(args, cfg):
             continue
         verdict = "reproduced" if r["alpha"] > 0 else "did not reproduce"
         target = "word error" if cfg["metric"] == "error" else "val loss per character"
-        out.append(f"The {axis} law: the miniature {verdict} the study's direction: {target} falls with {what} "
-                   f"as a power law with alpha {r['alpha']:.3f} (R² {r['r2']:.3f}; the study: {study}).")
+        out.append(f"The {axis} law: the miniature {verdict} the study's direction: {target} "
+                   f"{'falls' if r['alpha'] > 0 else 'does not fall'} with {what}: power-law alpha {r['alpha']:.3f} (R² {r['r2']:.3f}; the study: {study}).")
     return out
 
 
