@@ -257,6 +257,10 @@ def mix_section(args, cfg):
                f"the study's direction: the best mix ({best}:1; the study's best is about 3:1) has {mixed[best]:.1f}% "
                f"word error against {means[0]:.1f}% for real only and {means[None]:.1f}% for synthetic only, "
                f"{than(mixed[best], alone)} the better single source")
+    runner = min((r for r in mixed if r != best), key=mixed.get, default=None)
+    if runner and min(per_seed[runner].values()) <= max(per_seed[best].values()):  # noise: say so
+        finding += (f"; the runner-up ({runner}:1, {mixed[runner]:.1f}%) overlaps it within the seed spread: "
+                    f"the two are not told apart at this scale")
     most = max(mixed)
     if mixed[most] > mixed[best]:  # the study: more synthetic than about 3:1 hurts
         finding += (f"; the most synthetic mix ({most}:1, {mixed[most]:.1f}%) is {mixed[most] - mixed[best]:.1f} "
