@@ -225,6 +225,7 @@ def arm_errors(runs_dir, arch, arm, cfg):
 
 
 def mean_text(errors):
+    """('mean (seeds lo-hi)', mean) of {seed: error}, or ('(not finished)', None)."""
     if not errors:
         return "(not finished)", None
     values = list(errors.values())
@@ -240,7 +241,7 @@ def than(x, y):
 def mix_section(args, cfg):
     """(markdown with the table and plot, one sentence on whether the study's mix finding reproduced)."""
     arms = [("real", "0 (real only)", 0)] + [(f"mix{r}", f"{r}:1", r) for r in cfg["ratios"]] + [("synth", "synthetic only", None)]
-    rows = [f"| synthetic:real | word error % per seed | mean % |", "|---|---|---|"]
+    rows = ["| synthetic:real | word error % per seed | mean % |", "|---|---|---|"]
     means, per_seed = {}, {}
     for arm, label, ratio in arms:
         errors = per_seed[ratio] = arm_errors(args.out, args.arch, arm, cfg)
@@ -249,7 +250,7 @@ def mix_section(args, cfg):
     text = (f"## The synthetic:real mix\n\n{args.arch}-{cfg['size']}, {cfg['train_samples']:,} samples per run, drawn from "
             f"{cfg['n_real']:,} real-style training images and the synthetic set at each ratio; word error "
             f"on {cfg['n_real_test']:,} real-style test images; seeds {cfg['seeds']}.\n\n" + "\n".join(rows) + "\n")
-    mixed = {r: m for r, m in means.items() if r and m is not None}
+    mixed = {r: m for r, m in means.items() if r and m is not None}  # not 0 (real only), not None (synthetic only)
     if not mixed or means[0] is None or means[None] is None:
         return text, "The synthetic:real mix: runs unfinished, no verdict."
     best, alone = min(mixed, key=mixed.get), min(means[0], means[None])
@@ -267,7 +268,8 @@ def mix_section(args, cfg):
                     f"points worse than the best, as in the study")
     finding += "."
     try:
-        text += f"\n![mix](mix.png)\n" if plot_mix(args.out, means, per_seed, sorted(mixed)) else ""
+        plot_mix(args.out, means, per_seed, sorted(mixed))
+        text += "\n![mix](mix.png)\n"
     except ImportError as e:
         text += f"\n(no plot: {e})\n"
     return text, finding
@@ -310,7 +312,7 @@ def pretrain_section(args, cfg):
             ("ft-shapes", "unrelated, then real", "counting shapes", "real-style"),
             ("synth", "synthetic, not fine-tuned", "synthetic", "none"),
             ("shapes", "unrelated, not fine-tuned", "counting shapes", "none")]
-    rows = [f"| arm | pretraining | fine-tuning | word error % per seed | mean % |", "|---|---|---|---|---|"]
+    rows = ["| arm | pretraining | fine-tuning | word error % per seed | mean % |", "|---|---|---|---|---|"]
     means = {}
     for arm, label, pre, ft in arms:
         errors = arm_errors(args.out, args.arch, arm, cfg)
@@ -345,7 +347,8 @@ def laws_findings(args, cfg):
         verdict = "reproduced" if r["alpha"] > 0 else "did not reproduce"
         target = "word error" if cfg["metric"] == "error" else "val loss per character"
         out.append(f"The {axis} law: the miniature {verdict} the study's direction: {target} "
-                   f"{'falls' if r['alpha'] > 0 else 'does not fall'} with {what}: power-law alpha {r['alpha']:.3f} (R² {r['r2']:.3f}; the study: {study}).")
+                   f"{'falls' if r['alpha'] > 0 else 'does not fall'} with {what}: power-law alpha {r['alpha']:.3f} "
+                   f"(R² {r['r2']:.3f}; the study: {study}).")
     return out
 
 
@@ -365,13 +368,14 @@ def cmd_study(args):
         laws.out = os.path.join(root, "laws")
         failed += cmd_demo(laws)
         with open(os.path.join(laws.out, "REPORT.md")) as f:
-            sections.append("## The N, D and C laws\n" + f.read().split("\n", 1)[1].replace("](", "](laws/"))
+            demo_report = f.read().split("\n", 1)[1]  # without its title; its headings one level down
+            sections.append("## The N, D and C laws\n" + demo_report.replace("\n## ", "\n### ").replace("](", "](laws/"))
         findings += laws_findings(laws, QUICK if args.quick else DEMO)
         studies, args.out = ["mix", "pretrain"], os.path.join(root, "studies")
     render_sets(data_root, QUICK if args.quick else DEMO, args.jobs)  # the synthetic sets, shared with the demo
     render_study_sets(data_root, cfg, args.jobs)
+    pretrained = lambda argv: os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json")
     for phase in study_runs(args, cfg, data_root, studies):
-        pretrained = lambda argv: os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json")
         ready = [run for run in phase if "--init" not in run[2] or os.path.exists(pretrained(run[2]))]
         if len(ready) < len(phase):
             print(f"skipping {len(phase) - len(ready)} fine-tuning run(s): their pretraining did not finish", flush=True)
