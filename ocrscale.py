@@ -3,6 +3,7 @@
     python ocrscale.py demo                     # render data, train N and D ladders, fit, write runs/demo/REPORT.md
     python ocrscale.py demo --arch trocr        # the same for TrOCR
     python ocrscale.py demo --quick             # a smaller version that finishes in about a minute
+    python ocrscale.py demo --study all         # also the synthetic:real mix and pretraining: one REPORT.md
     python ocrscale.py sweep --arch parseq --sizes S,B,L,H --samples 1M,3M,10M --gpus 8 --nodes 2 --out sweep.sh
     python ocrscale.py read --ckpt runs/demo/parseq-N-T6-s0/best.pt word1.png word2.png [--json]
 
@@ -10,14 +11,18 @@ The demo trains every run as its own `python train.py` process (one per core at 
 skips finished runs and resumes unfinished ones. Laws are fitted by fit.py on word error in the 36-char setting.
 """
 import argparse
+import io
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from PIL import Image, ImageDraw
 
 import data
 import fit
@@ -143,6 +148,255 @@ def cmd_demo(args):
     return 1 if failed else 0
 
 
+# The mix and pretraining findings in miniature. "Real" = data.py's 'varied' style with Pillow's built-in font (sizes,
+# colours, gradients, rotation, blur, noise; no system fonts, so the same images on every machine), scarce, with
+# its own test set; "synthetic" = the demo's clean style, plentiful. Every run is tested on the real-style test set.
+STUDY = dict(size="T5", train_samples=100_000, n_real=3_000, n_real_val=1_000, n_real_test=1_000, n_shapes=20_000,
+             ratios=[1, 3, 10], seeds=[0, 1])
+QUICK_STUDY = dict(size="T2", train_samples=3_000, n_real=500, n_real_val=200, n_real_test=200, n_shapes=1_000,
+                   ratios=[1, 3, 10], seeds=[0])
+
+
+def render_shapes(out_dir, n, seed):
+    """The unrelated pretraining task (the miniature's ImageNet): 1-6 ellipses and boxes on a coloured 128x32
+    canvas, labelled with how many there are. A label over the same charset, so --init loads without remapping."""
+    rng = random.Random(seed)
+    writer = data.ShardWriter(out_dir, shard_size=n)
+    for i in range(n):
+        img = Image.new("RGB", (128, 32), tuple(rng.randint(0, 255) for _ in range(3)))
+        draw, count = ImageDraw.Draw(img), rng.randint(1, 6)
+        for j in range(count):  # one shape per column band, so shapes never merge and the count stays right
+            x0, y0 = j * 21 + rng.randint(0, 6), rng.randint(0, 14)
+            box = (x0, y0, x0 + rng.randint(8, 14), y0 + rng.randint(8, 17))
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape(box, fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        buf = io.BytesIO()
+        img.save(buf, "PNG", compress_level=1)
+        writer.write(f"{i:09d}", buf.getvalue(), "png", str(count))
+    return data.write_index(out_dir, writer.close(), writer.charset, f"shapes seed={seed}", {})
+
+
+def render_study_sets(root, cfg, workers):
+    """The real-style train/val/test sets and the shapes task (each from its own seed); kept if already there."""
+    for name, n, seed in (("real-train", cfg["n_real"], 10), ("real-val", cfg["n_real_val"], 11),
+                          ("real-test", cfg["n_real_test"], 12), ("shapes-train", cfg["n_shapes"], 20),
+                          ("shapes-val", cfg["n_real_val"], 21)):
+        out = os.path.join(root, name)
+        if os.path.exists(os.path.join(out, "index.json")):
+            continue
+        print(f"rendering {n:,} {name} images -> {out}", flush=True)
+        if name.startswith("shapes"):
+            render_shapes(out, n, seed)
+        else:
+            data.synth(out, n, seed=seed, style="varied", min_len=2, max_len=6, charset=data.CHARSET36, workers=workers)
+
+
+def study_runs(args, cfg, data_root, studies):
+    """(name, tag, argv) of the runs `studies` ('mix', 'pretrain') need, in two phases: the fine-tuning runs,
+    which start from a pretraining run's checkpoint, come second. The synthetic-only arm is that pretraining run."""
+    path = lambda name: os.path.join(data_root, name)
+    real = ["--train", path("real-train"), "--val", path("real-val")]
+    arms = [("real", real, {"mix", "pretrain"}), ("synth", ["--train", path("train"), "--val", path("val")], {"mix", "pretrain"})]
+    arms += [(f"mix{r}", ["--train", f"{path('train')}:{r}", "--train", f"{path('real-train')}:1", "--val", path("real-val")],
+              {"mix"}) for r in cfg["ratios"]]  # weights: the share of samples drawn from each set
+    arms.append(("shapes", ["--train", path("shapes-train"), "--val", path("shapes-val")], {"pretrain"}))
+    first, second = [], []
+    for seed in cfg["seeds"]:
+        first += [(f"{args.arch}-{arm}-s{seed}", arm, argv + ["--seed", str(seed)]) for arm, argv, used in arms
+                  if used & set(studies)]
+        if "pretrain" in studies:
+            second += [(f"{args.arch}-ft-{pre}-s{seed}", f"ft-{pre}", real + ["--seed", str(seed), "--init",
+                        os.path.join(args.out, f"{args.arch}-{pre}-s{seed}", "best.pt")]) for pre in ("synth", "shapes")]
+    common = ["--arch", args.arch, "--size", cfg["size"], "--train-samples", str(cfg["train_samples"]),
+              "--test", f"real={path('real-test')}", "--runs", args.out, "--threads", "1"]
+    return [[(name, tag, common + argv + ["--name", name, "--tag", tag]) for name, tag, argv in phase]
+            for phase in (first, second)]
+
+
+def arm_errors(runs_dir, arch, arm, cfg):
+    """{seed: word error % on the real-style test set} of one arm's finished runs."""
+    out = {}
+    for seed in cfg["seeds"]:
+        path = os.path.join(runs_dir, f"{arch}-{arm}-s{seed}", "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                out[seed] = json.load(f)["tests"]["real"]["error"]
+    return out
+
+
+def mean_text(errors):
+    """('mean (seeds lo-hi)', mean) of {seed: error}, or ('(not finished)', None)."""
+    if not errors:
+        return "(not finished)", None
+    values = list(errors.values())
+    spread = f" (seeds {min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.1f}{spread}", statistics.mean(values)
+
+
+def than(x, y):
+    """'12.3 points better than' for error x against error y."""
+    return f"{abs(x - y):.1f} points {'better' if x < y else 'worse'} than" if round(x, 1) != round(y, 1) else "level with"
+
+
+def mix_section(args, cfg):
+    """(markdown with the table and plot, one sentence on whether the study's mix finding reproduced)."""
+    arms = [("real", "0 (real only)", 0)] + [(f"mix{r}", f"{r}:1", r) for r in cfg["ratios"]] + [("synth", "synthetic only", None)]
+    rows = ["| synthetic:real | word error % per seed | mean % |", "|---|---|---|"]
+    means, per_seed = {}, {}
+    for arm, label, ratio in arms:
+        errors = per_seed[ratio] = arm_errors(args.out, args.arch, arm, cfg)
+        text, means[ratio] = mean_text(errors)
+        rows.append(f"| {label} | {', '.join(f'{e:.1f}' for e in errors.values())} | {text} |")
+    text = (f"## The synthetic:real mix\n\n{args.arch}-{cfg['size']}, {cfg['train_samples']:,} samples per run, drawn from "
+            f"{cfg['n_real']:,} real-style training images and the synthetic set at each ratio; word error "
+            f"on {cfg['n_real_test']:,} real-style test images; seeds {cfg['seeds']}.\n\n" + "\n".join(rows) + "\n")
+    mixed = {r: m for r, m in means.items() if r and m is not None}  # not 0 (real only), not None (synthetic only)
+    if not mixed or means[0] is None or means[None] is None:
+        return text, "The synthetic:real mix: runs unfinished, no verdict."
+    best, alone = min(mixed, key=mixed.get), min(means[0], means[None])
+    finding = (f"The synthetic:real mix: the miniature {'reproduced' if mixed[best] < alone else 'did not reproduce'} "
+               f"the study's direction: the best mix ({best}:1; the study's best is about 3:1) has {mixed[best]:.1f}% "
+               f"word error against {means[0]:.1f}% for real only and {means[None]:.1f}% for synthetic only, "
+               f"{than(mixed[best], alone)} the better single source")
+    runner = min((r for r in mixed if r != best), key=mixed.get, default=None)
+    if runner and min(per_seed[runner].values()) <= max(per_seed[best].values()):  # noise: say so
+        finding += (f"; the runner-up ({runner}:1, {mixed[runner]:.1f}%) overlaps it within the seed spread: "
+                    f"the two are not told apart at this scale")
+    most = max(mixed)
+    if mixed[most] > mixed[best]:  # the study: more synthetic than about 3:1 hurts
+        finding += (f"; the most synthetic mix ({most}:1, {mixed[most]:.1f}%) is {mixed[most] - mixed[best]:.1f} "
+                    f"points worse than the best, as in the study")
+    finding += "."
+    try:
+        plot_mix(args.out, means, per_seed, sorted(mixed))
+        text += "\n![mix](mix.png)\n"
+    except ImportError as e:
+        text += f"\n(no plot: {e})\n"
+    return text, finding
+
+
+def plot_mix(out_dir, means, per_seed, ratios):
+    """Test error against the synthetic:real ratio on a log axis (mean line, a dot per seed); the single sources
+    as horizontal lines."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install matplotlib") from e
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ratios, [means[r] for r in ratios], "o-", label="real + synthetic")
+    seeds = [(r, e) for r in ratios for e in per_seed[r].values()]
+    ax.plot([r for r, _ in seeds], [e for _, e in seeds], ".", color="C0", alpha=0.4, label="one seed")
+    ax.axhline(means[0], color="C1", ls="--", label="real only")
+    ax.axhline(means[None], color="C2", ls=":", label="synthetic only")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(ratios))
+    ax.xaxis.set_major_formatter(FixedFormatter([f"{r}:1" for r in ratios]))
+    ax.xaxis.set_minor_locator(NullLocator())  # no minor tick labels to overlap
+    ax.set_xlim(min(ratios) / 1.6, max(ratios) * 1.6)
+    ax.set_xlabel("synthetic : real images sampled")
+    ax.set_ylabel("word error on the real-style test set (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "mix.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def pretrain_section(args, cfg):
+    """(markdown with the table, one sentence on whether the study's pretraining finding reproduced)."""
+    arms = [("real", "from scratch", "none", "real-style"), ("ft-synth", "synthetic, then real", "synthetic", "real-style"),
+            ("ft-shapes", "unrelated, then real", "counting shapes", "real-style"),
+            ("synth", "synthetic, not fine-tuned", "synthetic", "none"),
+            ("shapes", "unrelated, not fine-tuned", "counting shapes", "none")]
+    rows = ["| arm | pretraining | fine-tuning | word error % per seed | mean % |", "|---|---|---|---|---|"]
+    means = {}
+    for arm, label, pre, ft in arms:
+        errors = arm_errors(args.out, args.arch, arm, cfg)
+        text, means[arm] = mean_text(errors)
+        rows.append(f"| {label} | {pre} | {ft} | {', '.join(f'{e:.1f}' for e in errors.values())} | {text} |")
+    n = f"{cfg['train_samples']:,}"
+    text = (f"## Pretraining, then fine-tuning on real\n\n{args.arch}-{cfg['size']}: {n} samples on the synthetic set "
+            f"or on an unrelated task (counting 1-6 coloured shapes), then {n} samples on the {cfg['n_real']:,} "
+            f"real-style images from that checkpoint (`train.py --init`); from scratch = the same {n} samples on real "
+            f"only. The last two rows are the pretrained checkpoints before fine-tuning. Word "
+            f"error on the real-style test set; seeds {cfg['seeds']}.\n\n" + "\n".join(rows) + "\n")
+    scratch, task, other = means["real"], means["ft-synth"], means["ft-shapes"]
+    if None in (scratch, task, other):
+        return text, "Pretraining: runs unfinished, no verdict."
+    finding = (f"Pretraining: the miniature {'reproduced' if task < min(scratch, other) else 'did not reproduce'} the "
+               f"study's direction: synthetic pretraining then fine-tuning gives {task:.1f}% word error, "
+               f"{than(task, scratch)} from scratch ({scratch:.1f}%) and {than(task, other)} after the unrelated "
+               f"pretraining ({other:.1f}%), which itself is {than(other, scratch)} from scratch (the study found "
+               f"unrelated ImageNet pretraining worse than scratch).")
+    return text, finding
+
+
+def laws_findings(args, cfg):
+    """One sentence each on the N and D laws of a finished demo, from fit.py's fit of its ladders."""
+    out = []
+    for axis, what, study in (("N", "model size N", "0.223 for TrOCR, 0.018 for PARSeq"),
+                              ("D", "training images D", "0.327 for TrOCR")):
+        r = fit.fit_all(fit.load_runs([args.out], where={"arch": args.arch, "tag": axis}), metric=cfg["metric"])[axis]
+        if "error" in r:
+            out.append(f"The {axis} law: not fitted ({r['error']}).")
+            continue
+        verdict = "reproduced" if r["alpha"] > 0 else "did not reproduce"
+        target = "word error" if cfg["metric"] == "error" else "val loss per character"
+        out.append(f"The {axis} law: the miniature {verdict} the study's direction: {target} "
+                   f"{'falls' if r['alpha'] > 0 else 'does not fall'} with {what}: power-law alpha {r['alpha']:.3f} "
+                   f"(R² {r['r2']:.3f}; the study: {study}).")
+    return out
+
+
+def cmd_study(args):
+    """demo --study mix|pretrain|all: train the study's runs, write OUT/REPORT.md with a section per finding."""
+    cfg = dict(QUICK_STUDY if args.quick else STUDY)
+    if args.seeds:
+        cfg["seeds"] = [int(x) for x in args.seeds.split(",")]
+    t0 = time.time()
+    root = args.out or os.path.join("runs", f"demo-{args.study}" + ("-trocr" if args.arch == "trocr" else "")
+                                    + ("-quick" if args.quick else ""))
+    data_root = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
+    sections, findings, failed = [], [], 0
+    args.out, studies = root, [args.study]
+    if args.study == "all":  # the N/D/C demo in its own folder: fit.py reads every run under a folder
+        laws = argparse.Namespace(**vars(args))
+        laws.out = os.path.join(root, "laws")
+        failed += cmd_demo(laws)
+        with open(os.path.join(laws.out, "REPORT.md")) as f:
+            demo_report = f.read().split("\n", 1)[1]  # without its title; its headings one level down
+            sections.append("## The N, D and C laws\n" + demo_report.replace("\n## ", "\n### ").replace("](", "](laws/"))
+        findings += laws_findings(laws, QUICK if args.quick else DEMO)
+        studies, args.out = ["mix", "pretrain"], os.path.join(root, "studies")
+    render_sets(data_root, QUICK if args.quick else DEMO, args.jobs)  # the synthetic sets, shared with the demo
+    render_study_sets(data_root, cfg, args.jobs)
+    pretrained = lambda argv: os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json")
+    for phase in study_runs(args, cfg, data_root, studies):
+        ready = [run for run in phase if "--init" not in run[2] or os.path.exists(pretrained(run[2]))]
+        if len(ready) < len(phase):
+            print(f"skipping {len(phase) - len(ready)} fine-tuning run(s): their pretraining did not finish", flush=True)
+        if ready:
+            print(f"training {len(ready)} runs ({args.jobs} at a time) into {args.out}", flush=True)
+            failed += len(run_all(ready, args.jobs))
+        failed += len(phase) - len(ready)
+    for study, section in (("mix", mix_section), ("pretrain", pretrain_section)):
+        if study in studies:
+            text, finding = section(args, cfg)
+            sections.append(text.replace("](mix.png)", f"]({os.path.relpath(os.path.join(args.out, 'mix.png'), root)})"))
+            findings.append(finding)
+    report = os.path.join(root, "REPORT.md")
+    with open(report, "w") as f:
+        f.write(f"# The OCR scaling study's findings in miniature ({args.arch}, {time.time() - t0:.0f}s)\n\n"
+                + ("--quick: runs far too short to show the findings; a smoke test of the pipeline.\n\n" if args.quick else "")
+                + "".join(f"- {s}\n" for s in findings) + "\n" + "\n".join(sections))
+    print("\n".join(findings) + f"\nwrote {report} ({time.time() - t0:.0f}s in all)")
+    return 1 if failed else 0
+
+
 def parse_count(text):
     """'1M' -> 1_000_000, '300k' -> 300_000, '2.5e6' -> 2_500_000."""
     scale = {"k": 1e3, "m": 1e6, "b": 1e9}.get(text[-1].lower(), 1)
@@ -240,6 +494,8 @@ def main(argv=None):
     d.add_argument("--data", default=None, help="where the rendered shards go (default data/demo[-quick])")
     d.add_argument("--seeds", default=None, help="e.g. 0,1,2: several seeds per point; fit.py fits the median per size")
     d.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs trained at once")
+    d.add_argument("--study", choices=["n", "mix", "pretrain", "all"], default="n",
+                   help="n: the N, D and C laws; mix: synthetic:real ratios; pretrain: pretrain then fine-tune; all: each")
     s = sub.add_parser("sweep", help="plan an N x D grid for a GPU cluster: commands, FLOPs, GPU-hours")
     s.add_argument("--arch", choices=["parseq", "trocr"], default="parseq")
     s.add_argument("--sizes", default="S,B,L,H")
@@ -259,6 +515,8 @@ def main(argv=None):
     r.add_argument("--refine-iters", type=int, default=1)
     r.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.cmd == "demo" and args.study != "n":
+        return cmd_study(args)
     if args.cmd == "demo":
         args.out = args.out or os.path.join("runs", "demo" + ("-trocr" if args.arch == "trocr" else "") + ("-quick" if args.quick else ""))
         return cmd_demo(args)
