@@ -348,7 +348,7 @@ def laws_findings(args, cfg):
         target = "word error" if cfg["metric"] == "error" else "val loss per character"
         out.append(f"The {axis} law: the miniature {verdict} the study's direction: {target} "
                    f"{'falls' if r['alpha'] > 0 else 'does not fall'} with {what}: power-law alpha {r['alpha']:.3f} "
-                   f"(R² {r['r2']:.3f}; the study: {study}).")
+                   f"(R² {'undefined: flat or non-monotone' if r['r2'] is None else format(r['r2'], '.3f')}; the study: {study}).")
     return out
 
 
