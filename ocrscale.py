@@ -13,7 +13,6 @@ tables list (word error in the 36-char setting; val loss per character for --qui
 """
 import argparse
 import contextlib
-import fcntl
 import functools
 import json
 import math
@@ -92,6 +91,7 @@ def demo_runs(args, cfg, data_root):
 def lock_folder(folder):
     """Hold FOLDER/.ocrscale.lock (with our PID in it) until the returned file is closed. The lock belongs to the
     open file, which the training processes inherit: the OS drops it when the demo and its runs have all exited."""
+    import fcntl  # Unix only: imported here so that sweep and read work anywhere
     os.makedirs(folder, exist_ok=True)
     f = open(os.path.join(folder, ".ocrscale.lock"), "a+")
     try:

@@ -169,7 +169,8 @@ def test_cli_mistakes_get_one_line_naming_the_argument_and_exit_2(tmp_path, caps
 def test_sweep_gpu_hours_match_model_flops_counted_separately(tmp_path, capsys):
     script = tmp_path / "sweep.sh"
     assert ocrscale.main(["sweep", "--arch", "trocr", "--sizes", "S,B", "--samples", "1M,300k", "--gpus", "8",
-                          "--nodes", "2", "--epochs", "2", "--mfu", "0.5", "--out", str(script)]) == 0
+                          "--nodes", "2", "--epochs", "2", "--mfu", "0.5", "--test", "IC13=data/IC13", "--test",
+                          "SVT=data/SVT", "--out", str(script)]) == 0
     text = script.read_text()
     notes = re.findall(r"^# N=([\d,]+) D=([\d,]+) FLOPs=(\S+) GPU-hours=(\S+)\n(torchrun .*)$", text, re.M)
     assert len(notes) == 4
@@ -184,6 +185,8 @@ def test_sweep_gpu_hours_match_model_flops_counted_separately(tmp_path, capsys):
         assert float(flops) == pytest.approx(expected, rel=1e-3)
         assert float(gpu_hours) == pytest.approx(expected / (h100_bf16_peak * 0.5) / 3600, rel=1e-3)
         assert command.startswith("torchrun --nproc_per_node=8 --nnodes=2 ") and f"--rdzv-id=trocr-{size}-d" in command
+        assert "--test IC13=data/IC13 --test SVT=data/SVT" in command
+    assert text.rstrip().endswith("--metric test --holdout largest --plot runs/plots")  # fits the benchmarks' average
     assert "GPU-h" in capsys.readouterr().out
 
 
