@@ -7,19 +7,27 @@
     python ocrscale.py sweep --arch parseq --sizes S,B,L,H --samples 1M,3M,10M --gpus 8 --nodes 2 --out sweep.sh
     python ocrscale.py read --ckpt runs/demo/parseq-N-T6-s0/best.pt word1.png word2.png [--json]
 
-The demo trains every run as its own `python train.py` process (one per core at a time); re-running it
-skips finished runs and resumes unfinished ones. Laws are fitted by fit.py on word error in the 36-char setting.
+The demo trains every run as its own `python train.py` process (--jobs at a time, default 2, one thread each);
+re-running it after a kill (rendering included) skips finished runs and resumes the others. A lock file in --out
+and --data refuses a second demo on the same folders. REPORT.md's laws are fitted by fit.py on exactly the runs its
+tables list (word error in the 36-char setting; val loss per character for --quick).
 """
 import argparse
+import contextlib
+import functools
 import io
 import json
+import math
 import os
+import pickle
+import queue
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 from PIL import Image, ImageDraw
@@ -30,6 +38,16 @@ import model as modellib
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or the files it names: main prints it as one line and exits with 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line without the usage block: the message names the argument and what is valid
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
 
 # The miniature study (design notes: 16x64 images, column patches, random 2-6 char strings over 36 chars).
 DEMO = dict(n_train=50_000, n_val=1_000, n_test=1_000,
@@ -42,14 +60,29 @@ QUICK = dict(n_train=4_000, n_val=200, n_test=200, n_sizes=["T1", "T2", "T3"], n
              metric="loss")  # too short to leave the 100%-error plateau: fit val loss per character instead
 
 
+def render_split(out, n, style, seed, workers):
+    """One split of n images ('clean'/'varied' words or 'shapes') from its own seed, kept if already there. It is
+    rendered into a sibling OUT.partial folder and renamed when complete, so a killed render is redone, never half-used."""
+    if os.path.exists(os.path.join(out, "index.json")):
+        return
+    if os.path.isdir(out):  # no index.json: a half-written split (older versions rendered in place)
+        if any(not f.endswith((".tar", ".tmp", ".idx")) for f in os.listdir(out)):
+            raise UsageError(f"--data: {out} holds files but no index.json; move it away or choose another --data")
+        shutil.rmtree(out)
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"rendering {n:,} {style} images -> {out}", flush=True)
+    if style == "shapes":
+        render_shapes(partial, n, seed)
+    else:
+        data.synth(partial, n, seed=seed, style=style, min_len=2, max_len=6, charset=data.CHARSET36, workers=workers)
+    os.rename(partial, out)
+
+
 def render_sets(root, cfg, workers):
-    """Train/val/test shards of the clean synthetic style, each from its own seed; kept if already there."""
+    """Train/val/test shards of the clean synthetic style, each from its own seed."""
     for split, n, seed in (("train", cfg["n_train"], 0), ("val", cfg["n_val"], 1), ("test", cfg["n_test"], 2)):
-        out = os.path.join(root, split)
-        if os.path.exists(os.path.join(out, "index.json")):
-            continue
-        print(f"rendering {n:,} {split} images -> {out}", flush=True)
-        data.synth(out, n, seed=seed, style="clean", min_len=2, max_len=6, charset=data.CHARSET36, workers=workers)
+        render_split(os.path.join(root, split), n, "clean", seed, workers)
 
 
 def demo_runs(args, cfg, data_root):
@@ -67,28 +100,52 @@ def demo_runs(args, cfg, data_root):
     return [(name, tag, common + argv + ["--name", name, "--tag", tag]) for name, tag, argv in runs]
 
 
-def run_all(runs, jobs):
-    """Train the runs `jobs` at a time, each in its own process with its own progress bar line."""
-    started, done = time.time(), []
-    slots = list(range(jobs))
+def lock_folder(folder):
+    """Hold FOLDER/.ocrscale.lock (with our PID in it) until the returned file is closed. The lock belongs to the
+    open file, which the training processes inherit: the OS drops it when the demo and its runs have all exited."""
+    import fcntl  # Unix only: imported here so that sweep and read work anywhere
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".ocrscale.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UsageError(f"{folder} is in use by another demo (pid {pid}, or the training runs it started); "
+                         f"wait for it to finish or choose another --out/--data") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
-    def one(item):
-        name, tag, argv = item
-        slot = slots.pop()
-        try:
-            proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--bar-position", str(slot)],
-                                  stdout=subprocess.PIPE, text=True)
-        finally:
-            slots.append(slot)
-        done.append(name)
-        summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-        status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-        print(f"\n[{len(done)}/{len(runs)} runs, {time.time() - started:.0f}s] {status}: {summary}", flush=True)
-        return proc.returncode
 
+def train_one(item, slots, keep_fds):
+    """One run as its own train.py process, on a free progress-bar line taken from the `slots` queue."""
+    _, _, argv = item
+    slot = slots.get()
+    try:
+        return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--bar-position", str(slot)],
+                              stdout=subprocess.PIPE, text=True, pass_fds=keep_fds)
+    finally:
+        slots.put(slot)
+
+
+def run_all(runs, jobs, keep_fds=()):
+    """Train the runs `jobs` at a time; returns the names of those that failed."""
+    started, failed, slots = time.time(), set(), queue.Queue()
+    for slot in range(jobs):
+        slots.put(slot)
     with ThreadPoolExecutor(jobs) as pool:
-        codes = list(pool.map(one, runs))
-    return [name for (name, _, _), code in zip(runs, codes) if code != 0]
+        futures = {pool.submit(train_one, item, slots, keep_fds): item[0] for item in runs}
+        for done, future in enumerate(as_completed(futures), 1):
+            proc = future.result()
+            summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+            print(f"\n[{done}/{len(runs)} runs, {time.time() - started:.0f}s] {status}: {summary}", flush=True)
+            if proc.returncode:
+                failed.add(futures[future])
+    return [name for name, _, _ in runs if name in failed]
 
 
 def ladder_table(runs_dir, names, axis):
@@ -107,45 +164,58 @@ def ladder_table(runs_dir, names, axis):
 
 
 def cmd_demo(args):
-    cfg = dict(QUICK if args.quick else DEMO)
-    if args.seeds:
-        cfg["seeds"] = [int(x) for x in args.seeds.split(",")]
+    cfg = dict(QUICK if args.quick else DEMO, **({"seeds": args.seeds} if args.seeds else {}))
     t0 = time.time()
     data_root = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
-    render_sets(data_root, cfg, args.jobs)
-    runs = demo_runs(args, cfg, data_root)
-    print(f"training {len(runs)} runs ({args.jobs} at a time) into {args.out}", flush=True)
-    failed = run_all(runs, args.jobs)
-    report_lines = [f"# Miniature OCR scaling study ({args.arch})\n",
-                    f"Synthetic 36-char word images (16x64), {cfg['n_train']:,} train / {cfg['n_val']:,} val / "
-                    f"{cfg['n_test']:,} test. N ladder: sizes {', '.join(cfg['n_sizes'])} at "
-                    f"{cfg['n_train_samples']:,} samples each; D ladder: size {cfg['d_size']} on the first "
-                    f"{', '.join(f'{d:,}' for d in cfg['d_values'])} images, {cfg['d_train_samples']:,} samples each. "
-                    f"Seeds: {cfg['seeds']}. Wall time {time.time() - t0:.0f}s.\n"]
+    with contextlib.ExitStack() as stack:
+        folders = dict.fromkeys(map(os.path.realpath, [args.out, data_root]))  # one lock per distinct folder
+        locks = [stack.enter_context(lock_folder(folder)) for folder in folders]
+        render_sets(data_root, cfg, args.jobs)
+        runs = demo_runs(args, cfg, data_root)
+        print(f"training {len(runs)} runs ({args.jobs} at a time) into {args.out}", flush=True)
+        failed = run_all(runs, args.jobs, keep_fds=tuple(f.fileno() for f in locks))
+        write_report(args, cfg, runs, failed, time.time() - t0)
+    return 1 if failed else 0
+
+
+def write_report(args, cfg, runs, failed, seconds):
+    """REPORT.md: the two ladders' tables and the laws fitted on exactly the run folders those tables list."""
+    lines = [f"# Miniature OCR scaling study ({args.arch})\n",
+             f"Synthetic 36-char word images (16x64), {cfg['n_train']:,} train / {cfg['n_val']:,} val / "
+             f"{cfg['n_test']:,} test. N ladder: sizes {', '.join(cfg['n_sizes'])} at {cfg['n_train_samples']:,} "
+             f"samples each; D ladder: size {cfg['d_size']} on the first "
+             f"{', '.join(f'{d:,}' for d in cfg['d_values'])} images, "
+             f"{cfg['d_train_samples']:,} samples each. Seeds: {', '.join(map(str, cfg['seeds']))}. This call took "
+             f"{seconds:.0f}s (runs finished by an earlier call are not retrained).\n"]
+    folders = {}
     for axis in ("N", "D"):
-        report_lines.append(ladder_table(args.out, [n for n, tag, _ in runs if tag == axis], axis))
+        names = [name for name, tag, _ in runs if tag == axis]
+        lines.append(ladder_table(args.out, names, axis))
+        folders[axis] = [os.path.join(args.out, n) for n in names if os.path.isdir(os.path.join(args.out, n))]
     if failed:
-        report_lines.append(f"**Failed runs** (see their logs; re-run to resume): {', '.join(failed)}\n")
-    # E(N) on the N ladder, E(D) on the D ladder, E(C) and the joint law on every eval of every run.
-    metric = cfg["metric"]
-    result = fit.fit_all(fit.load_runs([args.out], where={"arch": args.arch}), metric=metric)
+        lines.append(f"**Failed runs** (re-run the same command to resume them): {', '.join(failed)}\n")
+    # E(N) on the N ladder, E(D) on the D ladder, E(C) and the joint law on both: never other runs in --out.
+    metric, ladders = cfg["metric"], {axis: fit.load_runs(folders[axis]) for axis in folders}
+    result = fit.fit_all(ladders["N"] + ladders["D"], metric=metric)
     for axis in ("N", "D"):
-        result[axis] = fit.fit_all(fit.load_runs([args.out], where={"arch": args.arch, "tag": axis}), metric=metric)[axis]
+        result[axis] = fit.fit_all(ladders[axis], metric=metric)[axis]
     table = fit.format_table(result)
     target = "word error as a fraction" if metric == "error" else "val loss per character"
-    report_lines.append(f"## Fitted laws\n\nE = (X_c / X)^alpha with E the {target}; reproduce with `python fit.py "
-                        f"{args.out} --metric {metric} --where tag=N` (or `tag=D`, or no filter for C and the joint fit)."
-                        f"\n\n```\n{table}\n```\n")
+    commands = "\n".join(f"python fit.py {' '.join(paths)} --metric {metric}    # {axis}"
+                         for axis, paths in (("N", folders["N"]), ("D", folders["D"]),
+                                             ("C and joint", folders["N"] + folders["D"])))
+    lines.append(f"## Fitted laws\n\nE = (X_c / X)^alpha with E the {target}, fitted on exactly the runs in the tables "
+                 f"above (N on the N ladder, D on the D ladder, C and the joint law on both). Reproduce with:\n\n"
+                 f"```\n{commands}\n```\n\n```\n{table}\n```\n")
     try:
         plots = fit.plot_all(result, args.out)
-        report_lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, args.out)})\n" for p in plots]
+        lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, args.out)})\n" for p in plots]
     except ImportError as e:
-        report_lines.append(f"(no plots: {e})\n")
+        lines.append(f"(no plots: {e})\n")
     report = os.path.join(args.out, "REPORT.md")
     with open(report, "w") as f:
-        f.write("\n".join(report_lines))
-    print(f"\n{table}\nwrote {report} ({time.time() - t0:.0f}s in all)")
-    return 1 if failed else 0
+        f.write("\n".join(lines))
+    print(f"\n{table}\nwrote {report}")
 
 
 # The mix and pretraining findings in miniature. "Real" = data.py's 'varied' style with Pillow's built-in font (sizes,
@@ -177,18 +247,11 @@ def render_shapes(out_dir, n, seed):
 
 
 def render_study_sets(root, cfg, workers):
-    """The real-style train/val/test sets and the shapes task (each from its own seed); kept if already there."""
+    """The real-style train/val/test sets and the shapes task, each from its own seed."""
     for name, n, seed in (("real-train", cfg["n_real"], 10), ("real-val", cfg["n_real_val"], 11),
                           ("real-test", cfg["n_real_test"], 12), ("shapes-train", cfg["n_shapes"], 20),
                           ("shapes-val", cfg["n_real_val"], 21)):
-        out = os.path.join(root, name)
-        if os.path.exists(os.path.join(out, "index.json")):
-            continue
-        print(f"rendering {n:,} {name} images -> {out}", flush=True)
-        if name.startswith("shapes"):
-            render_shapes(out, n, seed)
-        else:
-            data.synth(out, n, seed=seed, style="varied", min_len=2, max_len=6, charset=data.CHARSET36, workers=workers)
+        render_split(os.path.join(root, name), n, "shapes" if name.startswith("shapes") else "varied", seed, workers)
 
 
 def study_runs(args, cfg, data_root, studies):
@@ -340,7 +403,8 @@ def laws_findings(args, cfg):
     out = []
     for axis, what, study in (("N", "model size N", "0.223 for TrOCR, 0.018 for PARSeq"),
                               ("D", "training images D", "0.327 for TrOCR")):
-        r = fit.fit_all(fit.load_runs([args.out], where={"arch": args.arch, "tag": axis}), metric=cfg["metric"])[axis]
+        folders = [os.path.join(args.out, name) for name, tag, _ in demo_runs(args, cfg, "") if tag == axis]
+        r = fit.fit_all(fit.load_runs(folders), metric=cfg["metric"])[axis]  # exactly the ladder's runs
         if "error" in r:
             out.append(f"The {axis} law: not fitted ({r['error']}).")
             continue
@@ -356,7 +420,7 @@ def cmd_study(args):
     """demo --study mix|pretrain|all: train the study's runs, write OUT/REPORT.md with a section per finding."""
     cfg = dict(QUICK_STUDY if args.quick else STUDY)
     if args.seeds:
-        cfg["seeds"] = [int(x) for x in args.seeds.split(",")]
+        cfg["seeds"] = args.seeds
     t0 = time.time()
     root = args.out or os.path.join("runs", f"demo-{args.study}" + ("-trocr" if args.arch == "trocr" else "")
                                     + ("-quick" if args.quick else ""))
@@ -372,17 +436,19 @@ def cmd_study(args):
             sections.append("## The N, D and C laws\n" + demo_report.replace("\n## ", "\n### ").replace("](", "](laws/"))
         findings += laws_findings(laws, QUICK if args.quick else DEMO)
         studies, args.out = ["mix", "pretrain"], os.path.join(root, "studies")
-    render_sets(data_root, QUICK if args.quick else DEMO, args.jobs)  # the synthetic sets, shared with the demo
-    render_study_sets(data_root, cfg, args.jobs)
-    pretrained = lambda argv: os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json")
-    for phase in study_runs(args, cfg, data_root, studies):
-        ready = [run for run in phase if "--init" not in run[2] or os.path.exists(pretrained(run[2]))]
-        if len(ready) < len(phase):
-            print(f"skipping {len(phase) - len(ready)} fine-tuning run(s): their pretraining did not finish", flush=True)
-        if ready:
-            print(f"training {len(ready)} runs ({args.jobs} at a time) into {args.out}", flush=True)
-            failed += len(run_all(ready, args.jobs))
-        failed += len(phase) - len(ready)
+    with contextlib.ExitStack() as stack:  # the laws' demo has released its locks: take ours
+        locks = [stack.enter_context(lock_folder(f)) for f in dict.fromkeys(map(os.path.realpath, [root, data_root]))]
+        render_sets(data_root, QUICK if args.quick else DEMO, args.jobs)  # the synthetic sets, shared with the demo
+        render_study_sets(data_root, cfg, args.jobs)
+        pretrained = lambda argv: os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json")
+        for phase in study_runs(args, cfg, data_root, studies):
+            ready = [run for run in phase if "--init" not in run[2] or os.path.exists(pretrained(run[2]))]
+            if len(ready) < len(phase):
+                print(f"skipping {len(phase) - len(ready)} fine-tuning run(s): their pretraining did not finish", flush=True)
+            if ready:
+                print(f"training {len(ready)} runs ({args.jobs} at a time) into {args.out}", flush=True)
+                failed += len(run_all(ready, args.jobs, keep_fds=tuple(f.fileno() for f in locks)))
+            failed += len(phase) - len(ready)
     for study, section in (("mix", mix_section), ("pretrain", pretrain_section)):
         if study in studies:
             text, finding = section(args, cfg)
@@ -397,10 +463,55 @@ def cmd_study(args):
     return 1 if failed else 0
 
 
-def parse_count(text):
-    """'1M' -> 1_000_000, '300k' -> 300_000, '2.5e6' -> 2_500_000."""
-    scale = {"k": 1e3, "m": 1e6, "b": 1e9}.get(text[-1].lower(), 1)
-    return int(float(text[:-1] if scale != 1 else text) * scale)
+def count_list(text):
+    """'300k,1M,2.5e6' -> [300_000, 1_000_000, 2_500_000]."""
+    counts = []
+    for item in text.split(","):
+        scale = {"k": 1e3, "m": 1e6, "b": 1e9}.get(item[-1:].lower(), 1)
+        try:
+            value = float(item[:-1] if scale != 1 else item) * scale
+        except ValueError:
+            value = 0.0
+        if not 1 <= value < 1e15:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"{text!r}: give positive counts separated by commas, e.g. 300k,1M,2.5e6")
+        counts.append(int(value))
+    return counts
+
+
+def size_list(text):
+    sizes, valid = text.split(","), list(modellib.SIZES["parseq"])
+    wrong = [s for s in sizes if s not in valid]
+    if wrong:
+        raise argparse.ArgumentTypeError(f"{wrong[0]!r} is not a model size; give some of {','.join(valid)} "
+                                         f"separated by commas, no spaces")
+    return sizes
+
+
+def seed_list(text):
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct non-negative integers separated by commas, "
+                                         f"e.g. 0,1,2")
+    return seeds
+
+
+def bounded(kind, low, high, text):
+    """An int or float from the command line, within [low, high] (nan refused)."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r}: give {what} " + (f"of at least {low:g}" if high == math.inf
+                                                                         else f"from {low:g} to {high:g}"))
+    return value
+
+
+at_least_one = functools.partial(bounded, int, 1, math.inf)
 
 
 def plan_sweep(arch, sizes, samples, gpus, nodes, mfu, gpu, epochs, charset=data.CHARSET94):
@@ -420,10 +531,10 @@ def plan_sweep(arch, sizes, samples, gpus, nodes, mfu, gpu, epochs, charset=data
 
 
 def cmd_sweep(args):
-    sizes, samples = args.sizes.split(","), [parse_count(s) for s in args.samples.split(",")]
-    rows = plan_sweep(args.arch, sizes, samples, args.gpus, args.nodes, args.mfu, args.gpu, args.epochs)
+    rows = plan_sweep(args.arch, args.sizes, args.samples, args.gpus, args.nodes, args.mfu, args.gpu, args.epochs)
     world = args.gpus * args.nodes
-    train_flags = " ".join(f"--train {t}" for t in args.train) + f" --val {args.val}"
+    train_flags = " ".join([*(f"--train {t}" for t in args.train), f"--val {args.val}",
+                            *(f"--test {t}" for t in args.test)])
     lines = [f"# {args.arch} sweep: {len(rows)} runs on {args.nodes}x{args.gpus} {args.gpu} at MFU {args.mfu:.0%}"]
     print(f"{'size':>5} {'N':>12} {'D':>12} {'samples':>13} {'FLOPs':>10} {'GPU-h':>9} {'wall h':>8}")
     for r in rows:
@@ -435,14 +546,16 @@ def cmd_sweep(args):
         if batch % world:
             print(f"warning: {name}: the recipe's batch {batch} does not split over {world} GPUs; add --batch to its command")
         print(f"{r['size']:>5} {r['N']:>12,} {r['D']:>12,} {r['train_samples']:>13,} {r['flops']:>10.3g} "
-              f"{r['gpu_hours']:>9.1f} {r['wall_hours']:>8.2f}")
-        lines.append(f"# N={r['N']:,} D={r['D']:,} FLOPs={r['flops']:.3g} GPU-hours={r['gpu_hours']:.1f}\n"
+              f"{r['gpu_hours']:>9.4g} {r['wall_hours']:>8.3g}")
+        lines.append(f"# N={r['N']:,} D={r['D']:,} FLOPs={r['flops']:.4g} GPU-hours={r['gpu_hours']:.4g}\n"
                      f"{launcher} train.py --arch {args.arch} --size {r['size']} --charset 94 --samples {r['D']} "
                      f"--train-samples {r['train_samples']} {train_flags} --name {name}")
     total = sum(r["gpu_hours"] for r in rows)
     print(f"total: {sum(r['flops'] for r in rows):.3g} FLOPs, {total:,.0f} GPU-hours, "
           f"{total / world:,.1f} hours on {world} GPUs run one after another")
-    lines.append("python fit.py runs/ --holdout largest --plot runs/plots")
+    # the study's number: word error averaged over the --test sets, weighted by their sizes (train.py's test_error)
+    lines.append(f"python fit.py runs/ --where arch={args.arch} --metric {'test' if args.test else 'error'} "
+                 f"--holdout largest --plot runs/plots")
     script = "#!/usr/bin/env bash\nset -e\n" + "\n".join(lines) + "\n"
     if args.out:
         with open(args.out, "w") as f:
@@ -454,23 +567,45 @@ def cmd_sweep(args):
     return rows
 
 
+def load_checkpoint(path):
+    """(model in eval mode, tokenizer) from a checkpoint as the seams define it; weights_only: never runs its code."""
+    if not os.path.isfile(path):
+        raise UsageError(f"argument --ckpt: {path}: no such file (give a run's best.pt, e.g. "
+                         f"runs/demo/parseq-N-T6-s0/best.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or {"model", "model_config", "tokenizer"} - ckpt.keys():
+            raise ValueError("no model, model_config and tokenizer entries")
+        cfg = modellib.ModelConfig(**ckpt["model_config"])
+        net = modellib.build_model(cfg)
+        net.load_state_dict(ckpt["model"])
+        tok = data.load_tokenizer(ckpt["tokenizer"])
+    except Exception as e:  # torch, pickle and the model raise many kinds for a file that is no checkpoint
+        why = ("torch.load(weights_only=True) cannot read it" if isinstance(e, pickle.UnpicklingError)
+               else (str(e).strip().splitlines() or [type(e).__name__])[0])
+        raise UsageError(f"argument --ckpt: {path} is not a checkpoint (train.py's best.pt/last.pt or model.py "
+                         f"convert-trocr's output): {why}") from None
+    return net.eval(), tok
+
+
 @torch.no_grad()
-def read_images(ckpt_path, paths, beam=1, refine_iters=1):
-    """[(path, text, confidence)] for image files, with the checkpoint's own model and tokenizer."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    cfg = modellib.ModelConfig(**ckpt["model_config"])
-    net = modellib.build_model(cfg)
-    net.load_state_dict(ckpt["model"])
-    net.eval()
-    tok = data.load_tokenizer(ckpt["tokenizer"])
+def read_images(ckpt_path, paths, beam=None, refine_iters=None):
+    """[(path, text, confidence)] for image files, with the checkpoint's own model and tokenizer. beam applies to
+    TrOCR, refine_iters to PARSeq; None leaves the model's default."""
+    net, tok = load_checkpoint(ckpt_path)
+    arch = net.cfg.arch
+    for flag, value, owner in (("--beam", beam, "trocr"), ("--refine-iters", refine_iters, "parseq")):
+        if value is not None and arch != owner:
+            raise UsageError(f"argument {flag}: applies to {owner} checkpoints only; {ckpt_path} is {arch}")
+    options = {"beam": beam} if arch == "trocr" else {"refine_iters": refine_iters}
     arrays = []
     for p in paths:
         try:
             with open(p, "rb") as f:
-                arrays.append(data.decode_image(f.read(), cfg.img_h, cfg.img_w))
-        except Exception as e:  # PIL raises several kinds for bad files
-            sys.exit(f"cannot read image {p}: {e}")
-    ids, conf = net.decode(data.to_tensor(arrays), beam=beam, refine_iters=refine_iters)
+                arrays.append(data.decode_image(f.read(), net.cfg.img_h, net.cfg.img_w))
+        except Exception as e:  # OSError and PIL's several kinds for files that are no image
+            raise UsageError(f"argument images: cannot read {p} as an image: {e}") from None
+    ids, conf = net.decode(data.to_tensor(arrays), **{k: v for k, v in options.items() if v is not None})
     return list(zip(paths, tok.decode(ids), conf.tolist()))
 
 
@@ -485,46 +620,59 @@ def cmd_read(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="ocrscale.py", description=__doc__.split("\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="the miniature scaling study on synthetic data (CPU, minutes)")
     d.add_argument("--arch", choices=["parseq", "trocr"], default="parseq")
     d.add_argument("--quick", action="store_true", help="tiny ladder and data (about a minute), for a smoke test")
     d.add_argument("--out", default=None, help="run folder root (default runs/demo[-trocr][-quick])")
     d.add_argument("--data", default=None, help="where the rendered shards go (default data/demo[-quick])")
-    d.add_argument("--seeds", default=None, help="e.g. 0,1,2: several seeds per point; fit.py fits the median per size")
-    d.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs trained at once")
+    d.add_argument("--seeds", type=seed_list, default=None,
+                   help="e.g. 0,1,2: several seeds per point; fit.py fits the median per size")
+    d.add_argument("--jobs", type=at_least_one, default=max(1, min(2, os.cpu_count() or 1)),
+                   help="runs trained at once, one thread each (default: 2, or 1 on a 1-core machine)")
     d.add_argument("--study", choices=["n", "mix", "pretrain", "all"], default="n",
                    help="n: the N, D and C laws; mix: synthetic:real ratios; pretrain: pretrain then fine-tune; all: each")
     s = sub.add_parser("sweep", help="plan an N x D grid for a GPU cluster: commands, FLOPs, GPU-hours")
     s.add_argument("--arch", choices=["parseq", "trocr"], default="parseq")
-    s.add_argument("--sizes", default="S,B,L,H")
-    s.add_argument("--samples", default="1M,3M,10M", help="D values (unique training images)")
-    s.add_argument("--epochs", type=float, default=20, help="passes over D per run (PARSeq's recipe: 20)")
-    s.add_argument("--gpus", type=int, default=8, help="GPUs per node")
-    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--sizes", type=size_list, default="S,B,L,H", help="model sizes, comma-separated")
+    s.add_argument("--samples", type=count_list, default="1M,3M,10M", help="D values (unique training images)")
+    s.add_argument("--epochs", type=functools.partial(bounded, float, 1e-3, 1e6), default=20,
+                   help="passes over D per run (PARSeq's recipe: 20)")
+    s.add_argument("--gpus", type=at_least_one, default=8, help="GPUs per node")
+    s.add_argument("--nodes", type=at_least_one, default=1)
     s.add_argument("--gpu", choices=sorted(train.PEAK_FLOPS), default="H100", help="for the bf16 peak FLOP/s")
-    s.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    s.add_argument("--mfu", type=functools.partial(bounded, float, 0.01, 1), default=0.4,
+                   help="assumed model FLOPs utilisation")
     s.add_argument("--train", action="append", default=None, help="training shards DIR[:WEIGHT] for the commands")
-    s.add_argument("--val", default="data/val")
+    s.add_argument("--val", default="data/val", help="validation shards for the commands")
+    s.add_argument("--test", action="append", default=[], metavar="NAME=DIR",
+                   help="test sets for the commands (the six benchmarks: IC13=DIR, IIIT5k=DIR, ...); the fit "
+                        "uses their size-weighted average")
     s.add_argument("--out", default=None, help="write the commands as a shell script")
     r = sub.add_parser("read", help="recognise the text in image files with a trained checkpoint")
-    r.add_argument("--ckpt", required=True)
+    r.add_argument("--ckpt", required=True, help="a run's best.pt (or last.pt, or model.py convert-trocr's output)")
     r.add_argument("images", nargs="+")
-    r.add_argument("--beam", type=int, default=1)
-    r.add_argument("--refine-iters", type=int, default=1)
+    r.add_argument("--beam", type=functools.partial(bounded, int, 1, 64), default=None, help="TrOCR beam width")
+    r.add_argument("--refine-iters", type=functools.partial(bounded, int, 0, 16), default=None,
+                   help="PARSeq cloze refinement passes")
     r.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.cmd == "demo" and args.study != "n":
-        return cmd_study(args)
-    if args.cmd == "demo":
-        args.out = args.out or os.path.join("runs", "demo" + ("-trocr" if args.arch == "trocr" else "") + ("-quick" if args.quick else ""))
-        return cmd_demo(args)
-    if args.cmd == "sweep":
-        args.train = args.train or ["data/train"]
-        cmd_sweep(args)
-        return 0
-    cmd_read(args)
+    try:
+        if args.cmd == "demo" and args.study != "n":
+            return cmd_study(args)
+        if args.cmd == "demo":
+            args.out = args.out or os.path.join("runs", "demo" + ("-trocr" if args.arch == "trocr" else "")
+                                                + ("-quick" if args.quick else ""))
+            return cmd_demo(args)
+        if args.cmd == "sweep":
+            args.train = args.train or ["data/train"]
+            cmd_sweep(args)
+        else:
+            cmd_read(args)
+    except UsageError as e:
+        p.exit(2, f"ocrscale.py {args.cmd}: error: {e}\n")
     return 0
 
 
