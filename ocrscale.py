@@ -589,15 +589,16 @@ def load_checkpoint(path):
 
 
 @torch.no_grad()
-def read_images(ckpt_path, paths, beam=None, refine_iters=None):
-    """[(path, text, confidence)] for image files, with the checkpoint's own model and tokenizer. beam applies to
-    TrOCR, refine_iters to PARSeq; None leaves the model's default."""
+def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None):
+    """[(path, text, confidence)] for image files, with the checkpoint's own model and tokenizer. beam and len_norm
+    apply to TrOCR, refine_iters to PARSeq; None leaves the model's default."""
     net, tok = load_checkpoint(ckpt_path)
     arch = net.cfg.arch
-    for flag, value, owner in (("--beam", beam, "trocr"), ("--refine-iters", refine_iters, "parseq")):
+    for flag, value, owner in (("--beam", beam, "trocr"), ("--beam-len-norm", len_norm, "trocr"),
+                               ("--refine-iters", refine_iters, "parseq")):
         if value is not None and arch != owner:
             raise UsageError(f"argument {flag}: applies to {owner} checkpoints only; {ckpt_path} is {arch}")
-    options = {"beam": beam} if arch == "trocr" else {"refine_iters": refine_iters}
+    options = {"beam": beam, "len_norm": len_norm} if arch == "trocr" else {"refine_iters": refine_iters}
     arrays = []
     for p in paths:
         try:
@@ -610,7 +611,7 @@ def read_images(ckpt_path, paths, beam=None, refine_iters=None):
 
 
 def cmd_read(args):
-    results = read_images(args.ckpt, args.images, args.beam, args.refine_iters)
+    results = read_images(args.ckpt, args.images, args.beam, args.refine_iters, args.beam_len_norm)
     if args.json:
         print(json.dumps([dict(image=p, text=t, confidence=c) for p, t, c in results], indent=1))
     else:
@@ -655,6 +656,8 @@ def main(argv=None):
     r.add_argument("--ckpt", required=True, help="a run's best.pt (or last.pt, or model.py convert-trocr's output)")
     r.add_argument("images", nargs="+")
     r.add_argument("--beam", type=functools.partial(bounded, int, 1, 64), default=None, help="TrOCR beam width")
+    r.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="rank TrOCR's final beam by score / length (default: on, as fairseq)")
     r.add_argument("--refine-iters", type=functools.partial(bounded, int, 0, 16), default=None,
                    help="PARSeq cloze refinement passes")
     r.add_argument("--json", action="store_true")

@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every this many samples (default: 10 evals)")
     p.add_argument("--save-every", type=save_interval, default="15m", help="write last.pt every 15m (minutes) or N samples")
     p.add_argument("--beam", type=int, default=1, help="TrOCR beam width at evaluation")
+    p.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="rank TrOCR's final beam by score / length (fairseq's default)")
     p.add_argument("--refine-iters", type=int, default=1, help="PARSeq cloze refinement passes at evaluation")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tuning; any --charset)")
     p.add_argument("--resume", action="store_true", help="insist on resuming (re-running a run name always resumes)")
@@ -194,7 +196,8 @@ def evaluate(net, tok, path, args, cfg, micro, rank, world, workers, device, aut
         images, tokens = images.to(device), tok.encode(labels).to(device)
         with autocast:
             total, n = net.loss(images, tokens)
-            ids, _ = net.decode(images, **dict(beam=args.beam) if args.arch == "trocr" else dict(refine_iters=args.refine_iters))
+            ids, _ = net.decode(images, **dict(beam=args.beam, len_norm=args.beam_len_norm) if args.arch == "trocr"
+                                 else dict(refine_iters=args.refine_iters))
         s = data.score(tok.decode(ids.cpu()), labels, fold=tok.fold)
         sums += torch.tensor([total.item(), n.item(), s["correct"], s["n"], s["ned_sum"]], dtype=torch.float64, device=device)
     if dist.is_initialized():
