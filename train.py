@@ -93,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (labels then pad to max_len)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers per process (default: 0 on CPU, 6 on GPU)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="non-finite losses to skip before stopping")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / processes)")
@@ -159,6 +159,9 @@ def load_init(raw_model, tok, path):
             remapped.append(name)
         elif new.shape == old.shape:
             new.copy_(old)
+            loaded.append(name)
+        elif name in ("pos_emb", "pos_queries") and old.shape[::2] == new.shape[::2] and old.shape[1] >= new.shape[1]:
+            new.copy_(old[:, :new.shape[1]])  # decoder positions of a longer max_len (a converted TrOCR: 511): a prefix
             loaded.append(name)
     fresh = ", ".join(name for name in state if name not in loaded + remapped) or "none"
     shared = f", rows of {len(pairs) - 3}/{len(tok.tokens)} shared tokens in {', '.join(remapped)}" if remapped else ""
@@ -353,6 +356,7 @@ def main(argv=None):
         net = DDP(net, device_ids=[local_rank] if use_cuda else None)
     peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) if use_cuda and dtype else None
     eval_args = (micro, rank, world, workers, device, autocast)
+    static_len = cfg.max_len if args.compile else None
 
     # --- the loop
     batches = iter(stream.loader(workers, pin_memory=use_cuda))
@@ -374,7 +378,8 @@ def main(argv=None):
             t0 = time.time()
             images, labels = next(batches)
             window["wait"] += time.time() - t0
-            images, tokens = images.to(device, non_blocking=True), tok.encode(labels).to(device, non_blocking=True)
+            tokens = tok.encode(labels, length=static_len)  # --compile: one static shape, no recompiles
+            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
             if world > 1:  # sync gradients only on the last micro-step
                 net.require_backward_grad_sync = micro_step == accum - 1
             with autocast:
