@@ -22,7 +22,7 @@ only for the 36/94-char settings, characters outside the charset removed; empty 
 tokens are skipped and counted, never cut); undecodable images are counted when read and replaced by another of
 the batch (loop=True) or left out (loop=False, evaluation). Not here: on-the-fly rendering during training.
 """
-import argparse, base64, glob, io, json, os, random, sys, tarfile, time, unicodedata
+import argparse, base64, functools, glob, io, json, os, random, sys, tarfile, time, unicodedata
 from collections import Counter
 from itertools import count
 from multiprocessing import Pool
@@ -211,14 +211,9 @@ def find_shards(pattern):
         raise FileNotFoundError(
             f'no shards match {pattern!r}: make some with `python data.py synth {d} --n 100000`, '
             f'`python data.py import-lmdb LMDB_DIR {d}` or `python data.py import-folder LABELS_FILE {d}`')
-    indexes, out = {}, []
-    for p in paths:
-        d = os.path.dirname(p)
-        if d not in indexes:
-            indexes[d] = _read_index(d)
-        n = indexes[d].get('shards', {}).get(os.path.basename(p))
-        out.append((p, n if n is not None else len(shard_index(p))))
-    return out
+    indexes = {d: _read_index(d) for d in {os.path.dirname(p) for p in paths}}
+    counts = [indexes[os.path.dirname(p)].get('shards', {}).get(os.path.basename(p)) for p in paths]
+    return [(p, len(shard_index(p)) if n is None else n) for p, n in zip(paths, counts)]
 
 
 def parse_sources(spec):
@@ -475,11 +470,8 @@ class _Tokenizer:
 
     def decode(self, ids):
         """LongTensor (B, T) -> list[str]: each row up to its first EOS, BOS/PAD ignored."""
-        out = []
-        for row in ids.tolist():
-            row = row[:row.index(self.eos_id)] if self.eos_id in row else row
-            out.append(self.text([t for t in row if 0 < t < self.bos_id]))
-        return out
+        rows = [row[:row.index(self.eos_id)] if self.eos_id in row else row for row in ids.tolist()]
+        return [self.text([t for t in row if 0 < t < self.bos_id]) for row in rows]
 
     def text(self, ids):
         return ''.join(self.tokens[t - 1] for t in ids)
@@ -492,13 +484,10 @@ class CharTokenizer(_Tokenizer):
         super().__init__(charset, max_len)
         self.charset, self.fold = charset, charset in (CHARSET36, CHARSET94)  # the study's settings fold
         self._id = {c: i for i, c in enumerate(charset, 1)}
+        self.spec = {'type': 'char', 'charset': charset, 'max_len': max_len}
 
     def ids(self, text):
         return [self._id[c] for c in text if c in self._id]
-
-    @property
-    def spec(self):
-        return {'type': 'char', 'charset': self.charset, 'max_len': self.max_len}
 
 
 class PieceTokenizer(_Tokenizer):
@@ -508,10 +497,9 @@ class PieceTokenizer(_Tokenizer):
 
     def __init__(self, pieces, max_len=25):
         super().__init__(pieces, max_len)
-        self._id = {}
-        for i, p in enumerate(pieces, 1):
-            self._id.setdefault(p, i)  # the first id of a repeated piece
+        self._id = {p: i for i, p in reversed(list(enumerate(pieces, 1)))}  # the first id of a repeated piece
         self._longest = max(map(len, pieces), default=1)
+        self.spec = {'type': 'pieces', 'pieces': self.tokens, 'max_len': max_len}
 
     def ids(self, text):
         out, i = [], 0
@@ -521,10 +509,6 @@ class PieceTokenizer(_Tokenizer):
                 out.append(self._id[text[i:i + n]])
             i += max(n, 1)
         return out
-
-    @property
-    def spec(self):
-        return {'type': 'pieces', 'pieces': self.tokens, 'max_len': self.max_len}
 
 
 class SPTokenizer(_Tokenizer):
@@ -536,16 +520,13 @@ class SPTokenizer(_Tokenizer):
         self.model = open(model, 'rb').read() if isinstance(model, str) else bytes(model)
         self.sp = spm.SentencePieceProcessor(model_proto=self.model)
         super().__init__([self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())], max_len)
+        self.spec = {'type': 'spm', 'model': base64.b64encode(self.model).decode(), 'max_len': max_len}
 
     def ids(self, text):
         return [p + 1 for p in self.sp.encode(text)]
 
     def text(self, ids):
         return self.sp.decode([t - 1 for t in ids])
-
-    @property
-    def spec(self):
-        return {'type': 'spm', 'model': base64.b64encode(self.model).decode(), 'max_len': self.max_len}
 
 
 def load_tokenizer(spec):
@@ -598,23 +579,17 @@ def weighted_average(results, key='error'):
     total = wsum = 0.0
     for name, r in results.items():
         n = r.get('n') or BENCHMARK_SIZES[name]
-        if key not in r and 'correct' in r:
-            v = {'error': 100 * (1 - r['correct'] / n), 'accuracy': 100 * r['correct'] / n,
-                 'ned': 100 * r['ned_sum'] / n}[key]
-        else:
-            v = r[key]
+        v = r[key] if key in r or 'correct' not in r else {'error': 100 * (1 - r['correct'] / n),
+                                                           'accuracy': 100 * r['correct'] / n,
+                                                           'ned': 100 * r['ned_sum'] / n}[key]
         total, wsum = total + n * v, wsum + n
     return total / wsum
 
 # ----------------------------------------------------------------------------- word renderer
 
-_FONT_CACHE = {}
-
-
+@functools.cache
 def _font(path, size):
-    if (path, size) not in _FONT_CACHE:
-        _FONT_CACHE[path, size] = ImageFont.truetype(path, size) if path else ImageFont.load_default(size=size)
-    return _FONT_CACHE[path, size]
+    return ImageFont.truetype(path, size) if path else ImageFont.load_default(size=size)
 
 
 def render_word(text, rng, style='clean', fonts=None):
@@ -664,17 +639,14 @@ def _synth_shard(job):
     c = _SYNTH
     rng = random.Random(c['seed'] * 1000003 + i)
     writer = ShardWriter(c['out_dir'], shard_size=count, start=i)
+    clean = c['style'] == 'clean'
+    fmt, ext, opts = ('PNG', 'png', {'compress_level': 1}) if clean else ('JPEG', 'jpg', {'quality': 90})
     for t in range(count):
-        if c['words']:
-            text = rng.choice(c['words'])
-        else:
-            text = ''.join(rng.choice(c['charset']) for _ in range(rng.randint(c['min_len'], c['max_len'])))
-        img, buf = render_word(text, rng, c['style'], c['fonts']), io.BytesIO()
-        if c['style'] == 'clean':
-            img.save(buf, 'PNG', compress_level=1)
-        else:
-            img.save(buf, 'JPEG', quality=90)
-        writer.write(f'{start + t:09d}', buf.getvalue(), 'png' if c['style'] == 'clean' else 'jpg', text)
+        text = rng.choice(c['words']) if c['words'] else ''.join(
+            rng.choice(c['charset']) for _ in range(rng.randint(c['min_len'], c['max_len'])))
+        buf = io.BytesIO()
+        render_word(text, rng, c['style'], c['fonts']).save(buf, fmt, **opts)
+        writer.write(f'{start + t:09d}', buf.getvalue(), ext, text)
     return writer.close(), writer.charset
 
 
@@ -713,6 +685,7 @@ def _check_sample(rec):
     data, label = rec
     if label is None:
         return None, 'missing_label'
+    label = label.decode('utf-8', 'replace') if isinstance(label, bytes) else label  # LMDB labels are bytes
     if not label.strip():
         return None, 'empty_label'
     if isinstance(data, str):
@@ -747,12 +720,6 @@ def _import(records, out_dir, source, shard_size, workers, total=None, **extra):
     return index
 
 
-def _lmdb_records(txns, refs):
-    for db, i in refs:
-        label = txns[db].get(b'label-%09d' % i)
-        yield txns[db].get(b'image-%09d' % i), None if label is None else label.decode('utf-8', 'replace')
-
-
 def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
     """Scene-text LMDBs (num-samples, image-%09d, label-%09d, 1-based) under src, recursively -> one shard set,
     written in a seeded random order (so every shard mixes the sets)."""
@@ -774,8 +741,8 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
         refs = [(db, i) for db, n in counts.items() for i in range(1, int(n) + 1)]
         random.Random(seed).shuffle(refs)
         parts = {os.path.relpath(db, src): int(n) for db, n in counts.items()}
-        return _import(_lmdb_records(txns, refs), out_dir, os.path.abspath(src), shard_size, workers, len(refs),
-                       parts=parts)
+        records = ((txns[db].get(b'image-%09d' % i), txns[db].get(b'label-%09d' % i)) for db, i in refs)
+        return _import(records, out_dir, os.path.abspath(src), shard_size, workers, len(refs), parts=parts)
     finally:
         for env in envs.values():
             env.close()
