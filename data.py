@@ -22,7 +22,7 @@ only for the 36/94-char settings, characters outside the charset removed; empty 
 tokens are skipped and counted, never cut); undecodable images are counted when read and replaced by another of
 the batch (loop=True) or left out (loop=False, evaluation). Not here: on-the-fly rendering during training.
 """
-import argparse, base64, functools, glob, io, json, os, random, sys, tarfile, time, unicodedata
+import argparse, base64, contextlib, functools, glob, io, json, os, random, sys, tarfile, time, unicodedata
 from collections import Counter
 from itertools import count
 from multiprocessing import Pool
@@ -89,13 +89,6 @@ def clean_label(label, charset=None, max_len=25, fold=True):
 
 # ----------------------------------------------------------------------------- tar shards
 
-def _split_name(name):
-    """'dir/KEY.a.b' -> ('dir/KEY', 'a.b'), the WebDataset rule (the extension starts at the first dot)."""
-    d, _, base = name.rpartition('/')
-    key, _, ext = base.partition('.')
-    return (d + '/' + key if d else key), ext.lower()
-
-
 def _tar_header(name, size):
     """The ustar header tarfile writes for a regular file (mode 644, mtime 0, no owner), 5x cheaper to make."""
     h = bytearray(512)
@@ -158,10 +151,12 @@ def scan_tar(path):
                     raise EOFError('truncated tar')
                 if not m.isfile():
                     continue
-                k, ext = _split_name(m.name)
-                if k != key:  # a sample ends when the key changes
+                folder, _, base = m.name.rpartition('/')
+                stem, _, ext = base.partition('.')  # WebDataset: the extension starts at the first dot
+                if (folder, stem) != key:  # a sample ends when the key changes
                     samples.append([None, None, 0, None, 0])
-                    key = k
+                    key = folder, stem
+                ext = ext.lower()
                 if ext == 'txt':
                     samples[-1][0] = tf.extractfile(m).read().decode('utf-8', 'replace')
                     samples[-1][3:] = m.offset_data, m.size
@@ -175,18 +170,14 @@ def scan_tar(path):
 
 def shard_index(path):
     """scan_tar(path) from the sidecar PATH.idx, or by scanning (then saved as the sidecar where writable)."""
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged one
         with open(path + '.idx') as f:
             idx = json.load(f)
         if idx['bytes'] == os.path.getsize(path):  # else the tar changed after its sidecar was written
             return idx['samples']
-    except (OSError, ValueError, KeyError):
-        pass
     samples = scan_tar(path)
-    try:
+    with contextlib.suppress(OSError):  # a read-only data folder: scan again next time
         write_json({'bytes': os.path.getsize(path), 'samples': samples}, path + '.idx')
-    except OSError:  # a read-only data folder: scan again next time
-        pass
     return samples
 
 
@@ -395,11 +386,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             return self._all[first:first + n]
         rows = []
         for p in range(first, first + n):
-            if len(self.tables) == 1:
-                s, k = 0, p
-            else:
-                src, draws = self._mix_chunk(p // MIX_CHUNK)
-                s, k = src[p % MIX_CHUNK], draws[p % MIX_CHUNK]
+            src, draws = self._mix_chunk(p // MIX_CHUNK)
+            s, k = src[p % MIX_CHUNK], draws[p % MIX_CHUNK]
             epoch, i = divmod(k, len(self.tables[s]))
             rows.append(self.tables[s][self._perm(s, epoch)[i]])
         return rows
