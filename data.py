@@ -719,9 +719,10 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
     if not dbs:
         raise FileNotFoundError(f'no data.mdb in {src} or its sub-folders')
     _check_empty(out_dir)
-    envs = {db: lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False) for db in dbs}
-    try:
-        txns = {db: env.begin() for db, env in envs.items()}
+    with contextlib.ExitStack() as stack:  # closes the environments
+        envs = [stack.enter_context(lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False))
+                for db in dbs]
+        txns = {db: env.begin() for db, env in zip(dbs, envs)}
         counts = {db: txn.get(b'num-samples') for db, txn in txns.items()}
         for db, n in counts.items():
             if n is None:
@@ -731,9 +732,6 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
         parts = {os.path.relpath(db, src): int(n) for db, n in counts.items()}
         records = ((txns[db].get(b'image-%09d' % i), txns[db].get(b'label-%09d' % i)) for db, i in refs)
         return _import(records, out_dir, os.path.abspath(src), shard_size, workers, len(refs), parts=parts)
-    finally:
-        for env in envs.values():
-            env.close()
 
 
 def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=None, seed=0):
@@ -760,8 +758,7 @@ def stats(pattern):
     for label in tqdm(_labels(pattern), total=sum(n for _, n in shards), desc='labels', leave=False):
         lengths[len(label)] += 1
         chars.update(label)
-    n = sum(lengths.values())
-    print(f'{pattern}: {n} samples in {len(shards)} shards (index: {index.get("samples")}), '
+    print(f'{pattern}: {sum(lengths.values())} samples in {len(shards)} shards (index: {index.get("samples")}), '
           f'source: {index.get("source")}')
     print('label length histogram:')
     for k in sorted(lengths):
@@ -782,8 +779,7 @@ def train_spm(pattern, vocab, out=None, max_len=25):
                                    add_dummy_prefix=False, normalization_rule_name='identity',
                                    hard_vocab_limit=False, input_sentence_size=2_000_000,
                                    shuffle_input_sentence=True, minloglevel=2)
-    with open(out, 'wb') as f:
-        f.write(buf.getvalue())
+    Path(out).write_bytes(buf.getvalue())
     print(f'wrote {out} ({SPTokenizer(out).vocab_size} ids incl. EOS/BOS/PAD)')
     return out
 
