@@ -42,10 +42,7 @@ MAX_WORKERS = 64  # bad-image counters shared with the DataLoader workers
 
 def cpu_count():
     """Cores this process may use (os.sched_getaffinity exists on Linux only)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def write_json(obj, path, indent=None):
@@ -668,8 +665,7 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
 # ----------------------------------------------------------------------------- importers
 
 def _check_sample(rec):
-    """(image bytes or path, label) -> (bytes, ext, label) with the image decoded once to check it, or (None,
-    drop reason)."""
+    """(image bytes or path, label) -> (bytes, ext, label) after decoding the image once, or (None, reason)."""
     data, label = rec
     if label is None:
         return None, 'missing_label'
