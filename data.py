@@ -48,8 +48,7 @@ def cpu_count():
 def write_json(obj, path, indent=None):
     """Write atomically (a temporary file per process, then a rename): readers never see half a file."""
     tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-        f.write(json.dumps(obj, indent=indent))  # dumps: the C encoder
+    Path(tmp).write_text(json.dumps(obj, indent=indent))  # dumps: the C encoder
     os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------- labels and charsets
@@ -60,8 +59,7 @@ def load_charset(spec):
         return CHARSET36 if spec == '36' else CHARSET94
     if spec.startswith('@'):
         try:
-            with open(spec[1:], encoding='utf-8') as f:
-                spec = ''.join(f.read().splitlines())
+            spec = ''.join(Path(spec[1:]).read_text(encoding='utf-8').splitlines())
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f'cannot read the charset file {spec[1:]!r}: {e}') from None
     chars = ''.join(c for c in dict.fromkeys(spec) if not c.isspace())  # labels never keep whitespace
@@ -168,8 +166,7 @@ def scan_tar(path):
 def shard_index(path):
     """scan_tar(path) from the sidecar PATH.idx, or by scanning (then saved as the sidecar where writable)."""
     with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged one
-        with open(path + '.idx') as f:
-            idx = json.load(f)
+        idx = json.loads(Path(path + '.idx').read_text())
         if idx['bytes'] == os.path.getsize(path):  # else the tar changed after its sidecar was written
             return idx['samples']
     samples = scan_tar(path)
