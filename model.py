@@ -99,16 +99,22 @@ class Attention(nn.Module):
         # mask: bool, True = may attend, broadcastable to (B, heads, Tq, Tk)
         if self.fused:
             q, k, v = map(self.split, self.qkv(x).chunk(3, dim=-1))
-            if cache is not None:                  # incremental decoding: append this step's keys/values
-                if cache:
-                    k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)
-                cache['k'], cache['v'] = k, v
+            if cache is not None:
+                k, v = extend_cache(cache, k, v)
         else:
             q = self.split(self.q(x))
             k, v = kv if isinstance(kv, tuple) else self.project_kv(kv)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, heads, Tq, hd)
         return self.proj(y.transpose(1, 2).flatten(2))
+
+
+def extend_cache(cache, k, v):
+    """Incremental decoding: append this step's keys/values (B, heads, T, hd) to the cache; return all of them."""
+    if cache:
+        k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)
+    cache['k'], cache['v'] = k, v
+    return k, v
 
 
 class MLP(nn.Sequential):
@@ -345,9 +351,11 @@ class PARSeqLayer(nn.Module):
         x = x + self.drop(self.cross_attn(self.norm1(x), kv=mem_kv))
         return x + self.drop(self.mlp(self.norm2(x)))
 
-    def forward(self, q, c, mem_kv, qmask, cmask, update_content):
+    def forward(self, q, c, mem_kv, qmask, cmask, update_content, cache=None):
         c_norm = self.norm_c(c)
         ctx_kv = self.self_attn.project_kv(c_norm)  # shared by both streams
+        if cache is not None:                       # cached AR step: c is the newest slot and sees all before it
+            ctx_kv = extend_cache(cache, *ctx_kv)
         q = self.stream(q, self.norm_q(q), ctx_kv, mem_kv, qmask)
         if update_content:
             c = self.stream(c, c_norm, ctx_kv, mem_kv, cmask)
@@ -372,9 +380,9 @@ class PARSeq(Recognizer):
         pos = torch.cat([torch.zeros_like(self.pos_queries[:, :1]), self.pos_queries], 1)
         return x + pos[:, start:start + tokens.shape[1]]
 
-    def run(self, ctx, queries, mem_kv, qmask=None, cmask=None):
-        for i, layer in enumerate(self.layers):
-            queries, ctx = layer(queries, ctx, mem_kv[i], qmask, cmask, update_content=i < len(self.layers) - 1)
+    def run(self, ctx, queries, mem_kv, qmask=None, cmask=None, caches=None):
+        for i, (layer, cache) in enumerate(zip(self.layers, caches or [None] * len(self.layers))):
+            queries, ctx = layer(queries, ctx, mem_kv[i], qmask, cmask, i < len(self.layers) - 1, cache)
         return self.head(self.norm(queries))
 
     def loss(self, images, tokens):
@@ -413,14 +421,14 @@ class PARSeq(Recognizer):
         bos = torch.full((B, 1), self.bos, dtype=torch.long, device=dev)
         if ar:
             ctx_tok, logits = bos, []
-            caches = [[] for _ in self.layers]
+            caches = [{} for _ in self.layers]
             for i in range(T):
-                if use_cache:
-                    logits.append(self.step(ctx_tok[:, -1:], i, queries[:, i:i + 1], mem_kv, caches))
+                if use_cache:                                  # add context slot i, run query i against slots 0..i
+                    out = self.run(self.embed(ctx_tok[:, -1:], i), queries[:, i:i + 1], mem_kv, caches=caches)
                 else:
                     causal = torch.ones(i + 1, i + 1, dtype=torch.bool, device=dev).tril()
-                    out = self.run(self.embed(ctx_tok), queries[:, :i + 1], mem_kv, causal, causal)
-                    logits.append(out[:, -1:])
+                    out = self.run(self.embed(ctx_tok), queries[:, :i + 1], mem_kv, causal, causal)[:, -1:]
+                logits.append(out)
                 ctx_tok = torch.cat([ctx_tok, logits[-1].argmax(-1)], 1)
                 if (ctx_tok == self.eos).any(1).all():
                     break
@@ -436,22 +444,6 @@ class PARSeq(Recognizer):
             logits = self.run(self.embed(ctx_tok), queries, mem_kv, cloze & keep, causal & keep)
         probs, ids = logits.float().softmax(-1).max(-1)
         return finish(ids, probs, self.eos, self.pad)
-
-    def step(self, tok, i, query, mem_kv, caches):
-        """Cached AR step i: add context slot i (token tok), then run query i against slots 0..i."""
-        c = self.embed(tok, start=i)
-        for l, layer in enumerate(self.layers):                # extend every layer's content keys/values
-            c_norm = layer.norm_c(c)
-            k, v = layer.self_attn.project_kv(c_norm)
-            if caches[l]:
-                k, v = torch.cat([caches[l][0], k], 2), torch.cat([caches[l][1], v], 2)
-            caches[l] = (k, v)
-            if l < len(self.layers) - 1:
-                c = layer.stream(c, c_norm, caches[l], mem_kv[l])
-        q = query
-        for l, layer in enumerate(self.layers):
-            q = layer.stream(q, layer.norm_q(q), caches[l], mem_kv[l])
-        return self.head(self.norm(q))
 
 
 # ----------------------------------------------------------------------------- sizes
