@@ -423,8 +423,8 @@ class PARSeq(Recognizer):
             ctx_tok, logits = bos, []
             caches = [{} for _ in self.layers]
             for i in range(T):
-                if use_cache:                                  # add context slot i, run query i against slots 0..i
-                    out = self.run(self.embed(ctx_tok[:, -1:], i), queries[:, i:i + 1], mem_kv, caches=caches)
+                if use_cache:
+                    out = self.step(ctx_tok[:, -1:], i, queries[:, i:i + 1], mem_kv, caches)
                 else:
                     causal = torch.ones(i + 1, i + 1, dtype=torch.bool, device=dev).tril()
                     out = self.run(self.embed(ctx_tok), queries[:, :i + 1], mem_kv, causal, causal)[:, -1:]
@@ -444,6 +444,10 @@ class PARSeq(Recognizer):
             logits = self.run(self.embed(ctx_tok), queries, mem_kv, cloze & keep, causal & keep)
         probs, ids = logits.float().softmax(-1).max(-1)
         return finish(ids, probs, self.eos, self.pad)
+
+    def step(self, tok, i, query, mem_kv, caches):
+        """Cached AR step i: add context slot i (token tok), then run query i against slots 0..i."""
+        return self.run(self.embed(tok, start=i), query, mem_kv, caches=caches)
 
 
 # ----------------------------------------------------------------------------- sizes
