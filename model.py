@@ -123,9 +123,7 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(dim, int(dim * ratio)), act, nn.Linear(int(dim * ratio), dim))
 
 
-class Block(nn.Module):
-    """Pre-LN ViT block."""
-
+class Block(nn.Module):  # pre-LN ViT block
     def __init__(self, dim, heads, mlp_ratio, qkv_bias, eps):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
@@ -260,14 +258,12 @@ class TrOCR(Recognizer):
         steps = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1
         mem_kv = self.memory_kv(images)
         B, C, dev = len(images), self.pad - 1, images.device
-        if beam > 1:
-            mem_kv = [(k.repeat_interleave(beam, 0), v.repeat_interleave(beam, 0)) for k, v in mem_kv]
+        mem_kv = [(k.repeat_interleave(beam, 0), v.repeat_interleave(beam, 0)) for k, v in mem_kv]
         seqs = torch.full((B * beam, 1), self.start, dtype=torch.long, device=dev)
         scores = torch.full((B, beam), float('-inf'), device=dev)
         scores[:, 0] = 0                                    # all beams start identical: expand only one
         done = torch.zeros(B * beam, dtype=torch.bool, device=dev)
-        eos_only = torch.full((C,), float('-inf'), device=dev)
-        eos_only[self.eos] = 0
+        eos_only = torch.where(torch.arange(C, device=dev) == self.eos, 0.0, float('-inf'))  # a finished beam's step
         caches = [{} for _ in self.layers] if use_cache else None
         for t in range(steps):
             if use_cache:
@@ -324,19 +320,16 @@ def sample_orders(L, n, mirrored=True, key_len=None, device=None):
 
 
 def order_masks(orders):
-    """Attention masks (True = may attend) for orders (..., L+2) over positions 0..L+1.
-    query mask (..., L+1, L+1): query i predicts position i+1, keys are context slots 0..L; it sees the slots that
-    come strictly before position i+1 in the order (so never its own slot, always [B]).
-    content mask (..., L+1, L+1): slot i sees itself and the slots before it in the order."""
+    """(query, content) masks (..., L+1, L+1), True = may attend, for orders (..., L+2) over positions 0..L+1. Query i
+    predicts position i+1 from the context slots 0..L that come strictly before it in the order (never its own slot,
+    always [B]); content slot i sees itself and the slots before it."""
     rank = orders.argsort(-1)                                  # rank[p] = step at which position p is predicted
     qmask = rank[..., None, :-1] < rank[..., 1:, None]
     cmask = rank[..., None, :-1] <= rank[..., :-1, None]
     return qmask, cmask
 
 
-class PARSeqLayer(nn.Module):
-    """Two-stream decoder layer: queries (positions) attend to the content stream, then to the image, then MLP."""
-
+class PARSeqLayer(nn.Module):  # two streams: position queries and content attend to the content, the image, MLP
     def __init__(self, cfg):
         super().__init__()
         d = cfg.dec_width
@@ -572,15 +565,13 @@ def _flops_parts(cfg, dec_len=None):
 
 
 def forward_flops(cfg, dec_len=None):
-    """Forward FLOPs per image: encoder + one teacher-forced decoder pass (PARSeq: one order) over
-    dec_len (default max_len) tokens + EOS."""
+    """Forward FLOPs per image: encoder + one teacher-forced decoder pass (PARSeq: one order) over dec_len + 1 tokens."""
     return float(sum(_flops_parts(cfg, dec_len)))
 
 
 def train_flops_per_sample(cfg, dec_len=None):
-    """Forward + backward (= 3x forward) FLOPs per training image padded to dec_len label tokens (default
-    max_len); PARSeq runs the decoder once per order used, num_orders(cfg, dec_len), against cross-attention
-    keys/values computed once."""
+    """Forward + backward (3x forward) FLOPs per training image padded to dec_len (default max_len) label tokens;
+    PARSeq runs the decoder once per order, num_orders(cfg, dec_len), against cross-attention keys/values made once."""
     enc, xkv, dec = _flops_parts(cfg, dec_len)
     return 3.0 * (enc + xkv + dec * num_orders(cfg, dec_len or cfg.max_len))
 
