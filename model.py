@@ -597,12 +597,11 @@ def print_table(vocab_size=97):
 def _hf_pieces(hf_dir, V):
     """Text of every transformers id from tokenizer.json or vocab.json (byte-level BPE decoded to text,
     SentencePiece's '\u2581' to a space); placeholders '<id>' when the folder has neither."""
-    pieces, name = [f'<{i}>' for i in range(V)], os.path.join(hf_dir, 'tokenizer.json')
-    if not os.path.exists(name):
-        name = os.path.join(hf_dir, 'vocab.json')
-        if not os.path.exists(name):
-            return pieces
-    spec = json.load(open(name, encoding='utf-8'))
+    pieces = [f'<{i}>' for i in range(V)]
+    names = [n for n in ('tokenizer.json', 'vocab.json') if os.path.exists(os.path.join(hf_dir, n))]
+    if not names:
+        return pieces
+    spec = json.load(open(os.path.join(hf_dir, names[0]), encoding='utf-8'))
     vocab, byte_level = (spec['model']['vocab'], 'ByteLevel' in str(spec['decoder'])) if 'model' in spec else (spec, True)
     vocab = {p[0]: i for i, p in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)  # Unigram: [piece, score]
     vocab.update({t['content']: t['id'] for t in spec.get('added_tokens', []) if 'model' in spec})
@@ -664,18 +663,17 @@ def trocr_from_transformers(hf_dir):
         dropout=d['dropout'], attn_dropout=d['attention_dropout'], act_dropout=d['activation_dropout'], post_ln=True,
         emb_scale=d['scale_embedding'], emb_norm=d['layernorm_embedding'], start_eos=start == eos,
         dec_act=d['activation_function'])
-    path = os.path.join(hf_dir, 'model.safetensors')
-    if os.path.exists(path):
+    safe, pickled = os.path.join(hf_dir, 'model.safetensors'), os.path.join(hf_dir, 'pytorch_model.bin')
+    if os.path.exists(safe):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise SystemExit(f'reading {path} needs the safetensors package: pip install safetensors')
-        sd = load_file(path)
+            raise SystemExit(f'reading {safe} needs the safetensors package: pip install safetensors')
+        sd = load_file(safe)
+    elif os.path.exists(pickled):
+        sd = torch.load(pickled, map_location='cpu', weights_only=True)
     else:
-        path = os.path.join(hf_dir, 'pytorch_model.bin')
-        if not os.path.exists(path):
-            raise SystemExit(f'{hf_dir}: no model.safetensors or pytorch_model.bin (merge a sharded checkpoint first)')
-        sd = torch.load(path, map_location='cpu', weights_only=True)
+        raise SystemExit(f'{hf_dir}: no model.safetensors or pytorch_model.bin (merge a sharded checkpoint first)')
     emb, out_proj = sd['decoder.model.decoder.embed_tokens.weight'], sd.get('decoder.output_projection.weight')
     cfg.tie_head = out_proj is None or torch.equal(out_proj, emb)
     ours = {o + p: torch.cat([sd[t + p] for t in ts]) for o, ts in _hf_pairs(cfg) for p in ('weight', 'bias')
