@@ -99,10 +99,8 @@ class Attention(nn.Module):
         # mask: bool, True = may attend, broadcastable to (B, heads, Tq, Tk)
         if self.fused:
             q, k, v = map(self.split, self.qkv(x).chunk(3, dim=-1))
-            if cache is not None:                  # incremental decoding: append this step's keys/values
-                if cache:
-                    k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)
-                cache['k'], cache['v'] = k, v
+            if cache is not None:
+                k, v = extend_cache(cache, k, v)
         else:
             q = self.split(self.q(x))
             k, v = kv if isinstance(kv, tuple) else self.project_kv(kv)
@@ -111,15 +109,21 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).flatten(2))
 
 
+def extend_cache(cache, k, v):
+    """Incremental decoding: append this step's keys/values (B, heads, T, hd) to the cache; return all of them."""
+    if cache:
+        k, v = torch.cat([cache['k'], k], 2), torch.cat([cache['v'], v], 2)
+    cache['k'], cache['v'] = k, v
+    return k, v
+
+
 class MLP(nn.Sequential):
     def __init__(self, dim, ratio, act='gelu', dropout=0.0):   # activation + dropout share slot 1: keys mlp.0, mlp.2
         act = nn.Sequential({'gelu': nn.GELU(), 'relu': nn.ReLU()}[act], nn.Dropout(dropout))
         super().__init__(nn.Linear(dim, int(dim * ratio)), act, nn.Linear(int(dim * ratio), dim))
 
 
-class Block(nn.Module):
-    """Pre-LN ViT block."""
-
+class Block(nn.Module):  # pre-LN ViT block
     def __init__(self, dim, heads, mlp_ratio, qkv_bias, eps):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
@@ -254,14 +258,12 @@ class TrOCR(Recognizer):
         steps = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1
         mem_kv = self.memory_kv(images)
         B, C, dev = len(images), self.pad - 1, images.device
-        if beam > 1:
-            mem_kv = [(k.repeat_interleave(beam, 0), v.repeat_interleave(beam, 0)) for k, v in mem_kv]
+        mem_kv = [(k.repeat_interleave(beam, 0), v.repeat_interleave(beam, 0)) for k, v in mem_kv]
         seqs = torch.full((B * beam, 1), self.start, dtype=torch.long, device=dev)
         scores = torch.full((B, beam), float('-inf'), device=dev)
         scores[:, 0] = 0                                    # all beams start identical: expand only one
         done = torch.zeros(B * beam, dtype=torch.bool, device=dev)
-        eos_only = torch.full((C,), float('-inf'), device=dev)
-        eos_only[self.eos] = 0
+        eos_only = torch.where(torch.arange(C, device=dev) == self.eos, 0.0, float('-inf'))  # a finished beam's step
         caches = [{} for _ in self.layers] if use_cache else None
         for t in range(steps):
             if use_cache:
@@ -318,19 +320,16 @@ def sample_orders(L, n, mirrored=True, key_len=None, device=None):
 
 
 def order_masks(orders):
-    """Attention masks (True = may attend) for orders (..., L+2) over positions 0..L+1.
-    query mask (..., L+1, L+1): query i predicts position i+1, keys are context slots 0..L; it sees the slots that
-    come strictly before position i+1 in the order (so never its own slot, always [B]).
-    content mask (..., L+1, L+1): slot i sees itself and the slots before it in the order."""
+    """(query, content) masks (..., L+1, L+1), True = may attend, for orders (..., L+2) over positions 0..L+1. Query i
+    predicts position i+1 from the context slots 0..L that come strictly before it in the order (never its own slot,
+    always [B]); content slot i sees itself and the slots before it."""
     rank = orders.argsort(-1)                                  # rank[p] = step at which position p is predicted
     qmask = rank[..., None, :-1] < rank[..., 1:, None]
     cmask = rank[..., None, :-1] <= rank[..., :-1, None]
     return qmask, cmask
 
 
-class PARSeqLayer(nn.Module):
-    """Two-stream decoder layer: queries (positions) attend to the content stream, then to the image, then MLP."""
-
+class PARSeqLayer(nn.Module):  # two streams: position queries and content attend to the content, the image, MLP
     def __init__(self, cfg):
         super().__init__()
         d = cfg.dec_width
@@ -345,9 +344,11 @@ class PARSeqLayer(nn.Module):
         x = x + self.drop(self.cross_attn(self.norm1(x), kv=mem_kv))
         return x + self.drop(self.mlp(self.norm2(x)))
 
-    def forward(self, q, c, mem_kv, qmask, cmask, update_content):
+    def forward(self, q, c, mem_kv, qmask, cmask, update_content, cache=None):
         c_norm = self.norm_c(c)
         ctx_kv = self.self_attn.project_kv(c_norm)  # shared by both streams
+        if cache is not None:                       # cached AR step: c is the newest slot and sees all before it
+            ctx_kv = extend_cache(cache, *ctx_kv)
         q = self.stream(q, self.norm_q(q), ctx_kv, mem_kv, qmask)
         if update_content:
             c = self.stream(c, c_norm, ctx_kv, mem_kv, cmask)
@@ -372,9 +373,9 @@ class PARSeq(Recognizer):
         pos = torch.cat([torch.zeros_like(self.pos_queries[:, :1]), self.pos_queries], 1)
         return x + pos[:, start:start + tokens.shape[1]]
 
-    def run(self, ctx, queries, mem_kv, qmask=None, cmask=None):
-        for i, layer in enumerate(self.layers):
-            queries, ctx = layer(queries, ctx, mem_kv[i], qmask, cmask, update_content=i < len(self.layers) - 1)
+    def run(self, ctx, queries, mem_kv, qmask=None, cmask=None, caches=None):
+        for i, (layer, cache) in enumerate(zip(self.layers, caches or [None] * len(self.layers))):
+            queries, ctx = layer(queries, ctx, mem_kv[i], qmask, cmask, i < len(self.layers) - 1, cache)
         return self.head(self.norm(queries))
 
     def loss(self, images, tokens):
@@ -413,14 +414,14 @@ class PARSeq(Recognizer):
         bos = torch.full((B, 1), self.bos, dtype=torch.long, device=dev)
         if ar:
             ctx_tok, logits = bos, []
-            caches = [[] for _ in self.layers]
+            caches = [{} for _ in self.layers]
             for i in range(T):
                 if use_cache:
-                    logits.append(self.step(ctx_tok[:, -1:], i, queries[:, i:i + 1], mem_kv, caches))
+                    out = self.step(ctx_tok[:, -1:], i, queries[:, i:i + 1], mem_kv, caches)
                 else:
                     causal = torch.ones(i + 1, i + 1, dtype=torch.bool, device=dev).tril()
-                    out = self.run(self.embed(ctx_tok), queries[:, :i + 1], mem_kv, causal, causal)
-                    logits.append(out[:, -1:])
+                    out = self.run(self.embed(ctx_tok), queries[:, :i + 1], mem_kv, causal, causal)[:, -1:]
+                logits.append(out)
                 ctx_tok = torch.cat([ctx_tok, logits[-1].argmax(-1)], 1)
                 if (ctx_tok == self.eos).any(1).all():
                     break
@@ -439,19 +440,7 @@ class PARSeq(Recognizer):
 
     def step(self, tok, i, query, mem_kv, caches):
         """Cached AR step i: add context slot i (token tok), then run query i against slots 0..i."""
-        c = self.embed(tok, start=i)
-        for l, layer in enumerate(self.layers):                # extend every layer's content keys/values
-            c_norm = layer.norm_c(c)
-            k, v = layer.self_attn.project_kv(c_norm)
-            if caches[l]:
-                k, v = torch.cat([caches[l][0], k], 2), torch.cat([caches[l][1], v], 2)
-            caches[l] = (k, v)
-            if l < len(self.layers) - 1:
-                c = layer.stream(c, c_norm, caches[l], mem_kv[l])
-        q = query
-        for l, layer in enumerate(self.layers):
-            q = layer.stream(q, layer.norm_q(q), caches[l], mem_kv[l])
-        return self.head(self.norm(q))
+        return self.run(self.embed(tok, start=i), query, mem_kv, caches=caches)
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -576,15 +565,13 @@ def _flops_parts(cfg, dec_len=None):
 
 
 def forward_flops(cfg, dec_len=None):
-    """Forward FLOPs per image: encoder + one teacher-forced decoder pass (PARSeq: one order) over
-    dec_len (default max_len) tokens + EOS."""
+    """Forward FLOPs per image: encoder + one teacher-forced decoder pass (PARSeq: one order) over dec_len + 1 tokens."""
     return float(sum(_flops_parts(cfg, dec_len)))
 
 
 def train_flops_per_sample(cfg, dec_len=None):
-    """Forward + backward (= 3x forward) FLOPs per training image padded to dec_len label tokens (default
-    max_len); PARSeq runs the decoder once per order used, num_orders(cfg, dec_len), against cross-attention
-    keys/values computed once."""
+    """Forward + backward (3x forward) FLOPs per training image padded to dec_len (default max_len) label tokens;
+    PARSeq runs the decoder once per order, num_orders(cfg, dec_len), against cross-attention keys/values made once."""
     enc, xkv, dec = _flops_parts(cfg, dec_len)
     return 3.0 * (enc + xkv + dec * num_orders(cfg, dec_len or cfg.max_len))
 
@@ -610,12 +597,11 @@ def print_table(vocab_size=97):
 def _hf_pieces(hf_dir, V):
     """Text of every transformers id from tokenizer.json or vocab.json (byte-level BPE decoded to text,
     SentencePiece's '\u2581' to a space); placeholders '<id>' when the folder has neither."""
-    pieces, name = [f'<{i}>' for i in range(V)], os.path.join(hf_dir, 'tokenizer.json')
-    if not os.path.exists(name):
-        name = os.path.join(hf_dir, 'vocab.json')
-        if not os.path.exists(name):
-            return pieces
-    spec = json.load(open(name, encoding='utf-8'))
+    pieces = [f'<{i}>' for i in range(V)]
+    names = [n for n in ('tokenizer.json', 'vocab.json') if os.path.exists(os.path.join(hf_dir, n))]
+    if not names:
+        return pieces
+    spec = json.load(open(os.path.join(hf_dir, names[0]), encoding='utf-8'))
     vocab, byte_level = (spec['model']['vocab'], 'ByteLevel' in str(spec['decoder'])) if 'model' in spec else (spec, True)
     vocab = {p[0]: i for i, p in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)  # Unigram: [piece, score]
     vocab.update({t['content']: t['id'] for t in spec.get('added_tokens', []) if 'model' in spec})
@@ -677,18 +663,17 @@ def trocr_from_transformers(hf_dir):
         dropout=d['dropout'], attn_dropout=d['attention_dropout'], act_dropout=d['activation_dropout'], post_ln=True,
         emb_scale=d['scale_embedding'], emb_norm=d['layernorm_embedding'], start_eos=start == eos,
         dec_act=d['activation_function'])
-    path = os.path.join(hf_dir, 'model.safetensors')
-    if os.path.exists(path):
+    safe, pickled = os.path.join(hf_dir, 'model.safetensors'), os.path.join(hf_dir, 'pytorch_model.bin')
+    if os.path.exists(safe):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise SystemExit(f'reading {path} needs the safetensors package: pip install safetensors')
-        sd = load_file(path)
+            raise SystemExit(f'reading {safe} needs the safetensors package: pip install safetensors')
+        sd = load_file(safe)
+    elif os.path.exists(pickled):
+        sd = torch.load(pickled, map_location='cpu', weights_only=True)
     else:
-        path = os.path.join(hf_dir, 'pytorch_model.bin')
-        if not os.path.exists(path):
-            raise SystemExit(f'{hf_dir}: no model.safetensors or pytorch_model.bin (merge a sharded checkpoint first)')
-        sd = torch.load(path, map_location='cpu', weights_only=True)
+        raise SystemExit(f'{hf_dir}: no model.safetensors or pytorch_model.bin (merge a sharded checkpoint first)')
     emb, out_proj = sd['decoder.model.decoder.embed_tokens.weight'], sd.get('decoder.output_projection.weight')
     cfg.tie_head = out_proj is None or torch.equal(out_proj, emb)
     ours = {o + p: torch.cat([sd[t + p] for t in ts]) for o, ts in _hf_pairs(cfg) for p in ('weight', 'bias')
