@@ -527,9 +527,10 @@ def _optimum(p, fps, C):
     a, b, g, c0 = p["alpha"], p["beta"], fps["gamma"], fps["c0"]
     if min(a, b, g, p["A"], p["B"]) <= 0:
         return math.nan, math.nan, math.nan
-    N = (a * p["A"] / (b * g * p["B"]) * (C / c0) ** b) ** (1 / (a + g * b))
-    S = C / (c0 * N ** g)
-    return N, S, p["einf"] + p["A"] / N ** a + p["B"] / S ** b
+    with np.errstate(all="ignore"):  # extreme bootstrap draws overflow to inf/0: kept as such, not warned about
+        N = (a * p["A"] / (b * g * p["B"]) * (C / c0) ** b) ** (1 / (a + g * b))
+        S = C / (c0 * N ** g)
+        return N, S, p["einf"] + p["A"] / N ** a + p["B"] / S ** b
 
 def _compute_optimal(p, boot, rows, o):
     """N, S (samples seen) and E per FLOP budget (default the biggest run's C, x10, x100), C / S = c0 N^gamma."""
