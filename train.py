@@ -157,11 +157,9 @@ def load_init(raw_model, tok, path):
             rows = torch.tensor([(i, j) for i, j in pairs if i < new.shape[0] and j < old.shape[0]])
             new[rows[:, 0]] = old[rows[:, 1]].to(new.dtype)  # state_dict tensors share the parameters' storage
             remapped.append(name)
-        elif new.shape == old.shape:
-            new.copy_(old)
-            loaded.append(name)
-        elif name in ("pos_emb", "pos_queries") and old.shape[::2] == new.shape[::2] and old.shape[1] >= new.shape[1]:
-            new.copy_(old[:, :new.shape[1]])  # decoder positions of a longer max_len (a converted TrOCR: 511): a prefix
+        elif new.shape == old.shape or (name in ("pos_emb", "pos_queries") and old.shape[::2] == new.shape[::2]
+                                        and old.shape[1] >= new.shape[1]):  # a longer max_len (converted TrOCR: 511)
+            new.copy_(old[:, :new.shape[1]] if name in ("pos_emb", "pos_queries") else old)  # positions: a prefix
             loaded.append(name)
     fresh = ", ".join(name for name in state if name not in loaded + remapped) or "none"
     shared = f", rows of {len(pairs) - 3}/{len(tok.tokens)} shared tokens in {', '.join(remapped)}" if remapped else ""
@@ -169,9 +167,9 @@ def load_init(raw_model, tok, path):
 
 
 def git_commit():
-    here = os.path.dirname(os.path.abspath(__file__))
     with contextlib.suppress(OSError):  # no git: None
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True).stdout.strip() or None
 
 
 def atomic_save(obj, path):
@@ -356,7 +354,6 @@ def main(argv=None):
         net = DDP(net, device_ids=[local_rank] if use_cuda else None)
     peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) if use_cuda and dtype else None
     eval_args = (micro, rank, world, workers, device, autocast)
-    static_len = cfg.max_len if args.compile else None
 
     # --- the loop
     batches = iter(stream.loader(workers, pin_memory=use_cuda))
@@ -378,7 +375,7 @@ def main(argv=None):
             t0 = time.time()
             images, labels = next(batches)
             window["wait"] += time.time() - t0
-            tokens = tok.encode(labels, length=static_len)  # --compile: one static shape, no recompiles
+            tokens = tok.encode(labels, length=cfg.max_len if args.compile else None)  # compile: one static shape
             images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
             if world > 1:  # sync gradients only on the last micro-step
                 net.require_backward_grad_sync = micro_step == accum - 1
