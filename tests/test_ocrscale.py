@@ -72,9 +72,10 @@ def test_demo_killed_then_resumed_reports_fits_of_exactly_its_runs(tmp_path, mon
     rows = [json.loads(line) for line in (stray / "metrics.jsonl").read_text().splitlines()]
     (stray / "metrics.jsonl").write_text("".join(json.dumps({**r, "val_loss": r["val_loss"] * 3}) + "\n" for r in rows))
     config = json.loads((stray / "config.json").read_text())
-    # on the N ladder whichever run finished first (a D run's cap would put it on another ladder, which E(N) ignores)
+    # a point of its own on the N ladder, whichever run finished first (a D run's cap would put it on another ladder,
+    # and at a size already there the median of three runs could hide it)
     (stray / "config.json").write_text(json.dumps({**config, "name": stray.name, "seed": 7, "tag": "N", "size": "T1",
-                                                   "D": TINY["n_train"]}))
+                                                   "N": 10 ** 6, "D": TINY["n_train"]}))
 
     monkeypatch.setitem(ocrscale.__dict__, "QUICK", TINY)
     assert ocrscale.main(argv) == 0
