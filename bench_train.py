@@ -224,8 +224,7 @@ class Bench:
             torch.cuda.empty_cache()  # the training children need the memory
         if self.args.peak_tflops:
             return dict(peak_flops=self.args.peak_tflops * 1e12, peak_source="--peak-tflops", matmul_flops=measured)
-        name = self.device_name() if self.device.type == "cuda" else ""
-        table = next((v for k, v in train.PEAK_FLOPS.items() if k in name), None)
+        table = train.peak_flops(self.device)
         if table:
             return dict(peak_flops=table, peak_source="train.PEAK_FLOPS (dense bf16)", matmul_flops=measured)
         return dict(peak_flops=measured, peak_source=f"measured {dtype} matmul {n}^3", matmul_flops=measured)

@@ -153,17 +153,21 @@ def load_init(raw_model, tok, path):
     state, loaded, remapped = raw_model.state_dict(), [], []
     for name, old in ckpt["model"].items():
         new = state.get(name, torch.empty(0))
+        prefix = name in ("pos_emb", "pos_queries") and old.shape[::2] == new.shape[::2] and old.shape[1] >= new.shape[1]
         if old.dim() <= 2 and sizes.get(old.shape[0]) == new.shape[0] and old.shape[1:] == new.shape[1:]:
             rows = torch.tensor([(i, j) for i, j in pairs if i < new.shape[0] and j < old.shape[0]])
             new[rows[:, 0]] = old[rows[:, 1]].to(new.dtype)  # state_dict tensors share the parameters' storage
             remapped.append(name)
-        elif new.shape == old.shape or (name in ("pos_emb", "pos_queries") and old.shape[::2] == new.shape[::2]
-                                        and old.shape[1] >= new.shape[1]):  # a longer max_len (converted TrOCR: 511)
-            new.copy_(old[:, :new.shape[1]] if name in ("pos_emb", "pos_queries") else old)  # positions: a prefix
+        elif new.shape == old.shape or prefix:  # prefix: positions of a longer max_len (a converted TrOCR: 511)
+            new.copy_(old[:, :new.shape[1]] if prefix else old)
             loaded.append(name)
     fresh = ", ".join(name for name in state if name not in loaded + remapped) or "none"
     shared = f", rows of {len(pairs) - 3}/{len(tok.tokens)} shared tokens in {', '.join(remapped)}" if remapped else ""
     return f"--init {path}: loaded {len(loaded)} tensors{shared}; fresh: {fresh}"
+
+
+def peak_flops(device):  # the dense 16-bit peak of a known GPU, else None (no MFU)
+    return next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
 
 
 def git_commit():
@@ -352,7 +356,7 @@ def main(argv=None):
     net = torch.compile(raw_model) if args.compile else raw_model
     if world > 1:
         net = DDP(net, device_ids=[local_rank] if use_cuda else None)
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) if use_cuda and dtype else None
+    peak = peak_flops(device) if dtype else None
     eval_args = (micro, rank, world, workers, device, autocast)
 
     # --- the loop
