@@ -416,7 +416,8 @@ def _fit_axis(runs, axis, o):
     x, y, pinned = _reduce(axis, np.concatenate([xy for _, xy in obs]), o["pin"])
     cut = _holdout_cut(o["holdout"].get(axis), x[~pinned])
     use, held = ~pinned & (x < cut), ~pinned & (x >= cut)
-    if len(np.unique(x[use])) < 3:
+    ux = np.unique(x[use])
+    if len(ux) < 3:
         why = f", {(~pinned).sum()} not pinned at >= {o['pin']}%" if pinned.any() else ""
         why += ", after the holdout" if cut < math.inf else ""
         return dict(out, error=f"{axis}: {use.sum()} usable point(s) ({len(x)} in all{why}); need at least 3 "
@@ -439,7 +440,6 @@ def _fit_axis(runs, axis, o):
                band={"x": grid.tolist(), "lo": (lo * scale).tolist(), "hi": (hi * scale).tolist()},
                holdout=_predict(x, y, use, held, o) if held.any() else None, extrapolation=[])
     for k in (1, 2):  # refit without the largest k fitted points, predict them
-        ux = np.unique(x[use])
         if len(ux) - k >= 3:
             fitted = use & (x < ux[-k])
             out["extrapolation"].append(dict(_predict(x, y, fitted, use & ~fitted, o), held_out=k,
