@@ -143,14 +143,14 @@ def load_runs(paths, where=None):
 
 def _observations(run, axis, key, best):
     """(n, 2) array of a run's (x, y) on an axis, or a string saying why it has none."""
-    evs = [e for e in run["evals"] if _num(e.get(key)) is not None]
-    if not evs:
+    picked = _pick_eval(run, key, best)
+    if picked is None:
         return f"no '{key}' in its evals"
-    if axis == "C":
-        xy = np.array([(_num(e.get("flops")) or np.nan, _num(e[key])) for e in evs])
+    if axis == "C":  # every eval; missing or zero values become NaN and are dropped with the rest
+        xy = np.array([(_num(e.get("flops")) or np.nan, _num(e.get(key)) or np.nan) for e in run["evals"]])
         xy = xy[np.isfinite(xy).all(1) & (xy > 0).all(1)]
         return xy if len(xy) else f"no eval with finite positive 'flops' and '{key}'"
-    x, y = run[axis], _num(_pick_eval(run, key, best)[key])
+    x, y = run[axis], _num(picked[key])
     if not (_ok(x) and _ok(y)):
         return f"{axis}={x}, {key}={y}: need finite positive values (log space)"
     return np.array([[x, y]])
