@@ -264,6 +264,10 @@ def _unpack(t):
         return {"einf": float(np.exp(t[2])), "alpha": float(t[1]), "k": float(np.exp(t[0] / t[1]))}
     return dict(zip(JOINT, (float(np.exp(t[4])), float(np.exp(t[0])), float(t[1]), float(np.exp(t[2])), float(t[3]))))
 
+def _joint_law(p, N, D):
+    """E_inf + A / N^alpha + B / D^beta from the named parameters p."""
+    return p["einf"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
+
 def _lse_loss(theta, F, ly):
     """Summed Huber loss of log E_hat - log E, and its gradient."""
     m = F.shape[1]
@@ -508,7 +512,7 @@ def _fit_joint(runs, o):
     th, out, boot = _fit_lse(len(ly), lambda d: (F[d], ly[d]), "joint", o, 3)
     pred = np.exp(_lse_terms(th, F_all)).sum(1)
     vp = varpro(F[:, 0], F[:, 1], y[use] / o["scale"])
-    vpred = vp["einf"] + vp["A"] / N[use] ** vp["alpha"] + vp["B"] / D[use] ** vp["beta"]
+    vpred = _joint_law(vp, N[use], D[use])
     vp["max_rel_diff_params"] = max(abs(vp[k] - out[k]) / abs(out[k]) for k in JOINT)
     vp["max_rel_diff_pred"] = float(np.max(np.abs(vpred / pred[use] - 1)))
     out["ci"].update(level=o["level"], method=f"bootstrap over runs ({len(boot)} draws)")
@@ -530,7 +534,7 @@ def _optimum(p, fps, C):
     with np.errstate(all="ignore"):  # extreme bootstrap draws overflow to inf/0: kept as such, not warned about
         N = (a * p["A"] / (b * g * p["B"]) * (C / c0) ** b) ** (1 / (a + g * b))
         S = C / (c0 * N ** g)
-        return N, S, p["einf"] + p["A"] / N ** a + p["B"] / S ** b
+        return N, S, _joint_law(p, N, S)
 
 def _compute_optimal(p, boot, rows, o):
     """N, S (samples seen) and E per FLOP budget (default the biggest run's C, x10, x100), C / S = c0 N^gamma."""
@@ -745,8 +749,7 @@ def plot_all(result, out_dir):
             ps = [p for p in j["points"] if p["D"] == D]
             a.scatter([p["N"] for p in ps], [p["y"] for p in ps], c=f"C{i % 10}",
                       marker="*" if any(p["held_out"] for p in ps) else "o")
-            a.plot(Ns, (j["einf"] + j["A"] / Ns ** j["alpha"] + j["B"] / D ** j["beta"]) * scale, f"C{i % 10}-",
-                   label=f"D={D:.3g}")
+            a.plot(Ns, _joint_law(j, Ns, D) * scale, f"C{i % 10}-", label=f"D={D:.3g}")
         a.set(xscale="log", yscale="log", xlabel=names["N"], ylabel=ylab, title="joint fit E(N, D)")
         figs.append((fig, a, "fit_joint.png"))
     for fig, a, name in figs:
