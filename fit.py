@@ -487,22 +487,23 @@ def _support(axis, x, y, obs):
             "unfinished": any(not r["finished"] for r, _ in hits)}
 
 def _joint_rows(runs, o):
-    """One row per usable run: N, D, E, name, samples seen S, C, whether S was assumed (= D, one pass)."""
+    """One dict per usable run: N, D, E, name, samples seen S, C, S_assumed (no samples logged: S = D, one pass)."""
     rows = []
     for r in runs:
         e = None if r["skip"] else _pick_eval(r, o["key"], o["best"])
         y, S, C = (_num(e[o["key"]]), _num(e.get("samples")), _num(e.get("flops"))) if e else (None, None, None)
         if _ok(r["N"]) and _ok(r["D"]) and _ok(y) and y < o["pin"]:
-            rows.append((r["N"], r["D"], y, r["name"], S if _ok(S) else r["D"], C if _ok(C) else math.nan, not _ok(S)))
+            rows.append(dict(N=r["N"], D=r["D"], E=y, name=r["name"], S=S if _ok(S) else r["D"],
+                             C=C if _ok(C) else math.nan, S_assumed=not _ok(S)))
     return rows
 
 def _fit_joint(runs, o):
     rows = _joint_rows(runs, o)
-    nN, nD = len({r[0] for r in rows}), len({r[1] for r in rows})
+    nN, nD = len({r["N"] for r in rows}), len({r["D"] for r in rows})
     if len(rows) < 7 or nN < 3 or nD < 3:  # 5 parameters: at least 2 degrees of freedom, 3 values per axis
         return {"error": f"joint E(N, D): needs >= 7 usable runs spanning >= 3 N and >= 3 D; has {len(rows)} runs "
                          f"with both, not pinned, {nN} N, {nD} D"}
-    N, D, y, names = (np.array([r[i] for r in rows]) for i in range(4))
+    N, D, y, names = (np.array([r[k] for r in rows]) for k in ("N", "D", "E", "name"))
     held = (N >= _holdout_cut(o["holdout"].get("N"), N)) | (D >= _holdout_cut(o["holdout"].get("D"), D))
     use = ~held
     if use.sum() < 7:
@@ -538,7 +539,7 @@ def _optimum(p, fps, C):
 
 def _compute_optimal(p, boot, rows, o):
     """N, S (samples seen) and E per FLOP budget (default the biggest run's C, x10, x100), C / S = c0 N^gamma."""
-    N, S, C = (np.array([r[i] for r in rows], float) for i in (0, 4, 5))
+    N, S, C = (np.array([r[k] for r in rows], float) for k in ("N", "S", "C"))
     have = np.isfinite(C)
     if not have.any():
         return {"error": "no run logged its compute ('flops' in metrics.jsonl or a CSV column C)"}
@@ -557,8 +558,8 @@ def _compute_optimal(p, boot, rows, o):
     g = fps["gamma"]
     return {"flops_per_sample": fps, "budgets": opt, "N_exponent": p["beta"] / (p["alpha"] + g * p["beta"]),
             "S_exponent": p["alpha"] / (p["alpha"] + g * p["beta"]), "convention": o["convention"],
-            "multi_epoch": [f"{r[3]} ({r[4] / r[1]:.3g} epochs)" for r in rows if r[4] > r[1] * 1.01],
-            "samples_assumed": [r[3] for r in rows if r[6]]}
+            "multi_epoch": [f"{r['name']} ({r['S'] / r['D']:.3g} epochs)" for r in rows if r["S"] > r["D"] * 1.01],
+            "samples_assumed": [r["name"] for r in rows if r["S_assumed"]]}
 
 @_one_blas_thread()
 def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_boot=1000, seed=0, best=False,
