@@ -157,9 +157,9 @@ def _observations(run, axis, key, best):
 
 def _pick_eval(run, key, best):
     """The eval a run stands for: its last one with the metric, or (best) the lowest; None if none has it."""
-    evs = [e for e in run["evals"] if _num(e.get(key)) is not None]
-    good = [e for e in evs if _ok(_num(e[key]))]
-    return min(good, key=lambda e: _num(e[key])) if best and good else evs[-1] if evs else None
+    evs = [(v, e) for e in run["evals"] if (v := _num(e.get(key))) is not None]  # each value parsed once
+    good = [(v, e) for v, e in evs if _ok(v)]
+    return min(good, key=lambda ve: ve[0])[1] if best and good else evs[-1][1] if evs else None
 
 def _reduce(axis, xy, pin):
     """Points to fit from raw observations: (x, y, pinned) with per-size medians (N, D) or the compute frontier (C)."""
