@@ -143,23 +143,23 @@ def load_runs(paths, where=None):
 
 def _observations(run, axis, key, best):
     """(n, 2) array of a run's (x, y) on an axis, or a string saying why it has none."""
-    evs = [e for e in run["evals"] if _num(e.get(key)) is not None]
-    if not evs:
+    picked = _pick_eval(run, key, best)
+    if picked is None:
         return f"no '{key}' in its evals"
-    if axis == "C":
-        xy = np.array([(_num(e.get("flops")) or np.nan, _num(e[key])) for e in evs])
+    if axis == "C":  # every eval; missing or zero values become NaN and are dropped with the rest
+        xy = np.array([(_num(e.get("flops")) or np.nan, _num(e.get(key)) or np.nan) for e in run["evals"]])
         xy = xy[np.isfinite(xy).all(1) & (xy > 0).all(1)]
         return xy if len(xy) else f"no eval with finite positive 'flops' and '{key}'"
-    x, y = run[axis], _num(_pick_eval(run, key, best)[key])
+    x, y = run[axis], _num(picked[key])
     if not (_ok(x) and _ok(y)):
         return f"{axis}={x}, {key}={y}: need finite positive values (log space)"
     return np.array([[x, y]])
 
 def _pick_eval(run, key, best):
     """The eval a run stands for: its last one with the metric, or (best) the lowest; None if none has it."""
-    evs = [e for e in run["evals"] if _num(e.get(key)) is not None]
-    good = [e for e in evs if _ok(_num(e[key]))]
-    return min(good, key=lambda e: _num(e[key])) if best and good else evs[-1] if evs else None
+    evs = [(v, e) for e in run["evals"] if (v := _num(e.get(key))) is not None]  # each value parsed once
+    good = [(v, e) for v, e in evs if _ok(v)]
+    return min(good, key=lambda ve: ve[0])[1] if best and good else evs[-1][1] if evs else None
 
 def _reduce(axis, xy, pin):
     """Points to fit from raw observations: (x, y, pinned) with per-size medians (N, D) or the compute frontier (C)."""
@@ -263,6 +263,10 @@ def _unpack(t):
     if len(t) == 3:
         return {"einf": float(np.exp(t[2])), "alpha": float(t[1]), "k": float(np.exp(t[0] / t[1]))}
     return dict(zip(JOINT, (float(np.exp(t[4])), float(np.exp(t[0])), float(t[1]), float(np.exp(t[2])), float(t[3]))))
+
+def _joint_law(p, N, D):
+    """E_inf + A / N^alpha + B / D^beta from the named parameters p."""
+    return p["einf"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
 
 def _lse_loss(theta, F, ly):
     """Summed Huber loss of log E_hat - log E, and its gradient."""
@@ -416,7 +420,8 @@ def _fit_axis(runs, axis, o):
     x, y, pinned = _reduce(axis, np.concatenate([xy for _, xy in obs]), o["pin"])
     cut = _holdout_cut(o["holdout"].get(axis), x[~pinned])
     use, held = ~pinned & (x < cut), ~pinned & (x >= cut)
-    if len(np.unique(x[use])) < 3:
+    ux = np.unique(x[use])
+    if len(ux) < 3:
         why = f", {(~pinned).sum()} not pinned at >= {o['pin']}%" if pinned.any() else ""
         why += ", after the holdout" if cut < math.inf else ""
         return dict(out, error=f"{axis}: {use.sum()} usable point(s) ({len(x)} in all{why}); need at least 3 "
@@ -439,7 +444,6 @@ def _fit_axis(runs, axis, o):
                band={"x": grid.tolist(), "lo": (lo * scale).tolist(), "hi": (hi * scale).tolist()},
                holdout=_predict(x, y, use, held, o) if held.any() else None, extrapolation=[])
     for k in (1, 2):  # refit without the largest k fitted points, predict them
-        ux = np.unique(x[use])
         if len(ux) - k >= 3:
             fitted = use & (x < ux[-k])
             out["extrapolation"].append(dict(_predict(x, y, fitted, use & ~fitted, o), held_out=k,
@@ -483,22 +487,23 @@ def _support(axis, x, y, obs):
             "unfinished": any(not r["finished"] for r, _ in hits)}
 
 def _joint_rows(runs, o):
-    """One row per usable run: N, D, E, name, samples seen S, C, whether S was assumed (= D, one pass)."""
+    """One dict per usable run: N, D, E, name, samples seen S, C, S_assumed (no samples logged: S = D, one pass)."""
     rows = []
     for r in runs:
         e = None if r["skip"] else _pick_eval(r, o["key"], o["best"])
         y, S, C = (_num(e[o["key"]]), _num(e.get("samples")), _num(e.get("flops"))) if e else (None, None, None)
         if _ok(r["N"]) and _ok(r["D"]) and _ok(y) and y < o["pin"]:
-            rows.append((r["N"], r["D"], y, r["name"], S if _ok(S) else r["D"], C if _ok(C) else math.nan, not _ok(S)))
+            rows.append(dict(N=r["N"], D=r["D"], E=y, name=r["name"], S=S if _ok(S) else r["D"],
+                             C=C if _ok(C) else math.nan, S_assumed=not _ok(S)))
     return rows
 
 def _fit_joint(runs, o):
     rows = _joint_rows(runs, o)
-    nN, nD = len({r[0] for r in rows}), len({r[1] for r in rows})
+    nN, nD = len({r["N"] for r in rows}), len({r["D"] for r in rows})
     if len(rows) < 7 or nN < 3 or nD < 3:  # 5 parameters: at least 2 degrees of freedom, 3 values per axis
         return {"error": f"joint E(N, D): needs >= 7 usable runs spanning >= 3 N and >= 3 D; has {len(rows)} runs "
                          f"with both, not pinned, {nN} N, {nD} D"}
-    N, D, y, names = (np.array([r[i] for r in rows]) for i in range(4))
+    N, D, y, names = (np.array([r[k] for r in rows]) for k in ("N", "D", "E", "name"))
     held = (N >= _holdout_cut(o["holdout"].get("N"), N)) | (D >= _holdout_cut(o["holdout"].get("D"), D))
     use = ~held
     if use.sum() < 7:
@@ -508,7 +513,7 @@ def _fit_joint(runs, o):
     th, out, boot = _fit_lse(len(ly), lambda d: (F[d], ly[d]), "joint", o, 3)
     pred = np.exp(_lse_terms(th, F_all)).sum(1)
     vp = varpro(F[:, 0], F[:, 1], y[use] / o["scale"])
-    vpred = vp["einf"] + vp["A"] / N[use] ** vp["alpha"] + vp["B"] / D[use] ** vp["beta"]
+    vpred = _joint_law(vp, N[use], D[use])
     vp["max_rel_diff_params"] = max(abs(vp[k] - out[k]) / abs(out[k]) for k in JOINT)
     vp["max_rel_diff_pred"] = float(np.max(np.abs(vpred / pred[use] - 1)))
     out["ci"].update(level=o["level"], method=f"bootstrap over runs ({len(boot)} draws)")
@@ -530,11 +535,11 @@ def _optimum(p, fps, C):
     with np.errstate(all="ignore"):  # extreme bootstrap draws overflow to inf/0: kept as such, not warned about
         N = (a * p["A"] / (b * g * p["B"]) * (C / c0) ** b) ** (1 / (a + g * b))
         S = C / (c0 * N ** g)
-        return N, S, p["einf"] + p["A"] / N ** a + p["B"] / S ** b
+        return N, S, _joint_law(p, N, S)
 
 def _compute_optimal(p, boot, rows, o):
     """N, S (samples seen) and E per FLOP budget (default the biggest run's C, x10, x100), C / S = c0 N^gamma."""
-    N, S, C = (np.array([r[i] for r in rows], float) for i in (0, 4, 5))
+    N, S, C = (np.array([r[k] for r in rows], float) for k in ("N", "S", "C"))
     have = np.isfinite(C)
     if not have.any():
         return {"error": "no run logged its compute ('flops' in metrics.jsonl or a CSV column C)"}
@@ -553,8 +558,8 @@ def _compute_optimal(p, boot, rows, o):
     g = fps["gamma"]
     return {"flops_per_sample": fps, "budgets": opt, "N_exponent": p["beta"] / (p["alpha"] + g * p["beta"]),
             "S_exponent": p["alpha"] / (p["alpha"] + g * p["beta"]), "convention": o["convention"],
-            "multi_epoch": [f"{r[3]} ({r[4] / r[1]:.3g} epochs)" for r in rows if r[4] > r[1] * 1.01],
-            "samples_assumed": [r[3] for r in rows if r[6]]}
+            "multi_epoch": [f"{r['name']} ({r['S'] / r['D']:.3g} epochs)" for r in rows if r["S"] > r["D"] * 1.01],
+            "samples_assumed": [r["name"] for r in rows if r["S_assumed"]]}
 
 @_one_blas_thread()
 def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_boot=1000, seed=0, best=False,
@@ -745,8 +750,7 @@ def plot_all(result, out_dir):
             ps = [p for p in j["points"] if p["D"] == D]
             a.scatter([p["N"] for p in ps], [p["y"] for p in ps], c=f"C{i % 10}",
                       marker="*" if any(p["held_out"] for p in ps) else "o")
-            a.plot(Ns, (j["einf"] + j["A"] / Ns ** j["alpha"] + j["B"] / D ** j["beta"]) * scale, f"C{i % 10}-",
-                   label=f"D={D:.3g}")
+            a.plot(Ns, _joint_law(j, Ns, D) * scale, f"C{i % 10}-", label=f"D={D:.3g}")
         a.set(xscale="log", yscale="log", xlabel=names["N"], ylabel=ylab, title="joint fit E(N, D)")
         figs.append((fig, a, "fit_joint.png"))
     for fig, a, name in figs:
