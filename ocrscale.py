@@ -100,6 +100,11 @@ def demo_runs(args, cfg, data_root):
     return [(name, tag, common + argv + ["--name", name, "--tag", tag]) for name, tag, argv in runs]
 
 
+def lock_folders(stack, folders):
+    """Lock each distinct folder for the life of `stack`; the lock files' descriptors, for the runs to inherit."""
+    return tuple(stack.enter_context(lock_folder(f)).fileno() for f in dict.fromkeys(map(os.path.realpath, folders)))
+
+
 def lock_folder(folder):
     """Hold FOLDER/.ocrscale.lock (with our PID in it) until the returned file is closed. The lock belongs to the
     open file, which the training processes inherit: the OS drops it when the demo and its runs have all exited."""
@@ -166,14 +171,12 @@ def ladder_table(runs_dir, names, axis):
 def cmd_demo(args):
     cfg = dict(QUICK if args.quick else DEMO, **({"seeds": args.seeds} if args.seeds else {}))
     t0 = time.time()
-    data_root = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
     with contextlib.ExitStack() as stack:
-        folders = dict.fromkeys(map(os.path.realpath, [args.out, data_root]))  # one lock per distinct folder
-        locks = [stack.enter_context(lock_folder(folder)) for folder in folders]
-        render_sets(data_root, cfg, args.jobs)
-        runs = demo_runs(args, cfg, data_root)
+        lock_fds = lock_folders(stack, [args.out, args.data])
+        render_sets(args.data, cfg, args.jobs)
+        runs = demo_runs(args, cfg, args.data)
         print(f"training {len(runs)} runs ({args.jobs} at a time) into {args.out}", flush=True)
-        failed = run_all(runs, args.jobs, keep_fds=tuple(f.fileno() for f in locks))
+        failed = run_all(runs, args.jobs, lock_fds)
         write_report(args, cfg, runs, failed, time.time() - t0)
     return 1 if failed else 0
 
@@ -418,15 +421,10 @@ def laws_findings(args, cfg):
 
 def cmd_study(args):
     """demo --study mix|pretrain|all: train the study's runs, write OUT/REPORT.md with a section per finding."""
-    cfg = dict(QUICK_STUDY if args.quick else STUDY)
-    if args.seeds:
-        cfg["seeds"] = args.seeds
+    cfg = dict(QUICK_STUDY if args.quick else STUDY, **({"seeds": args.seeds} if args.seeds else {}))
     t0 = time.time()
-    root = args.out or os.path.join("runs", f"demo-{args.study}" + ("-trocr" if args.arch == "trocr" else "")
-                                    + ("-quick" if args.quick else ""))
-    data_root = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
-    sections, findings, failed = [], [], 0
-    args.out, studies = root, [args.study]
+    root, data_root = args.out, args.data
+    sections, findings, failed, studies = [], [], 0, [args.study]
     if args.study == "all":  # the N/D/C demo in its own folder: fit.py reads every run under a folder
         laws = argparse.Namespace(**vars(args))
         laws.out = os.path.join(root, "laws")
@@ -437,7 +435,7 @@ def cmd_study(args):
         findings += laws_findings(laws, QUICK if args.quick else DEMO)
         studies, args.out = ["mix", "pretrain"], os.path.join(root, "studies")
     with contextlib.ExitStack() as stack:  # the laws' demo has released its locks: take ours
-        locks = [stack.enter_context(lock_folder(f)) for f in dict.fromkeys(map(os.path.realpath, [root, data_root]))]
+        lock_fds = lock_folders(stack, [root, data_root])
         render_sets(data_root, QUICK if args.quick else DEMO, args.jobs)  # the synthetic sets, shared with the demo
         render_study_sets(data_root, cfg, args.jobs)
         pretrained = lambda argv: os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json")
@@ -447,7 +445,7 @@ def cmd_study(args):
                 print(f"skipping {len(phase) - len(ready)} fine-tuning run(s): their pretraining did not finish", flush=True)
             if ready:
                 print(f"training {len(ready)} runs ({args.jobs} at a time) into {args.out}", flush=True)
-                failed += len(run_all(ready, args.jobs, keep_fds=tuple(f.fileno() for f in locks)))
+                failed += len(run_all(ready, args.jobs, lock_fds))
             failed += len(phase) - len(ready)
     for study, section in (("mix", mix_section), ("pretrain", pretrain_section)):
         if study in studies:
@@ -663,12 +661,11 @@ def main(argv=None):
     r.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        if args.cmd == "demo" and args.study != "n":
-            return cmd_study(args)
-        if args.cmd == "demo":
-            args.out = args.out or os.path.join("runs", "demo" + ("-trocr" if args.arch == "trocr" else "")
-                                                + ("-quick" if args.quick else ""))
-            return cmd_demo(args)
+        if args.cmd == "demo":  # default folders: runs/demo[-STUDY][-trocr][-quick], data/demo[-quick]
+            args.out = args.out or os.path.join("runs", "demo" + ("" if args.study == "n" else f"-{args.study}")
+                                                + ("-trocr" if args.arch == "trocr" else "") + ("-quick" if args.quick else ""))
+            args.data = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
+            return cmd_demo(args) if args.study == "n" else cmd_study(args)
         if args.cmd == "sweep":
             args.train = args.train or ["data/train"]
             cmd_sweep(args)
