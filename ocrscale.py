@@ -169,6 +169,7 @@ def ladder_table(runs_dir, names, axis):
 
 
 def cmd_demo(args):
+    """The N/D/C study: (names of the failed runs, fit.fit_all's result that REPORT.md shows)."""
     cfg = dict(QUICK if args.quick else DEMO, **({"seeds": args.seeds} if args.seeds else {}))
     t0 = time.time()
     with contextlib.ExitStack() as stack:
@@ -177,8 +178,7 @@ def cmd_demo(args):
         runs = demo_runs(args, cfg, args.data)
         print(f"training {len(runs)} runs ({args.jobs} at a time) into {args.out}", flush=True)
         failed = run_all(runs, args.jobs, lock_fds)
-        write_report(args, cfg, runs, failed, time.time() - t0)
-    return 1 if failed else 0
+        return failed, write_report(args, cfg, runs, failed, time.time() - t0)
 
 
 def write_report(args, cfg, runs, failed, seconds):
@@ -219,6 +219,7 @@ def write_report(args, cfg, runs, failed, seconds):
     with open(report, "w") as f:
         f.write("\n".join(lines))
     print(f"\n{table}\nwrote {report}")
+    return result
 
 
 # The mix and pretraining findings in miniature. "Real" = data.py's 'varied' style with Pillow's built-in font (sizes,
@@ -401,18 +402,17 @@ def pretrain_section(args, cfg):
     return text, finding
 
 
-def laws_findings(args, cfg):
-    """One sentence each on the N and D laws of a finished demo, from fit.py's fit of its ladders."""
+def laws_findings(result, metric):
+    """One sentence each on the N and D laws of a finished demo, from the fit its REPORT.md shows."""
     out = []
     for axis, what, study in (("N", "model size N", "0.223 for TrOCR, 0.018 for PARSeq"),
                               ("D", "training images D", "0.327 for TrOCR")):
-        folders = [os.path.join(args.out, name) for name, tag, _ in demo_runs(args, cfg, "") if tag == axis]
-        r = fit.fit_all(fit.load_runs(folders), metric=cfg["metric"])[axis]  # exactly the ladder's runs
+        r = result[axis]
         if "error" in r:
             out.append(f"The {axis} law: not fitted ({r['error']}).")
             continue
         verdict = "reproduced" if r["alpha"] > 0 else "did not reproduce"
-        target = "word error" if cfg["metric"] == "error" else "val loss per character"
+        target = "word error" if metric == "error" else "val loss per character"
         out.append(f"The {axis} law: the miniature {verdict} the study's direction: {target} "
                    f"{'falls' if r['alpha'] > 0 else 'does not fall'} with {what}: power-law alpha {r['alpha']:.3f} "
                    f"(R² {'undefined: flat or non-monotone' if r['r2'] is None else format(r['r2'], '.3f')}; the study: {study}).")
@@ -428,11 +428,12 @@ def cmd_study(args):
     if args.study == "all":  # the N/D/C demo in its own folder: fit.py reads every run under a folder
         laws = argparse.Namespace(**vars(args))
         laws.out = os.path.join(root, "laws")
-        failed += cmd_demo(laws)
+        laws_failed, laws_result = cmd_demo(laws)
+        failed += len(laws_failed)
         with open(os.path.join(laws.out, "REPORT.md")) as f:
             demo_report = f.read().split("\n", 1)[1]  # without its title; its headings one level down
             sections.append("## The N, D and C laws\n" + demo_report.replace("\n## ", "\n### ").replace("](", "](laws/"))
-        findings += laws_findings(laws, QUICK if args.quick else DEMO)
+        findings += laws_findings(laws_result, (QUICK if args.quick else DEMO)["metric"])
         studies, args.out = ["mix", "pretrain"], os.path.join(root, "studies")
     with contextlib.ExitStack() as stack:  # the laws' demo has released its locks: take ours
         lock_fds = lock_folders(stack, [root, data_root])
@@ -665,7 +666,7 @@ def main(argv=None):
             args.out = args.out or os.path.join("runs", "demo" + ("" if args.study == "n" else f"-{args.study}")
                                                 + ("-trocr" if args.arch == "trocr" else "") + ("-quick" if args.quick else ""))
             args.data = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
-            return cmd_demo(args) if args.study == "n" else cmd_study(args)
+            return cmd_study(args) if args.study != "n" else (1 if cmd_demo(args)[0] else 0)
         if args.cmd == "sweep":
             args.train = args.train or ["data/train"]
             cmd_sweep(args)
