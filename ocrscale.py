@@ -280,24 +280,20 @@ def study_runs(args, cfg, data_root, studies):
             for phase in (first, second)]
 
 
-def arm_errors(runs_dir, arch, arm, cfg):
-    """{seed: word error % on the real-style test set} of one arm's finished runs."""
-    out = {}
+def arm_result(runs_dir, arch, arm, cfg):
+    """One arm's finished runs: ({seed: word error % on the real-style test set}, their mean or None, the table
+    cells 'per seed | mean (seeds lo-hi)')."""
+    errors = {}
     for seed in cfg["seeds"]:
         path = os.path.join(runs_dir, f"{arch}-{arm}-s{seed}", "result.json")
         if os.path.exists(path):
             with open(path) as f:
-                out[seed] = json.load(f)["tests"]["real"]["error"]
-    return out
-
-
-def mean_text(errors):
-    """('mean (seeds lo-hi)', mean) of {seed: error}, or ('(not finished)', None)."""
+                errors[seed] = json.load(f)["tests"]["real"]["error"]
     if not errors:
-        return "(not finished)", None
-    values = list(errors.values())
+        return errors, None, " | (not finished)"
+    values, mean = list(errors.values()), statistics.mean(errors.values())
     spread = f" (seeds {min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.1f}{spread}", statistics.mean(values)
+    return errors, mean, f"{', '.join(f'{e:.1f}' for e in values)} | {mean:.1f}{spread}"
 
 
 def than(x, y):
@@ -311,9 +307,8 @@ def mix_section(args, cfg):
     rows = ["| synthetic:real | word error % per seed | mean % |", "|---|---|---|"]
     means, per_seed = {}, {}
     for arm, label, ratio in arms:
-        errors = per_seed[ratio] = arm_errors(args.out, args.arch, arm, cfg)
-        text, means[ratio] = mean_text(errors)
-        rows.append(f"| {label} | {', '.join(f'{e:.1f}' for e in errors.values())} | {text} |")
+        per_seed[ratio], means[ratio], cells = arm_result(args.out, args.arch, arm, cfg)
+        rows.append(f"| {label} | {cells} |")
     text = (f"## The synthetic:real mix\n\n{args.arch}-{cfg['size']}, {cfg['train_samples']:,} samples per run, drawn from "
             f"{cfg['n_real']:,} real-style training images and the synthetic set at each ratio; word error "
             f"on {cfg['n_real_test']:,} real-style test images; seeds {cfg['seeds']}.\n\n" + "\n".join(rows) + "\n")
@@ -382,9 +377,8 @@ def pretrain_section(args, cfg):
     rows = ["| arm | pretraining | fine-tuning | word error % per seed | mean % |", "|---|---|---|---|---|"]
     means = {}
     for arm, label, pre, ft in arms:
-        errors = arm_errors(args.out, args.arch, arm, cfg)
-        text, means[arm] = mean_text(errors)
-        rows.append(f"| {label} | {pre} | {ft} | {', '.join(f'{e:.1f}' for e in errors.values())} | {text} |")
+        _, means[arm], cells = arm_result(args.out, args.arch, arm, cfg)
+        rows.append(f"| {label} | {pre} | {ft} | {cells} |")
     n = f"{cfg['train_samples']:,}"
     text = (f"## Pretraining, then fine-tuning on real\n\n{args.arch}-{cfg['size']}: {n} samples on the synthetic set "
             f"or on an unrelated task (counting 1-6 coloured shapes), then {n} samples on the {cfg['n_real']:,} "
