@@ -125,9 +125,8 @@ def lock_folder(folder):
     return f
 
 
-def train_one(item, slots, keep_fds):
+def train_one(argv, slots, keep_fds):
     """One run as its own train.py process, on a free progress-bar line taken from the `slots` queue."""
-    _, _, argv = item
     slot = slots.get()
     try:
         return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--bar-position", str(slot)],
@@ -142,7 +141,7 @@ def run_all(runs, jobs, keep_fds=()):
     for slot in range(jobs):
         slots.put(slot)
     with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(train_one, item, slots, keep_fds): item[0] for item in runs}
+        futures = {pool.submit(train_one, argv, slots, keep_fds): name for name, _, argv in runs}
         for done, future in enumerate(as_completed(futures), 1):
             proc = future.result()
             summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
