@@ -100,6 +100,11 @@ def demo_runs(args, cfg, data_root):
     return [(name, tag, common + argv + ["--name", name, "--tag", tag]) for name, tag, argv in runs]
 
 
+def lock_folders(stack, folders):
+    """Lock each distinct folder for the life of `stack`; the lock files' descriptors, for the runs to inherit."""
+    return tuple(stack.enter_context(lock_folder(f)).fileno() for f in dict.fromkeys(map(os.path.realpath, folders)))
+
+
 def lock_folder(folder):
     """Hold FOLDER/.ocrscale.lock (with our PID in it) until the returned file is closed. The lock belongs to the
     open file, which the training processes inherit: the OS drops it when the demo and its runs have all exited."""
@@ -120,9 +125,8 @@ def lock_folder(folder):
     return f
 
 
-def train_one(item, slots, keep_fds):
+def train_one(argv, slots, keep_fds):
     """One run as its own train.py process, on a free progress-bar line taken from the `slots` queue."""
-    _, _, argv = item
     slot = slots.get()
     try:
         return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--bar-position", str(slot)],
@@ -137,7 +141,7 @@ def run_all(runs, jobs, keep_fds=()):
     for slot in range(jobs):
         slots.put(slot)
     with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(train_one, item, slots, keep_fds): item[0] for item in runs}
+        futures = {pool.submit(train_one, argv, slots, keep_fds): name for name, _, argv in runs}
         for done, future in enumerate(as_completed(futures), 1):
             proc = future.result()
             summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
@@ -164,18 +168,16 @@ def ladder_table(runs_dir, names, axis):
 
 
 def cmd_demo(args):
+    """The N/D/C study: (names of the failed runs, fit.fit_all's result that REPORT.md shows)."""
     cfg = dict(QUICK if args.quick else DEMO, **({"seeds": args.seeds} if args.seeds else {}))
     t0 = time.time()
-    data_root = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
     with contextlib.ExitStack() as stack:
-        folders = dict.fromkeys(map(os.path.realpath, [args.out, data_root]))  # one lock per distinct folder
-        locks = [stack.enter_context(lock_folder(folder)) for folder in folders]
-        render_sets(data_root, cfg, args.jobs)
-        runs = demo_runs(args, cfg, data_root)
+        lock_fds = lock_folders(stack, [args.out, args.data])
+        render_sets(args.data, cfg, args.jobs)
+        runs = demo_runs(args, cfg, args.data)
         print(f"training {len(runs)} runs ({args.jobs} at a time) into {args.out}", flush=True)
-        failed = run_all(runs, args.jobs, keep_fds=tuple(f.fileno() for f in locks))
-        write_report(args, cfg, runs, failed, time.time() - t0)
-    return 1 if failed else 0
+        failed = run_all(runs, args.jobs, lock_fds)
+        return failed, write_report(args, cfg, runs, failed, time.time() - t0)
 
 
 def write_report(args, cfg, runs, failed, seconds):
@@ -216,6 +218,7 @@ def write_report(args, cfg, runs, failed, seconds):
     with open(report, "w") as f:
         f.write("\n".join(lines))
     print(f"\n{table}\nwrote {report}")
+    return result
 
 
 # The mix and pretraining findings in miniature. "Real" = data.py's 'varied' style with Pillow's built-in font (sizes,
@@ -276,24 +279,20 @@ def study_runs(args, cfg, data_root, studies):
             for phase in (first, second)]
 
 
-def arm_errors(runs_dir, arch, arm, cfg):
-    """{seed: word error % on the real-style test set} of one arm's finished runs."""
-    out = {}
+def arm_result(runs_dir, arch, arm, cfg):
+    """One arm's finished runs: ({seed: word error % on the real-style test set}, their mean or None, the table
+    cells 'per seed | mean (seeds lo-hi)')."""
+    errors = {}
     for seed in cfg["seeds"]:
         path = os.path.join(runs_dir, f"{arch}-{arm}-s{seed}", "result.json")
         if os.path.exists(path):
             with open(path) as f:
-                out[seed] = json.load(f)["tests"]["real"]["error"]
-    return out
-
-
-def mean_text(errors):
-    """('mean (seeds lo-hi)', mean) of {seed: error}, or ('(not finished)', None)."""
+                errors[seed] = json.load(f)["tests"]["real"]["error"]
     if not errors:
-        return "(not finished)", None
-    values = list(errors.values())
+        return errors, None, " | (not finished)"
+    values, mean = list(errors.values()), statistics.mean(errors.values())
     spread = f" (seeds {min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.1f}{spread}", statistics.mean(values)
+    return errors, mean, f"{', '.join(f'{e:.1f}' for e in values)} | {mean:.1f}{spread}"
 
 
 def than(x, y):
@@ -307,9 +306,8 @@ def mix_section(args, cfg):
     rows = ["| synthetic:real | word error % per seed | mean % |", "|---|---|---|"]
     means, per_seed = {}, {}
     for arm, label, ratio in arms:
-        errors = per_seed[ratio] = arm_errors(args.out, args.arch, arm, cfg)
-        text, means[ratio] = mean_text(errors)
-        rows.append(f"| {label} | {', '.join(f'{e:.1f}' for e in errors.values())} | {text} |")
+        per_seed[ratio], means[ratio], cells = arm_result(args.out, args.arch, arm, cfg)
+        rows.append(f"| {label} | {cells} |")
     text = (f"## The synthetic:real mix\n\n{args.arch}-{cfg['size']}, {cfg['train_samples']:,} samples per run, drawn from "
             f"{cfg['n_real']:,} real-style training images and the synthetic set at each ratio; word error "
             f"on {cfg['n_real_test']:,} real-style test images; seeds {cfg['seeds']}.\n\n" + "\n".join(rows) + "\n")
@@ -378,9 +376,8 @@ def pretrain_section(args, cfg):
     rows = ["| arm | pretraining | fine-tuning | word error % per seed | mean % |", "|---|---|---|---|---|"]
     means = {}
     for arm, label, pre, ft in arms:
-        errors = arm_errors(args.out, args.arch, arm, cfg)
-        text, means[arm] = mean_text(errors)
-        rows.append(f"| {label} | {pre} | {ft} | {', '.join(f'{e:.1f}' for e in errors.values())} | {text} |")
+        _, means[arm], cells = arm_result(args.out, args.arch, arm, cfg)
+        rows.append(f"| {label} | {pre} | {ft} | {cells} |")
     n = f"{cfg['train_samples']:,}"
     text = (f"## Pretraining, then fine-tuning on real\n\n{args.arch}-{cfg['size']}: {n} samples on the synthetic set "
             f"or on an unrelated task (counting 1-6 coloured shapes), then {n} samples on the {cfg['n_real']:,} "
@@ -398,18 +395,17 @@ def pretrain_section(args, cfg):
     return text, finding
 
 
-def laws_findings(args, cfg):
-    """One sentence each on the N and D laws of a finished demo, from fit.py's fit of its ladders."""
+def laws_findings(result, metric):
+    """One sentence each on the N and D laws of a finished demo, from the fit its REPORT.md shows."""
     out = []
     for axis, what, study in (("N", "model size N", "0.223 for TrOCR, 0.018 for PARSeq"),
                               ("D", "training images D", "0.327 for TrOCR")):
-        folders = [os.path.join(args.out, name) for name, tag, _ in demo_runs(args, cfg, "") if tag == axis]
-        r = fit.fit_all(fit.load_runs(folders), metric=cfg["metric"])[axis]  # exactly the ladder's runs
+        r = result[axis]
         if "error" in r:
             out.append(f"The {axis} law: not fitted ({r['error']}).")
             continue
         verdict = "reproduced" if r["alpha"] > 0 else "did not reproduce"
-        target = "word error" if cfg["metric"] == "error" else "val loss per character"
+        target = "word error" if metric == "error" else "val loss per character"
         out.append(f"The {axis} law: the miniature {verdict} the study's direction: {target} "
                    f"{'falls' if r['alpha'] > 0 else 'does not fall'} with {what}: power-law alpha {r['alpha']:.3f} "
                    f"(R² {'undefined: flat or non-monotone' if r['r2'] is None else format(r['r2'], '.3f')}; the study: {study}).")
@@ -418,26 +414,22 @@ def laws_findings(args, cfg):
 
 def cmd_study(args):
     """demo --study mix|pretrain|all: train the study's runs, write OUT/REPORT.md with a section per finding."""
-    cfg = dict(QUICK_STUDY if args.quick else STUDY)
-    if args.seeds:
-        cfg["seeds"] = args.seeds
+    cfg = dict(QUICK_STUDY if args.quick else STUDY, **({"seeds": args.seeds} if args.seeds else {}))
     t0 = time.time()
-    root = args.out or os.path.join("runs", f"demo-{args.study}" + ("-trocr" if args.arch == "trocr" else "")
-                                    + ("-quick" if args.quick else ""))
-    data_root = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
-    sections, findings, failed = [], [], 0
-    args.out, studies = root, [args.study]
+    root, data_root = args.out, args.data
+    sections, findings, failed, studies = [], [], 0, [args.study]
     if args.study == "all":  # the N/D/C demo in its own folder: fit.py reads every run under a folder
         laws = argparse.Namespace(**vars(args))
         laws.out = os.path.join(root, "laws")
-        failed += cmd_demo(laws)
+        laws_failed, laws_result = cmd_demo(laws)
+        failed += len(laws_failed)
         with open(os.path.join(laws.out, "REPORT.md")) as f:
             demo_report = f.read().split("\n", 1)[1]  # without its title; its headings one level down
             sections.append("## The N, D and C laws\n" + demo_report.replace("\n## ", "\n### ").replace("](", "](laws/"))
-        findings += laws_findings(laws, QUICK if args.quick else DEMO)
+        findings += laws_findings(laws_result, (QUICK if args.quick else DEMO)["metric"])
         studies, args.out = ["mix", "pretrain"], os.path.join(root, "studies")
     with contextlib.ExitStack() as stack:  # the laws' demo has released its locks: take ours
-        locks = [stack.enter_context(lock_folder(f)) for f in dict.fromkeys(map(os.path.realpath, [root, data_root]))]
+        lock_fds = lock_folders(stack, [root, data_root])
         render_sets(data_root, QUICK if args.quick else DEMO, args.jobs)  # the synthetic sets, shared with the demo
         render_study_sets(data_root, cfg, args.jobs)
         pretrained = lambda argv: os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json")
@@ -447,7 +439,7 @@ def cmd_study(args):
                 print(f"skipping {len(phase) - len(ready)} fine-tuning run(s): their pretraining did not finish", flush=True)
             if ready:
                 print(f"training {len(ready)} runs ({args.jobs} at a time) into {args.out}", flush=True)
-                failed += len(run_all(ready, args.jobs, keep_fds=tuple(f.fileno() for f in locks)))
+                failed += len(run_all(ready, args.jobs, lock_fds))
             failed += len(phase) - len(ready)
     for study, section in (("mix", mix_section), ("pretrain", pretrain_section)):
         if study in studies:
@@ -663,12 +655,11 @@ def main(argv=None):
     r.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        if args.cmd == "demo" and args.study != "n":
-            return cmd_study(args)
-        if args.cmd == "demo":
-            args.out = args.out or os.path.join("runs", "demo" + ("-trocr" if args.arch == "trocr" else "")
-                                                + ("-quick" if args.quick else ""))
-            return cmd_demo(args)
+        if args.cmd == "demo":  # default folders: runs/demo[-STUDY][-trocr][-quick], data/demo[-quick]
+            args.out = args.out or os.path.join("runs", "demo" + ("" if args.study == "n" else f"-{args.study}")
+                                                + ("-trocr" if args.arch == "trocr" else "") + ("-quick" if args.quick else ""))
+            args.data = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
+            return cmd_study(args) if args.study != "n" else (1 if cmd_demo(args)[0] else 0)
         if args.cmd == "sweep":
             args.train = args.train or ["data/train"]
             cmd_sweep(args)
