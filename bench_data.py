@@ -4,7 +4,7 @@
     python bench_data.py --n 50000 --keep data/bench
 
 Both readers read the same shards with the same work per image (tar read, label cleaning, PIL decode to
-RGB, bicubic stretch to 32x128, batch of float [-1, 1] tensors): webdataset streams the shards in order
+RGB, bicubic stretch to 32x128, batch of uint8 tensors): webdataset streams the shards in order
 through a 1000-sample shuffle buffer; ours reads one epoch in its training order (a fresh uniform permutation,
 each sample read by offset: the cost of the true shuffle) and, for reference, once in stored order (loop=False,
 as in evaluation). Each configuration is timed --reps times, alternating the readers, and the best pass is
@@ -13,6 +13,7 @@ kept (the machine may be shared). Needs `pip install webdataset` for the compari
 import argparse, os, shutil, tempfile, time
 from itertools import islice
 
+import numpy as np
 import torch
 
 import data
@@ -20,7 +21,7 @@ import data
 
 def time_pass(batches):
     t0, n = time.time(), 0
-    for x, y in batches:
+    for x, y, *_ in batches:
         n += len(y)
     return n, time.time() - t0
 
@@ -44,7 +45,7 @@ def theirs(shard_dir, workers, batch):
 
     def collate(samples):
         samples = [s for s in samples if s[1] is not None]
-        return data.to_tensor([a for a, _ in samples]), [t for _, t in samples]
+        return torch.from_numpy(np.stack([a for a, _ in samples])), [t for _, t in samples]
     urls = [p for p, _ in data.find_shards(shard_dir)]
     ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).shuffle(1000)
           .to_tuple('jpg;png', 'txt').map(decode).batched(batch, collation_fn=collate))

@@ -22,7 +22,8 @@ only for the 36/94-char settings, characters outside the charset removed; empty 
 tokens are skipped and counted, never cut); undecodable images are counted when read and replaced by another of
 the batch (loop=True) or left out (loop=False, evaluation). Not here: on-the-fly rendering during training.
 """
-import argparse, base64, contextlib, functools, glob, io, json, os, random, sys, tarfile, time, unicodedata
+import argparse, base64, contextlib, fcntl, fnmatch, functools, glob, hashlib, io, json, math, os, random, sys, tarfile, time
+import unicodedata, zlib
 from collections import Counter
 from itertools import count
 from multiprocessing import Pool
@@ -37,7 +38,7 @@ CHARSET36 = '0123456789abcdefghijklmnopqrstuvwxyz'
 CHARSET94 = CHARSET36 + 'ABCDEFGHIJKLMNOPQRSTUVWXYZ' + '!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~'  # PARSeq's order
 IMAGE_EXTS = ('png', 'jpg', 'jpeg', 'webp', 'bmp')
 MIX_CHUNK = 4096  # positions over which weighted sources take exactly their share
-MAX_WORKERS = 64  # bad-image counters shared with the DataLoader workers
+MAX_OPEN_FILES = 64  # shard files each reading process keeps open
 
 
 def cpu_count():
@@ -95,6 +96,17 @@ def _tar_header(name, size):
     return bytes(h)
 
 
+def _stamp(path):
+    """(size, mtime in ns): a shard rewritten after its sidecar or cache was made no longer matches them."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _write_sidecar(path, samples):
+    stamp = _stamp(path)
+    write_json({'bytes': stamp[0], 'mtime_ns': stamp[1], 'samples': samples}, path + '.idx')
+
+
 class ShardWriter:
     """Writes samples into OUT/PREFIX-NNNNNN.tar shards (+ .idx sidecars) of at most shard_size samples /
     max_bytes bytes. Shards are written as .tmp and renamed when full: a crash never leaves a half shard."""
@@ -113,18 +125,18 @@ class ShardWriter:
         if self.f is None:
             self.path = os.path.join(self.out_dir, f'{self.prefix}-{self.index:06d}.tar')
             self.f, self.samples, self.index = open(self.path + '.tmp', 'wb'), [], self.index + 1
-        row = [label]
-        for data, e in ((image_bytes, ext), (label.encode('utf-8'), 'txt')):
-            self.f.write(_tar_header(f'{key}.{e}', len(data)))
-            row += [self.f.tell(), len(data)]
-            self.f.write(data + bytes(-len(data) % 512))  # data fills whole 512-byte blocks
-        self.samples.append(row)
+        header = _tar_header(f'{key}.{ext}', len(image_bytes))
+        self.samples.append([label, self.f.tell() + 512, len(image_bytes), zlib.crc32(header)])
+        label_bytes = label.encode('utf-8')
+        self.f.write(header + image_bytes + bytes(-len(image_bytes) % 512)  # data fills whole 512-byte blocks
+                     + _tar_header(f'{key}.txt', len(label_bytes)) + label_bytes + bytes(-len(label_bytes) % 512))
         self.charset.update(label)
 
     def _finish(self):
         self.f.write(bytes(1024))  # end-of-archive: two zero blocks
         self.f.close()
-        write_json({'bytes': os.path.getsize(self.path + '.tmp'), 'samples': self.samples}, self.path + '.idx')
+        _write_sidecar(self.path + '.tmp', self.samples)  # the rename keeps the size and mtime it records
+        os.replace(self.path + '.tmp.idx', self.path + '.idx')
         os.replace(self.path + '.tmp', self.path)
         self.shards[os.path.basename(self.path)] = len(self.samples)
         self.f = None
@@ -136,11 +148,11 @@ class ShardWriter:
 
 
 def scan_tar(path):
-    """A shard's samples in order, read with tarfile: [[label or None, image offset or None, image size, label
-    offset, label size]]. A truncated or corrupt tar gives the complete samples before the damage."""
+    """A shard's samples in order, read with tarfile: [[label or None, image offset or None, image size, CRC-32
+    of the image's 512-byte tar header]]. A truncated or corrupt tar gives the complete samples before the damage."""
     samples, key, size = [], None, os.path.getsize(path)
     try:
-        with tarfile.open(path, 'r:') as tf:
+        with tarfile.open(path, 'r:') as tf, open(path, 'rb') as raw:
             for m in tf:
                 if m.offset_data + m.size > size:
                     raise EOFError('truncated tar')
@@ -149,14 +161,14 @@ def scan_tar(path):
                 folder, _, base = m.name.rpartition('/')
                 stem, _, ext = base.partition('.')  # WebDataset: the extension starts at the first dot
                 if (folder, stem) != key:  # a sample ends when the key changes
-                    samples.append([None, None, 0, None, 0])
+                    samples.append([None, None, 0, 0])
                     key = folder, stem
                 ext = ext.lower()
                 if ext == 'txt':
                     samples[-1][0] = tf.extractfile(m).read().decode('utf-8', 'replace')
-                    samples[-1][3:] = m.offset_data, m.size
                 elif ext in IMAGE_EXTS and samples[-1][1] is None:
-                    samples[-1][1:3] = m.offset_data, m.size
+                    raw.seek(m.offset_data - 512)  # the member's own header (after any long-name headers)
+                    samples[-1][1:] = m.offset_data, m.size, zlib.crc32(raw.read(512))
     except (tarfile.TarError, EOFError, OSError):
         if samples and None in samples[-1][:2]:
             samples.pop()  # the sample the damage cut
@@ -164,14 +176,15 @@ def scan_tar(path):
 
 
 def shard_index(path):
-    """scan_tar(path) from the sidecar PATH.idx, or by scanning (then saved as the sidecar where writable)."""
+    """scan_tar(path) from the sidecar PATH.idx, or by scanning when there is none or the shard changed after it
+    was written (then saved as the sidecar where writable)."""
     with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged one
         idx = json.loads(Path(path + '.idx').read_text())
-        if idx['bytes'] == os.path.getsize(path):  # else the tar changed after its sidecar was written
+        if [idx['bytes'], idx['mtime_ns']] == _stamp(path):
             return idx['samples']
     samples = scan_tar(path)
     with contextlib.suppress(OSError):  # a read-only data folder: scan again next time
-        write_json({'bytes': os.path.getsize(path), 'samples': samples}, path + '.idx')
+        _write_sidecar(path, samples)
     return samples
 
 
@@ -189,7 +202,8 @@ def _read_index(pattern):
 
 
 def find_shards(pattern):
-    """A dir or glob -> sorted [(path, count)], counts from each folder's index.json (or the shard's index)."""
+    """A dir or glob -> sorted [(path, count)], counts from each folder's index.json (or the shard's index).
+    A shard that an index.json lists but that is not there is an error naming it."""
     paths = sorted(glob.glob(os.path.join(pattern, '*.tar') if os.path.isdir(pattern) else pattern))
     if not paths:
         d = pattern if not glob.has_magic(pattern) else os.path.dirname(pattern) or 'DIR'
@@ -197,6 +211,12 @@ def find_shards(pattern):
             f'no shards match {pattern!r}: make some with `python data.py synth {d} --n 100000`, '
             f'`python data.py import-lmdb LMDB_DIR {d}` or `python data.py import-folder LABELS_FILE {d}`')
     indexes = {d: _read_index(d) for d in {os.path.dirname(p) for p in paths}}
+    for folder, index in indexes.items():
+        listed = fnmatch.filter(index.get('shards', {}), os.path.basename(pattern) if glob.has_magic(pattern) else '*')
+        missing = sorted(set(listed) - {os.path.basename(p) for p in paths if os.path.dirname(p) == folder})
+        if missing:
+            raise FileNotFoundError(f'{folder}/index.json lists {len(missing)} shard(s) that are not there: '
+                                    f'{", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}')
     counts = [indexes[os.path.dirname(p)].get('shards', {}).get(os.path.basename(p)) for p in paths]
     return [(p, len(shard_index(p)) if n is None else n) for p, n in zip(paths, counts)]
 
@@ -209,6 +229,88 @@ def parse_sources(spec):
         ok = path and w.replace('.', '', 1).isdigit()
         out.append((path, float(w)) if ok else (part, 1.0))
     return out
+
+# ----------------------------------------------------------------------------- the usable-sample index
+
+# One row per usable sample: shard number, image offset and size, CRC-32 of its tar header, cleaned label's place.
+ROW = np.dtype([('shard', '<i4'), ('offset', '<i8'), ('size', '<i4'), ('crc', '<u4'), ('label', '<i8'),
+                ('label_len', '<i4')])
+
+
+def usable_index(pattern, settings, clean):
+    """A source's shard paths and the base path of its usable-sample index: BASE.rows.npy (ROW), BASE.labels.npy
+    (the cleaned labels' UTF-8 bytes) and BASE.json (counts, drops). Built once per shard set (paths, sizes, mtimes)
+    and `settings` (what `clean` depends on) beside the shards, or in $OCRSCALE_CACHE (~/.cache/ocrscale) when
+    their folder is read-only; the first process builds it under a file lock, the others wait and reuse it."""
+    shards = find_shards(pattern)
+    paths = [os.path.abspath(p) for p, _ in shards]
+    key = json.dumps([settings, [[p, n, *_stamp(p)] for p, (_, n) in zip(paths, shards)]])
+    folder = os.path.dirname(paths[0])
+    if not os.access(folder, os.W_OK):
+        folder = os.environ.get('OCRSCALE_CACHE', os.path.expanduser('~/.cache/ocrscale'))
+        os.makedirs(folder, exist_ok=True)
+    base = os.path.join(folder, '.usable-' + hashlib.sha1(key.encode()).hexdigest()[:16])
+    if not os.path.exists(base + '.json'):
+        with open(base + '.lock', 'a') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or by the OS if this process dies
+            if not os.path.exists(base + '.json'):
+                _build_usable_index(base, shards, clean)
+    return paths, base, json.loads(Path(base + '.json').read_text())
+
+
+def _build_usable_index(base, shards, clean):
+    tables, labels, drops, cleaned, n_bytes = [], [], Counter(), {}, 0
+    for s, (path, listed) in enumerate(shards):
+        samples = shard_index(path)
+        drops['truncated_tar'] += max(0, listed - len(samples))
+        rows = []
+        for label, offset, size, crc in samples:
+            if label not in cleaned:  # computed once per distinct raw label
+                cleaned[label] = (None, 'missing_label') if label is None else clean(label)
+            text, reason = cleaned[label]
+            if reason or offset is None:
+                drops[reason or 'missing_image'] += 1
+                continue
+            encoded = text.encode('utf-8')
+            rows.append((s, offset, size, crc, n_bytes, len(encoded)))
+            labels.append(encoded)
+            n_bytes += len(encoded)
+        tables.append(np.array(rows, dtype=ROW))
+    rows = np.concatenate(tables)
+    for suffix, array in (('.rows.npy', rows), ('.labels.npy', np.frombuffer(b''.join(labels) or b'\0', np.uint8))):
+        with open(base + suffix + '.tmp', 'wb') as f:
+            np.save(f, array)
+        os.replace(base + suffix + '.tmp', base + suffix)
+    write_json({'samples': len(rows), 'drops': {k: v for k, v in drops.items() if v}}, base + '.json')  # written last
+
+
+def largest_remainder(total, weights):
+    """Integers proportional to weights that add up to total exactly (Hamilton's method)."""
+    exact = total * np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    out = np.floor(exact).astype(np.int64)
+    out[np.argsort(out - exact, kind='stable')[:total - out.sum()]] += 1
+    return out
+
+
+def permute(x, n, key):
+    """A keyed bijection of [0, n) applied to the integers x: a 4-round Feistel network on the smallest even number
+    of bits covering n, walked round its cycles until it lands back in [0, n). A permutation of 24M positions in
+    O(1) memory, the same in every process; key: a tuple of non-negative integers."""
+    half = max(1, (int(n) - 1).bit_length() + 1 >> 1)
+    mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
+    keys = np.random.SeedSequence([int(k) for k in key]).generate_state(4, np.uint64)
+    x = np.array(x, dtype=np.uint64)
+    todo = np.arange(len(x))
+    while len(todo):
+        left, right = x[todo] >> shift, x[todo] & mask
+        for k in keys:
+            z = (right ^ k) * np.uint64(0xbf58476d1ce4e5b9)  # splitmix64's finaliser as the round function
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94d049bb133111eb)
+            left, right = right, left ^ ((z ^ (z >> np.uint64(31))) & mask)
+        x[todo] = (left << shift) | right
+        todo = todo[x[todo] >= n]
+    return x.astype(np.int64)
+
 
 # ----------------------------------------------------------------------------- decoding
 
@@ -240,21 +342,35 @@ def decode_image(data, img_h, img_w, rng=None):
     return np.asarray(img.resize((img_w, img_h), Image.BICUBIC))
 
 
-def to_tensor(arrays):
-    """list of uint8 (H, W, 3) -> FloatTensor (B, 3, H, W) in [-1, 1]."""
-    x = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32)  # numpy: no thread-pool start-up per batch
-    return torch.from_numpy(x * np.float32(1 / 127.5) - np.float32(1.0))
+def normalize(images):
+    """uint8 (B, H, W, 3), as batches leave the loader (4x smaller than float32) -> float (B, 3, H, W) in [-1, 1],
+    on the images' device."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 # ----------------------------------------------------------------------------- the reader
+
+class DataError(RuntimeError):
+    """Data that cannot be trained on; the message is one line for the user."""
+
 
 def _worker_init(_):
     torch.set_num_threads(1)  # the workers decode with PIL; torch threads would only fight over the cores
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Per-rank batches (images (B,3,H,W) in [-1,1], labels) from one or more weighted shard sets (see top).
-    samples: a D cap, drawn uniformly from each source's usable images in proportion to the weights (the
-    first of a permutation seeded by data_seed, so smaller caps are subsets of larger ones)."""
+    """Per-rank batches (uint8 images (B, H, W, 3), labels, unreadable samples skipped) from weighted shard sets.
+
+    The order is a function of the global sample position p and the seed only. Micro-batch j of rank r holds
+    positions start + (j * world_size + r) * batch_size + [0, batch_size), so optimizer step k trains positions
+    [k * global_batch, (k + 1) * global_batch) on any number of processes x workers x micro-batches, and resuming
+    needs only p. Position p is the next draw of one source: each MIX_CHUNK positions hold each source's share by
+    weight (largest remainder, slots shuffled by a keyed permutation). Draw k of source s reads sample k mod n_s of
+    its epoch k // n_s, a fresh keyed permutation of its n_s images: an epoch of a source covers each of its images
+    once; a source weighted above its share of D is simply repeated sooner.
+    samples: a D cap, exactly D images split over the sources by weight (largest remainder), each source's share a
+    uniform subset (the first images of a permutation keyed by data_seed, so smaller caps are subsets of larger).
+    Samples are read by offset, one positioned read each; a sample whose tar header no longer matches the index or
+    whose image does not decode is skipped and counted (batches may be smaller; the loss is token-weighted)."""
 
     def __init__(self, sources, img_h, img_w, batch_size, charset, max_len=25, rank=0, world_size=1, seed=0,
                  samples=None, augment=False, loop=True, fold=True, tokenizer=None, data_seed=0):
@@ -266,165 +382,159 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.img_h, self.img_w, self.batch_size, self.charset, self.fold = img_h, img_w, batch_size, charset, fold
         self.max_len = max_len if tokenizer is None else min(max_len, tokenizer.max_len)
         self.rank, self.world_size, self.seed, self.augment, self.loop = rank, world_size, seed, augment, loop
-        self.names = [s for s, _ in sources]
-        w = np.array([w for _, w in sources], dtype=np.float64)
-        self.weights = w / w.sum()
-        self.paths, self.tables, self._build_drops = [], [], Counter()
-        for s, (pattern, _) in enumerate(sources):
-            rows = self._usable_rows(pattern, tokenizer)
-            want = len(rows) if samples is None else int(round(samples * self.weights[s]))
-            if len(rows) == 0:
-                raise ValueError(f'no usable sample in {pattern} (drops: {dict(self._build_drops)}): check the '
+        self.tokenizer, self.data_seed, self.names = tokenizer, data_seed, [s for s, _ in sources]
+        settings = dict(charset=charset, fold=fold, max_len=self.max_len,
+                        tokenizer=hashlib.sha1(json.dumps(tokenizer.spec).encode()).hexdigest() if tokenizer else None)
+        self.paths, self.bases, self.usable, self.drops = [], [], [], Counter()
+        for pattern, _ in sources:
+            paths, base, meta = usable_index(pattern, settings, self._clean)
+            self.drops.update(meta['drops'])
+            if meta['samples'] == 0:
+                raise ValueError(f'no usable sample in {pattern} (drops: {meta["drops"]}): check the '
                                  f'charset (fold={fold}) and max_len={self.max_len}')
-            if not 0 < want <= len(rows):
-                raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, '
-                                 f'which holds only {len(rows)}')
-            keep = np.random.default_rng([data_seed, s]).permutation(len(rows))[:want]
-            self.tables.append(rows[np.sort(keep)])
-        self.num_samples = sum(len(t) for t in self.tables)
-        self._all = None if loop else np.concatenate(self.tables)  # read once, in stored order
-        self._base = self._batches = self._start = 0  # position of batch 0, batches handed out, first to hand out
-        self._workers = 1  # the num_workers those batches were handed out with
-        self._bad_images = torch.zeros(MAX_WORKERS, dtype=torch.int64).share_memory_()  # counts per worker
-        self._perms, self._chunk = {}, (None,)
-        quota = self.weights * MIX_CHUNK  # each chunk of positions holds each source's share (largest remainder)
-        self._quota = np.floor(quota).astype(np.int64)
-        self._quota[np.argsort(self._quota - quota)[:MIX_CHUNK - self._quota.sum()]] += 1
+            self.paths.append(paths)
+            self.bases.append(base)
+            self.usable.append(meta['samples'])
+        self.drops = dict(self.drops)
+        weights = [w for _, w in sources]
+        self.sizes = list(self.usable) if samples is None else largest_remainder(samples, weights).tolist()
+        for pattern, want, have in zip(self.names, self.sizes, self.usable):
+            if not 0 < want <= have:
+                raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, which holds only {have}')
+        self.num_samples = sum(self.sizes)
+        self.quota = largest_remainder(MIX_CHUNK, weights)  # slots per MIX_CHUNK positions, per source
+        self.start = 0
+        self._tables, self._chunk = None, (None,)  # built in the process that reads: a worker is sent no table
 
-    def _usable_rows(self, pattern, tokenizer):
-        """(n, 5) int64 rows (shard number, image offset, size, label offset, size) of a source's usable samples;
-        the others are counted in self._build_drops by reason."""
-        rows, reasons = [], {}  # reasons: raw label -> drop reason or None, computed once per distinct label
-        for path, n in find_shards(pattern):
-            samples = shard_index(path)
-            self._build_drops['truncated_tar'] += max(0, n - len(samples))
-            for label, image, image_size, txt, txt_size in samples:
-                if label not in reasons:
-                    reasons[label] = 'missing_label' if label is None else self._label_problem(label, tokenizer)
-                reason = reasons[label] or ('missing_image' if image is None else None)
-                if reason:
-                    self._build_drops[reason] += 1
-                else:
-                    rows.append((len(self.paths), image, image_size, txt, txt_size))
-            self.paths.append(path)
-        return np.array(rows, dtype=np.int64).reshape(-1, 5)
+    def _clean(self, raw):
+        """(cleaned label, None) or (None, drop reason) under this stream's charset, folding and max_len."""
+        label, reason = clean_label(raw, self.charset, None if self.tokenizer else self.max_len, self.fold)
+        if label is not None and self.tokenizer is not None and len(self.tokenizer.ids(label)) > self.max_len:
+            return None, 'too_long'
+        return label, reason
 
-    def _label_problem(self, raw, tokenizer):
-        label, reason = clean_label(raw, self.charset, None if tokenizer else self.max_len, self.fold)
-        if label is not None and tokenizer is not None and len(tokenizer.ids(label)) > self.max_len:
-            return 'too_long'
-        return reason
+    def __getstate__(self):
+        return {**self.__dict__, '_tables': None, '_chunk': (None,)}
 
-    # --- state ---
-    @property
-    def drops(self):
-        """{reason: count}: label-level reasons counted once when built, 'bad_image' each time one is read."""
-        return dict(self._build_drops + Counter(bad_image=int(self._bad_images.sum())))  # + keeps counts > 0
-
-    def _samples_seen(self):
-        return self._base + self._batches * self.world_size * self.batch_size
-
-    def state_dict(self):
-        return {'base': self._base, 'batches': self._batches, 'samples': self._samples_seen(),
-                'num_workers': self._workers, 'world_size': self.world_size, 'batch_size': self.batch_size,
-                'seed': self.seed}
-
-    def load_state_dict(self, d):
-        """Continue after the batches of `d`; a different layout continues from its global sample position."""
-        self._base, self._batches = int(d.get('base', 0)), int(d['batches'])
-        self._start, self._workers = self._batches, int(d.get('num_workers', 1))
-        was = d.get('world_size', self.world_size), d.get('batch_size', self.batch_size), d.get('seed', self.seed)
-        samples = int(d.get('samples', self._base + self._batches * was[0] * was[1]))
-        if was != (self.world_size, self.batch_size, self.seed):
-            self._rebase(samples, '(world_size, batch_size, seed)', was, (self.world_size, self.batch_size, self.seed))
-
-    def _rebase(self, samples, what, was, now):
-        print(f'data.py: warning: stream state saved with {what} = {was}, resumed with {now}: continuing from '
-              f'global sample {samples:,}, not an exact continuation', file=sys.stderr)
-        self._base, self._batches, self._start = samples, 0, 0
-
-    def loader(self, num_workers=0, pin_memory=False):
-        """Iterator over this rank's batches; counts them so state_dict() can resume after the last one."""
-        W = max(1, num_workers)
-        if self._batches and W != self._workers:
-            self._rebase(self._samples_seen(), 'num_workers', self._workers, W)
-        self._workers, self._start = W, self._batches
+    def loader(self, num_workers=0, start=0, pin_memory=False):
+        """This rank's batches from global position `start` (the position after the last optimizer step)."""
+        self.start = start
         # its own generator: a DataLoader draws a base seed, which would shift the global RNG on resume
         dl = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                          worker_init_fn=_worker_init if num_workers else None,
                                          generator=torch.Generator())
         for batch in dl:
-            self._batches += 1
+            if isinstance(batch, str):  # a worker's one-line error
+                raise DataError(batch)
             yield batch
 
     # --- the order ---
-    def _perm(self, s, epoch):
-        """Source s's sample order in an epoch (the last one is kept)."""
-        if self._perms.get(s, (None,))[0] != epoch:
-            self._perms[s] = epoch, np.random.default_rng([self.seed, s, epoch]).permutation(len(self.tables[s]))
-        return self._perms[s][1]
+    def _locate(self, positions):
+        """(source, row of its usable-sample index) of each global position."""
+        if not self.loop:  # evaluation: every image once, sources one after another in stored order
+            ends = np.cumsum(self.sizes)
+            src = np.searchsorted(ends, positions, side='right')
+            return self._capped(src, positions - (ends - self.sizes)[src])
+        chunk, slot = np.divmod(positions, MIX_CHUNK)
+        src, draw = np.empty_like(positions), np.empty_like(positions)
+        for c in np.unique(chunk).tolist():
+            at = chunk == c
+            src[at], draw[at] = (a[slot[at]] for a in self._mix_chunk(c))
+        epoch, i = np.divmod(draw, np.asarray(self.sizes)[src])
+        for s, e in set(zip(src.tolist(), epoch.tolist())):
+            at = (src == s) & (epoch == e)
+            i[at] = permute(i[at], self.sizes[s], (self.seed, 2, s, e))
+        return self._capped(src, i)
 
     def _mix_chunk(self, c):
-        """Source of each global position of chunk c (the sources' quotas, shuffled) and its draw number there."""
+        """Source and draw number of each of the MIX_CHUNK positions of chunk c: the sources' quotas in a keyed
+        order; a source's draws follow its positions, so its epochs are consecutive runs of its draws."""
         if self._chunk[0] != c:
-            sources = np.repeat(np.arange(len(self.tables)), self._quota)
-            src, k = np.random.default_rng([self.seed, 99, c]).permutation(sources), np.empty(MIX_CHUNK, np.int64)
-            for s, q in enumerate(self._quota):
-                k[src == s] = c * q + np.arange(q)
-            self._chunk = c, src.tolist(), k.tolist()
+            src = np.searchsorted(np.cumsum(self.quota), permute(np.arange(MIX_CHUNK), MIX_CHUNK, (self.seed, 1, c)),
+                                  side='right')
+            draw = np.empty(MIX_CHUNK, np.int64)
+            for s, q in enumerate(self.quota.tolist()):
+                draw[src == s] = c * q + np.arange(q)
+            self._chunk = c, src, draw
         return self._chunk[1:]
 
-    def _rows(self, first, n):
-        """Table rows of the samples at global positions first..first+n-1."""
-        if not self.loop:
-            return self._all[first:first + n]
-        rows = []
-        for p in range(first, first + n):
-            src, draws = self._mix_chunk(p // MIX_CHUNK)
-            s, k = src[p % MIX_CHUNK], draws[p % MIX_CHUNK]
-            epoch, i = divmod(k, len(self.tables[s]))
-            rows.append(self.tables[s][self._perm(s, epoch)[i]])
-        return rows
+    def _capped(self, src, i):
+        """(source, image number in its D subset) -> (source, row of the source's usable-sample index)."""
+        for s in np.unique(src).tolist():
+            if self.sizes[s] < self.usable[s]:
+                at = src == s
+                i[at] = permute(i[at], self.usable[s], (self.data_seed, 3, s))
+        return src, i
 
-    # --- the stream ---
-    def _read_batch(self, rows, rng):
-        """[(image array, label)] of table rows, leaving out (and counting) images that do not decode."""
-        files, out = {}, []
-        for shard, image, image_size, txt, txt_size in (row.tolist() for row in rows):
-            f = files.get(shard) or files.setdefault(shard, open(self.paths[shard], 'rb'))
-            f.seek(txt)
-            label = clean_label(f.read(txt_size).decode('utf-8', 'replace'), self.charset, None, self.fold)[0]
-            f.seek(image)
-            try:
-                out.append((decode_image(f.read(image_size), self.img_h, self.img_w, rng), label))
-            except Exception:  # PIL raises many types on corrupt or truncated bytes
-                self._bad_images[self._worker % MAX_WORKERS] += 1
-                print(f'data.py: warning: an undecodable image in {self.paths[shard]} was skipped (counted)',
-                      file=sys.stderr)
-        for f in files.values():
-            f.close()
-        return out
+    # --- reading ---
+    def _open(self):
+        self._tables = [(np.load(b + '.rows.npy', mmap_mode='r'), np.load(b + '.labels.npy', mmap_mode='r'))
+                        for b in self.bases]
+        self._files = {}  # (source, shard) -> descriptor, at most MAX_OPEN_FILES
+        self._reads, self._bad = [0] * len(self.bases), [0] * len(self.bases)  # over the first 1,000 reads
+        self._warned_at, self._unreported = -math.inf, 0
+
+    def _read(self, s, i, rng):
+        """(image array, label) of row i of source s, or the reason it cannot be used."""
+        row = self._tables[s][0][i]
+        shard, offset, size = int(row['shard']), int(row['offset']), int(row['size'])
+        try:
+            fd = self._files.get((s, shard))
+            if fd is None:
+                if len(self._files) >= MAX_OPEN_FILES:
+                    os.close(self._files.pop(next(iter(self._files))))
+                fd = self._files[s, shard] = os.open(self.paths[s][shard], os.O_RDONLY)
+            data = os.pread(fd, 512 + size, offset - 512)  # the member's tar header and its image: one read
+        except OSError as e:
+            return f'{self.paths[s][shard]}: {e.strerror}'
+        if len(data) != 512 + size or zlib.crc32(data[:512]) != row['crc']:
+            return f'{self.paths[s][shard]} changed after it was indexed (re-run to re-index it)'
+        try:
+            image = decode_image(data[512:], self.img_h, self.img_w, rng)
+        except Exception:  # PIL raises many types on corrupt or truncated bytes
+            return f'an undecodable image in {self.paths[s][shard]}'
+        start = int(row['label'])
+        return image, bytes(self._tables[s][1][start:start + int(row['label_len'])]).decode('utf-8')
+
+    def _skip(self, s, reason):
+        """Count an unusable sample; a line per minute at most. Returns a one-line error for a mostly bad source."""
+        self._unreported += 1
+        if time.monotonic() - self._warned_at >= 60:
+            print(f'data.py: warning: {self._unreported} unreadable sample(s) skipped and counted (latest: {reason})',
+                  file=sys.stderr)
+            self._warned_at, self._unreported = time.monotonic(), 0
+        if self._reads[s] <= 1000:
+            self._bad[s] += 1
+            if self._bad[s] > 500:
+                return f'{self.names[s]}: over half of the first 1,000 samples read are unreadable (latest: {reason})'
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        i, W = (info.id, info.num_workers) if info else (0, 1)
-        G, B, self._worker = self.world_size * W, self.batch_size, i
-        last, dry = None, 0
-        for t in count(self._start + i, W):  # this worker's batches (the DataLoader asks workers in turn)
-            first = self._base + ((t // W) * G + self.rank * W + t % W) * B  # the global batch's first sample
+        worker, W = (info.id, info.num_workers) if info else (0, 1)
+        if self._tables is None:
+            self._open()
+        B = self.batch_size
+        for j in count(worker, W):  # this worker's micro-batches (the DataLoader asks workers in turn)
+            first = self.start + (j * self.world_size + self.rank) * B
             if not self.loop and first >= self.num_samples:
                 return
-            rng = random.Random(f'{self.seed}:{first}') if self.augment else None  # the same in any layout
-            good = self._read_batch(self._rows(first, B), rng)
-            if self.loop:  # keep batches full (positions = batches * B): refill drops from the batch
-                dry = 0 if good else dry + 1
-                if dry * B > self.num_samples + B:
-                    raise RuntimeError(f'no image of {", ".join(self.names)} decodes ({self.drops})')
-                kept = good or ([last] if last else [])
-                good = [kept[j % len(kept)] for j in range(B)] if kept else []
-            if good:
-                last = good[-1]
-                yield to_tensor([a for a, _ in good]), [y for _, y in good]
+            positions = np.arange(first, first + B if self.loop else min(first + B, self.num_samples))
+            images, labels, bad = [], [], 0
+            for p, s, i in zip(positions.tolist(), *(a.tolist() for a in self._locate(positions))):
+                self._reads[s] += 1
+                rng = random.Random(f'{self.seed}:{p}') if self.augment else None  # the same in any layout
+                got = self._read(s, i, rng)
+                if isinstance(got, str):
+                    bad += 1
+                    error = self._skip(s, got)
+                    if error:
+                        yield error
+                        return
+                else:
+                    images.append(got[0])
+                    labels.append(got[1])
+            stacked = np.stack(images) if images else np.zeros((0, self.img_h, self.img_w, 3), np.uint8)
+            yield torch.from_numpy(stacked), labels, bad
 
 # ----------------------------------------------------------------------------- tokenizers
 

@@ -29,6 +29,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -598,7 +599,8 @@ def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None):
                 arrays.append(data.decode_image(f.read(), net.cfg.img_h, net.cfg.img_w))
         except Exception as e:  # OSError and PIL's several kinds for files that are no image
             raise UsageError(f"argument images: cannot read {p} as an image: {e}") from None
-    ids, conf = net.decode(data.to_tensor(arrays), **{k: v for k, v in options.items() if v is not None})
+    images = data.normalize(torch.from_numpy(np.stack(arrays)))
+    ids, conf = net.decode(images, **{k: v for k, v in options.items() if v is not None})
     return list(zip(paths, tok.decode(ids), conf.tolist()))
 
 

@@ -9,8 +9,8 @@
 Writes runs/NAME/: config.json (arguments, N, D = usable images, drops, FLOPs convention), metrics.jsonl (a line per
 eval: samples seen, epochs, C, val loss and error), last.pt (every --save-every), best.pt, result.json (written last).
 A step's loss is its token losses summed over micro-batches and ranks / its token count: any split of a batch trains
-the same model. Re-running a command resumes it (exactly, or from the same data position under another process count
-or --workers); a finished run is not redone.
+the same model. Re-running a command resumes it exactly, also under another process count or --workers (the data
+order depends only on the global batch and the seed); a finished run is not redone.
 Not here: data preparation (data.py), fitting laws (fit.py), sweeps (ocrscale.py).
 """
 import argparse
@@ -197,8 +197,8 @@ def evaluate(net, tok, path, args, cfg, micro, rank, world, workers, device, aut
                                rank=rank, world_size=world, loop=False, fold=tok.fold, tokenizer=tok).loader(workers)
     net.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, tokens, correct, words, 1-NED sum
-    for images, labels in batches:
-        images, tokens = images.to(device), tok.encode(labels).to(device)
+    for images, labels, _ in batches:
+        images, tokens = data.normalize(images.to(device)), tok.encode(labels).to(device)
         with autocast:
             total, n = net.loss(images, tokens)
             ids, _ = net.decode(images, **dict(beam=args.beam, len_norm=args.beam_len_norm) if args.arch == "trocr"
@@ -233,18 +233,17 @@ def log_eval(row, eval_model, tok, cfg, args, eval_args, run_dir, best_error, ma
     return row, min(best_error, val["error"])
 
 
-def save_checkpoint(path, raw_model, optimizer, scaler, ema, prog, stream, cfg, tok, args, master):
-    """last.pt: the full state, with every rank's data-stream and RNG state (gathered: every rank calls this).
-    Only torch's global RNG drives training (dropout, PARSeq orders); the stream seeds its own."""
-    ranks = [dict(stream=stream.state_dict(), rng=[torch.get_rng_state(), *([torch.cuda.get_rng_state()] if
-                                                                             torch.cuda.is_available() else [])])]
+def save_checkpoint(path, raw_model, optimizer, scaler, ema, prog, cfg, tok, args, master):
+    """last.pt: the full state, with every rank's RNG state (gathered: every rank calls this). Only torch's global
+    RNG drives training (dropout, PARSeq orders); the data order is a function of prog.position and the seed."""
+    ranks = [[torch.get_rng_state(), *([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])]]
     if dist.is_initialized():
         ranks = ranks * dist.get_world_size()
         dist.all_gather_object(ranks, ranks[0])
     if master:
         atomic_save(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                          ema=ema.state_dict() if ema is not None else None, **vars(prog),
-                         stream=[r["stream"] for r in ranks], rng=[r["rng"] for r in ranks],
+                         rng=ranks,
                          model_config=dataclasses.asdict(cfg), tokenizer=tok.spec, args=vars(args)), path)
 
 
@@ -317,11 +316,13 @@ def main(argv=None):
     no_decay = [p for n, p in raw_model.named_parameters() if not (p.dim() >= 2 and "pos" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=tuple(float(b) for b in args.betas.split(",")), fused=use_cuda)
-    # where the run stands (saved in last.pt); loss_sum / tokens since the last eval = the next row's train loss
-    prog = types.SimpleNamespace(step=0, samples=0, flops=0.0, wall_s=0.0, bad_steps=0, best_error=math.inf, loss_sum=0.0, tokens=0.0)
+    # where the run stands (saved in last.pt); loss_sum / tokens since the last eval = the next row's train loss;
+    # position: the global sample position of the next step's data (skipped steps used theirs too)
+    prog = types.SimpleNamespace(step=0, samples=0, position=0, flops=0.0, wall_s=0.0, bad_steps=0, unreadable=0,
+                                 best_error=math.inf, loss_sum=0.0, tokens=0.0)
     ema = None
 
-    # --- resume: same run name. Any layout: the stream re-splits the global position (one warning line if changed)
+    # --- resume: same run name. Any layout continues the data exactly; only another global batch or seed does not
     if os.path.exists(last_path):
         try:
             ckpt = torch.load(last_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
@@ -334,7 +335,10 @@ def main(argv=None):
             ema = copy.deepcopy(raw_model)
             ema.load_state_dict(ckpt["ema"])
         prog = types.SimpleNamespace(**{k: ckpt[k] for k in vars(prog)})
-        stream.load_state_dict(ckpt["stream"][rank % len(ckpt["stream"])])  # every rank's state holds the position
+        was = {k: ckpt["args"][k] for k in ("batch", "seed")}
+        if master and was != {"batch": args.batch, "seed": args.seed}:
+            print(f"train.py: warning: {last_path} was saved with {was}, resumed with --batch {args.batch} --seed "
+                  f"{args.seed}: the data continues from sample {prog.position:,} in another order", file=sys.stderr)
         if len(ckpt["rng"]) == world:
             torch.set_rng_state(ckpt["rng"][rank][0])
             if use_cuda and ckpt["rng"][rank][1:]:  # this process's GPU
@@ -360,7 +364,7 @@ def main(argv=None):
     eval_args = (micro, rank, world, workers, device, autocast)
 
     # --- the loop
-    batches = iter(stream.loader(workers, pin_memory=use_cuda))
+    batches = iter(stream.loader(workers, start=prog.position, pin_memory=use_cuda))
     bar = tqdm(total=total_steps * args.batch, initial=prog.samples, unit="img", desc=name, disable=not master or args.quiet,
                dynamic_ncols=True, position=args.bar_position, leave=True)
     wall_start, started, last_save = prog.wall_s, time.time(), time.time()
@@ -373,14 +377,15 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         save_vote = master and save_minutes is not None and time.time() - last_save >= 60 * save_minutes
-        stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, tokens, FLOPs, save vote
+        stats = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, tokens, FLOPs, save vote, unreadable
         stats[3] = save_vote  # a fill, not a host-to-device copy that would wait for the last step's kernels
         for micro_step in range(accum):
             t0 = time.time()
-            images, labels = next(batches)
+            images, labels, unreadable = next(batches)  # unreadable samples were left out: a batch may be smaller
             window["wait"] += time.time() - t0
             tokens = tok.encode(labels, length=cfg.max_len if args.compile else None)  # compile: one static shape
-            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            images, tokens = data.normalize(images.to(device, non_blocking=True)), tokens.to(device, non_blocking=True)
+            stats[4] += unreadable
             if world > 1:  # sync gradients only on the last micro-step
                 net.require_backward_grad_sync = micro_step == accum - 1
             with autocast:
@@ -394,8 +399,10 @@ def main(argv=None):
         scaler.unscale_(optimizer)
         torch._foreach_mul_([p.grad for p in raw_model.parameters() if p.grad is not None], (world * args.batch / stats[1]).float())
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip or math.inf)
-        loss_sum, step_tokens, step_flops, save_vote, grad_norm = torch.cat([stats, grad_norm.double().view(1)]).tolist()
+        loss_sum, step_tokens, step_flops, save_vote, unreadable, grad_norm = torch.cat([stats, grad_norm.double().view(1)]).tolist()
         prog.flops += step_flops
+        prog.position += args.batch
+        prog.unreadable += int(unreadable)
         window["flops"] += step_flops
         # Loss and gradients are the same on every rank, so all ranks skip together. With fp16 the scaler
         # itself skips steps with inf gradients (and lowers its scale): those are not bad steps.
@@ -429,15 +436,15 @@ def main(argv=None):
             row = dict(step=prog.step, samples=prog.samples, epochs=prog.samples / D, flops=prog.flops, wall_s=round(prog.wall_s, 2),
                        gpu_hours=prog.wall_s * world / 3600 if use_cuda else None, lr=lr, train_loss=prog.loss_sum / prog.tokens,
                        samples_per_s=window["samples"] / elapsed, data_wait=window["wait"] / elapsed,
-                       mfu=window["flops"] / elapsed / (peak * world) if peak else None, final=final)
+                       mfu=window["flops"] / elapsed / (peak * world) if peak else None, unreadable=prog.unreadable, final=final)
             row, prog.best_error = log_eval(row, ema or raw_model, tok, cfg, args, eval_args, run_dir, prog.best_error, master)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", img_s=f"{row['samples_per_s']:.0f}", val_err=f"{row['val_error']:.1f}%")
             window, prog.loss_sum, prog.tokens = dict(start=time.time(), wait=0.0, samples=0, flops=0.0), 0.0, 0.0
         if save_vote or final or save_samples and prog.samples // save_samples > (prog.samples - args.batch) // save_samples:
-            save_checkpoint(last_path, raw_model, optimizer, scaler, ema, prog, stream, cfg, tok, args, master)
+            save_checkpoint(last_path, raw_model, optimizer, scaler, ema, prog, cfg, tok, args, master)
             last_save = time.time()
     bar.close()
-    result = dict(name=name, N=total, D=D, C=prog.flops, epochs=prog.samples / D, drops=stream.drops, **{k: row.get(k) for k in
+    result = dict(name=name, N=total, D=D, C=prog.flops, epochs=prog.samples / D, drops={k: v for k, v in dict(stream.drops, unreadable=prog.unreadable).items() if v}, **{k: row.get(k) for k in
                   ("step", "samples", "wall_s", "val_loss", "val_error", "val_ned", "tests", "test_error")})
     if master:
         atomic_save(json.dumps(result, indent=1).encode(), os.path.join(run_dir, "result.json"))
@@ -451,6 +458,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
+    except data.DataError as e:  # raised where a loader worker found the data unusable
+        sys.exit(f"train.py: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,5 +1,5 @@
 """Tests for data.py on tiny shards written to tmp dirs: python -m pytest tests/test_data.py -q"""
-import io, json, os, random, sys, tarfile, unicodedata
+import io, json, os, random, sys, tarfile, unicodedata, zlib
 from collections import Counter
 
 import numpy as np
@@ -36,7 +36,7 @@ def make_shards(d, sizes, prefix='x', start=0):
 
 
 def labels_of(batches):
-    return [t for _, y in batches for t in y]
+    return [t for _, y, _ in batches for t in y]
 
 
 def take(it, n):
@@ -49,10 +49,9 @@ def test_one_global_epoch_covers_the_data_whatever_the_layout(tmp_path):
     for rank in range(2):
         s = data.ShardStream(str(tmp_path), 8, 16, 5, data.CHARSET36, rank=rank, world_size=2, seed=3)
         seen.append(labels_of(take(s.loader(2), 30)))  # 30 batches x 5 x 2 ranks = 3 epochs
-    first_epoch = seen[0][:50] + seen[1][:50]
-    assert len(set(first_epoch)) >= 97
-    counts = Counter(seen[0] + seen[1])
-    assert len(counts) == 100 and set(counts.values()) <= {2, 3, 4}
+    for epoch in range(3):  # positions [100e, 100e + 100): rank 0 holds the even batches of 5, rank 1 the odd
+        assert len(set(seen[0][50 * epoch:50 * epoch + 50] + seen[1][50 * epoch:50 * epoch + 50])) == 100
+    assert seen[0][:50] != seen[0][50:100]  # a fresh order every epoch
 
 
 @pytest.mark.parametrize('sizes', [[10] * 7 + [3], [37]])
@@ -69,14 +68,14 @@ def test_a_set_smaller_than_the_groups_feeds_every_group(tmp_path):
     make_shards(tmp_path, [3])  # 3 samples, 2 ranks x 2 workers, batches of 2
     for rank in range(2):
         s = data.ShardStream(str(tmp_path), 8, 16, 2, data.CHARSET36, rank=rank, world_size=2)
-        assert [len(y) for _, y in take(s.loader(2), 3)] == [2, 2, 2]
+        assert [len(y) for _, y, _ in take(s.loader(2), 3)] == [2, 2, 2]
 
 
 def test_batches_mix_a_union_from_the_first_batch(tmp_path):
     make_shards(tmp_path, [250, 250], 'a')  # set A, then set B, in source order (the worst case)
     make_shards(tmp_path, [250, 250], 'b', start=2)
     s = data.ShardStream(str(tmp_path), 8, 16, 64, data.CHARSET36)
-    for _, y in take(iter(s), 8):
+    for _, y, _ in take(iter(s), 8):
         assert 0.15 <= sum(t[0] == 'a' for t in y) / 64 <= 0.85
 
 
@@ -105,52 +104,40 @@ def test_samples_cap_is_uniform_nested_and_proportional(tmp_path):
     assert set(labels_of(other)) != sets[1]
     with pytest.raises(ValueError, match='asks 201'):
         data.ShardStream(src, 8, 16, 4, data.CHARSET36, samples=402)
+    weighted = data.ShardStream([(src[0][0], 2), (src[1][0], 1)], 8, 16, 7, data.CHARSET36, samples=100)
+    assert weighted.sizes == [67, 33] and weighted.num_samples == 100
+    assert data.largest_remainder(10**6, [1, 1, 1]).tolist() == [333334, 333333, 333333]
 
 
-def test_one_proc_two_workers_equals_two_procs_one_worker(tmp_path):
-    make_shards(tmp_path, [20] * 3)
-    kw = dict(img_h=8, img_w=16, batch_size=4, charset=data.CHARSET36, seed=1)
-    a = take(data.ShardStream(str(tmp_path), world_size=1, **kw).loader(num_workers=2), 12)
-    ranks = [data.ShardStream(str(tmp_path), rank=r, world_size=2, **kw).loader(0) for r in range(2)]
-    b = [next(ranks[i % 2]) for i in range(12)]  # 1x2 alternates groups 0,1 like the two ranks together
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert ya == yb and torch.equal(xa, xb)
-
-
-def test_resume_yields_exactly_the_remaining_batches(tmp_path):
+def test_the_order_depends_on_the_global_position_only(tmp_path):
     make_shards(tmp_path / 'a', [15] * 3, 'a')
     make_shards(tmp_path / 'b', [11] * 2, 'b')
-    kw = dict(sources=[(str(tmp_path / 'a'), 2), (str(tmp_path / 'b'), 1)], img_h=8, img_w=16, batch_size=4,
-              charset=data.CHARSET36, seed=5, augment=True)
-    ref = take(data.ShardStream(**kw).loader(2), 20)  # > one epoch of each source
-    for stop in (5, 8):
-        s = data.ShardStream(**kw)
-        take(s.loader(2), stop)
-        r = data.ShardStream(**kw)
-        r.load_state_dict(json.loads(json.dumps(s.state_dict())))
-        rest = take(r.loader(2), 20 - stop)
-        assert labels_of(rest) == labels_of(ref[stop:])
-        assert all(torch.equal(x, xr) for (x, _), (xr, _) in zip(rest, ref[stop:]))
-        assert r.state_dict()['batches'] == 20
+    kw = dict(sources=[(str(tmp_path / 'a'), 2), (str(tmp_path / 'b'), 1)], img_h=8, img_w=16, charset=data.CHARSET36,
+              seed=5, augment=True)
+    ref = take(data.ShardStream(batch_size=12, **kw).loader(0), 10)  # 120 positions: > one epoch of each source
+    ref_labels, ref_images = labels_of(ref), torch.cat([x for x, _, _ in ref])
+    # 2 ranks x 3 workers x micro-batches of 2 (rank r's micro-batch j: positions (2j + r) * 2 + [0, 2)),
+    # resumed at position 36 (any integer).
+    ranks = [data.ShardStream(batch_size=2, rank=r, world_size=2, **kw).loader(3, start=36) for r in range(2)]
+    got = [next(ranks[j % 2]) for j in range(42)]
+    assert labels_of(got) == ref_labels[36:]
+    assert torch.equal(torch.cat([x for x, _, _ in got]), ref_images[36:])  # augmentation drawn per position
 
 
-def test_resume_with_another_layout_continues_from_the_position(tmp_path, capsys):
-    make_shards(tmp_path, [30] * 2)
-    kw = dict(img_h=8, img_w=16, charset=data.CHARSET36, seed=2)
-    ref = labels_of(take(data.ShardStream(str(tmp_path), batch_size=1, **kw).loader(0), 80))  # position order
-    s = data.ShardStream(str(tmp_path), batch_size=4, **kw)
-    take(s.loader(2), 5)  # 20 samples, saved with 2 workers
-    state = s.state_dict()
-    r = data.ShardStream(str(tmp_path), batch_size=6, **kw)  # another batch size, then another num_workers
-    r.load_state_dict(state)
-    assert labels_of(take(r.loader(1), 3)) == ref[20:38]
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
-    take(r.loader(2), 2)  # continues from the batches handed out under the new layout, one more warning
-    assert 'continuing from global sample 38' in capsys.readouterr().err
-    old = {'batches': 5, 'num_workers': 2, 'world_size': 1, 'seed': 2, 'batch_size': 4}  # an older state
-    r = data.ShardStream(str(tmp_path), batch_size=4, **kw)
-    r.load_state_dict(old)
-    assert labels_of(take(r.loader(2), 2)) == ref[20:28]
+def test_index_is_built_once_and_workers_get_no_tables(tmp_path, monkeypatch):
+    import pickle
+    make_shards(tmp_path, [500, 500])
+    s = data.ShardStream(str(tmp_path), 8, 16, 4, data.CHARSET36)
+    next(iter(s))
+    assert len(pickle.dumps(s)) < 5000  # what a spawned worker receives: paths and counts, no per-sample table
+    monkeypatch.setattr(data, 'shard_index', lambda path: pytest.fail('indexed again'))
+    again = data.ShardStream(str(tmp_path), 8, 16, 4, data.CHARSET36)
+    assert again.num_samples == 1000
+    reads, opens = [], []
+    monkeypatch.setattr(os, 'pread', lambda fd, n, off, pread=os.pread: reads.append(n) or pread(fd, n, off))
+    monkeypatch.setattr(os, 'open', lambda *a, open_=os.open, **k: opens.append(a[0]) or open_(*a, **k))
+    assert len(labels_of(take(again.loader(0), 100))) == 400
+    assert len(reads) == 400 and len(opens) == 2  # one read per sample, each shard opened once
 
 
 def test_drops_are_counted_and_D_is_usable_images(tmp_path):
@@ -172,10 +159,10 @@ def test_drops_are_counted_and_D_is_usable_images(tmp_path):
     s = data.ShardStream(str(tmp_path), 8, 16, 3, data.CHARSET36, loop=False)
     assert s.num_samples == 4 and s.drops == {'empty_label': 2, 'too_long': 1, 'missing_label': 1,
                                               'missing_image': 1}
-    assert sorted(labels_of(s)) == ['cafe', 'good1', 'good2']
-    assert s.drops['bad_image'] == 1
-    x, y = next(iter(data.ShardStream(str(tmp_path), 8, 16, 4, data.CHARSET36)))
-    assert x.shape == (4, 3, 8, 16) and len(y) == 4  # training batches stay full
+    batches = list(s)
+    assert sorted(labels_of(batches)) == ['cafe', 'good1', 'good2'] and sum(b for _, _, b in batches) == 1
+    x, y, bad = next(iter(data.ShardStream(str(tmp_path), 8, 16, 4, data.CHARSET36)))  # one epoch: 4 positions
+    assert x.shape == (3, 8, 16, 3) and x.dtype == torch.uint8 and len(y) == 3 and bad == 1  # skipped, counted
 
 
 def test_long_labels_are_skipped_never_cut(tmp_path):
@@ -233,7 +220,7 @@ def test_tarfile_archives_with_long_names(tmp_path):
         with tarfile.open(d / 'x.tar') as tf:  # the reference: tarfile's own reading
             want = [tf.extractfile(m).read().decode() for m in tf if m.name.endswith('.txt')]
         s = data.ShardStream(str(d), 8, 16, 8, data.CHARSET36, loop=False)
-        x, y = next(iter(s))
+        x, y, _ = next(iter(s))
         assert y == want and x.shape[0] == 5 and s.drops == {}
 
 
@@ -243,10 +230,10 @@ def test_shard_writer_headers_are_tarfiles(tmp_path):
         info.size = size
         assert data._tar_header(member, size) == info.tobuf(tarfile.USTAR_FORMAT)
     make_shards(tmp_path, [3])
-    with tarfile.open(tmp_path / 'shard-000000.tar') as tf:  # offsets in the sidecar = tarfile's
-        want = [(m.offset_data, m.size) for m in tf]
+    with tarfile.open(tmp_path / 'shard-000000.tar') as tf:  # offsets and headers in the sidecar = tarfile's
+        want = [(m.offset_data, m.size, zlib.crc32(m.tobuf(tarfile.USTAR_FORMAT))) for m in tf if m.name.endswith('png')]
     rows = data.shard_index(str(tmp_path / 'shard-000000.tar'))
-    assert [tuple(r[k:k + 2]) for r in rows for k in (1, 3)] == want
+    assert [tuple(r[1:]) for r in rows] == want and [r[0] for r in rows] == [name(i) for i in range(3)]
 
 
 def _dir(path):
@@ -290,14 +277,14 @@ def test_lmdb_round_trip_writes_a_mixed_order(tmp_path):
     got = {}
     for path, _ in data.find_shards(str(tmp_path / 'out')):
         with open(path, 'rb') as f:
-            for label, image, size, _, _ in data.shard_index(path):
+            for label, image, size, _ in data.shard_index(path):
                 f.seek(image)
                 got[label] = np.asarray(Image.open(io.BytesIO(f.read(size))))[0, 0]
     assert got == want
     s = data.ShardStream(str(tmp_path / 'out'), 6, 12, 200, data.CHARSET94, loop=False)
-    x, y = next(iter(s))
+    x, y, _ = next(iter(s))
     assert {'Hello', 'world', 'x9', 'Zz'} <= set(y) and len(y) == 126
-    assert torch.allclose(x[y.index('x9'), :, 0, 0], torch.full((3,), 1 / 127.5 - 1))
+    assert x[y.index('x9'), 0, 0].tolist() == [1, 1, 1]  # the image stored with it (grey level 1)
 
 
 def test_import_folder(tmp_path):
@@ -429,7 +416,55 @@ def test_non_latin_set_end_to_end(tmp_path):
     batches = list(s)
     y = labels_of(batches)
     assert s.num_samples == 20 and Counter(y) == Counter(w.lower() for w in words * 4)
-    assert batches[0][0].std() > 0.05  # the words were drawn
+    assert data.normalize(batches[0][0]).std() > 0.05  # the words were drawn
     decoded = tok.decode(tok.encode(y))
     assert decoded == y and data.score(decoded, y, fold=tok.fold)['error'] == 0
     assert data.score(['αθηνα'], ['αθήνα'], fold=False)['correct'] == 0
+
+
+def test_a_listed_shard_that_is_missing_is_named(tmp_path):
+    make_shards(tmp_path, [5, 5, 5])
+    os.remove(tmp_path / 'shard-000001.tar')
+    with pytest.raises(FileNotFoundError, match='lists 1 shard.*shard-000001.tar'):
+        data.ShardStream(str(tmp_path), 8, 16, 4, data.CHARSET36)
+
+
+def test_a_shard_rewritten_after_its_sidecar_is_indexed_again(tmp_path):
+    make_shards(tmp_path / 'a', [6, 6], 'x')
+    assert set(labels_of(data.ShardStream(str(tmp_path / 'a'), 8, 16, 4, data.CHARSET36, loop=False))) == {
+        name(i, 'x') for i in range(12)}
+    make_shards(tmp_path / 'b', [6], 'y')  # same keys, sizes and label lengths: only the labels differ
+    old, new = tmp_path / 'a' / 'shard-000000.tar', tmp_path / 'b' / 'shard-000000.tar'
+    assert old.stat().st_size == new.stat().st_size
+    old.write_bytes(new.read_bytes())  # the old sidecar stays beside it
+    labels = labels_of(data.ShardStream(str(tmp_path / 'a'), 8, 16, 4, data.CHARSET36, loop=False))
+    assert sorted(labels) == sorted([name(i, 'y') for i in range(6)] + [name(i, 'x') for i in range(6, 12)])
+
+
+def test_a_shard_changed_while_read_is_skipped_never_mislabelled(tmp_path):
+    make_shards(tmp_path, [8, 8, 8])
+    s = data.ShardStream(str(tmp_path), 8, 16, 5, data.CHARSET36, loop=False)  # indexed now
+    w = data.ShardWriter(str(tmp_path / 'other'))  # the same layout, other keys: only the tar headers tell
+    for i in range(8):
+        w.write(f'{i + 1000:09d}', png(i), 'png', name(i + 1000))
+    w.close()
+    (tmp_path / 'shard-000000.tar').write_bytes((tmp_path / 'other' / 'shard-000000.tar').read_bytes())
+    cut = tmp_path / 'shard-000001.tar'
+    cut.write_bytes(cut.read_bytes()[:4 * 2048 + 520])  # 2,048 bytes a sample: cut inside the fifth image
+    batches = list(s)
+    got = [pair for images, labels, _ in batches for pair in zip(images[:, 0, 0, 0].tolist(), labels)]
+    assert sorted(label for _, label in got) == sorted(name(i) for i in [*range(8, 12), *range(16, 24)])
+    assert all(name(grey) == label for grey, label in got)  # every label with its own image
+    assert sum(bad for _, _, bad in batches) == 8 + 4
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_a_mostly_unreadable_source_stops_with_one_line(tmp_path, capfd, workers):
+    w = data.ShardWriter(str(tmp_path))
+    for i in range(30):
+        w.write(f'{i:09d}', png() if i % 5 == 0 else b'\x89PNG\r\n\x1a\nbroken', 'png', name(i))
+    w.close()
+    with pytest.raises(data.DataError, match=r'^\S+: over half of the first 1,000 samples read are unreadable'):
+        for _ in data.ShardStream(str(tmp_path), 8, 16, 16, data.CHARSET36).loader(workers):
+            pass
+    assert len(capfd.readouterr().err.strip().splitlines()) == 1  # one warning line a minute, with its count

@@ -1,7 +1,9 @@
-"""train.py end to end on CPU: any batch split trains the same model, kill-and-resume (same and new layout),
+"""train.py end to end on CPU: any layout or a resume on another layout trains the same model, kill-and-resume,
 one C, D and drops, new-charset fine-tuning, checkpoint cadence and atomic writes, NaN handling."""
+import io
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -55,20 +57,38 @@ def relative_difference(a, b):
     return (diff / sum((a[k].double() ** 2).sum() for k in keys)).sqrt().item()
 
 
-def test_any_split_of_the_batch_trains_the_same_model(shards, tmp_path):
+class Killed(Exception):
+    pass
+
+
+def save_then_die(*args, **kwargs):
+    """train.save_checkpoint, then the process 'dies': a kill right after the checkpoint of step 4."""
+    REAL_SAVE_CHECKPOINT(*args, **kwargs)
+    raise Killed
+
+
+REAL_SAVE_CHECKPOINT = train.save_checkpoint
+
+
+def test_any_layout_or_resume_trains_the_same_model(shards, tmp_path, monkeypatch):
     # Labels of 2-4 digits: a mean of per-micro-batch means would weight short labels more when a batch is split.
-    common = ["--batch", "16", "--train-samples", "160", "--eval-every", "160"]
-    for name, micro in (("m16", "16"), ("m8", "8")):  # one loader group
-        train.main(base_args(shards, tmp_path, name, *common, "--micro-batch", micro, "--workers", "0"))
+    # Step k trains global positions [16k, 16k + 16) whatever the processes x workers x micro-batch.
+    common = ["--batch", "16", "--train-samples", "160", "--eval-every", "80"]
+    train.main(base_args(shards, tmp_path, "m16", *common, "--micro-batch", "16", "--workers", "0"))
+    train.main(base_args(shards, tmp_path, "m8", *common, "--micro-batch", "8", "--workers", "3"))
     assert json.load(open(tmp_path / "m8" / "config.json"))["accum"] == 2
-    assert relative_difference(weights(tmp_path / "m16"), weights(tmp_path / "m8")) < 1e-5
-    # Two loader groups: 1 process x 2 workers x micro 8 or micro 4, and 2 processes x 1 worker x micro 4.
-    for name, micro in (("g8", "8"), ("g4", "4")):
-        train.main(base_args(shards, tmp_path, name, *common, "--micro-batch", micro, "--workers", "2"))
-    subprocess.run(TORCHRUN + base_args(shards, tmp_path, "ddp4", *common, "--micro-batch", "4", "--workers", "1"),
+    subprocess.run(TORCHRUN + base_args(shards, tmp_path, "ddp", *common, "--micro-batch", "8", "--workers", "3"),
                    check=True, env=ENV, cwd=ROOT)
-    runs = [tmp_path / name for name in ("g8", "g4", "ddp4")]
-    assert json.load(open(runs[2] / "config.json"))["world_size"] == 2
+    assert json.load(open(tmp_path / "ddp" / "config.json"))["world_size"] == 2
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):  # one process, killed after step 4, then resumed on 2 processes x 3 workers
+        train.main(base_args(shards, tmp_path, "resumed", *common, "--micro-batch", "16", "--workers", "0",
+                             "--save-every", "64"))
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["step"] == 4
+    out = subprocess.run(TORCHRUN + base_args(shards, tmp_path, "resumed", *common, "--micro-batch", "8", "--workers", "3"),
+                         env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "1 -> 2 processes" in out.stdout and "warning" not in out.stderr, out.stderr[-3000:]
+    runs = [tmp_path / name for name in ("m16", "m8", "ddp", "resumed")]
     for run in runs[1:]:
         assert relative_difference(weights(runs[0]), weights(run)) < 1e-5, run
         for a, b in zip(metrics(runs[0]), metrics(run), strict=True):
@@ -103,12 +123,12 @@ def test_sigkill_then_resume_exactly_or_under_another_layout(shards, tmp_path):
     before = os.path.getmtime(killed / "result.json")  # re-running a finished run does not redo it
     train.main(base_args(shards, tmp_path, "killed", *common))
     assert os.path.getmtime(killed / "result.json") == before
-    # Two processes and another --workers: same global position, not the same data order; a warning, no traceback.
-    out = subprocess.run(TORCHRUN + base_args(shards, tmp_path, "moved", *common[:-1], "1"), env=ENV, cwd=ROOT,
-                         capture_output=True, text=True)
+    # Another seed (another data order from the same position): one warning line, no traceback.
+    out = subprocess.run(TORCHRUN + base_args(shards, tmp_path, "moved", *common[:-1], "1", "--seed", "1"), env=ENV,
+                         cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert "resuming at step" in out.stdout and "1 -> 2 processes" in out.stdout
-    assert "warning" in out.stderr
+    assert out.stderr.count("warning") == 1 and "another order" in out.stderr
     result = json.load(open(tmp_path / "moved" / "result.json"))
     assert result["step"] == 60 and result["samples"] == 960
     assert [r["step"] for r in metrics(tmp_path / "moved")] == [20, 40, 60]
@@ -247,6 +267,22 @@ def test_nan_losses_are_skipped_then_stop(shards, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="non-finite losses or gradients"):
         train.main(base_args(shards, tmp_path, "bad-grads", *args))
     assert not (tmp_path / "bad-grads" / "last.pt").exists()  # no step was taken, so nothing was saved
+
+
+def test_unreadable_images_are_skipped_and_counted_over_all_ranks(shards, tmp_path):
+    w = data.ShardWriter(str(tmp_path / "damaged"))
+    for i in range(40):  # 5 of 40 images do not decode: one epoch of 40 positions reads each of them once
+        buf = io.BytesIO(b"\x89PNG\r\n\x1a\nbroken")
+        if i % 8 != 3:
+            data.render_word(str(i), random.Random(i)).save(buf, "PNG")
+        w.write(f"{i:09d}", buf.getvalue(), "png", str(i))
+    data.write_index(str(tmp_path / "damaged"), w.close(), w.charset, "test", {})
+    args = base_args(shards, tmp_path, "damaged", "--batch", "8", "--train-samples", "40", "--workers", "1")
+    args[args.index("--train") + 1] = str(tmp_path / "damaged")
+    out = subprocess.run(TORCHRUN + args, env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    result = json.load(open(tmp_path / "damaged" / "result.json"))
+    assert result["D"] == 40 and result["drops"]["unreadable"] == 5 and metrics(tmp_path / "damaged")[-1]["unreadable"] == 5
 
 
 def test_lr_schedules():
