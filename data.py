@@ -8,22 +8,19 @@
     python data.py spm data/real --vocab 512                      # SentencePiece BPE -> data/real/spm512.model
 
 Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention), each with a sidecar SHARD.tar.idx
-(each sample's label and file offsets; shards made elsewhere are indexed once with tarfile), and DIR/index.json
-{"shards": {name: count}, "samples", "charset", "source", "drops"}. Importers write in a seeded random order.
+(each sample's label, image offset and size, and a CRC-32 of its tar header; shards made elsewhere are indexed once
+with tarfile), and DIR/index.json {"shards": {name: count}, "samples", "charset", "source", "drops"}. Importers
+write in a seeded random order.
 
-ShardStream does better than WebDataset's advice (shuffle when writing, reshuffle shards every epoch, interleave
-shards through a buffer): it reads samples by offset in a fresh uniform permutation per epoch (best on a local
-disk; bench_data.py measures the cost). Position p of the run (all ranks and workers) takes the next sample of a
-source's epoch permutation, each MIX_CHUNK positions holding each source's share by weight; batch b = positions
-[b*B, (b+1)*B) goes to group b % G (group = rank * num_workers + worker). So an epoch covers each sample once
-whatever the layout, batches mix all sources, and resuming needs only p.
-D (num_samples) counts usable images: labels are filtered when the stream is built (whitespace removed, NFKD->ASCII
-only for the 36/94-char settings, characters outside the charset removed; empty labels and labels over max_len
-tokens are skipped and counted, never cut); undecodable images are counted when read and replaced by another of
-the batch (loop=True) or left out (loop=False, evaluation). Not here: on-the-fly rendering during training.
+ShardStream reads samples by offset from a usable-sample index built once per shard set and label settings and
+memory-mapped by every process (labels filtered when it is built: whitespace removed, NFKD->ASCII only for the
+36/94-char settings, characters outside the charset removed; empty labels and labels over max_len tokens skipped
+and counted, never cut). D (num_samples) counts usable images. The order is a function of the global sample
+position and the seed (see ShardStream); unreadable samples are skipped and counted when read. Not here:
+on-the-fly rendering during training.
 """
-import argparse, base64, contextlib, fcntl, fnmatch, functools, glob, hashlib, io, json, math, os, random, sys, tarfile, time
-import unicodedata, zlib
+import argparse, base64, contextlib, fcntl, fnmatch, functools, glob, hashlib, http.client, io, json, math, os, random
+import resource, sys, tarfile, time, unicodedata, zlib
 from collections import Counter
 from itertools import count
 from multiprocessing import Pool
@@ -38,7 +35,7 @@ CHARSET36 = '0123456789abcdefghijklmnopqrstuvwxyz'
 CHARSET94 = CHARSET36 + 'ABCDEFGHIJKLMNOPQRSTUVWXYZ' + '!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~'  # PARSeq's order
 IMAGE_EXTS = ('png', 'jpg', 'jpeg', 'webp', 'bmp')
 MIX_CHUNK = 4096  # positions over which weighted sources take exactly their share
-MAX_OPEN_FILES = 64  # shard files each reading process keeps open
+REMOTE_BLOCK = 32  # consecutive samples a URL source reads with one request (~100-200 KB of word images)
 
 
 def cpu_count():
@@ -177,7 +174,13 @@ def scan_tar(path):
 
 def shard_index(path):
     """scan_tar(path) from the sidecar PATH.idx, or by scanning when there is none or the shard changed after it
-    was written (then saved as the sidecar where writable)."""
+    was written (then saved as the sidecar where writable). A remote shard's sidecar is taken as it is."""
+    if is_url(path):
+        try:
+            return json.loads(read_url(path + '.idx'))['samples']
+        except FileNotFoundError:
+            raise FileNotFoundError(f'{path}.idx is missing: read the shard set once from a local copy (python data.py '
+                                    'stats DIR writes the sidecars) and upload the .idx files with it') from None
     with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged one
         idx = json.loads(Path(path + '.idx').read_text())
         if [idx['bytes'], idx['mtime_ns']] == _stamp(path):
@@ -203,7 +206,11 @@ def _read_index(pattern):
 
 def find_shards(pattern):
     """A dir or glob -> sorted [(path, count)], counts from each folder's index.json (or the shard's index).
-    A shard that an index.json lists but that is not there is an error naming it."""
+    A shard that an index.json lists but that is not there is an error naming it. A URL names a shard-set folder:
+    its index.json lists the shards."""
+    if is_url(pattern):
+        index = json.loads(read_url(pattern.rstrip('/') + '/index.json'))
+        return [(f'{pattern.rstrip("/")}/{name}', n) for name, n in sorted(index['shards'].items())]
     paths = sorted(glob.glob(os.path.join(pattern, '*.tar') if os.path.isdir(pattern) else pattern))
     if not paths:
         d = pattern if not glob.has_magic(pattern) else os.path.dirname(pattern) or 'DIR'
@@ -219,6 +226,47 @@ def find_shards(pattern):
                                     f'{", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}')
     counts = [indexes[os.path.dirname(p)].get('shards', {}).get(os.path.basename(p)) for p in paths]
     return [(p, len(shard_index(p)) if n is None else n) for p, n in zip(paths, counts)]
+
+
+def is_url(path):
+    return '://' in path
+
+
+def read_url(url, start=None, length=None, connections=None):
+    """The bytes of url, or `length` of them from `start`: http(s) with the standard library (one connection per host
+    kept in the dict `connections`, three tries), any other scheme through fsspec (s3://, gs://, ...)."""
+    scheme, _, rest = url.partition('://')
+    connections = {} if connections is None else connections
+    headers = {} if start is None else {'Range': f'bytes={start}-{start + length - 1}'}
+    if scheme not in ('http', 'https'):
+        try:
+            import fsspec
+            fs, path = fsspec.core.url_to_fs(url)
+            return fs.cat_file(path) if start is None else fs.cat_file(path, start, start + length)
+        except ImportError as e:
+            raise ValueError(f'reading {scheme}:// needs fsspec and its backend (pip install fsspec s3fs, or gcsfs, '
+                             f'...): {e}') from None
+    host, _, path = rest.partition('/')
+    for attempt in range(3):
+        conn = connections.pop((scheme, host), None) or (
+            http.client.HTTPSConnection if scheme == 'https' else http.client.HTTPConnection)(host, timeout=60)
+        try:
+            conn.request('GET', '/' + path, headers=headers)
+            response = conn.getresponse()
+            body = response.read()
+            break
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            if attempt == 2:
+                raise OSError(f'{url}: {e}') from None
+    connections[scheme, host] = conn
+    if response.status == 404:
+        raise FileNotFoundError(f'{url}: not found (HTTP 404)')
+    if response.status >= 400:
+        raise OSError(f'{url}: HTTP {response.status} {response.reason}')
+    if start is not None and response.status != 206:
+        raise OSError(f'{url}: the server ignores byte-range requests')
+    return body
 
 
 def parse_sources(spec):
@@ -239,14 +287,15 @@ ROW = np.dtype([('shard', '<i4'), ('offset', '<i8'), ('size', '<i4'), ('crc', '<
 
 def usable_index(pattern, settings, clean):
     """A source's shard paths and the base path of its usable-sample index: BASE.rows.npy (ROW), BASE.labels.npy
-    (the cleaned labels' UTF-8 bytes) and BASE.json (counts, drops). Built once per shard set (paths, sizes, mtimes)
-    and `settings` (what `clean` depends on) beside the shards, or in $OCRSCALE_CACHE (~/.cache/ocrscale) when
-    their folder is read-only; the first process builds it under a file lock, the others wait and reuse it."""
+    (the cleaned labels' UTF-8 bytes) and BASE.json (counts, drops). Built once per shard set (paths, sizes, mtimes;
+    a remote set: its index.json) and `settings` (what `clean` depends on) beside the shards, or in $OCRSCALE_CACHE
+    (~/.cache/ocrscale) when their folder is remote or read-only; the first process builds it under a file lock,
+    the others wait and reuse it."""
     shards = find_shards(pattern)
-    paths = [os.path.abspath(p) for p, _ in shards]
-    key = json.dumps([settings, [[p, n, *_stamp(p)] for p, (_, n) in zip(paths, shards)]])
+    paths = [p if is_url(p) else os.path.abspath(p) for p, _ in shards]
+    key = json.dumps([settings, [[p, n, *([] if is_url(p) else _stamp(p))] for p, (_, n) in zip(paths, shards)]])
     folder = os.path.dirname(paths[0])
-    if not os.access(folder, os.W_OK):
+    if is_url(folder) or not os.access(folder, os.W_OK):
         folder = os.environ.get('OCRSCALE_CACHE', os.path.expanduser('~/.cache/ocrscale'))
         os.makedirs(folder, exist_ok=True)
     base = os.path.join(folder, '.usable-' + hashlib.sha1(key.encode()).hexdigest()[:16])
@@ -290,6 +339,16 @@ def largest_remainder(total, weights):
     out = np.floor(exact).astype(np.int64)
     out[np.argsort(out - exact, kind='stable')[:total - out.sum()]] += 1
     return out
+
+
+def permute_blocks(i, n, block, key):
+    """permute() of the blocks of `block` consecutive numbers in [0, n): a bijection of [0, n) that keeps each
+    block's numbers together and in order (a last, partial block stays last)."""
+    i = np.asarray(i, dtype=np.int64)
+    full = n // block * block
+    if full == 0:
+        return i
+    return np.where(i < full, permute(np.minimum(i, full - 1) // block, max(1, n // block), key) * block + i % block, i)
 
 
 def permute(x, n, key):
@@ -373,7 +432,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     whose image does not decode is skipped and counted (batches may be smaller; the loss is token-weighted)."""
 
     def __init__(self, sources, img_h, img_w, batch_size, charset, max_len=25, rank=0, world_size=1, seed=0,
-                 samples=None, augment=False, loop=True, fold=True, tokenizer=None, data_seed=0):
+                 samples=None, augment=False, loop=True, fold=True, tokenizer=None, data_seed=0, block=None):
         if isinstance(sources, str):
             sources = parse_sources(sources)
         sources = [(s, 1.0) if isinstance(s, str) else (s[0], float(s[1])) for s in sources]
@@ -383,6 +442,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.max_len = max_len if tokenizer is None else min(max_len, tokenizer.max_len)
         self.rank, self.world_size, self.seed, self.augment, self.loop = rank, world_size, seed, augment, loop
         self.tokenizer, self.data_seed, self.names = tokenizer, data_seed, [s for s, _ in sources]
+        self.blocks = [block or (REMOTE_BLOCK if is_url(name) else 1) for name in self.names]
         settings = dict(charset=charset, fold=fold, max_len=self.max_len,
                         tokenizer=hashlib.sha1(json.dumps(tokenizer.spec).encode()).hexdigest() if tokenizer else None)
         self.paths, self.bases, self.usable, self.drops = [], [], [], Counter()
@@ -414,7 +474,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return label, reason
 
     def __getstate__(self):
-        return {**self.__dict__, '_tables': None, '_chunk': (None,)}
+        return {**self.__dict__, '_tables': None, '_chunk': (None,), '_files': {}, '_connections': {}}
 
     def loader(self, num_workers=0, start=0, pin_memory=False):
         """This rank's batches from global position `start` (the position after the last optimizer step)."""
@@ -443,7 +503,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         epoch, i = np.divmod(draw, np.asarray(self.sizes)[src])
         for s, e in set(zip(src.tolist(), epoch.tolist())):
             at = (src == s) & (epoch == e)
-            i[at] = permute(i[at], self.sizes[s], (self.seed, 2, s, e))
+            i[at] = permute_blocks(i[at], self.sizes[s], self.blocks[s], (self.seed, 2, s, e))
         return self._capped(src, i)
 
     def _mix_chunk(self, c):
@@ -463,38 +523,67 @@ class ShardStream(torch.utils.data.IterableDataset):
         for s in np.unique(src).tolist():
             if self.sizes[s] < self.usable[s]:
                 at = src == s
-                i[at] = permute(i[at], self.usable[s], (self.data_seed, 3, s))
+                i[at] = permute_blocks(i[at], self.usable[s], self.blocks[s], (self.data_seed, 3, s))
         return src, i
 
     # --- reading ---
     def _open(self):
         self._tables = [(np.load(b + '.rows.npy', mmap_mode='r'), np.load(b + '.labels.npy', mmap_mode='r'))
                         for b in self.bases]
-        self._files = {}  # (source, shard) -> descriptor, at most MAX_OPEN_FILES
+        self._files, self._connections = {}, {}  # shard path -> descriptor; host -> HTTP connection
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with contextlib.suppress(ValueError, OSError):  # every shard of a large set open at once: no open per read
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        self._max_files = (1 << 16 if soft == resource.RLIM_INFINITY else min(soft, 1 << 16)) // 2
         self._reads, self._bad = [0] * len(self.bases), [0] * len(self.bases)  # over the first 1,000 reads
-        self._warned_at, self._unreported = -math.inf, 0
+        self._warned_at, self._unreported, self._pid = -math.inf, 0, os.getpid()
 
-    def _read(self, s, i, rng):
-        """(image array, label) of row i of source s, or the reason it cannot be used."""
-        row = self._tables[s][0][i]
-        shard, offset, size = int(row['shard']), int(row['offset']), int(row['size'])
+    def _fetch(self, path, start, length):
+        """`length` bytes of a shard from `start` (a short read where the shard is shorter), or why not."""
         try:
-            fd = self._files.get((s, shard))
+            if is_url(path):
+                return read_url(path, start, length, self._connections)
+            fd = self._files.get(path)
             if fd is None:
-                if len(self._files) >= MAX_OPEN_FILES:
+                if len(self._files) >= self._max_files:
                     os.close(self._files.pop(next(iter(self._files))))
-                fd = self._files[s, shard] = os.open(self.paths[s][shard], os.O_RDONLY)
-            data = os.pread(fd, 512 + size, offset - 512)  # the member's tar header and its image: one read
-        except OSError as e:
-            return f'{self.paths[s][shard]}: {e.strerror}'
-        if len(data) != 512 + size or zlib.crc32(data[:512]) != row['crc']:
-            return f'{self.paths[s][shard]} changed after it was indexed (re-run to re-index it)'
+                fd = self._files[path] = os.open(path, os.O_RDONLY)
+            return os.pread(fd, length, start)
+        except (OSError, ValueError) as e:
+            return f'{path}: {e}'
+
+    def _read_batch(self, src, rows, positions):
+        """[(image array, label) or the reason it cannot be used] at each position. Rows of one shard that follow
+        each other in the index are read together: one read (a tar header and image each, with what lies between)."""
+        out, order = [None] * len(rows), np.lexsort((rows, src)).tolist()
+        while order:
+            s, table = src[order[0]], self._tables[src[order[0]]][0]
+            run = [order.pop(0)]
+            while order and src[order[0]] == s and rows[order[0]] - rows[run[-1]] <= 1 and \
+                    table[rows[order[0]]]['shard'] == table[rows[run[0]]]['shard']:
+                run.append(order.pop(0))
+            first, last = table[rows[run[0]]], table[rows[run[-1]]]
+            base = int(first['offset']) - 512
+            path = self.paths[s][int(first['shard'])]
+            data = self._fetch(path, base, int(last['offset']) + int(last['size']) - base)
+            for k in run:
+                rng = random.Random(f'{self.seed}:{positions[k]}') if self.augment else None  # the same in any layout
+                out[k] = data if isinstance(data, str) else self._sample(s, table[rows[k]], data, base, path, rng)
+        return out
+
+    def _sample(self, s, row, data, base, path, rng):
+        """(image array, label) of index row `row` from the bytes `data` read at `base`, or why not."""
+        start, size = int(row['offset']) - 512 - base, int(row['size'])
+        chunk = data[start:start + 512 + size]  # the member's tar header and its image
+        if len(chunk) != 512 + size or zlib.crc32(chunk[:512]) != row['crc']:
+            return f'{path} changed after it was indexed (re-run to re-index it)'
         try:
-            image = decode_image(data[512:], self.img_h, self.img_w, rng)
+            image = decode_image(chunk[512:], self.img_h, self.img_w, rng)
         except Exception:  # PIL raises many types on corrupt or truncated bytes
-            return f'an undecodable image in {self.paths[s][shard]}'
-        start = int(row['label'])
-        return image, bytes(self._tables[s][1][start:start + int(row['label_len'])]).decode('utf-8')
+            return f'an undecodable image in {path}'
+        label = int(row['label'])
+        return image, bytes(self._tables[s][1][label:label + int(row['label_len'])]).decode('utf-8')
 
     def _skip(self, s, reason):
         """Count an unusable sample; a line per minute at most. Returns a one-line error for a mostly bad source."""
@@ -511,7 +600,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, W = (info.id, info.num_workers) if info else (0, 1)
-        if self._tables is None:
+        if self._tables is None or self._pid != os.getpid():  # a forked worker opens its own files and connections
             self._open()
         B = self.batch_size
         for j in count(worker, W):  # this worker's micro-batches (the DataLoader asks workers in turn)
@@ -520,10 +609,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 return
             positions = np.arange(first, first + B if self.loop else min(first + B, self.num_samples))
             images, labels, bad = [], [], 0
-            for p, s, i in zip(positions.tolist(), *(a.tolist() for a in self._locate(positions))):
+            src, rows = (a.tolist() for a in self._locate(positions))
+            for s, got in zip(src, self._read_batch(src, rows, positions.tolist())):
                 self._reads[s] += 1
-                rng = random.Random(f'{self.seed}:{p}') if self.augment else None  # the same in any layout
-                got = self._read(s, i, rng)
                 if isinstance(got, str):
                     bad += 1
                     error = self._skip(s, got)

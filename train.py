@@ -61,9 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--size", default="T4", help="S|B|L|H (the study) or T1..T7 (tiny, CPU)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field, e.g. --set enc_width=96 --set img_w=128")
-    p.add_argument("--train", action="append", required=True, metavar="DIR[:WEIGHT]", help="training shards")
-    p.add_argument("--val", required=True, metavar="DIR", help="validation shards")
+    p.add_argument("--train", action="append", required=True, metavar="DIR[:WEIGHT]",
+                   help="training shards: a folder, a glob or the URL of a folder (http(s)://, s3://, gs://, ...)")
+    p.add_argument("--val", required=True, metavar="DIR", help="validation shards (a folder or URL)")
     p.add_argument("--test", action="append", default=[], metavar="NAME=DIR", help="test sets, evaluated at the end")
+    p.add_argument("--read-block", type=int, default=None, help="consecutive samples read together (default: 1 for "
+                   "local shards, 32 for URLs; raise it for shards on a network filesystem)")
     p.add_argument("--charset", default="36", help="36, 94, the characters themselves or @FILE (UTF-8)")
     p.add_argument("--spm", default=None, help="SentencePiece model file (python data.py spm ...) instead of chars")
     p.add_argument("--samples", type=int, default=None, help="D: use only the first D usable training images (default all)")
@@ -194,7 +197,8 @@ def atomic_save(obj, path):
 def evaluate(net, tok, path, args, cfg, micro, rank, world, workers, device, autocast):
     """Loss per token, word error and 1-NED on one pass over `path`, exact across ranks (sums are all-reduced)."""
     batches = data.ShardStream(path, cfg.img_h, cfg.img_w, micro, getattr(tok, "charset", None), max_len=cfg.max_len,
-                               rank=rank, world_size=world, loop=False, fold=tok.fold, tokenizer=tok).loader(workers)
+                               rank=rank, world_size=world, loop=False, fold=tok.fold, tokenizer=tok,
+                               block=args.read_block).loader(workers)
     net.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, tokens, correct, words, 1-NED sum
     for images, labels, _ in batches:
@@ -285,7 +289,7 @@ def main(argv=None):
     try:
         stream = data.ShardStream(data.parse_sources(",".join(args.train)), cfg.img_h, cfg.img_w, micro, getattr(tok, "charset", None),
                                   max_len=cfg.max_len, rank=rank, world_size=world, seed=args.seed, samples=args.samples,
-                                  augment=args.augment, loop=True, fold=tok.fold, tokenizer=tok)
+                                  augment=args.augment, loop=True, fold=tok.fold, tokenizer=tok, block=args.read_block)
         for path in [args.val, *(spec.partition("=")[2] for spec in args.test)]:  # fail now, not after hours of training
             if not path:
                 raise ValueError(f"--test takes NAME=DIR, got {args.test}")
@@ -444,7 +448,8 @@ def main(argv=None):
             save_checkpoint(last_path, raw_model, optimizer, scaler, ema, prog, cfg, tok, args, master)
             last_save = time.time()
     bar.close()
-    result = dict(name=name, N=total, D=D, C=prog.flops, epochs=prog.samples / D, drops={k: v for k, v in dict(stream.drops, unreadable=prog.unreadable).items() if v}, **{k: row.get(k) for k in
+    drops = {k: v for k, v in dict(stream.drops, unreadable=prog.unreadable).items() if v}
+    result = dict(name=name, N=total, D=D, C=prog.flops, epochs=prog.samples / D, drops=drops, **{k: row.get(k) for k in
                   ("step", "samples", "wall_s", "val_loss", "val_error", "val_ned", "tests", "test_error")})
     if master:
         atomic_save(json.dumps(result, indent=1).encode(), os.path.join(run_dir, "result.json"))

@@ -285,6 +285,22 @@ def test_unreadable_images_are_skipped_and_counted_over_all_ranks(shards, tmp_pa
     assert result["D"] == 40 and result["drops"]["unreadable"] == 5 and metrics(tmp_path / "damaged")[-1]["unreadable"] == 5
 
 
+def test_train_and_evaluate_from_urls(shards, tmp_path, http_server, monkeypatch):
+    url, served, server = http_server
+    for split in ("train", "val"):
+        shutil.copytree(shards / split, served / split)
+    monkeypatch.setenv("OCRSCALE_CACHE", str(tmp_path / "cache"))
+    args = base_args(shards, tmp_path, "url", "--batch", "16", "--train-samples", "64", "--workers", "1",
+                     "--test", f"again={url}/val")
+    args[args.index("--train") + 1], args[args.index("--val") + 1] = f"{url}/train", f"{url}/val"
+    result = train.main(args)
+    assert result["D"] == 1200 and result["tests"]["again"]["n"] == 100
+    # 64 training images and 5 passes over the 100 val images (4 evals and the test): 564 images, read in blocks
+    assert server.requests < 564 // 8
+    with pytest.raises(SystemExit, match="nowhere/index.json: not found"):
+        train.main(base_args(shards, tmp_path, "typo", "--val", f"{url}/nowhere"))
+
+
 def test_lr_schedules():
     args = train.parse_args(["--train", "x", "--val", "y", "--lr", "1e-3", "--warmup", "0.1"])
     lrs = [train.get_lr(s, 100, args) for s in range(100)]
