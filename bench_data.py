@@ -4,6 +4,7 @@
     python bench_data.py --n 50000 --keep data/bench
     python bench_data.py --scale 1000000 --copies 4 --keep /tmp/bench_scale   # index build, memory at 4M images
     python bench_data.py --syscalls         # system calls per sample, ours and webdataset's (needs strace)
+    python bench_data.py --latency 0,1,5    # both readers over HTTP, each request answered after 0, 1, 5 ms
 
 Both readers read the same shards with the same work per image (tar read, label cleaning, PIL decode to
 RGB, bicubic stretch to 32x128, batch of uint8 tensors): webdataset streams the shards in order
@@ -15,11 +16,15 @@ kept (the machine may be shared). Needs `pip install webdataset` for the compari
 --scale N: N 'clean' images in KEEP/clean (rendered once), each shard symlinked --copies times into KEEP/scaled
 (remade each run, so its usable-sample index is built afresh): times that first build, a stream's construction in a
 fresh process (wall time; peak RSS above the RSS before it, from VmHWM), then each DataLoader worker's private memory
-(smaps_rollup) under forkserver, with its default preload and preloading torch + data. --syscalls: one epoch with
+(smaps_rollup) under forkserver, through a plain DataLoader and through ShardStream.loader. --syscalls: one epoch with
 0 workers under `strace -f`, counting the calls between two getppid() markers around it, on --n 'clean' images in
-8 shards and in 100 (more than the data.MAX_OPEN_FILES shard files a reader keeps open).
+8 shards and in 100. --latency: the shards served by a local HTTP server that waits the given milliseconds before
+answering each request (an object store's first-byte latency); ours reads the URL source (blocks of
+data.REMOTE_BLOCK consecutive samples, one ranged request each, a batch's requests at once), webdataset streams each
+shard with one request (curl).
 """
-import argparse, contextlib, glob, importlib.util, json, os, re, resource, shutil, subprocess, sys, tempfile, time
+import argparse, contextlib, functools, glob, http.server, importlib.util, json, os, re, resource, shutil, subprocess
+import sys, tempfile, threading, time
 from collections import Counter
 from itertools import islice
 
@@ -107,19 +112,20 @@ def children(pid):
     return [int(stat.split('/')[2]) for stat in glob.glob('/proc/[0-9]*/stat') if parent(stat) == pid]
 
 
-def worker_probe(shard_dir, batches, preload):
-    """Run in a fresh process: read batches with 2 forkserver workers, then print each worker's private memory."""
-    if preload:  # the default, ['__main__'], preloads nothing on Python 3.11 (main_path is never passed)
-        torch.multiprocessing.set_forkserver_preload(preload)
+def worker_probe(shard_dir, batches, own_loader):
+    """Run in a fresh process: read batches with 2 workers started from a forkserver, then print each worker's
+    private memory. own_loader: through ShardStream.loader (which preloads torch in the forkserver), else through a
+    plain DataLoader (Python's default preload)."""
+    torch.multiprocessing.set_start_method('forkserver')
     stream = data.ShardStream(shard_dir, 32, 128, 256, data.CHARSET36)
     stream.start = 0
-    it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, worker_init_fn=data._worker_init,
-                                          multiprocessing_context='forkserver'))
+    it = iter(stream.loader(2) if own_loader else torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=2, worker_init_fn=data._worker_init))
     t0 = time.time()
     got = sum(len(y) for _, y, _ in islice(it, 2))  # a batch from each worker: they have started
     t1 = time.time()
     got = sum(len(y) for _, y, _ in islice(it, batches - 2))
-    how = f'forkserver preloading {"+".join(preload)}' if preload else 'forkserver, default preload'
+    how = 'forkserver, ShardStream.loader' if own_loader else 'forkserver, a plain DataLoader'
     print(f'{how}, 2 workers: first 2 batches after {t1 - t0:.1f} s, then {got / (time.time() - t1):.0f} images/s '
           f'over {batches - 2} batches')
     for pid in [w for c in children(os.getpid()) for w in children(c)]:  # the forkserver's children
@@ -150,8 +156,8 @@ def scale(args):
     measure(f'first index build, {sum(shards.values())} images in {len(shards)} shards (target <= 2 s)',
             lambda: data.ShardStream(scaled, 32, 128, 256, data.CHARSET36))
     print(probe(f'construct_probe({scaled!r})'), end='')
-    for preload in ([], ['torch', 'data']):
-        print(probe(f'worker_probe({scaled!r}, {args.batches}, {preload!r})'), end='')
+    for own_loader in (False, True):
+        print(probe(f'worker_probe({scaled!r}, {args.batches}, {own_loader})'), end='')
 
 
 def strace_epoch(reader, shard_dir, batch):
@@ -170,7 +176,7 @@ def syscalls(args):
     print('system calls per sample: `strace -f` of a fresh process (every thread), counting the calls between two '
           'getppid() markers right before and after one epoch with 0 workers (Python start-up and the stream\'s '
           'construction excluded; opening the index and the shards included)')
-    for shards in (8, 100):  # 100: more than the data.MAX_OPEN_FILES shard files a reader keeps open
+    for shards in (8, 100):
         shard_dir = render(os.path.join(out, f'clean-{shards}'), args.n, args.workers, args.n // shards)
         for reader in ('ours', 'webdataset') if importlib.util.find_spec('webdataset') else ('ours',):
             n = int(probe(f'strace_epoch({reader!r}, {shard_dir!r}, {args.batch})', 'strace', '-f', '-qq', '-o', log))
@@ -182,6 +188,46 @@ def syscalls(args):
             total = kinds.total() / n
             target = f' (target <= 2: {"met" if total <= 2 else "missed"})' if reader == 'ours' else ''
             print(f'system calls per sample, {reader}, {n} images in {shards} shards: {total:.3f}{target}; {by_kind}')
+    if not args.keep:
+        shutil.rmtree(out)
+
+
+class SlowHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with byte ranges, each request answered after the server's `delay` seconds."""
+    protocol_version = 'HTTP/1.1'
+
+    def do_GET(self):
+        time.sleep(self.server.delay)
+        with open(self.translate_path(self.path), 'rb') as f:
+            body = f.read()
+        asked = re.fullmatch(r'bytes=(\d+)-(\d+)', self.headers.get('Range', ''))
+        body = body[int(asked[1]):int(asked[2]) + 1] if asked else body
+        self.send_response(206 if asked else 200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def latency(args):
+    out = args.keep or tempfile.mkdtemp(prefix='bench_data_')
+    shard_dir = render(os.path.join(out, 'clean'), args.n, args.workers, args.n // 8)
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(SlowHandler, directory=out))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f'http://127.0.0.1:{server.server_address[1]}/clean'
+    os.environ['OCRSCALE_CACHE'] = os.path.join(out, 'cache')
+    readers = {'ours': ours_shuffled, 'webdataset': theirs}
+    for ms in map(float, args.latency.split(',')):
+        server.delay, best = ms / 1000, {}
+        for _ in range(args.reps):
+            for name, make in readers.items():
+                n, dt = time_pass(make(url, 2, args.batch))
+                best[name] = max(best.get(name, 0), n / dt)
+        print(f'over HTTP, {ms:g} ms before each answer, 2 workers, {n} images: ' + ', '.join(
+            f'{k} {v:.0f} images/s' for k, v in best.items()) + f', ratio ours/webdataset {best["ours"] / best["webdataset"]:.2f}')
+    server.shutdown()
     if not args.keep:
         shutil.rmtree(out)
 
@@ -198,6 +244,8 @@ def main():
                    'images (needs --keep; KEEP/clean is rendered once and reused)')
     p.add_argument('--copies', type=int, default=4, help='--scale: symlinked copies of each shard')
     p.add_argument('--batches', type=int, default=48, help='--scale: batches read by the forkserver workers')
+    p.add_argument('--latency', help="instead: both readers over HTTP with these delays per request (ms, e.g. 0,1,5), "
+                   "on --n 'clean' images (needs webdataset and curl)")
     p.add_argument('--syscalls', action='store_true',
                    help="instead: system calls per sample under strace, ours and webdataset's, on --n 'clean' images")
     args = p.parse_args()
@@ -206,6 +254,8 @@ def main():
         return scale(args) if args.keep else p.error('--scale needs --keep DIR')
     if args.syscalls:
         return syscalls(args)
+    if args.latency:
+        return latency(args)
     out = args.keep or tempfile.mkdtemp(prefix='bench_data_')
     shard_dir = os.path.join(out, args.style)
     t0 = time.time()

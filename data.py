@@ -22,6 +22,7 @@ on-the-fly rendering during training.
 import argparse, base64, contextlib, fcntl, fnmatch, functools, glob, hashlib, http.client, io, json, math, os, random
 import resource, sys, tarfile, time, unicodedata, zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from itertools import count
 from multiprocessing import Pool
 from pathlib import Path
@@ -233,8 +234,8 @@ def is_url(path):
 
 
 def read_url(url, start=None, length=None, connections=None):
-    """The bytes of url, or `length` of them from `start`: http(s) with the standard library (one connection per host
-    kept in the dict `connections`, three tries), any other scheme through fsspec (s3://, gs://, ...)."""
+    """The bytes of url, or `length` of them from `start`: http(s) with the standard library (idle connections kept
+    per host in the dict `connections`, three tries), any other scheme through fsspec (s3://, gs://, ...)."""
     scheme, _, rest = url.partition('://')
     connections = {} if connections is None else connections
     headers = {} if start is None else {'Range': f'bytes={start}-{start + length - 1}'}
@@ -248,7 +249,8 @@ def read_url(url, start=None, length=None, connections=None):
                              f'...): {e}') from None
     host, _, path = rest.partition('/')
     for attempt in range(3):
-        conn = connections.pop((scheme, host), None) or (
+        idle = connections.setdefault((scheme, host), [])  # list.pop/append: safe from several threads
+        conn = (idle.pop() if idle else None) or (
             http.client.HTTPSConnection if scheme == 'https' else http.client.HTTPConnection)(host, timeout=60)
         try:
             conn.request('GET', '/' + path, headers=headers)
@@ -259,7 +261,7 @@ def read_url(url, start=None, length=None, connections=None):
             conn.close()
             if attempt == 2:
                 raise OSError(f'{url}: {e}') from None
-    connections[scheme, host] = conn
+    idle.append(conn)
     if response.status == 404:
         raise FileNotFoundError(f'{url}: not found (HTTP 404)')
     if response.status >= 400:
@@ -474,11 +476,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         return label, reason
 
     def __getstate__(self):
-        return {**self.__dict__, '_tables': None, '_chunk': (None,), '_files': {}, '_connections': {}}
+        return {**self.__dict__, '_tables': None, '_chunk': (None,), '_files': {}, '_connections': {}, '_requests': None}
 
     def loader(self, num_workers=0, start=0, pin_memory=False):
         """This rank's batches from global position `start` (the position after the last optimizer step)."""
         self.start = start
+        # where workers start from a forkserver (Python 3.14's default on Linux): import torch and this module there
+        # once, not in every worker (~130 MiB each; the default preload does not reach the forkserver on Python 3.11)
+        torch.multiprocessing.set_forkserver_preload(['torch', __name__])
         # its own generator: a DataLoader draws a base seed, which would shift the global RNG on resume
         dl = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                          worker_init_fn=_worker_init if num_workers else None,
@@ -530,7 +535,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _open(self):
         self._tables = [(np.load(b + '.rows.npy', mmap_mode='r'), np.load(b + '.labels.npy', mmap_mode='r'))
                         for b in self.bases]
-        self._files, self._connections = {}, {}  # shard path -> descriptor; host -> HTTP connection
+        self._files, self._connections = {}, {}  # shard path -> descriptor; host -> idle HTTP connections
+        self._requests = ThreadPoolExecutor(16) if any(map(is_url, self.names)) else None
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         with contextlib.suppress(ValueError, OSError):  # every shard of a large set open at once: no open per read
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -556,7 +562,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _read_batch(self, src, rows, positions):
         """[(image array, label) or the reason it cannot be used] at each position. Rows of one shard that follow
         each other in the index are read together: one read (a tar header and image each, with what lies between)."""
-        out, order = [None] * len(rows), np.lexsort((rows, src)).tolist()
+        out, order, runs = [None] * len(rows), np.lexsort((rows, src)).tolist(), []
         while order:
             s, table = src[order[0]], self._tables[src[order[0]]][0]
             run = [order.pop(0)]
@@ -565,8 +571,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 run.append(order.pop(0))
             first, last = table[rows[run[0]]], table[rows[run[-1]]]
             base = int(first['offset']) - 512
-            path = self.paths[s][int(first['shard'])]
-            data = self._fetch(path, base, int(last['offset']) + int(last['size']) - base)
+            runs.append((s, run, self.paths[s][int(first['shard'])], base, int(last['offset']) + int(last['size']) - base))
+        # requests to a URL source wait mostly on the network: a batch's requests go out together
+        fetched = (self._requests.map if self._requests else map)(self._fetch, *list(zip(*runs))[2:])
+        for (s, run, path, base, _), data in zip(runs, fetched):
+            table = self._tables[s][0]
             for k in run:
                 rng = random.Random(f'{self.seed}:{positions[k]}') if self.augment else None  # the same in any layout
                 out[k] = data if isinstance(data, str) else self._sample(s, table[rows[k]], data, base, path, rng)
