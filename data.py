@@ -20,7 +20,7 @@ position and the seed (see ShardStream); unreadable samples are skipped and coun
 on-the-fly rendering during training.
 """
 import argparse, base64, contextlib, fcntl, fnmatch, functools, glob, hashlib, http.client, io, json, math, os, random
-import resource, sys, tarfile, time, unicodedata, zlib
+import resource, sys, tarfile, time, unicodedata, urllib.parse, zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from itertools import count
@@ -233,9 +233,10 @@ def is_url(path):
     return '://' in path
 
 
-def read_url(url, start=None, length=None, connections=None):
+def read_url(url, start=None, length=None, connections=None, redirects=5):
     """The bytes of url, or `length` of them from `start`: http(s) with the standard library (idle connections kept
-    per host in the dict `connections`, three tries), any other scheme through fsspec (s3://, gs://, ...)."""
+    per host in the dict `connections`; redirects followed; three tries on a dropped connection or a 5xx/429 answer),
+    any other scheme through fsspec (s3://, gs://, ...)."""
     scheme, _, rest = url.partition('://')
     connections = {} if connections is None else connections
     headers = {} if start is None else {'Range': f'bytes={start}-{start + length - 1}'}
@@ -248,26 +249,37 @@ def read_url(url, start=None, length=None, connections=None):
             raise ValueError(f'reading {scheme}:// needs fsspec and its backend (pip install fsspec s3fs, or gcsfs, '
                              f'...): {e}') from None
     host, _, path = rest.partition('/')
+    idle = connections.setdefault((scheme, host), [])  # append and pop are atomic: several threads share it
     for attempt in range(3):
-        idle = connections.setdefault((scheme, host), [])  # list.pop/append: safe from several threads
-        conn = (idle.pop() if idle else None) or (
-            http.client.HTTPSConnection if scheme == 'https' else http.client.HTTPConnection)(host, timeout=60)
+        try:
+            conn = idle.pop()
+        except IndexError:
+            conn = (http.client.HTTPSConnection if scheme == 'https' else http.client.HTTPConnection)(host, timeout=60)
         try:
             conn.request('GET', '/' + path, headers=headers)
             response = conn.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and redirects:
+                conn.close()
+                return read_url(urllib.parse.urljoin(url, response.headers['Location']), start, length, connections,
+                                redirects - 1)
+            if start is not None and response.status == 200:  # the whole file follows: do not download it
+                conn.close()
+                raise ValueError(f'{url}: the server ignores byte-range requests')
             body = response.read()
-            break
+            if response.status < 500 and response.status != 429:
+                break
+            idle.append(conn)  # a busy or failing server: ask again after a pause
         except (OSError, http.client.HTTPException) as e:
             conn.close()
+            idle.clear()  # the server dropped this connection, likely the other idle ones too
             if attempt == 2:
                 raise OSError(f'{url}: {e}') from None
+        time.sleep(0.5 * 2 ** attempt)
     idle.append(conn)
     if response.status == 404:
         raise FileNotFoundError(f'{url}: not found (HTTP 404)')
-    if response.status >= 400:
+    if response.status >= 300:
         raise OSError(f'{url}: HTTP {response.status} {response.reason}')
-    if start is not None and response.status != 206:
-        raise OSError(f'{url}: the server ignores byte-range requests')
     return body
 
 
@@ -303,7 +315,8 @@ def usable_index(pattern, settings, clean):
     base = os.path.join(folder, '.usable-' + hashlib.sha1(key.encode()).hexdigest()[:16])
     if not os.path.exists(base + '.json'):
         with open(base + '.lock', 'a') as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or by the OS if this process dies
+            with contextlib.suppress(OSError):  # no locks on this filesystem: processes may build it side by side
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or by the OS if this process dies
             if not os.path.exists(base + '.json'):
                 _build_usable_index(base, shards, clean)
     return paths, base, json.loads(Path(base + '.json').read_text())
@@ -329,9 +342,10 @@ def _build_usable_index(base, shards, clean):
         tables.append(np.array(rows, dtype=ROW))
     rows = np.concatenate(tables)
     for suffix, array in (('.rows.npy', rows), ('.labels.npy', np.frombuffer(b''.join(labels) or b'\0', np.uint8))):
-        with open(base + suffix + '.tmp', 'wb') as f:
+        tmp = f'{base}{suffix}.{os.getpid()}.tmp'
+        with open(tmp, 'wb') as f:
             np.save(f, array)
-        os.replace(base + suffix + '.tmp', base + suffix)
+        os.replace(tmp, base + suffix)
     write_json({'samples': len(rows), 'drops': {k: v for k, v in drops.items() if v}}, base + '.json')  # written last
 
 
@@ -444,7 +458,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.max_len = max_len if tokenizer is None else min(max_len, tokenizer.max_len)
         self.rank, self.world_size, self.seed, self.augment, self.loop = rank, world_size, seed, augment, loop
         self.tokenizer, self.data_seed, self.names = tokenizer, data_seed, [s for s, _ in sources]
-        self.blocks = [block or (REMOTE_BLOCK if is_url(name) else 1) for name in self.names]
+        if min(seed, data_seed) < 0:
+            raise ValueError(f'seeds are non-negative integers, got {min(seed, data_seed)}')
         settings = dict(charset=charset, fold=fold, max_len=self.max_len,
                         tokenizer=hashlib.sha1(json.dumps(tokenizer.spec).encode()).hexdigest() if tokenizer else None)
         self.paths, self.bases, self.usable, self.drops = [], [], [], Counter()
@@ -464,7 +479,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             if not 0 < want <= have:
                 raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, which holds only {have}')
         self.num_samples = sum(self.sizes)
+        # consecutive samples read together, at most 1/16 of a source so that its order still changes every epoch
+        self.blocks = [max(1, min(block or (REMOTE_BLOCK if is_url(name) else 1), n // 16))
+                       for name, n in zip(self.names, self.sizes)]
         self.quota = largest_remainder(MIX_CHUNK, weights)  # slots per MIX_CHUNK positions, per source
+        if self.loop and not self.quota.all():
+            raise ValueError(f'the weight of {self.names[int(np.argmin(self.quota))]} is under 1/{MIX_CHUNK} of the '
+                             'sum: it would never be read')
         self.start = 0
         self._tables, self._chunk = None, (None,)  # built in the process that reads: a worker is sent no table
 
@@ -556,8 +577,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                     os.close(self._files.pop(next(iter(self._files))))
                 fd = self._files[path] = os.open(path, os.O_RDONLY)
             return os.pread(fd, length, start)
-        except (OSError, ValueError) as e:
-            return f'{path}: {e}'
+        except (OSError, ValueError) as e:  # the message names the file or URL
+            return str(e)
+
+    def _close(self):
+        for fd in self._files.values():
+            os.close(fd)
+        if self._requests:
+            self._requests.shutdown()
+        self._tables = None
 
     def _read_batch(self, src, rows, positions):
         """[(image array, label) or the reason it cannot be used] at each position. Rows of one shard that follow
@@ -567,14 +595,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             s, table = src[order[0]], self._tables[src[order[0]]][0]
             run = [order.pop(0)]
             while order and src[order[0]] == s and rows[order[0]] - rows[run[-1]] <= 1 and \
-                    table[rows[order[0]]]['shard'] == table[rows[run[0]]]['shard']:
+                    table[rows[order[0]]]['shard'] == table[rows[run[0]]]['shard'] and \
+                    table[rows[order[0]]]['offset'] - table[rows[run[0]]]['offset'] < 1 << 20:  # skip long gaps
                 run.append(order.pop(0))
             first, last = table[rows[run[0]]], table[rows[run[-1]]]
             base = int(first['offset']) - 512
             runs.append((s, run, self.paths[s][int(first['shard'])], base, int(last['offset']) + int(last['size']) - base))
         # requests to a URL source wait mostly on the network: a batch's requests go out together
-        fetched = (self._requests.map if self._requests else map)(self._fetch, *list(zip(*runs))[2:])
+        fetched = [self._requests.submit(self._fetch, *run[2:]) if is_url(run[2]) else self._fetch(*run[2:])
+                   for run in runs]
         for (s, run, path, base, _), data in zip(runs, fetched):
+            data = data if isinstance(data, (bytes, str)) else data.result()
             table = self._tables[s][0]
             for k in run:
                 rng = random.Random(f'{self.seed}:{positions[k]}') if self.augment else None  # the same in any layout
@@ -586,7 +617,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         start, size = int(row['offset']) - 512 - base, int(row['size'])
         chunk = data[start:start + 512 + size]  # the member's tar header and its image
         if len(chunk) != 512 + size or zlib.crc32(chunk[:512]) != row['crc']:
-            return f'{path} changed after it was indexed (re-run to re-index it)'
+            return f'{path} changed after it was indexed (' + (f'delete {self.bases[s]}.* to index it again)'
+                                                               if is_url(path) else 're-run to index it again)')
         try:
             image = decode_image(chunk[512:], self.img_h, self.img_w, rng)
         except Exception:  # PIL raises many types on corrupt or truncated bytes
@@ -611,6 +643,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker, W = (info.id, info.num_workers) if info else (0, 1)
         if self._tables is None or self._pid != os.getpid():  # a forked worker opens its own files and connections
             self._open()
+        try:
+            yield from self._batches(worker, W)
+        finally:  # the last batch, the end of an evaluation pass, or a closed loader
+            self._close()
+
+    def _batches(self, worker, W):
         B = self.batch_size
         for j in count(worker, W):  # this worker's micro-batches (the DataLoader asks workers in turn)
             first = self.start + (j * self.world_size + self.rank) * B

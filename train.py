@@ -200,31 +200,33 @@ def evaluate(net, tok, path, args, cfg, micro, rank, world, workers, device, aut
                                rank=rank, world_size=world, loop=False, fold=tok.fold, tokenizer=tok,
                                block=args.read_block).loader(workers)
     net.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, tokens, correct, words, 1-NED sum
-    for images, labels, _ in batches:
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss sum, tokens, correct, words, 1-NED sum, unreadable
+    for images, labels, unreadable in batches:
         images, tokens = data.normalize(images.to(device)), tok.encode(labels).to(device)
         with autocast:
             total, n = net.loss(images, tokens)
             ids, _ = net.decode(images, **dict(beam=args.beam, len_norm=args.beam_len_norm) if args.arch == "trocr"
                                  else dict(refine_iters=args.refine_iters))
         s = data.score(tok.decode(ids.cpu()), labels, fold=tok.fold)
-        sums += torch.tensor([total.item(), n.item(), s["correct"], s["n"], s["ned_sum"]], dtype=torch.float64, device=device)
+        sums += torch.tensor([total.item(), n.item(), s["correct"], s["n"], s["ned_sum"], unreadable], dtype=torch.float64,
+                             device=device)
     if dist.is_initialized():
         dist.all_reduce(sums)
     net.train()
-    loss_sum, n, correct, words, ned = sums.tolist()
+    loss_sum, n, correct, words, ned, unreadable = sums.tolist()
     if words == 0:
         raise SystemExit("evaluation set is empty: check the --val/--test folders")
-    return dict(loss=loss_sum / max(n, 1), error=100 * (1 - correct / words), ned=100 * ned / words, n=int(words))
+    return dict(loss=loss_sum / max(n, 1), error=100 * (1 - correct / words), ned=100 * ned / words, n=int(words),
+                unreadable=int(unreadable))
 
 
 def log_eval(row, eval_model, tok, cfg, args, eval_args, run_dir, best_error, master):
     """Evaluate on --val (and every --test set when row['final']), append the row to metrics.jsonl, keep the
     weights of a new best val error in best.pt. Returns the row and the best error so far."""
     val = evaluate(eval_model, tok, args.val, args, cfg, *eval_args)
-    row.update(val_loss=val["loss"], val_error=val["error"], val_ned=val["ned"], val_n=val["n"])
+    row.update(val_loss=val["loss"], val_error=val["error"], val_ned=val["ned"], val_n=val["n"], val_unreadable=val["unreadable"])
     if row["final"] and args.test:
-        row["tests"] = {name: {k: r[k] for k in ("error", "ned", "n")} for name, r in (
+        row["tests"] = {name: {k: r[k] for k in ("error", "ned", "n", "unreadable")} for name, r in (
             (name, evaluate(eval_model, tok, folder, args, cfg, *eval_args)) for name, folder in
             (spec.partition("=")[::2] for spec in args.test))}
         row["test_error"] = data.weighted_average(row["tests"])
@@ -294,7 +296,7 @@ def main(argv=None):
             if not path:
                 raise ValueError(f"--test takes NAME=DIR, got {args.test}")
             data.find_shards(path)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"train.py: {e}")
     D = stream.num_samples  # usable images: what a D axis means
     train_samples = args.train_samples or int(args.epochs * D)
@@ -338,6 +340,8 @@ def main(argv=None):
         if ckpt["ema"] is not None:
             ema = copy.deepcopy(raw_model)
             ema.load_state_dict(ckpt["ema"])
+        if any(k not in ckpt for k in vars(prog)):
+            sys.exit(f"train.py: cannot resume from {last_path}: an older train.py wrote it; move it away to start over")
         prog = types.SimpleNamespace(**{k: ckpt[k] for k in vars(prog)})
         was = {k: ckpt["args"][k] for k in ("batch", "seed")}
         if master and was != {"batch": args.batch, "seed": args.seed}:
@@ -401,12 +405,16 @@ def main(argv=None):
             dist.all_reduce(stats)
         # DDP averaged the gradients over ranks; scale them to d(all token losses of the step) / (its token count)
         scaler.unscale_(optimizer)
-        torch._foreach_mul_([p.grad for p in raw_model.parameters() if p.grad is not None], (world * args.batch / stats[1]).float())
+        torch._foreach_mul_([p.grad for p in raw_model.parameters() if p.grad is not None],
+                            (world * args.batch / stats[1].clamp_min(1)).float())
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip or math.inf)
         loss_sum, step_tokens, step_flops, save_vote, unreadable, grad_norm = torch.cat([stats, grad_norm.double().view(1)]).tolist()
         prog.flops += step_flops
         prog.position += args.batch
         prog.unreadable += int(unreadable)
+        if step_tokens == 0:  # every sample of the step was unreadable (counted): nothing to learn from
+            optimizer.zero_grad(set_to_none=True)
+            continue
         window["flops"] += step_flops
         # Loss and gradients are the same on every rank, so all ranks skip together. With fp16 the scaler
         # itself skips steps with inf gradients (and lowers its scale): those are not bad steps.

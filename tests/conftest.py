@@ -10,10 +10,16 @@ import pytest
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Static files, with byte ranges unless the server's `ranges` is off (Python's own handler ignores Range, as
-    some servers do); counts the requests it answers."""
+    some servers do); /moved/PATH redirects to /PATH; counts the requests it answers."""
     protocol_version = 'HTTP/1.1'  # keep-alive, as object stores serve
 
     def do_GET(self):
+        if self.path.startswith('/moved/'):  # as a CDN or a hub answers: elsewhere
+            self.send_response(302)
+            self.send_header('Location', self.path[len('/moved'):])
+            self.send_header('Content-Length', '0')
+            self.end_headers()
+            return
         path = self.translate_path(self.path)
         if not os.path.isfile(path):
             self.send_error(404)

@@ -1,6 +1,7 @@
 """Tests for data.py on tiny shards written to tmp dirs: python -m pytest tests/test_data.py -q"""
-import importlib.util, io, json, os, random, sys, tarfile, unicodedata, zlib
+import importlib.util, io, json, os, random, sys, tarfile, time, unicodedata, zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from conftest import RangeHandler  # noqa: E402
 
 FONT = '/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf'  # covers Greek and Cyrillic
 
@@ -472,7 +474,7 @@ def test_a_mostly_unreadable_source_stops_with_one_line(tmp_path, capfd, workers
 
 def test_url_sources_read_what_local_shards_read_in_few_requests(tmp_path, http_server, monkeypatch):
     url, served, server = http_server
-    make_shards(served / 'set', [20, 13])
+    make_shards(served / 'set', [300, 212])  # 512 samples: blocks of 32 (a source holds 16 blocks at least)
     monkeypatch.setenv('OCRSCALE_CACHE', str(tmp_path / 'cache'))
     local, remote = str(served / 'set'), f'{url}/set'
     assert labels_of(data.ShardStream(remote, 8, 16, 8, data.CHARSET36, loop=False)) == labels_of(
@@ -487,6 +489,14 @@ def test_url_sources_read_what_local_shards_read_in_few_requests(tmp_path, http_
     assert server.requests <= 3 * 10
     with pytest.raises(FileNotFoundError, match='nowhere/index.json: not found'):
         data.ShardStream(f'{url}/nowhere', 8, 16, 8, data.CHARSET36)
+    moved = data.ShardStream(f'{url}/moved/set', **kw)  # redirects followed
+    assert labels_of(take(moved.loader(0), 3)) == labels_of(want[:3])
+    monkeypatch.setattr(RangeHandler, 'timeout', 0.2)  # the server drops connections idle for 0.2 s
+    connections = {}
+    with ThreadPoolExecutor(4) as pool:  # four requests at once: four idle connections afterwards
+        list(pool.map(lambda _: data.read_url(f'{remote}/index.json', 0, 10, connections), range(4)))
+    time.sleep(0.4)  # e.g. while the model is evaluated: every idle connection is dropped
+    assert data.read_url(f'{remote}/index.json', 0, 10, connections) == (served / 'set' / 'index.json').read_bytes()[:10]
     server.ranges = False
     with pytest.raises(data.DataError, match='ignores byte-range requests'):
         for _ in data.ShardStream(remote, 8, 16, 64, data.CHARSET36).loader(0):
@@ -505,3 +515,14 @@ def test_fsspec_sources(tmp_path, monkeypatch):
     if importlib.util.find_spec('s3fs') is None:  # the backend is named, not a traceback
         with pytest.raises(ValueError, match='s3:// needs fsspec and its backend.*s3fs'):
             data.ShardStream('s3://bucket/set', 8, 16, 5, data.CHARSET36)
+
+
+def test_weights_that_starve_a_source_and_open_files(tmp_path):
+    make_shards(tmp_path / 'a', [50], 'a')
+    make_shards(tmp_path / 'b', [50, 50], 'b')
+    with pytest.raises(ValueError, match='weight of .*a is under 1/4096 of the sum: it would never be read'):
+        data.ShardStream(f'{tmp_path / "a"}:1,{tmp_path / "b"}:10000', 8, 16, 4, data.CHARSET36)
+    before = len(os.listdir('/proc/self/fd'))
+    for _ in range(3):  # evaluation passes, each with a new stream, as train.py runs them
+        assert len(labels_of(data.ShardStream(str(tmp_path / 'b'), 8, 16, 8, data.CHARSET36, loop=False))) == 100
+    assert len(os.listdir('/proc/self/fd')) == before  # every shard file closed at the end of a pass

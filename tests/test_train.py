@@ -285,6 +285,14 @@ def test_unreadable_images_are_skipped_and_counted_over_all_ranks(shards, tmp_pa
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     result = json.load(open(tmp_path / "damaged" / "result.json"))
     assert result["D"] == 40 and result["drops"]["unreadable"] == 5 and metrics(tmp_path / "damaged")[-1]["unreadable"] == 5
+    w = data.ShardWriter(str(tmp_path / "broken"))  # no image decodes: the run stops with one line
+    for i in range(30):
+        w.write(f"{i:09d}", b"\x89PNG\r\n\x1a\nbroken", "png", str(i))
+    data.write_index(str(tmp_path / "broken"), w.close(), w.charset, "test", {})
+    args[args.index("--train") + 1], args[args.index("--name") + 1] = str(tmp_path / "broken"), "broken"
+    out = subprocess.run(TRAIN + args + ["--workers", "2"], env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("train.py: ") and "over half of the first 1,000" in out.stderr
 
 
 def test_train_and_evaluate_from_urls(shards, tmp_path, http_server, monkeypatch):
