@@ -198,10 +198,10 @@ class SlowHandler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self):
         time.sleep(self.server.delay)
-        with open(self.translate_path(self.path), 'rb') as f:
-            body = f.read()
         asked = re.fullmatch(r'bytes=(\d+)-(\d+)', self.headers.get('Range', ''))
-        body = body[int(asked[1]):int(asked[2]) + 1] if asked else body
+        with open(self.translate_path(self.path), 'rb') as f:
+            f.seek(int(asked[1]) if asked else 0)
+            body = f.read(int(asked[2]) + 1 - int(asked[1]) if asked else -1)
         self.send_response(206 if asked else 200)
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()

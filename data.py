@@ -36,7 +36,7 @@ CHARSET36 = '0123456789abcdefghijklmnopqrstuvwxyz'
 CHARSET94 = CHARSET36 + 'ABCDEFGHIJKLMNOPQRSTUVWXYZ' + '!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~'  # PARSeq's order
 IMAGE_EXTS = ('png', 'jpg', 'jpeg', 'webp', 'bmp')
 MIX_CHUNK = 4096  # positions over which weighted sources take exactly their share
-REMOTE_BLOCK = 32  # consecutive samples a URL source reads with one request (~100-200 KB of word images)
+REMOTE_BLOCK = 64  # consecutive samples a URL source reads with one request (~200-400 KB of word images)
 
 
 def cpu_count():

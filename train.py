@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--val", required=True, metavar="DIR", help="validation shards (a folder or URL)")
     p.add_argument("--test", action="append", default=[], metavar="NAME=DIR", help="test sets, evaluated at the end")
     p.add_argument("--read-block", type=int, default=None, help="consecutive samples read together (default: 1 for "
-                   "local shards, 32 for URLs; raise it for shards on a network filesystem)")
+                   "local shards, 64 for URLs; raise it for shards on a network filesystem)")
     p.add_argument("--charset", default="36", help="36, 94, the characters themselves or @FILE (UTF-8)")
     p.add_argument("--spm", default=None, help="SentencePiece model file (python data.py spm ...) instead of chars")
     p.add_argument("--samples", type=int, default=None, help="D: use only the first D usable training images (default all)")
