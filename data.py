@@ -200,7 +200,9 @@ def write_index(out_dir, shards, charset, source, drops, **extra):
 
 
 def _read_index(pattern):
-    """index.json of a shard folder (or of a glob's folder), {} if there is none."""
+    """index.json of a shard folder (or of a glob's folder), {} if there is none; a URL's must be there."""
+    if is_url(pattern):
+        return json.loads(read_url(pattern.rstrip('/') + '/index.json'))
     path = os.path.join(pattern if os.path.isdir(pattern) else os.path.dirname(pattern), 'index.json')
     return json.load(open(path)) if os.path.exists(path) else {}
 
@@ -210,8 +212,7 @@ def find_shards(pattern):
     A shard that an index.json lists but that is not there is an error naming it. A URL names a shard-set folder:
     its index.json lists the shards."""
     if is_url(pattern):
-        index = json.loads(read_url(pattern.rstrip('/') + '/index.json'))
-        return [(f'{pattern.rstrip("/")}/{name}', n) for name, n in sorted(index['shards'].items())]
+        return [(f'{pattern.rstrip("/")}/{name}', n) for name, n in sorted(_read_index(pattern)['shards'].items())]
     paths = sorted(glob.glob(os.path.join(pattern, '*.tar') if os.path.isdir(pattern) else pattern))
     if not paths:
         d = pattern if not glob.has_magic(pattern) else os.path.dirname(pattern) or 'DIR'
@@ -444,8 +445,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     once; a source weighted above its share of D is simply repeated sooner.
     samples: a D cap, exactly D images split over the sources by weight (largest remainder), each source's share a
     uniform subset (the first images of a permutation keyed by data_seed, so smaller caps are subsets of larger).
-    Samples are read by offset, one positioned read each; a sample whose tar header no longer matches the index or
-    whose image does not decode is skipped and counted (batches may be smaller; the loss is token-weighted)."""
+    block: consecutive stored samples the permutations keep together (default 1 for local shards, REMOTE_BLOCK for
+    URLs), so that a URL source needs a request per block. Samples are read by offset, the rows of a shard that
+    follow each other in one read; a sample whose tar header no longer matches the index or whose image does not
+    decode is skipped and counted (batches may be smaller; the loss is token-weighted)."""
 
     def __init__(self, sources, img_h, img_w, batch_size, charset, max_len=25, rank=0, world_size=1, seed=0,
                  samples=None, augment=False, loop=True, fold=True, tokenizer=None, data_seed=0, block=None):
@@ -563,7 +566,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
         self._max_files = (1 << 16 if soft == resource.RLIM_INFINITY else min(soft, 1 << 16)) // 2
-        self._reads, self._bad = [0] * len(self.bases), [0] * len(self.bases)  # over the first 1,000 reads
+        self._reads, self._bad = [0] * len(self.bases), [0] * len(self.bases)  # per source; bad: in this 1,000
         self._warned_at, self._unreported, self._pid = -math.inf, 0, os.getpid()
 
     def _fetch(self, path, start, length):
@@ -627,16 +630,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         return image, bytes(self._tables[s][1][label:label + int(row['label_len'])]).decode('utf-8')
 
     def _skip(self, s, reason):
-        """Count an unusable sample; a line per minute at most. Returns a one-line error for a mostly bad source."""
+        """Count an unusable sample; a line per minute at most. Returns a one-line error for a source that is mostly
+        unreadable (from the start, or later: a server or filesystem gone)."""
         self._unreported += 1
         if time.monotonic() - self._warned_at >= 60:
             print(f'data.py: warning: {self._unreported} unreadable sample(s) skipped and counted (latest: {reason})',
                   file=sys.stderr)
             self._warned_at, self._unreported = time.monotonic(), 0
-        if self._reads[s] <= 1000:
-            self._bad[s] += 1
-            if self._bad[s] > 500:
-                return f'{self.names[s]}: over half of the first 1,000 samples read are unreadable (latest: {reason})'
+        self._bad[s] += 1
+        if self._bad[s] > 500:
+            return f'{self.names[s]}: over half of 1,000 consecutive reads are unreadable (latest: {reason})'
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -658,6 +661,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             images, labels, bad = [], [], 0
             src, rows = (a.tolist() for a in self._locate(positions))
             for s, got in zip(src, self._read_batch(src, rows, positions.tolist())):
+                if self._reads[s] % 1000 == 0:  # a new window of 1,000 reads of source s
+                    self._bad[s] = 0
                 self._reads[s] += 1
                 if isinstance(got, str):
                     bad += 1

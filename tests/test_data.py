@@ -466,7 +466,7 @@ def test_a_mostly_unreadable_source_stops_with_one_line(tmp_path, capfd, workers
     for i in range(30):
         w.write(f'{i:09d}', png() if i % 5 == 0 else b'\x89PNG\r\n\x1a\nbroken', 'png', name(i))
     w.close()
-    with pytest.raises(data.DataError, match=r'^\S+: over half of the first 1,000 samples read are unreadable'):
+    with pytest.raises(data.DataError, match=r'^\S+: over half of 1,000 consecutive reads are unreadable'):
         for _ in data.ShardStream(str(tmp_path), 8, 16, 16, data.CHARSET36).loader(workers):
             pass
     assert len(capfd.readouterr().err.strip().splitlines()) == 1  # one warning line a minute, with its count

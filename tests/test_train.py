@@ -292,7 +292,7 @@ def test_unreadable_images_are_skipped_and_counted_over_all_ranks(shards, tmp_pa
     args[args.index("--train") + 1], args[args.index("--name") + 1] = str(tmp_path / "broken"), "broken"
     out = subprocess.run(TRAIN + args + ["--workers", "2"], env=ENV, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert out.stderr.strip().splitlines()[-1].startswith("train.py: ") and "over half of the first 1,000" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("train.py: ") and "over half of 1,000 consecutive reads" in out.stderr
 
 
 def test_train_and_evaluate_from_urls(shards, tmp_path, http_server, monkeypatch):
