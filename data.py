@@ -593,26 +593,28 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _read_batch(self, src, rows, positions):
         """[(image array, label) or the reason it cannot be used] at each position. Rows of one shard that follow
         each other in the index are read together: one read (a tar header and image each, with what lies between)."""
-        out, order, runs = [None] * len(rows), np.lexsort((rows, src)).tolist(), []
-        while order:
-            s, table = src[order[0]], self._tables[src[order[0]]][0]
-            run = [order.pop(0)]
-            while order and src[order[0]] == s and rows[order[0]] - rows[run[-1]] <= 1 and \
-                    table[rows[order[0]]]['shard'] == table[rows[run[0]]]['shard'] and \
-                    table[rows[order[0]]]['offset'] - table[rows[run[0]]]['offset'] < 1 << 20:  # skip long gaps
-                run.append(order.pop(0))
-            first, last = table[rows[run[0]]], table[rows[run[-1]]]
-            base = int(first['offset']) - 512
-            runs.append((s, run, self.paths[s][int(first['shard'])], base, int(last['offset']) + int(last['size']) - base))
+        out, runs = [None] * len(rows), []
+        for s in np.unique(src).tolist():
+            at = np.flatnonzero(src == s)
+            at = at[np.argsort(rows[at], kind='stable')]  # this source's positions, in file order
+            recs = self._tables[s][0][rows[at]]
+            row, shard, offset, size = rows[at].tolist(), *(recs[f].tolist() for f in ('shard', 'offset', 'size'))
+            first = 0
+            for j in range(1, len(at) + 1):
+                if j == len(at) or row[j] - row[j - 1] > 1 or shard[j] != shard[first] or \
+                        offset[j] - offset[first] >= 1 << 20:  # a run ends; long gaps are not read
+                    base = offset[first] - 512
+                    runs.append((s, at[first:j], recs[first:j], self.paths[s][shard[first]], base,
+                                 offset[j - 1] + size[j - 1] - base))
+                    first = j
         # requests to a URL source wait mostly on the network: a batch's requests go out together
-        fetched = [self._requests.submit(self._fetch, *run[2:]) if is_url(run[2]) else self._fetch(*run[2:])
+        fetched = [self._requests.submit(self._fetch, *run[3:]) if is_url(run[3]) else self._fetch(*run[3:])
                    for run in runs]
-        for (s, run, path, base, _), data in zip(runs, fetched):
+        for (s, ks, recs, path, base, _), data in zip(runs, fetched):
             data = data if isinstance(data, (bytes, str)) else data.result()
-            table = self._tables[s][0]
-            for k in run:
+            for k, rec in zip(ks.tolist(), recs):
                 rng = random.Random(f'{self.seed}:{positions[k]}') if self.augment else None  # the same in any layout
-                out[k] = data if isinstance(data, str) else self._sample(s, table[rows[k]], data, base, path, rng)
+                out[k] = data if isinstance(data, str) else self._sample(s, rec, data, base, path, rng)
         return out
 
     def _sample(self, s, row, data, base, path, rng):
@@ -659,8 +661,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 return
             positions = np.arange(first, first + B if self.loop else min(first + B, self.num_samples))
             images, labels, bad = [], [], 0
-            src, rows = (a.tolist() for a in self._locate(positions))
-            for s, got in zip(src, self._read_batch(src, rows, positions.tolist())):
+            src, rows = self._locate(positions)
+            for s, got in zip(src.tolist(), self._read_batch(src, rows, positions.tolist())):
                 if self._reads[s] % 1000 == 0:  # a new window of 1,000 reads of source s
                     self._bad[s] = 0
                 self._reads[s] += 1
