@@ -192,14 +192,19 @@ def syscalls(args):
         shutil.rmtree(out)
 
 
-class SlowHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with byte ranges, each request answered after the server's `delay` seconds."""
-    protocol_version = 'HTTP/1.1'
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with byte ranges (Python's own handler ignores Range), each answered after the server's `delay`
+    seconds, as an object store's first-byte latency."""
+    protocol_version = 'HTTP/1.1'  # keep-alive, as object stores serve
 
     def do_GET(self):
         time.sleep(self.server.delay)
+        path = self.translate_path(self.path)
+        if not os.path.isfile(path):
+            self.send_error(404)
+            return
         asked = re.fullmatch(r'bytes=(\d+)-(\d+)', self.headers.get('Range', ''))
-        with open(self.translate_path(self.path), 'rb') as f:
+        with open(path, 'rb') as f:
             f.seek(int(asked[1]) if asked else 0)
             body = f.read(int(asked[2]) + 1 - int(asked[1]) if asked else -1)
         self.send_response(206 if asked else 200)
@@ -214,7 +219,7 @@ class SlowHandler(http.server.SimpleHTTPRequestHandler):
 def latency(args):
     out = args.keep or tempfile.mkdtemp(prefix='bench_data_')
     shard_dir = render(os.path.join(out, 'clean'), args.n, args.workers, args.n // 8)
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(SlowHandler, directory=out))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(RangeHandler, directory=out))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f'http://127.0.0.1:{server.server_address[1]}/clean'
     os.environ['OCRSCALE_CACHE'] = os.path.join(out, 'cache')

@@ -2,43 +2,30 @@
 import functools
 import http.server
 import os
-import re
+import sys
 import threading
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_data  # noqa: E402
 
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files, with byte ranges unless the server's `ranges` is off (Python's own handler ignores Range, as
-    some servers do); /moved/PATH redirects to /PATH; counts the requests it answers."""
-    protocol_version = 'HTTP/1.1'  # keep-alive, as object stores serve
+
+class RangeHandler(bench_data.RangeHandler):
+    """bench_data's server, and: no byte ranges when the server's `ranges` is off (as some servers answer), /moved/PATH
+    redirects to /PATH, requests counted."""
 
     def do_GET(self):
+        self.server.requests += 1
         if self.path.startswith('/moved/'):  # as a CDN or a hub answers: elsewhere
             self.send_response(302)
             self.send_header('Location', self.path[len('/moved'):])
             self.send_header('Content-Length', '0')
             self.end_headers()
             return
-        path = self.translate_path(self.path)
-        if not os.path.isfile(path):
-            self.send_error(404)
-            return
-        with open(path, 'rb') as f:
-            body = f.read()
-        asked = re.fullmatch(r'bytes=(\d+)-(\d+)', self.headers.get('Range', ''))
-        if asked and self.server.ranges:
-            body = body[int(asked[1]):int(asked[2]) + 1]
-            self.send_response(206)
-        else:
-            self.send_response(200)
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        self.server.requests += 1
-
-    def log_message(self, *args):
-        pass
+        if not self.server.ranges:
+            del self.headers['Range']
+        super().do_GET()
 
 
 @pytest.fixture
@@ -47,7 +34,7 @@ def http_server(tmp_path):
     root = tmp_path / 'served'
     root.mkdir()
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(RangeHandler, directory=str(root)))
-    server.requests, server.ranges = 0, True
+    server.requests, server.ranges, server.delay = 0, True, 0
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f'http://127.0.0.1:{server.server_address[1]}', root, server
     server.shutdown()
