@@ -7,21 +7,14 @@
     python data.py stats data/real                                # counts, lengths, charset, drops
     python data.py spm data/real --vocab 512                      # SentencePiece BPE -> data/real/spm512.model
 
-Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention), each with a sidecar SHARD.tar.idx
-(each sample's label, image offset and size, and a CRC-32 of its tar header; shards made elsewhere are indexed once
-with tarfile), and DIR/index.json {"shards": {name: count}, "samples", "charset", "source", "drops"}. Importers
-write in a seeded random order.
-
-ShardStream reads samples by offset from a usable-sample index built once per shard set and label settings and
-memory-mapped by every process (labels filtered when it is built: whitespace removed, NFKD->ASCII only for the
-36/94-char settings, characters outside the charset removed; empty labels and labels over max_len tokens skipped
-and counted, never cut). D (num_samples) counts usable images. The order is a function of the global sample
-position and the seed (see ShardStream); unreadable samples are skipped and counted when read. Not here:
-on-the-fly rendering during training.
+Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention), written in a seeded random order, each
+with a sidecar SHARD.tar.idx (label, image offset and size, tar header CRC-32 per sample; shards made elsewhere are
+indexed once), and DIR/index.json {"shards": {name: count}, "samples", "charset", "source", "drops"}. ShardStream
+reads by offset from a usable-sample index (cleaned labels) built once and memory-mapped by every process.
 """
-import argparse, base64, contextlib, fcntl, fnmatch, functools, glob, hashlib, http.client, io, json, math, os, random
+import argparse, base64, contextlib, fcntl, fnmatch, functools, gc, glob, hashlib, http.client, io, json, os, random
 import resource, sys, tarfile, time, unicodedata, urllib.parse, zlib
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import count
 from multiprocessing import Pool
@@ -47,7 +40,7 @@ def cpu_count():
 def write_json(obj, path, indent=None):
     """Write atomically (a temporary file per process, then a rename): readers never see half a file."""
     tmp = f'{path}.{os.getpid()}.tmp'
-    Path(tmp).write_text(json.dumps(obj, indent=indent))  # dumps: the C encoder
+    Path(tmp).write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------- labels and charsets
@@ -84,30 +77,20 @@ def clean_label(label, charset=None, max_len=25, fold=True):
 # ----------------------------------------------------------------------------- tar shards
 
 def _tar_header(name, size):
-    """The ustar header tarfile writes for a regular file (mode 644, mtime 0, no owner), 5x cheaper to make."""
-    h = bytearray(512)
-    h[0:len(name)] = name.encode()
-    h[100:136] = b'0000644\x000000000\x000000000\x00' + b'%011o\x00' % size
-    h[136:157] = b'00000000000\x00' + b' ' * 8 + b'0'
-    h[257:265] = b'ustar\x0000'
-    h[148:156] = b'%06o\x00 ' % sum(h)
-    return bytes(h)
-
-
-def _stamp(path):
-    """(size, mtime in ns): a shard rewritten after its sidecar or cache was made no longer matches them."""
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
+    info = tarfile.TarInfo(name)  # a regular file: mode 644, mtime 0, no owner
+    info.size = size
+    return info.tobuf(tarfile.USTAR_FORMAT)
 
 
 def _write_sidecar(path, samples):
-    stamp = _stamp(path)
-    write_json({'bytes': stamp[0], 'mtime_ns': stamp[1], 'samples': samples}, path + '.idx')
+    """PATH.idx with the shard's size and mtime: a shard rewritten after it no longer matches."""
+    st = os.stat(path)
+    write_json({'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns, 'samples': samples}, path + '.idx')
 
 
 class ShardWriter:
-    """Writes samples into OUT/PREFIX-NNNNNN.tar shards (+ .idx sidecars) of at most shard_size samples /
-    max_bytes bytes. Shards are written as .tmp and renamed when full: a crash never leaves a half shard."""
+    """Writes samples into OUT/PREFIX-NNNNNN.tar shards (+ sidecars) of at most shard_size samples / max_bytes
+    bytes, each written as .tmp and renamed when full: a crash never leaves a half shard."""
 
     def __init__(self, out_dir, shard_size=10000, max_bytes=1.5e9, prefix='shard', start=0):
         os.makedirs(out_dir, exist_ok=True)
@@ -133,7 +116,7 @@ class ShardWriter:
     def _finish(self):
         self.f.write(bytes(1024))  # end-of-archive: two zero blocks
         self.f.close()
-        _write_sidecar(self.path + '.tmp', self.samples)  # the rename keeps the size and mtime it records
+        _write_sidecar(self.path + '.tmp', self.samples)  # the renames keep the size and mtime it records
         os.replace(self.path + '.tmp.idx', self.path + '.idx')
         os.replace(self.path + '.tmp', self.path)
         self.shards[os.path.basename(self.path)] = len(self.samples)
@@ -183,8 +166,8 @@ def shard_index(path):
             raise FileNotFoundError(f'{path}.idx is missing: read the shard set once from a local copy (python data.py '
                                     'stats DIR writes the sidecars) and upload the .idx files with it') from None
     with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged one
-        idx = json.loads(Path(path + '.idx').read_text())
-        if [idx['bytes'], idx['mtime_ns']] == _stamp(path):
+        idx, st = json.loads(Path(path + '.idx').read_text()), os.stat(path)
+        if [idx['bytes'], idx['mtime_ns']] == [st.st_size, st.st_mtime_ns]:
             return idx['samples']
     samples = scan_tar(path)
     with contextlib.suppress(OSError):  # a read-only data folder: scan again next time
@@ -208,9 +191,8 @@ def _read_index(pattern):
 
 
 def find_shards(pattern):
-    """A dir or glob -> sorted [(path, count)], counts from each folder's index.json (or the shard's index).
-    A shard that an index.json lists but that is not there is an error naming it. A URL names a shard-set folder:
-    its index.json lists the shards."""
+    """A folder, glob or URL of a folder -> sorted [(path, count)], counts from index.json (or the shard's index).
+    A shard that an index.json lists but that is not there is an error naming it."""
     if is_url(pattern):
         return [(f'{pattern.rstrip("/")}/{name}', n) for name, n in sorted(_read_index(pattern)['shards'].items())]
     paths = sorted(glob.glob(os.path.join(pattern, '*.tar') if os.path.isdir(pattern) else pattern))
@@ -239,7 +221,6 @@ def read_url(url, start=None, length=None, connections=None, redirects=5):
     per host in the dict `connections`; redirects followed; three tries on a dropped connection or a 5xx/429 answer),
     any other scheme through fsspec (s3://, gs://, ...)."""
     scheme, _, rest = url.partition('://')
-    connections = {} if connections is None else connections
     headers = {} if start is None else {'Range': f'bytes={start}-{start + length - 1}'}
     if scheme not in ('http', 'https'):
         try:
@@ -250,7 +231,7 @@ def read_url(url, start=None, length=None, connections=None, redirects=5):
             raise ValueError(f'reading {scheme}:// needs fsspec and its backend (pip install fsspec s3fs, or gcsfs, '
                              f'...): {e}') from None
     host, _, path = rest.partition('/')
-    idle = connections.setdefault((scheme, host), [])  # append and pop are atomic: several threads share it
+    idle = ({} if connections is None else connections).setdefault((scheme, host), [])  # threads share it
     for attempt in range(3):
         try:
             conn = idle.pop()
@@ -289,8 +270,7 @@ def parse_sources(spec):
     out = []
     for part in spec.split(','):
         path, _, w = part.rpartition(':')
-        ok = path and w.replace('.', '', 1).isdigit()
-        out.append((path, float(w)) if ok else (part, 1.0))
+        out.append((path, float(w)) if path and w.replace('.', '', 1).isdigit() else (part, 1.0))
     return out
 
 # ----------------------------------------------------------------------------- the usable-sample index
@@ -301,19 +281,20 @@ ROW = np.dtype([('shard', '<i4'), ('offset', '<i8'), ('size', '<i4'), ('crc', '<
 
 
 def usable_index(pattern, settings, clean):
-    """A source's shard paths and the base path of its usable-sample index: BASE.rows.npy (ROW), BASE.labels.npy
-    (the cleaned labels' UTF-8 bytes) and BASE.json (counts, drops). Built once per shard set (paths, sizes, mtimes;
-    a remote set: its index.json) and `settings` (what `clean` depends on) beside the shards, or in $OCRSCALE_CACHE
-    (~/.cache/ocrscale) when their folder is remote or read-only; the first process builds it under a file lock,
-    the others wait and reuse it."""
+    """A source's shard paths, the base path of its usable-sample index (BASE.rows.npy: ROW, BASE.labels.npy: the
+    cleaned labels' UTF-8 bytes, BASE.json: counts and drops) and that json. Built once per shard set (paths, sizes,
+    mtimes; a remote set: its index.json) and `settings` (what `clean` depends on), beside the shards or in
+    $OCRSCALE_CACHE (~/.cache/ocrscale) when their folder is remote or read-only, by the first process, under a
+    file lock; the others wait and reuse it."""
     shards = find_shards(pattern)
     paths = [p if is_url(p) else os.path.abspath(p) for p, _ in shards]
-    key = json.dumps([settings, [[p, n, *([] if is_url(p) else _stamp(p))] for p, (_, n) in zip(paths, shards)]])
+    stamps = [[p, n] + ([] if is_url(p) else [os.stat(p).st_size, os.stat(p).st_mtime_ns]) for p, (_, n) in
+              zip(paths, shards)]
     folder = os.path.dirname(paths[0])
     if is_url(folder) or not os.access(folder, os.W_OK):
         folder = os.environ.get('OCRSCALE_CACHE', os.path.expanduser('~/.cache/ocrscale'))
         os.makedirs(folder, exist_ok=True)
-    base = os.path.join(folder, '.usable-' + hashlib.sha1(key.encode()).hexdigest()[:16])
+    base = os.path.join(folder, '.usable-' + hashlib.sha1(json.dumps([settings, stamps]).encode()).hexdigest()[:16])
     if not os.path.exists(base + '.json'):
         with open(base + '.lock', 'a') as lock:
             with contextlib.suppress(OSError):  # no locks on this filesystem: processes may build it side by side
@@ -326,9 +307,8 @@ def usable_index(pattern, settings, clean):
 def _build_usable_index(base, shards, clean):
     tables, labels, drops, cleaned, n_bytes = [], [], Counter(), {}, 0
     for s, (path, listed) in enumerate(shards):
-        samples = shard_index(path)
+        samples, rows = shard_index(path), []
         drops['truncated_tar'] += max(0, listed - len(samples))
-        rows = []
         for label, offset, size, crc in samples:
             if label not in cleaned:  # computed once per distinct raw label
                 cleaned[label] = (None, 'missing_label') if label is None else clean(label)
@@ -340,7 +320,7 @@ def _build_usable_index(base, shards, clean):
             rows.append((s, offset, size, crc, n_bytes, len(encoded)))
             labels.append(encoded)
             n_bytes += len(encoded)
-        tables.append(np.array(rows, dtype=ROW))
+        tables.append(np.array(rows, dtype=ROW))  # 32 bytes a row; a list of tuples holds ~10x that
     rows = np.concatenate(tables)
     for suffix, array in (('.rows.npy', rows), ('.labels.npy', np.frombuffer(b''.join(labels) or b'\0', np.uint8))):
         tmp = f'{base}{suffix}.{os.getpid()}.tmp'
@@ -387,7 +367,6 @@ def permute(x, n, key):
         todo = todo[x[todo] >= n]
     return x.astype(np.int64)
 
-
 # ----------------------------------------------------------------------------- decoding
 
 def augment_image(img, rng):
@@ -419,8 +398,7 @@ def decode_image(data, img_h, img_w, rng=None):
 
 
 def normalize(images):
-    """uint8 (B, H, W, 3), as batches leave the loader (4x smaller than float32) -> float (B, 3, H, W) in [-1, 1],
-    on the images' device."""
+    """uint8 (B, H, W, 3), as batches leave the loader (4x smaller than float32) -> float (B, 3, H, W) in [-1, 1]."""
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 # ----------------------------------------------------------------------------- the reader
@@ -430,67 +408,62 @@ class DataError(RuntimeError):
 
 
 def _worker_init(_):
+    # a full collection in the worker would write to every object inherited from its parent (torch's thousands of
+    # modules and functions), copying their pages; frozen objects are never examined (58.9 -> 29.6 MiB a worker)
+    gc.freeze()
     torch.set_num_threads(1)  # the workers decode with PIL; torch threads would only fight over the cores
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Per-rank batches (uint8 images (B, H, W, 3), labels, unreadable samples skipped) from weighted shard sets.
+    """Per-rank batches (uint8 images (B, H, W, 3), labels, number of unreadable samples skipped) from weighted
+    shard sets, in an order that depends on the global sample position and the seed only.
 
-    The order is a function of the global sample position p and the seed only. Micro-batch j of rank r holds
-    positions start + (j * world_size + r) * batch_size + [0, batch_size), so optimizer step k trains positions
-    [k * global_batch, (k + 1) * global_batch) on any number of processes x workers x micro-batches, and resuming
-    needs only p. Position p is the next draw of one source: each MIX_CHUNK positions hold each source's share by
-    weight (largest remainder, slots shuffled by a keyed permutation). Draw k of source s reads sample k mod n_s of
-    its epoch k // n_s, a fresh keyed permutation of its n_s images: an epoch of a source covers each of its images
-    once; a source weighted above its share of D is simply repeated sooner.
-    samples: a D cap, exactly D images split over the sources by weight (largest remainder), each source's share a
-    uniform subset (the first images of a permutation keyed by data_seed, so smaller caps are subsets of larger).
-    block: consecutive stored samples the permutations keep together (default 1 for local shards, REMOTE_BLOCK for
-    URLs), so that a URL source needs a request per block. Samples are read by offset, the rows of a shard that
-    follow each other in one read; a sample whose tar header no longer matches the index or whose image does not
-    decode is skipped and counted (batches may be smaller; the loss is token-weighted)."""
+    Micro-batch j of rank r holds positions start + (j * world_size + r) * batch_size + [0, batch_size): optimizer
+    step k trains positions [k * global_batch, (k + 1) * global_batch) on any processes x workers x micro-batches,
+    and a resume needs only the position. Each MIX_CHUNK positions hold each source's share by weight (largest
+    remainder, in a keyed order); draw k of a source is image k mod n of its epoch k // n, a keyed permutation of
+    its n images. samples: exactly D images split over the sources by weight, each share a keyed uniform subset
+    (a smaller D: a subset of a larger). block: consecutive stored samples kept together (1 locally, REMOTE_BLOCK
+    for URLs) and read with one request. A sample whose tar header no longer matches the index, or whose image
+    does not decode, is skipped and counted."""
 
     def __init__(self, sources, img_h, img_w, batch_size, charset, max_len=25, rank=0, world_size=1, seed=0,
                  samples=None, augment=False, loop=True, fold=True, tokenizer=None, data_seed=0, block=None):
-        if isinstance(sources, str):
-            sources = parse_sources(sources)
-        sources = [(s, 1.0) if isinstance(s, str) else (s[0], float(s[1])) for s in sources]
+        sources = parse_sources(sources) if isinstance(sources, str) else [(s, float(w)) for s, w in sources]
+        if min(seed, data_seed) < 0:
+            raise ValueError(f'seeds are non-negative integers, got {min(seed, data_seed)}')
         if charset is None and tokenizer is not None:
             charset = getattr(tokenizer, 'charset', None)
         self.img_h, self.img_w, self.batch_size, self.charset, self.fold = img_h, img_w, batch_size, charset, fold
         self.max_len = max_len if tokenizer is None else min(max_len, tokenizer.max_len)
         self.rank, self.world_size, self.seed, self.augment, self.loop = rank, world_size, seed, augment, loop
         self.tokenizer, self.data_seed, self.names = tokenizer, data_seed, [s for s, _ in sources]
-        if min(seed, data_seed) < 0:
-            raise ValueError(f'seeds are non-negative integers, got {min(seed, data_seed)}')
         settings = dict(charset=charset, fold=fold, max_len=self.max_len,
                         tokenizer=hashlib.sha1(json.dumps(tokenizer.spec).encode()).hexdigest() if tokenizer else None)
         self.paths, self.bases, self.usable, self.drops = [], [], [], Counter()
-        for pattern, _ in sources:
+        for pattern in self.names:
             paths, base, meta = usable_index(pattern, settings, self._clean)
-            self.drops.update(meta['drops'])
             if meta['samples'] == 0:
                 raise ValueError(f'no usable sample in {pattern} (drops: {meta["drops"]}): check the '
                                  f'charset (fold={fold}) and max_len={self.max_len}')
             self.paths.append(paths)
             self.bases.append(base)
             self.usable.append(meta['samples'])
-        self.drops = dict(self.drops)
+            self.drops.update(meta['drops'])
         weights = [w for _, w in sources]
         self.sizes = list(self.usable) if samples is None else largest_remainder(samples, weights).tolist()
         for pattern, want, have in zip(self.names, self.sizes, self.usable):
             if not 0 < want <= have:
                 raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, which holds only {have}')
         self.num_samples = sum(self.sizes)
-        # consecutive samples read together, at most 1/16 of a source so that its order still changes every epoch
+        # at most 1/16 of a source, so that its order still changes every epoch
         self.blocks = [max(1, min(block or (REMOTE_BLOCK if is_url(name) else 1), n // 16))
                        for name, n in zip(self.names, self.sizes)]
         self.quota = largest_remainder(MIX_CHUNK, weights)  # slots per MIX_CHUNK positions, per source
         if self.loop and not self.quota.all():
             raise ValueError(f'the weight of {self.names[int(np.argmin(self.quota))]} is under 1/{MIX_CHUNK} of the '
                              'sum: it would never be read')
-        self.start = 0
-        self._tables, self._chunk = None, (None,)  # built in the process that reads: a worker is sent no table
+        self.start, self._tables = 0, None  # tables are opened in the process that reads: a worker is sent none
 
     def _clean(self, raw):
         """(cleaned label, None) or (None, drop reason) under this stream's charset, folding and max_len."""
@@ -500,62 +473,54 @@ class ShardStream(torch.utils.data.IterableDataset):
         return label, reason
 
     def __getstate__(self):
-        return {**self.__dict__, '_tables': None, '_chunk': (None,), '_files': {}, '_connections': {}, '_requests': None}
+        return {**self.__dict__, '_tables': None, '_files': {}, '_connections': {}, '_requests': None}
 
     def loader(self, num_workers=0, start=0, pin_memory=False):
         """This rank's batches from global position `start` (the position after the last optimizer step)."""
         self.start = start
-        # where workers start from a forkserver (Python 3.14's default on Linux): import torch and this module there
-        # once, not in every worker (~130 MiB each; the default preload does not reach the forkserver on Python 3.11)
+        # workers started from a forkserver (Python 3.14's default on Linux) then share one import of torch and
+        # this module (~130 MiB each otherwise; Python 3.11's default preload does not reach the forkserver)
         torch.multiprocessing.set_forkserver_preload(['torch', __name__])
         # its own generator: a DataLoader draws a base seed, which would shift the global RNG on resume
-        dl = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                         worker_init_fn=_worker_init if num_workers else None,
-                                         generator=torch.Generator())
-        for batch in dl:
+        for batch in torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                                 worker_init_fn=_worker_init if num_workers else None,
+                                                 generator=torch.Generator()):
             if isinstance(batch, str):  # a worker's one-line error
                 raise DataError(batch)
             yield batch
 
-    # --- the order ---
     def _locate(self, positions):
         """(source, row of its usable-sample index) of each global position."""
-        if not self.loop:  # evaluation: every image once, sources one after another in stored order
+        if self.loop:
+            chunk, slot = np.divmod(positions, MIX_CHUNK)
+            src, draw = np.empty_like(positions), np.empty_like(positions)
+            for c in np.unique(chunk).tolist():
+                at = chunk == c
+                src[at], draw[at] = (a[slot[at]] for a in self._mix_chunk(c))
+            epoch, i = np.divmod(draw, np.asarray(self.sizes)[src])
+            for s, e in set(zip(src.tolist(), epoch.tolist())):
+                at = (src == s) & (epoch == e)
+                i[at] = permute_blocks(i[at], self.sizes[s], self.blocks[s], (self.seed, 2, s, e))
+        else:  # evaluation: every image once, sources one after another in stored order
             ends = np.cumsum(self.sizes)
             src = np.searchsorted(ends, positions, side='right')
-            return self._capped(src, positions - (ends - self.sizes)[src])
-        chunk, slot = np.divmod(positions, MIX_CHUNK)
-        src, draw = np.empty_like(positions), np.empty_like(positions)
-        for c in np.unique(chunk).tolist():
-            at = chunk == c
-            src[at], draw[at] = (a[slot[at]] for a in self._mix_chunk(c))
-        epoch, i = np.divmod(draw, np.asarray(self.sizes)[src])
-        for s, e in set(zip(src.tolist(), epoch.tolist())):
-            at = (src == s) & (epoch == e)
-            i[at] = permute_blocks(i[at], self.sizes[s], self.blocks[s], (self.seed, 2, s, e))
-        return self._capped(src, i)
-
-    def _mix_chunk(self, c):
-        """Source and draw number of each of the MIX_CHUNK positions of chunk c: the sources' quotas in a keyed
-        order; a source's draws follow its positions, so its epochs are consecutive runs of its draws."""
-        if self._chunk[0] != c:
-            src = np.searchsorted(np.cumsum(self.quota), permute(np.arange(MIX_CHUNK), MIX_CHUNK, (self.seed, 1, c)),
-                                  side='right')
-            draw = np.empty(MIX_CHUNK, np.int64)
-            for s, q in enumerate(self.quota.tolist()):
-                draw[src == s] = c * q + np.arange(q)
-            self._chunk = c, src, draw
-        return self._chunk[1:]
-
-    def _capped(self, src, i):
-        """(source, image number in its D subset) -> (source, row of the source's usable-sample index)."""
-        for s in np.unique(src).tolist():
+            i = positions - (ends - self.sizes)[src]
+        for s in np.unique(src).tolist():  # image number in the source's D subset -> row of its index
             if self.sizes[s] < self.usable[s]:
                 at = src == s
                 i[at] = permute_blocks(i[at], self.usable[s], self.blocks[s], (self.data_seed, 3, s))
         return src, i
 
-    # --- reading ---
+    def _mix_chunk(self, c):
+        """Source and draw number of each of the MIX_CHUNK positions of chunk c: the sources' quotas in a keyed
+        order; a source's draws follow its positions, so its epochs are consecutive runs of its draws."""
+        src = np.searchsorted(np.cumsum(self.quota), permute(np.arange(MIX_CHUNK), MIX_CHUNK, (self.seed, 1, c)),
+                              side='right')
+        draw = np.empty(MIX_CHUNK, np.int64)
+        for s, q in enumerate(self.quota.tolist()):
+            draw[src == s] = c * q + np.arange(q)
+        return src, draw
+
     def _open(self):
         self._tables = [(np.load(b + '.rows.npy', mmap_mode='r'), np.load(b + '.labels.npy', mmap_mode='r'))
                         for b in self.bases]
@@ -565,34 +530,26 @@ class ShardStream(torch.utils.data.IterableDataset):
         with contextlib.suppress(ValueError, OSError):  # every shard of a large set open at once: no open per read
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-        self._max_files = (1 << 16 if soft == resource.RLIM_INFINITY else min(soft, 1 << 16)) // 2
-        self._reads, self._bad = [0] * len(self.bases), [0] * len(self.bases)  # per source; bad: in this 1,000
-        self._warned_at, self._unreported, self._pid = -math.inf, 0, os.getpid()
+        self._max_files = min(soft if soft > 0 else 1 << 16, 1 << 16) // 2  # RLIM_INFINITY is negative
+        self._recent = [deque(maxlen=1000) for _ in self.bases]  # per source: was each of its last reads unusable
+        self._warned_at, self._unreported, self._pid = time.monotonic() - 60, 0, os.getpid()
 
     def _fetch(self, path, start, length):
         """`length` bytes of a shard from `start` (a short read where the shard is shorter), or why not."""
         try:
             if is_url(path):
                 return read_url(path, start, length, self._connections)
-            fd = self._files.get(path)
-            if fd is None:
+            if path not in self._files:
                 if len(self._files) >= self._max_files:
                     os.close(self._files.pop(next(iter(self._files))))
-                fd = self._files[path] = os.open(path, os.O_RDONLY)
-            return os.pread(fd, length, start)
+                self._files[path] = os.open(path, os.O_RDONLY)
+            return os.pread(self._files[path], length, start)
         except (OSError, ValueError) as e:  # the message names the file or URL
             return str(e)
 
-    def _close(self):
-        for fd in self._files.values():
-            os.close(fd)
-        if self._requests:
-            self._requests.shutdown()
-        self._tables = None
-
     def _read_batch(self, src, rows, positions):
-        """[(image array, label) or the reason it cannot be used] at each position. Rows of one shard that follow
-        each other in the index are read together: one read (a tar header and image each, with what lies between)."""
+        """[(image array, label) or why not] at each position. Rows of one shard that follow each other in the index
+        are read together: one read (their tar headers and images, with what lies between)."""
         out, runs = [None] * len(rows), []
         for s in np.unique(src).tolist():
             at = np.flatnonzero(src == s)
@@ -631,18 +588,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         label = int(row['label'])
         return image, bytes(self._tables[s][1][label:label + int(row['label_len'])]).decode('utf-8')
 
-    def _skip(self, s, reason):
-        """Count an unusable sample; a line per minute at most. Returns a one-line error for a source that is mostly
-        unreadable (from the start, or later: a server or filesystem gone)."""
-        self._unreported += 1
-        if time.monotonic() - self._warned_at >= 60:
-            print(f'data.py: warning: {self._unreported} unreadable sample(s) skipped and counted (latest: {reason})',
-                  file=sys.stderr)
-            self._warned_at, self._unreported = time.monotonic(), 0
-        self._bad[s] += 1
-        if self._bad[s] > 500:
-            return f'{self.names[s]}: over half of 1,000 consecutive reads are unreadable (latest: {reason})'
-
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, W = (info.id, info.num_workers) if info else (0, 1)
@@ -651,7 +596,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             yield from self._batches(worker, W)
         finally:  # the last batch, the end of an evaluation pass, or a closed loader
-            self._close()
+            for fd in self._files.values():
+                os.close(fd)
+            if self._requests:
+                self._requests.shutdown()
+            self._tables = None
 
     def _batches(self, worker, W):
         B = self.batch_size
@@ -663,25 +612,26 @@ class ShardStream(torch.utils.data.IterableDataset):
             images, labels, bad = [], [], 0
             src, rows = self._locate(positions)
             for s, got in zip(src.tolist(), self._read_batch(src, rows, positions.tolist())):
-                if self._reads[s] % 1000 == 0:  # a new window of 1,000 reads of source s
-                    self._bad[s] = 0
-                self._reads[s] += 1
-                if isinstance(got, str):
-                    bad += 1
-                    error = self._skip(s, got)
-                    if error:
-                        yield error
-                        return
-                else:
+                self._recent[s].append(isinstance(got, str))
+                if not isinstance(got, str):
                     images.append(got[0])
                     labels.append(got[1])
+                    continue
+                bad, self._unreported = bad + 1, self._unreported + 1
+                if time.monotonic() - self._warned_at >= 60:  # a line a minute at most
+                    print(f'data.py: warning: {self._unreported} unreadable sample(s) skipped and counted (latest: '
+                          f'{got})', file=sys.stderr)
+                    self._warned_at, self._unreported = time.monotonic(), 0
+                if sum(self._recent[s]) > 500:  # from the start, or later: a server or filesystem gone
+                    yield f'{self.names[s]}: over half of 1,000 consecutive reads are unreadable (latest: {got})'
+                    return
             stacked = np.stack(images) if images else np.zeros((0, self.img_h, self.img_w, 3), np.uint8)
             yield torch.from_numpy(stacked), labels, bad
 
 # ----------------------------------------------------------------------------- tokenizers
 
 class _Tokenizer:
-    """Ids: 0 = EOS, 1..V-3 = the text tokens self.tokens, V-2 = BOS, V-1 = PAD (the seams' convention)."""
+    """Ids: 0 = EOS, 1..V-3 = the text tokens self.tokens, V-2 = BOS, V-1 = PAD (as model.py expects)."""
     eos_id = 0
 
     def __init__(self, tokens, max_len):
@@ -776,9 +726,6 @@ def load_tokenizer(spec):
 
 # ----------------------------------------------------------------------------- metrics (paper §5)
 
-BENCHMARK_SIZES = {'IC13': 857, 'IIIT5k': 3000, 'SVT': 647, 'CUTE80': 288, 'IC15': 1811, 'SVTP': 645}  # 7,248
-
-
 def normalize36(s):
     """Lowercase and delete everything outside 0-9a-z (the evaluation protocol of the study)."""
     return ''.join(c for c in s.lower() if c in CHARSET36)
@@ -808,16 +755,8 @@ def score(preds, gts, fold=True):
 
 
 def weighted_average(results, key='error'):
-    """Average of results[name][key] over sets, weighted by set size (results[name]['n'], else
-    BENCHMARK_SIZES[name]). Entries may be score() dicts: key 'error' / 'accuracy' / 'ned' (1-NED) in percent."""
-    total = wsum = 0.0
-    for name, r in results.items():
-        n = r.get('n') or BENCHMARK_SIZES[name]
-        v = r[key] if key in r or 'correct' not in r else {'error': 100 * (1 - r['correct'] / n),
-                                                           'accuracy': 100 * r['correct'] / n,
-                                                           'ned': 100 * r['ned_sum'] / n}[key]
-        total, wsum = total + n * v, wsum + n
-    return total / wsum
+    """The study's average over test sets: results[name][key] weighted by the set's size results[name]['n']."""
+    return sum(r[key] * r['n'] for r in results.values()) / sum(r['n'] for r in results.values())
 
 # ----------------------------------------------------------------------------- word renderer
 
