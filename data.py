@@ -666,7 +666,7 @@ class CharTokenizer(_Tokenizer):
 
     def __init__(self, charset=CHARSET36, max_len=25):
         super().__init__(charset, max_len)
-        self.charset, self.fold = charset, charset in (CHARSET36, CHARSET94)  # the study's settings fold
+        self.charset, self.fold = charset, charset.isascii()  # an ASCII charset reads 'é' as 'e' (NFKD->ASCII)
         self._id = {c: i for i, c in enumerate(charset, 1)}
         self.spec = {'type': 'char', 'charset': charset, 'max_len': max_len}
 
@@ -741,17 +741,28 @@ def edit_distance(a, b):
     return prev[-1]
 
 
-def score(preds, gts, fold=True):
+def score(preds, gts, charset=None):
     """-> dict(n, correct, ned_sum, error %, ned % (= 1-NED)): exact matches and 1 - NED, NED = edit distance /
-    max(len(pred), len(gt)); fold=True after the study's 36-char normalisation, else on the labels as written."""
+    max(len(pred), len(gt)), compared as scoring_form(text, charset). An empty prediction reads nothing: never
+    correct for a non-empty label, even one that normalises to ''."""
     correct, ned_sum = 0, 0.0
-    for p, g in zip(preds, gts, strict=True):
-        p, g = (normalize36(p), normalize36(g)) if fold else (p, g)
-        correct += p == g
-        ned_sum += 1.0 - (edit_distance(p, g) / max(len(p), len(g)) if p or g else 0.0)
+    for pred, gt in zip(preds, gts, strict=True):
+        p, g = scoring_form(pred, charset), scoring_form(gt, charset)
+        if pred or not gt:
+            correct += p == g
+            ned_sum += 1.0 - (edit_distance(p, g) / max(len(p), len(g)) if p or g else 0.0)
     n = len(gts)
     return {'n': n, 'correct': correct, 'ned_sum': ned_sum, 'error': 100 * (1 - correct / n) if n else float('nan'),
             'ned': 100 * ned_sum / n if n else float('nan')}
+
+
+def scoring_form(text, charset=None):
+    """The study's protocol (normalize36) for no charset or an ASCII one; otherwise the text as written (NFC),
+    lower-cased when the charset has no upper-case letter (as clean_label reads labels)."""
+    if charset is None or charset.isascii():
+        return normalize36(text)
+    text = unicodedata.normalize('NFC', text)
+    return text.lower() if charset == charset.lower() else text
 
 
 def weighted_average(results, key='error'):

@@ -372,11 +372,37 @@ def test_metrics():
     r = data.score(['ABC', 'abd', '', 'x'], ['abc', 'abc', '', 'xyz'])
     assert r['n'] == 4 and r['correct'] == 2 and r['error'] == 50.0
     assert r['ned_sum'] == pytest.approx(1 + 2 / 3 + 1 + 1 / 3) and r['ned'] == pytest.approx(75)
-    r = data.score(['ABC', 'αβδ', 'мир'], ['abc', 'αβγ', 'мир'], fold=False)  # as written
+    r = data.score(['ABC', 'αβδ', 'мир'], ['abc', 'αβγ', 'мир'], 'ABCαβγδмир')  # as written
     assert r['correct'] == 1 and r['ned_sum'] == pytest.approx(0 + 2 / 3 + 1)
     res = {'IC13': {'error': 10.0, 'n': 857}, 'IIIT5k': {'error': 20.0, 'n': 3000}}
     assert data.weighted_average(res) == pytest.approx((857 * 10 + 3000 * 20) / 3857)
     assert data.weighted_average({'SVT': {'n': 4, 'ned': 87.5}, 'IC13': {'n': 1, 'ned': 50.0}}, 'ned') == 80.0
+
+
+def test_folding_and_case_follow_the_charset_content():
+    shuffled = ''.join(random.Random(0).sample(data.CHARSET94, 94))  # the study's 94 characters in another order
+    assert data.CharTokenizer(shuffled).fold and data.CharTokenizer('abc').fold
+    assert not data.CharTokenizer('αβγ').fold and not data.CharTokenizer('abcé').fold
+    assert data.clean_label('Éa', shuffled, fold=data.CharTokenizer(shuffled).fold) == ('Ea', None)
+
+    def expected(pairs, form):  # an independent count: exact matches and 1 - NED of the compared forms
+        done = [(form(p), form(g)) if p or not g else None for p, g in pairs]
+        return (sum(d is not None and d[0] == d[1] for d in done),
+                sum(0 if d is None else 1 - data.edit_distance(*d) / max(1, *map(len, d)) for d in done))
+
+    latin = [('HeLLo!', 'hello'), ('', '!!'), ('wor1d', 'World'), ('', ''), ('-', '!!')]
+    for charset in (None, data.CHARSET36, data.CHARSET94, shuffled):  # the study's protocol
+        r = data.score(*zip(*latin), charset)
+        assert (r['correct'], r['ned_sum']) == pytest.approx(expected(latin, data.normalize36))
+        assert r['correct'] == 3  # not the empty prediction of '!!', which normalises to ''
+    greek = [('αθηνα', 'Αθηνα'), (unicodedata.normalize('NFD', 'λόγος'), 'λόγος'), ('', 'μ'), ('ΣΟΦΙΑ', 'σοφια')]
+    lower = 'αβγδεζηθικλμνξοπρστυφχψωόςΣ'.lower()
+    r = data.score(*zip(*greek), lower)  # no upper-case letter: case-insensitive, NFC
+    assert (r['correct'], r['ned_sum']) == pytest.approx(expected(greek, lambda t: unicodedata.normalize(
+        'NFC', t).lower())) and r['correct'] == 3
+    r = data.score(*zip(*greek), lower + 'ΑΣΟΦΙ')  # upper-case letters: as written
+    assert r['correct'] == 1 and r['ned_sum'] == pytest.approx(4 / 5 + 1 + 0 + 0)
+    assert data.score(['мир'], ['мор'], 'мирор')['correct'] == 0
 
 
 def test_cpu_count_without_sched_getaffinity(monkeypatch):
@@ -415,8 +441,8 @@ def test_non_latin_set_end_to_end(tmp_path):
     assert s.num_samples == 20 and Counter(y) == Counter(w.lower() for w in words * 4)
     assert data.normalize(batches[0][0]).std() > 0.05  # the words were drawn
     decoded = tok.decode(tok.encode(y))
-    assert decoded == y and data.score(decoded, y, fold=tok.fold)['error'] == 0
-    assert data.score(['αθηνα'], ['αθήνα'], fold=False)['correct'] == 0
+    assert decoded == y and data.score(decoded, y, tok.charset)['error'] == 0
+    assert data.score(['αθηνα'], ['αθήνα'], tok.charset)['correct'] == 0
 
 
 def test_a_listed_shard_that_is_missing_is_named(tmp_path):
