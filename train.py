@@ -6,21 +6,25 @@
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...
     python train.py ... --init runs/parseq-T4-dall-s0/best.pt --charset @greek.txt   # fine-tune onto a new charset
 
-Writes runs/NAME/: config.json (arguments, N, D = usable images, drops, FLOPs convention), metrics.jsonl (a line per
-eval: samples seen, epochs, C, val loss and error), last.pt (every --save-every), best.pt, result.json (written last).
-A step's loss is its token losses summed over micro-batches and ranks / its token count: any split of a batch trains
-the same model. Re-running a command resumes it exactly, also under another process count or --workers (the data
-order depends only on the global batch and the seed); a finished run is not redone.
+Writes runs/NAME/: config.json (arguments, N, D = usable images, drops, FLOPs convention, the run's identity),
+metrics.jsonl (a line per eval: samples seen, epochs, C, val loss and error), last.pt (every --save-every and every
+tenth of the run), best.pt (lowest val error, ties to lower val loss), result.json (written last). A step's loss is its
+token losses summed over micro-batches and ranks / its token count: any split of a batch trains the same model.
+Re-running a command resumes it exactly, also under another process count or --workers (the data order depends only
+on the global batch and the seed); a finished run is not redone; a run name that holds another run is an error.
+SIGTERM or Ctrl-C: the current step ends, last.pt is written, the exit status is 128 + the signal; a second exits at once.
 Not here: data preparation (data.py), fitting laws (fit.py), sweeps (ocrscale.py).
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -45,6 +49,9 @@ RECIPES = {
 TINY_LR = {"T1": 3e-3, "T2": 3e-3, "T3": 2.5e-3, "T4": 2e-3, "T5": 1.8e-3, "T6": 1.5e-3, "T7": 1.2e-3}
 DEFAULTS = dict(batch=64, lr=2e-3, weight_decay=0.05, schedule="cosine", warmup=0.05, clip=1.0)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# may change when a run is resumed: the layout of processes, workers and micro-batches, cadences, output
+NOT_IDENTITY = ("micro_batch", "workers", "threads", "device", "save_every", "eval_every", "max_bad_steps", "name", "runs",
+                "resume", "tag", "bar_position", "quiet")
 FLOPS_CONVENTION = ("C = sum over optimizer steps of train_flops_per_sample(cfg, padded label length of each micro-batch) "
                     "x batch; PARSeq counts the orders used; forward+backward = 3x forward, multiply-add = 2 FLOPs")
 
@@ -127,12 +134,17 @@ def get_lr(step, total_steps, args):
     return args.lr * (1 + math.cos(math.pi * min(1.0, t))) / 2
 
 
-def tokenizer_and_config(args):
+def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}; make_config rejects unknown fields
     overrides = {}
-    for key, _, value in (item.partition("=") for item in args.set):  # make_config rejects unknown fields
+    for key, _, value in (item.partition("=") for item in items):
         with contextlib.suppress(json.JSONDecodeError):
             value = json.loads(value)  # numbers, booleans, lists; anything else stays a string
         overrides[key] = value
+    return overrides
+
+
+def tokenizer_and_config(args):
+    overrides = config_overrides(args.set)
     try:
         tok = data.SPTokenizer(args.spm) if args.spm else data.CharTokenizer(data.load_charset(args.charset))
         cfg = modellib.make_config(args.arch, args.size, tok.vocab_size, **overrides)
@@ -141,14 +153,60 @@ def tokenizer_and_config(args):
         sys.exit(f"train.py: {e}")
 
 
+def source(path):  # a data folder or file as one string in any working directory: absolute, or a URL
+    return path if data.is_url(path) else os.path.abspath(path)
+
+
+def run_identity(args, cfg, tok, D, train_samples, dtype):
+    """What makes a run this run, as JSON values: the resolved config minus NOT_IDENTITY (data paths absolute, the
+    model config and tokenizer as built, D in usable images); and fit.py's group, what the points of one fit share."""
+    spec = json.dumps(tok.spec, sort_keys=True)
+    tokenizer = f"char:{tok.charset}" if tok.spec["type"] == "char" else \
+        f"{tok.spec['type']}:{hashlib.sha1(spec.encode()).hexdigest()[:12]}"
+    group = dict(arch=args.arch, train=[[source(p), w] for p, w in data.parse_sources(",".join(args.train))],
+                 val=source(args.val), tokenizer=tokenizer, init=args.init and source(args.init),
+                 set=config_overrides(args.set), img=[cfg.img_h, cfg.img_w],
+                 eval=f"beam={args.beam}" if args.arch == "trocr" else f"refine={args.refine_iters}")
+    identity = {k: v for k, v in vars(args).items() if k not in NOT_IDENTITY + ("charset", "spm", "epochs")}
+    identity.update(group, test=[[n, source(p)] for n, _, p in (t.partition("=") for t in args.test)], D=D,
+                    model=dataclasses.asdict(cfg), train_samples=train_samples, dtype=str(dtype or "fp32"))
+    return json.loads(json.dumps(identity)), group
+
+
+def brief(value):  # a config value in a one-line message; paths differ in their ends
+    text = json.dumps(value)
+    return text if len(text) <= 40 else "..." + text[-37:]
+
+
+def check_identity(run_dir, identity):
+    """One line and exit when run_dir holds a run of another identity: never resume onto other data or settings, never
+    report another run as this one's result."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        was = json.load(f).get("identity")
+    if was is None:
+        sys.exit(f"train.py: {run_dir} holds a run of an older train.py (no identity recorded): choose another --name")
+    differ = [k for k in sorted(identity.keys() | was.keys()) if identity.get(k) != was.get(k)]
+    if differ:
+        sys.exit(f"train.py: {run_dir} holds another run ({'; '.join(f'{k} {brief(was.get(k))} -> {brief(identity.get(k))}' for k in differ)}): "
+                 "choose another --name, or delete the folder to start over")
+
+
 def load_init(raw_model, tok, path):
     """--init: copy every checkpoint tensor whose shape fits. Under another vocabulary the vocabulary-sized ones
     (embedding, PARSeq's head; TrOCR's head is tied to its embedding) keep their fresh init but for the rows of
     tokens both tokenizers share (same text; EOS, BOS, PAD by role). Returns one line saying what was loaded."""
     if not os.path.exists(path):
         sys.exit(f"train.py: --init {path}: no such checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    old_tok, V = data.load_tokenizer(ckpt["tokenizer"]), tok.vocab_size
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        old_tok = data.load_tokenizer(ckpt["tokenizer"])
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as e:
+        sys.exit(f"train.py: --init {path}: not a checkpoint of train.py or model.py convert-* "
+                 f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+    V = tok.vocab_size
     old_ids = {text: i + 1 for i, text in enumerate(old_tok.tokens)}  # the seams' ids: 0 EOS, 1..V-3 text, V-2 BOS, V-1 PAD
     pairs = [(0, 0), (V - 2, old_tok.vocab_size - 2), (V - 1, old_tok.vocab_size - 1)]  # (new id, old id)
     pairs += [(i + 1, old_ids[text]) for i, text in enumerate(tok.tokens) if text in old_ids]
@@ -193,21 +251,30 @@ def atomic_save(obj, path):
     os.close(folder)
 
 
+stop_signal = None  # set by the first SIGTERM/SIGINT: the loop saves last.pt after the current step and exits
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    if stop_signal is not None:  # a second signal: at once
+        print(f"train.py: a second {signal.Signals(signum).name}: exiting without saving", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    stop_signal = signum
+
+
 @torch.no_grad()
-def evaluate(net, tok, path, args, cfg, micro, rank, world, workers, device, autocast):
-    """Loss per token, word error and 1-NED on one pass over `path`, exact across ranks (sums are all-reduced)."""
-    batches = data.ShardStream(path, cfg.img_h, cfg.img_w, micro, getattr(tok, "charset", None), max_len=cfg.max_len,
-                               rank=rank, world_size=world, loop=False, fold=tok.fold, tokenizer=tok,
-                               block=args.read_block).loader(workers)
+def evaluate(net, tok, stream, args, workers, device, autocast):
+    """Loss per token, word error and 1-NED on one pass over an evaluation stream, exact across ranks (sums are
+    all-reduced)."""
     net.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss sum, tokens, correct, words, 1-NED sum, unreadable
-    for images, labels, unreadable in batches:
+    for images, labels, unreadable in stream.loader(workers):
         images, tokens = data.normalize(images.to(device)), tok.encode(labels).to(device)
         with autocast:
             total, n = net.loss(images, tokens)
             ids, _ = net.decode(images, **dict(beam=args.beam, len_norm=args.beam_len_norm) if args.arch == "trocr"
                                  else dict(refine_iters=args.refine_iters))
-        s = data.score(tok.decode(ids.cpu()), labels, fold=tok.fold)
+        s = data.score(tok.decode(ids.cpu()), labels, getattr(tok, "charset", None))
         sums += torch.tensor([total.item(), n.item(), s["correct"], s["n"], s["ned_sum"], unreadable], dtype=torch.float64,
                              device=device)
     if dist.is_initialized():
@@ -215,28 +282,29 @@ def evaluate(net, tok, path, args, cfg, micro, rank, world, workers, device, aut
     net.train()
     loss_sum, n, correct, words, ned, unreadable = sums.tolist()
     if words == 0:
-        raise SystemExit("evaluation set is empty: check the --val/--test folders")
+        raise data.DataError(f"{', '.join(stream.names)}: no image could be read ({int(unreadable)} unreadable)")
     return dict(loss=loss_sum / max(n, 1), error=100 * (1 - correct / words), ned=100 * ned / words, n=int(words),
                 unreadable=int(unreadable))
 
 
-def log_eval(row, eval_model, tok, cfg, args, eval_args, run_dir, best_error, master):
+def log_eval(row, eval_model, tok, cfg, args, eval_args, streams, run_dir, prog, master):
     """Evaluate on --val (and every --test set when row['final']), append the row to metrics.jsonl, keep the
-    weights of a new best val error in best.pt. Returns the row and the best error so far."""
-    val = evaluate(eval_model, tok, args.val, args, cfg, *eval_args)
+    weights of a new best val error (ties: lower val loss) in best.pt. Returns the row."""
+    val = evaluate(eval_model, tok, streams["val"], args, *eval_args)
     row.update(val_loss=val["loss"], val_error=val["error"], val_ned=val["ned"], val_n=val["n"], val_unreadable=val["unreadable"])
     if row["final"] and args.test:
         row["tests"] = {name: {k: r[k] for k in ("error", "ned", "n", "unreadable")} for name, r in (
-            (name, evaluate(eval_model, tok, folder, args, cfg, *eval_args)) for name, folder in
-            (spec.partition("=")[::2] for spec in args.test))}
+            (name, evaluate(eval_model, tok, stream, args, *eval_args)) for name, stream in streams["tests"].items())}
         row["test_error"] = data.weighted_average(row["tests"])
+    if (val["error"], val["loss"]) < (prog.best_error, prog.best_loss):
+        prog.best_error, prog.best_loss, prog.best_step = val["error"], val["loss"], row["step"]
+        if master:
+            atomic_save(dict(model=eval_model.state_dict(), model_config=dataclasses.asdict(cfg), tokenizer=tok.spec,
+                             step=row["step"], val_error=val["error"], val_loss=val["loss"]), os.path.join(run_dir, "best.pt"))
     if master:
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
-        if val["error"] < best_error:
-            atomic_save(dict(model=eval_model.state_dict(), model_config=dataclasses.asdict(cfg), tokenizer=tok.spec,
-                             step=row["step"], val_error=val["error"]), os.path.join(run_dir, "best.pt"))
-    return row, min(best_error, val["error"])
+    return row
 
 
 def save_checkpoint(path, raw_model, optimizer, scaler, ema, prog, cfg, tok, args, master):
@@ -272,6 +340,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    threads = torch.get_num_threads()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     master = rank == 0
@@ -288,29 +357,39 @@ def main(argv=None):
     accum = args.batch // (micro * world) if micro else 0
     if accum < 1 or accum * micro * world != args.batch:
         sys.exit(f"--batch {args.batch} must be a multiple of micro-batch {micro} x {world} processes")
-    try:
-        stream = data.ShardStream(data.parse_sources(",".join(args.train)), cfg.img_h, cfg.img_w, micro, getattr(tok, "charset", None),
-                                  max_len=cfg.max_len, rank=rank, world_size=world, seed=args.seed, samples=args.samples,
-                                  augment=args.augment, loop=True, fold=tok.fold, tokenizer=tok, block=args.read_block)
-        for path in [args.val, *(spec.partition("=")[2] for spec in args.test)]:  # fail now, not after hours of training
-            if not path:
-                raise ValueError(f"--test takes NAME=DIR, got {args.test}")
-            data.find_shards(path)
+    settings = dict(max_len=cfg.max_len, rank=rank, world_size=world, fold=tok.fold, tokenizer=tok, block=args.read_block)
+    charset, flag = getattr(tok, "charset", None), "--train"
+    try:  # every set opened and checked now, on every rank, not after hours of training
+        stream = data.ShardStream(data.parse_sources(",".join(args.train)), cfg.img_h, cfg.img_w, micro, charset,
+                                  seed=args.seed, samples=args.samples, augment=args.augment, **settings)
+        flag = "--val"
+        streams = dict(val=data.ShardStream(args.val, cfg.img_h, cfg.img_w, micro, charset, loop=False, **settings), tests={})
+        for spec in args.test:
+            flag = f"--test {spec}"
+            test_name, _, path = spec.partition("=")
+            if not (test_name and path):
+                raise ValueError("takes NAME=DIR")
+            streams["tests"][test_name] = data.ShardStream(path, cfg.img_h, cfg.img_w, micro, charset, loop=False, **settings)
     except (ValueError, OSError) as e:
-        sys.exit(f"train.py: {e}")
+        sys.exit(f"train.py: {flag}: {e}")
     D = stream.num_samples  # usable images: what a D axis means
     train_samples = args.train_samples or int(args.epochs * D)
     total_steps = max(1, train_samples // args.batch)
     eval_every = max(1, (args.eval_every or train_samples // 10) // args.batch)  # in optimizer steps
     save_minutes, save_samples = args.save_every
-    name = args.name or f"{args.arch}-{args.size}-d{args.samples or 'all'}-s{args.seed}" + ("-ft" if args.init else "")
+    tenth = max(1, total_steps // 10)  # last.pt also every tenth of the run: a stop loses at most a tenth
+    identity, fit_group = run_identity(args, cfg, tok, D, total_steps * args.batch, dtype)
+    short_hash = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:6]
+    name = args.name or f"{args.arch}-{args.size}-d{args.samples or 'all'}-s{args.seed}-{short_hash}"
     run_dir = os.path.join(args.runs, name)
     last_path, metrics_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "metrics.jsonl")
     total, non_embed = modellib.count_params(cfg)
     config = dict(vars(args), name=name, model=dataclasses.asdict(cfg), N=total, N_nonembed=non_embed, D=D,
                   drops=stream.drops, flops_per_sample=modellib.train_flops_per_sample(cfg), flops_convention=FLOPS_CONVENTION,
                   train_samples=total_steps * args.batch, tokenizer=tok.spec, git_commit=git_commit(),
-                  world_size=world, global_batch=args.batch, micro_batch=micro, accum=accum)
+                  world_size=world, global_batch=args.batch, micro_batch=micro, accum=accum, identity=identity,
+                  fit_group=fit_group)
+    check_identity(run_dir, identity)
     if os.path.exists(os.path.join(run_dir, "result.json")):
         with open(os.path.join(run_dir, "result.json")) as f:
             result = json.load(f)
@@ -325,10 +404,10 @@ def main(argv=None):
     # where the run stands (saved in last.pt); loss_sum / tokens since the last eval = the next row's train loss;
     # position: the global sample position of the next step's data (skipped steps used theirs too)
     prog = types.SimpleNamespace(step=0, samples=0, position=0, flops=0.0, wall_s=0.0, bad_steps=0, unreadable=0,
-                                 best_error=math.inf, loss_sum=0.0, tokens=0.0)
+                                 best_error=math.inf, best_loss=math.inf, best_step=None, loss_sum=0.0, tokens=0.0)
     ema = None
 
-    # --- resume: same run name. Any layout continues the data exactly; only another global batch or seed does not
+    # --- resume: same run name and identity; any layout of processes, workers and micro-batches continues exactly
     if os.path.exists(last_path):
         try:
             ckpt = torch.load(last_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
@@ -343,10 +422,6 @@ def main(argv=None):
         if any(k not in ckpt for k in vars(prog)):
             sys.exit(f"train.py: cannot resume from {last_path}: an older train.py wrote it; move it away to start over")
         prog = types.SimpleNamespace(**{k: ckpt[k] for k in vars(prog)})
-        was = {k: ckpt["args"][k] for k in ("batch", "seed")}
-        if master and was != {"batch": args.batch, "seed": args.seed}:
-            print(f"train.py: warning: {last_path} was saved with {was}, resumed with --batch {args.batch} --seed "
-                  f"{args.seed}: the data continues from sample {prog.position:,} in another order", file=sys.stderr)
         if len(ckpt["rng"]) == world:
             torch.set_rng_state(ckpt["rng"][rank][0])
             if use_cuda and ckpt["rng"][rank][1:]:  # this process's GPU
@@ -369,7 +444,12 @@ def main(argv=None):
     if world > 1:
         net = DDP(net, device_ids=[local_rank] if use_cuda else None)
     peak = peak_flops(device) if dtype else None
-    eval_args = (micro, rank, world, workers, device, autocast)
+    eval_args = (workers, device, autocast)
+    if master:
+        drops = ", ".join(f"{k} {v:,}" for k, v in stream.drops.items()) or "none"
+        print(f"{name}: N={total:,} D={D:,} (dropped: {drops}), {total_steps:,} steps of {args.batch} = {micro} x {world} "
+              f"process(es) x {accum} micro-step(s), {device.type}, {str(dtype or 'fp32').replace('torch.', '')}, "
+              f"{threads if not use_cuda else '-'} threads")
 
     # --- the loop
     batches = iter(stream.loader(workers, start=prog.position, pin_memory=use_cuda))
@@ -385,8 +465,9 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         save_vote = master and save_minutes is not None and time.time() - last_save >= 60 * save_minutes
-        stats = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, tokens, FLOPs, save vote, unreadable
+        stats = torch.zeros(6, dtype=torch.float64, device=device)  # loss sum, tokens, FLOPs, save vote, unreadable, stop
         stats[3] = save_vote  # a fill, not a host-to-device copy that would wait for the last step's kernels
+        stats[5] = stop_signal or 0  # any rank signalled: all stop after this step
         for micro_step in range(accum):
             t0 = time.time()
             images, labels, unreadable = next(batches)  # unreadable samples were left out: a batch may be smaller
@@ -408,7 +489,8 @@ def main(argv=None):
         torch._foreach_mul_([p.grad for p in raw_model.parameters() if p.grad is not None],
                             (world * args.batch / stats[1].clamp_min(1)).float())
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip or math.inf)
-        loss_sum, step_tokens, step_flops, save_vote, unreadable, grad_norm = torch.cat([stats, grad_norm.double().view(1)]).tolist()
+        loss_sum, step_tokens, step_flops, save_vote, unreadable, stop, grad_norm = torch.cat(
+            [stats, grad_norm.double().view(1)]).tolist()
         prog.flops += step_flops
         prog.position += args.batch
         prog.unreadable += int(unreadable)
@@ -449,26 +531,37 @@ def main(argv=None):
                        gpu_hours=prog.wall_s * world / 3600 if use_cuda else None, lr=lr, train_loss=prog.loss_sum / prog.tokens,
                        samples_per_s=window["samples"] / elapsed, data_wait=window["wait"] / elapsed,
                        mfu=window["flops"] / elapsed / (peak * world) if peak else None, unreadable=prog.unreadable, final=final)
-            row, prog.best_error = log_eval(row, ema or raw_model, tok, cfg, args, eval_args, run_dir, prog.best_error, master)
+            row = log_eval(row, ema or raw_model, tok, cfg, args, eval_args, streams, run_dir, prog, master)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", img_s=f"{row['samples_per_s']:.0f}", val_err=f"{row['val_error']:.1f}%")
             window, prog.loss_sum, prog.tokens = dict(start=time.time(), wait=0.0, samples=0, flops=0.0), 0.0, 0.0
-        if save_vote or final or save_samples and prog.samples // save_samples > (prog.samples - args.batch) // save_samples:
+        if save_vote or final or stop or prog.step % tenth == 0 or \
+                save_samples and prog.samples // save_samples > (prog.samples - args.batch) // save_samples:
             save_checkpoint(last_path, raw_model, optimizer, scaler, ema, prog, cfg, tok, args, master)
             last_save = time.time()
+        if stop and not final:
+            bar.close()
+            if master:
+                print(f"{name}: stopped by {signal.Signals(int(stop)).name} after step {prog.step:,}; {last_path} holds it "
+                      "(the same command resumes)", file=sys.stderr)
+            raise SystemExit(128 + int(stop))
     bar.close()
     drops = {k: v for k, v in dict(stream.drops, unreadable=prog.unreadable).items() if v}
-    result = dict(name=name, N=total, D=D, C=prog.flops, epochs=prog.samples / D, drops=drops, **{k: row.get(k) for k in
-                  ("step", "samples", "wall_s", "val_loss", "val_error", "val_ned", "tests", "test_error")})
+    result = dict(name=name, N=total, D=D, C=prog.flops, epochs=prog.samples / D, drops=drops, best_step=prog.best_step,
+                  **{k: row.get(k) for k in ("step", "samples", "wall_s", "val_loss", "val_error", "val_ned", "tests",
+                                             "test_error")})
     if master:
         atomic_save(json.dumps(result, indent=1).encode(), os.path.join(run_dir, "result.json"))
         print(f"{name}: N={total:,} D={D:,} C={prog.flops:.3g} FLOPs, {prog.samples:,} samples in {prog.wall_s:.0f}s, val error "
-              f"{row['val_error']:.2f}%" + (f", test error {row['test_error']:.2f}%" if row.get("test_error") is not None else ""))
+              f"{row['val_error']:.2f}%" + (f", test error {row['test_error']:.2f}%" if row.get("test_error") is not None else "")
+              + f"; best.pt: step {prog.best_step:,} (val error {prog.best_error:.2f}%, loss {prog.best_loss:.4f})")
     if dist.is_initialized():
         dist.barrier()
     return result
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, request_stop)  # what schedulers send before preemption
+    signal.signal(signal.SIGINT, request_stop)
     try:
         main()
     except data.DataError as e:  # raised where a loader worker found the data unusable

@@ -64,7 +64,8 @@ class Killed(Exception):
 def save_then_die(*args, **kwargs):
     """train.save_checkpoint, then the process 'dies': a kill right after the checkpoint of step 4."""
     REAL_SAVE_CHECKPOINT(*args, **kwargs)
-    raise Killed
+    if args[5].step == 4:  # args[5]: where the run stands
+        raise Killed
 
 
 REAL_SAVE_CHECKPOINT = train.save_checkpoint
@@ -82,8 +83,7 @@ def test_any_layout_or_resume_trains_the_same_model(shards, tmp_path, monkeypatc
     assert json.load(open(tmp_path / "ddp" / "config.json"))["world_size"] == 2
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):  # one process, killed after step 4, then resumed on 2 processes x 3 workers
-        train.main(base_args(shards, tmp_path, "resumed", *common, "--micro-batch", "16", "--workers", "0",
-                             "--save-every", "64"))
+        train.main(base_args(shards, tmp_path, "resumed", *common, "--micro-batch", "16", "--workers", "0"))
     assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["step"] == 4
     out = subprocess.run(TORCHRUN + base_args(shards, tmp_path, "resumed", *common, "--micro-batch", "8", "--workers", "3"),
                          env=ENV, cwd=ROOT, capture_output=True, text=True)
@@ -123,16 +123,21 @@ def test_sigkill_then_resume_exactly_or_under_another_layout(shards, tmp_path):
     before = os.path.getmtime(killed / "result.json")  # re-running a finished run does not redo it
     train.main(base_args(shards, tmp_path, "killed", *common))
     assert os.path.getmtime(killed / "result.json") == before
-    # Another seed (another data order from the same position): one warning line, no traceback.
-    out = subprocess.run(TORCHRUN + base_args(shards, tmp_path, "moved", *common[:-1], "1", "--seed", "1"), env=ENV,
-                         cwd=ROOT, capture_output=True, text=True)
+    # Another seed is another run: one line naming it, nothing resumed.
+    out = subprocess.run(TRAIN + base_args(shards, tmp_path, "moved", *common, "--seed", "1"), env=ENV, cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"train.py: {tmp_path / 'moved'} holds another run (seed 0 -> 1): choose another --name, or delete the folder "
+        "to start over"]
+    # Another layout (2 processes, 1 worker each): the same run, resumed; its RNG streams restart per rank.
+    out = subprocess.run(TORCHRUN + base_args(shards, tmp_path, "moved", *common[:-1], "1"), env=ENV, cwd=ROOT,
+                         capture_output=True, text=True)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert "resuming at step" in out.stdout and "1 -> 2 processes" in out.stdout
-    assert out.stderr.count("warning") == 1 and "another order" in out.stderr
     result = json.load(open(tmp_path / "moved" / "result.json"))
     assert result["step"] == 60 and result["samples"] == 960
     assert [r["step"] for r in metrics(tmp_path / "moved")] == [20, 40, 60]
-    assert result["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=0.2)  # trained as far, on other batches
+    assert result["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=0.2)  # the same data, other dropout masks
 
 
 @pytest.fixture(scope="module")
@@ -215,12 +220,13 @@ def test_checkpoint_cadence_fp16_scaler_and_atomic_writes(shards, tmp_path, monk
         train.parse_args(["--train", "x", "--val", "y", "--save-every", "15x"])
     real_save, saved = train.atomic_save, []
     monkeypatch.setattr(train, "atomic_save", lambda obj, path: (saved.append((os.path.basename(path), obj.get("step") if isinstance(obj, dict) else None)), real_save(obj, path)))
-    args = ["--batch", "16", "--train-samples", "160", "--eval-every", "80", "--workers", "0"]
-    train.main(base_args(shards, tmp_path, "every48", *args, "--save-every", "48"))
-    assert [s for f, s in saved if f == "last.pt"] == [3, 6, 9, 10]  # every 48 samples and at the end, not at evals
+    args = ["--batch", "16", "--eval-every", "80", "--workers", "0"]
+    train.main(base_args(shards, tmp_path, "every48", *args, "--train-samples", "320", "--save-every", "48"))
+    # 20 steps: every 48 samples (3 steps), every tenth of the run (2 steps) and at the end, not at evals
+    assert [s for f, s in saved if f == "last.pt"] == sorted({*range(3, 21, 3), *range(2, 21, 2)})
     assert [s for f, s in saved if f == "best.pt"][:1] == [5]
     saved.clear()
-    train.main(base_args(shards, tmp_path, "fp16", *args, "--save-every", "0m", "--dtype", "fp16"))
+    train.main(base_args(shards, tmp_path, "fp16", *args, "--train-samples", "160", "--save-every", "0m", "--dtype", "fp16"))
     assert [s for f, s in saved if f == "last.pt"] == list(range(1, 11))  # minutes: every step once due
     assert "scale" in torch.load(tmp_path / "fp16" / "last.pt", weights_only=True)["scaler"]  # a CPU GradScaler, enabled
     events = []
@@ -257,8 +263,8 @@ def test_nan_losses_are_skipped_then_stop(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(modellib, "build_model", lambda cfg: build_with_nan(cfg, lambda i: i > 7))
     with pytest.raises(SystemExit, match="non-finite"):
         train.main(base_args(shards, tmp_path, "goes-bad", *args))
-    # The checkpoint from step 5 (80 samples) is intact; no result was written.
-    assert torch.load(tmp_path / "goes-bad" / "last.pt", weights_only=True)["step"] == 5
+    # The checkpoint of the last good step (7; a save every tenth of the run) is intact; no result was written.
+    assert torch.load(tmp_path / "goes-bad" / "last.pt", weights_only=True)["step"] == 7
     assert not (tmp_path / "goes-bad" / "result.json").exists()
 
     def build_with_nan_grads(cfg):  # a finite loss whose gradients are NaN: skipped too, never applied
@@ -336,3 +342,105 @@ def test_bad_paths_fail_before_training(shards, tmp_path):
     torch.save({"rng": [{"numpy": np.random.get_state()}]}, tmp_path / "old" / "last.pt")
     with pytest.raises(SystemExit, match="^train.py: cannot resume from .*last.pt"):
         train.main(base_args(shards, tmp_path, "old"))
+
+
+def without_name(args):
+    i = args.index("--name")
+    return args[:i] + args[i + 2:]
+
+
+def test_a_run_name_never_becomes_another_run(shards, tmp_path):
+    args = ["--batch", "16", "--train-samples", "32", "--workers", "0"]
+    first = train.main(base_args(shards, tmp_path, "mine", *args))
+    finished = os.path.getmtime(tmp_path / "mine" / "result.json")
+    assert train.main(base_args(shards, tmp_path, "mine", *args, "--micro-batch", "8")) == first  # a layout: the same run
+    for change, named in ((["--train", str(shards / "val")], "D 1200 -> 1300; train "),  # more training data
+                          (["--size", "T2"], 'size "T1" -> "T2"'),
+                          (["--seed", "3"], "seed 0 -> 3")):
+        with pytest.raises(SystemExit) as stop:
+            train.main(base_args(shards, tmp_path, "mine", *args, *change))
+        message = str(stop.value)
+        assert message.startswith(f"train.py: {tmp_path / 'mine'} holds another run (") and named in message, message
+        assert "\n" not in message
+    assert os.path.getmtime(tmp_path / "mine" / "result.json") == finished and not (tmp_path / "mine" / "last.pt").exists() \
+        or torch.load(tmp_path / "mine" / "last.pt", weights_only=True)["step"] == 2
+    # Default names: the readable part and a hash of the identity, so other data makes another folder.
+    train.main(without_name(base_args(shards, tmp_path, "-", *args)))
+    train.main(without_name(base_args(shards, tmp_path, "-", *args, "--train", str(shards / "val"))))
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("trocr-T1-dall-s0-"))
+    assert len(names) == 2 and all(len(n.rsplit("-", 1)[1]) == 6 for n in names), names
+    configs = [json.load(open(tmp_path / n / "config.json")) for n in names]
+    assert sorted(c["fit_group"]["train"] for c in configs) == [[[str(shards / "train"), 1.0]],
+                                                                [[str(shards / "train"), 1.0], [str(shards / "val"), 1.0]]]
+
+
+def start(shards, tmp_path, name, args):
+    """train.py in a subprocess, returned once it has printed its start-up line (the loop starts next)."""
+    proc = subprocess.Popen(TRAIN + base_args(shards, tmp_path, name, *args), env={**ENV, "PYTHONUNBUFFERED": "1"},
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "steps of 16" in proc.stdout.readline()
+    return proc
+
+
+def test_sigterm_ends_the_step_saves_it_and_the_same_command_resumes(shards, tmp_path):
+    args = ["--batch", "16", "--train-samples", str(16 * 600), "--eval-every", str(16 * 600), "--save-every", "600m",
+            "--workers", "0"]
+    proc = start(shards, tmp_path, "stopped", args)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    step = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["step"]
+    assert 0 < step < 600 and err.strip().splitlines() == [
+        f"stopped: stopped by SIGTERM after step {step:,}; {tmp_path / 'stopped' / 'last.pt'} holds it (the same command "
+        "resumes)"]
+    out = subprocess.run(TRAIN + base_args(shards, tmp_path, "stopped", *args), env=ENV, cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and f"resuming at step {step} " in out.stdout, out.stderr[-2000:]
+    assert json.load(open(tmp_path / "stopped" / "result.json"))["step"] == 600
+
+
+def test_a_second_signal_exits_at_once(monkeypatch, capsys):
+    exits = []
+    monkeypatch.setattr(train, "stop_signal", None)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    train.request_stop(signal.SIGINT, None)
+    assert train.stop_signal == signal.SIGINT and exits == []  # the first: the loop stops after its step
+    train.request_stop(signal.SIGINT, None)
+    assert exits == [130] and capsys.readouterr().err == "train.py: a second SIGINT: exiting without saving\n"
+
+
+def test_unusable_val_or_test_sets_stop_before_training(shards, tmp_path):
+    letters = tmp_path / "letters"  # labels that the digit charset cannot read
+    writer = data.ShardWriter(str(letters))
+    for i in range(5):
+        buf = io.BytesIO()
+        data.render_word("abc", random.Random(i)).save(buf, "PNG")
+        writer.write(f"{i:09d}", buf.getvalue(), "png", "abc")
+    data.write_index(str(letters), writer.close(), "abc", "test", {})
+    for flag, value in (("--test", f"letters={letters}"), ("--val", str(letters))):
+        with pytest.raises(SystemExit) as stop:
+            train.main(base_args(shards, tmp_path, "never", "--batch", "16", "--train-samples", "32", "--workers", "0",
+                                 flag, value))
+        assert str(stop.value).startswith(f"train.py: {flag} {value}: no usable sample in {letters}" if flag == "--test"
+                                          else f"train.py: --val: no usable sample in {letters}"), stop.value
+        assert not (tmp_path / "never").exists()
+
+
+def test_best_checkpoint_ties_go_to_the_lower_val_loss(shards, tmp_path, capsys):
+    result = train.main(base_args(shards, tmp_path, "ties", "--batch", "16", "--train-samples", "160", "--eval-every",
+                                  "32", "--workers", "0"))
+    rows = metrics(tmp_path / "ties")
+    best = min(rows, key=lambda r: (r["val_error"], r["val_loss"]))["step"]
+    assert rows[0]["val_error"] == min(r["val_error"] for r in rows) and best != rows[0]["step"]  # a tie on error
+    assert result["best_step"] == best == torch.load(tmp_path / "ties" / "best.pt", weights_only=True)["step"]
+    assert f"best.pt: step {best} " in capsys.readouterr().out
+
+
+def test_an_init_that_is_no_checkpoint_is_one_line(shards, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as stop:
+        train.main(base_args(shards, tmp_path, "ft", "--batch", "16", "--train-samples", "32", "--init", str(notes)))
+    assert str(stop.value).startswith(f"train.py: --init {notes}: not a checkpoint of train.py") and \
+        "\n" not in str(stop.value) and "weights_only" not in str(stop.value)
