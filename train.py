@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 train.py --arch parseq --size B --train data/real:3 --train data/synth:1 \
         --val data/val --test IIIT5k=data/IIIT5k --test SVT=data/SVT
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...
-    python train.py ... --init runs/parseq-T4-dall-s0/best.pt --charset @greek.txt   # fine-tune onto a new charset
+    python train.py ... --init runs/NAME/best.pt --charset @greek.txt --name greek      # fine-tune onto a new charset
 
 Writes runs/NAME/: config.json (arguments, N, D = usable images, drops, FLOPs convention, the run's identity),
 metrics.jsonl (a line per eval: samples seen, epochs, C, val loss and error), last.pt (every --save-every and every
@@ -98,7 +98,7 @@ def parse_args(argv=None):
     p.add_argument("--refine-iters", type=int, default=1, help="PARSeq cloze refinement passes at evaluation")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tuning; any --charset)")
     p.add_argument("--resume", action="store_true", help="insist on resuming (re-running a run name always resumes)")
-    p.add_argument("--name", default=None, help="run name (default: ARCH-SIZE-dD-sSEED)")
+    p.add_argument("--name", default=None, help="run name (default: ARCH-SIZE-dD-sSEED-HASH, HASH: of the run's identity)")
     p.add_argument("--runs", default="runs", help="root folder of run folders")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
