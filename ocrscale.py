@@ -22,6 +22,7 @@ import os
 import pickle
 import queue
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -507,49 +508,72 @@ def bounded(kind, low, high, text):
 at_least_one = functools.partial(bounded, int, 1, math.inf)
 
 
-def plan_sweep(arch, sizes, samples, gpus, nodes, mfu, gpu, epochs, charset=data.CHARSET94):
-    """One row per (size, D): the run's training FLOPs and GPU-hours at the given MFU."""
-    vocab = data.CharTokenizer(charset).vocab_size
-    peak = train.PEAK_FLOPS[gpu]
-    rows = []
-    for size in sizes:
-        cfg = modellib.make_config(arch, size, vocab)
-        for d in samples:
-            seen = int(epochs * d)
-            flops = modellib.train_flops_per_sample(cfg) * seen
-            gpu_hours = flops / (peak * mfu) / 3600
-            rows.append(dict(arch=arch, size=size, N=modellib.count_params(cfg)[0], D=d, train_samples=seen,
-                             flops=flops, gpu_hours=gpu_hours, wall_hours=gpu_hours / (gpus * nodes)))
-    return rows
+def check_samples(sources, samples):
+    """Refuse a --samples value that the --train data cannot hold: train.py splits D over the sources by weight and
+    stops when a share is above its source's images (shard counts here; fewer may be usable after label filtering)."""
+    try:
+        if any(data.is_url(path) for path, _ in sources):
+            raise OSError("URL sources are not counted")
+        counts = [sum(n for _, n in data.find_shards(path)) for path, _ in sources]
+    except (OSError, ValueError) as e:
+        print(f"note: --samples not checked against the --train data: {e}", file=sys.stderr)
+        return
+    for d in samples:
+        for (path, _), want, have in zip(sources, data.largest_remainder(d, [w for _, w in sources]), counts):
+            if want > have:
+                raise UsageError(f"argument --samples: {d:,} needs {want:,} images from --train {path}, "
+                                 f"which holds {have:,}")
 
 
 def cmd_sweep(args):
-    rows = plan_sweep(args.arch, args.sizes, args.samples, args.gpus, args.nodes, args.mfu, args.gpu, args.epochs)
-    world = args.gpus * args.nodes
-    train_flags = " ".join([*(f"--train {t}" for t in args.train), f"--val {args.val}",
-                            *(f"--test {t}" for t in args.test)])
-    lines = [f"# {args.arch} sweep: {len(rows)} runs on {args.nodes}x{args.gpus} {args.gpu} at MFU {args.mfu:.0%}"]
-    print(f"{'size':>5} {'N':>12} {'D':>12} {'samples':>13} {'FLOPs':>10} {'GPU-h':>9} {'wall h':>8}")
-    for r in rows:
-        name = f"{args.arch}-{r['size']}-d{r['D']}"
-        launcher = f"torchrun --nproc_per_node={args.gpus}"
-        if args.nodes > 1:  # a rendezvous id per run, so back-to-back runs never join a stale one
-            launcher += f" --nnodes={args.nodes} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id={name}"
-        batch = train.RECIPES.get((args.arch, r["size"]), train.DEFAULTS)["batch"]
-        if batch % world:
-            print(f"warning: {name}: the recipe's batch {batch} does not split over {world} GPUs; add --batch to its command")
-        print(f"{r['size']:>5} {r['N']:>12,} {r['D']:>12,} {r['train_samples']:>13,} {r['flops']:>10.3g} "
-              f"{r['gpu_hours']:>9.4g} {r['wall_hours']:>8.3g}")
-        lines.append(f"# N={r['N']:,} D={r['D']:,} FLOPs={r['flops']:.4g} GPU-hours={r['gpu_hours']:.4g}\n"
-                     f"{launcher} train.py --arch {args.arch} --size {r['size']} --charset 94 --samples {r['D']} "
-                     f"--train-samples {r['train_samples']} {train_flags} --name {name}")
-    total = sum(r["gpu_hours"] for r in rows)
-    print(f"total: {sum(r['flops'] for r in rows):.3g} FLOPs, {total:,.0f} GPU-hours, "
-          f"{total / world:,.1f} hours on {world} GPUs run one after another")
-    # the study's number: word error averaged over the --test sets, weighted by their sizes (train.py's test_error)
-    lines.append(f"python fit.py runs/ --where arch={args.arch} --metric {'test' if args.test else 'error'} "
-                 f"--holdout largest --plot runs/plots")
-    script = "#!/usr/bin/env bash\nset -e\n" + "\n".join(lines) + "\n"
+    """Print the plan of every (size, D) point and write its script: a command per run whose recipe splits over the
+    GPUs (a failed run is reported and the script goes on to the next), the fit, and the runs left without a result."""
+    try:
+        vocab = data.CharTokenizer(data.load_charset(args.charset)).vocab_size
+    except ValueError as e:
+        raise UsageError(f"argument --charset: {e}") from None
+    world, peak = args.gpus * args.nodes, train.PEAK_FLOPS[args.gpu]
+    data_args = [*(a for t in args.train for a in ("--train", t)), "--val", args.val,
+                 *(a for t in args.test for a in ("--test", t))]
+    names, lines, refused, total_flops, total = [], [], [], 0, 0
+    table = [f"{'size':>5} {'N':>12} {'D':>12} {'samples':>13} {'FLOPs':>10} {'GPU-h':>9} {'wall h':>8}"]
+    for size in args.sizes:
+        cfg = modellib.make_config(args.arch, size, vocab)
+        batch = train.RECIPES.get((args.arch, size), train.DEFAULTS)["batch"]
+        if batch % world:  # train.py would stop at its start: each process takes batch // processes
+            refused.append(f"{args.arch}-{size} (batch {batch})")
+            continue
+        n = modellib.count_params(cfg)[0]
+        for d in args.samples:
+            name, seen = f"{args.arch}-{size}-d{d}", int(args.epochs * d)
+            flops = modellib.train_flops_per_sample(cfg) * seen
+            gpu_hours = flops / (peak * args.mfu) / 3600
+            names.append(name)
+            total_flops, total = total_flops + flops, total + gpu_hours
+            table.append(f"{size:>5} {n:>12,} {d:>12,} {seen:>13,} {flops:>10.3g} {gpu_hours:>9.4g} {gpu_hours / world:>8.3g}")
+            launcher = f"torchrun --nproc_per_node={args.gpus}"
+            if args.nodes > 1:  # a rendezvous id per run, so back-to-back runs never join a stale one
+                launcher += f" --nnodes={args.nodes} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id={name}"
+            command = shlex.join(["train.py", "--arch", args.arch, "--size", size, "--charset", args.charset,
+                                  "--samples", str(d), "--train-samples", str(seen), *data_args, "--name", name])
+            lines.append(f"# N={n:,} D={d:,} FLOPs={flops:.4g} GPU-hours={gpu_hours:.4g}\n"
+                         f'{launcher} {command} || echo "sweep: {name} failed (exit $?)" >&2')
+    refusal = f"{', '.join(refused)}: the recipe's batch does not split over {world} GPUs (train.py would stop)"
+    if not names:
+        raise UsageError(f"no run to write: {refusal}")
+    check_samples(data.parse_sources(",".join(args.train)), args.samples)
+    if refused:
+        print(f"refused {refusal}; their runs are not in the script", file=sys.stderr)
+    print("\n".join(table) + f"\ntotal: {total_flops:.3g} FLOPs, {total:,.0f} GPU-hours, {total / world:,.1f} hours on "
+          f"{world} GPUs run one after another")
+    script = "\n".join([
+        f"#!/usr/bin/env bash\n# {args.arch} sweep: {len(names)} runs on {args.nodes}x{args.gpus} {args.gpu} at MFU "
+        f"{args.mfu:.0%}; a failed run is reported on stderr and the sweep goes on to the next", *lines,
+        # the study's number: word error averaged over the --test sets, weighted by their sizes (train.py's test_error)
+        f"python fit.py runs/ --where arch={args.arch} --metric {'test' if args.test else 'error'} "
+        f"--holdout largest --plot runs/plots",
+        f'missing=""; for run in {" ".join(names)}; do [ -f "runs/$run/result.json" ] || missing="$missing $run"; done',
+        'if [ -n "$missing" ]; then echo "sweep: not in the fit (no result.json):$missing" >&2; exit 1; fi']) + "\n"
     if args.out:
         with open(args.out, "w") as f:
             f.write(script)
@@ -557,7 +581,6 @@ def cmd_sweep(args):
         print(f"wrote {args.out}")
     else:
         print("\n" + script)
-    return rows
 
 
 def load_checkpoint(path):
@@ -611,7 +634,6 @@ def cmd_read(args):
     else:
         for p, t, c in results:
             print(f"{p}\t{t}\t{c:.4f}")
-    return results
 
 
 def main(argv=None):
@@ -637,6 +659,7 @@ def main(argv=None):
                    help="passes over D per run (PARSeq's recipe: 20)")
     s.add_argument("--gpus", type=at_least_one, default=8, help="GPUs per node")
     s.add_argument("--nodes", type=at_least_one, default=1)
+    s.add_argument("--charset", default="94", help="as train.py's: 36, 94, the characters or @FILE (N and the commands)")
     s.add_argument("--gpu", choices=sorted(train.PEAK_FLOPS), default="H100", help="for the bf16 peak FLOP/s")
     s.add_argument("--mfu", type=functools.partial(bounded, float, 0.01, 1), default=0.4,
                    help="assumed model FLOPs utilisation")

@@ -1,5 +1,6 @@
 """ocrscale.py end to end: a demo killed and resumed whose report fits are recomputed from its own run folders by
-fit.py, the demo lock, one-line CLI errors, the sweep's GPU-hours from model.py's FLOPs, `read` on rendered words."""
+fit.py, the demo lock, one-line CLI errors, the sweep's GPU-hours from model.py's FLOPs at its --charset, its refusals
+(--samples above the data, recipes that do not split) and its script going on past a failed run, `read` on rendered words."""
 import dataclasses
 import fcntl
 import json
@@ -146,6 +147,7 @@ class WritesFileWhenUnpickled:
     (["sweep", "--samples", "1M,"], "--samples", "300k,1M"),
     (["sweep", "--gpus", "0"], "--gpus", "at least 1"),
     (["sweep", "--mfu", "40"], "--mfu", "from 0.01 to 1"),
+    (["sweep", "--charset", "@{tmp}/nope.txt"], "--charset", "cannot read the charset file"),
     (["read", "--ckpt", "{tmp}/nope.pt", "{tmp}/a.png"], "--ckpt", "best.pt"),
     (["read", "--ckpt", "{tmp}/notes.txt", "{tmp}/a.png"], "--ckpt", "not a checkpoint"),
     (["read", "--ckpt", "{tmp}/tensor.pt", "{tmp}/a.png"], "--ckpt", "not a checkpoint"),
@@ -189,8 +191,103 @@ def test_sweep_gpu_hours_match_model_flops_counted_separately(tmp_path, capsys):
         assert float(gpu_hours) == pytest.approx(expected / (h100_bf16_peak * 0.5) / 3600, rel=1e-3)
         assert command.startswith("torchrun --nproc_per_node=8 --nnodes=2 ") and f"--rdzv-id=trocr-{size}-d" in command
         assert "--test IC13=data/IC13 --test SVT=data/SVT" in command
-    assert text.rstrip().endswith("--metric test --holdout largest --plot runs/plots")  # fits the benchmarks' average
+    assert "--metric test --holdout largest --plot runs/plots\n" in text  # fits the benchmarks' average
     assert "GPU-h" in capsys.readouterr().out
+
+
+def sweep(argv, capsys):
+    """(exit code, stdout, stderr) of `ocrscale.py sweep ARGV` as main returns or exits."""
+    try:
+        code = ocrscale.main(["sweep", *argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("spec, n_chars", [("36", 36), ("94", 94), ("@{tmp}/greek.txt", 5), ("xyz", 3)])
+def test_sweep_counts_n_at_the_charset_and_passes_it_on(tmp_path, capsys, spec, n_chars):
+    (tmp_path / "greek.txt").write_text("α\nβ\nγ\nδ\nε\n", encoding="utf-8")
+    spec = spec.format(tmp=tmp_path)
+    code, out, _ = sweep(["--sizes", "S,B", "--samples", "1k", "--charset", spec, "--out", str(tmp_path / "s.sh")], capsys)
+    assert code == 0
+    text = (tmp_path / "s.sh").read_text()
+    for size in ("S", "B"):
+        n = modellib.count_params(modellib.make_config("parseq", size, n_chars + 3))[0]  # + EOS, BOS, PAD
+        assert re.search(rf"^\s+{size}\s+{n:,}\s", out, re.M)
+        assert f"# N={n:,} D=1,000 " in text and f"--size {size} --charset {spec} " in text
+
+
+def test_sweep_refuses_samples_above_the_train_data(tmp_path, capsys):
+    data.synth(str(tmp_path / "a"), 40, seed=0, workers=1)
+    data.synth(str(tmp_path / "b"), 30, seed=1, workers=1)
+    capsys.readouterr()  # synth's progress bars
+    script = tmp_path / "s.sh"
+    for train_args, samples, asked, where, holds in (
+            (["--train", str(tmp_path / "a")], "20,41", "41", "a", "40"),
+            # 1:3 weights: 100 = 25 from a + 75 from b, which holds 30 (train.py splits D so)
+            (["--train", f"{tmp_path / 'a'}:1", "--train", f"{tmp_path / 'b'}:3"], "40,100", "100", "b", "30")):
+        code, out, err = sweep([*train_args, "--samples", samples, "--sizes", "S", "--out", str(script)], capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"argument --samples: {asked} needs " in err and f"--train {tmp_path / where}" in err
+        assert err.rstrip().endswith(f"which holds {holds}") and not script.exists()
+    # all of it (a, alone) or each share within its source (40 = 10 from a + 30 from b): written
+    for train_args, samples in ((["--train", str(tmp_path / "a")], "40"),
+                                (["--train", f"{tmp_path / 'a'}:1", "--train", f"{tmp_path / 'b'}:3"], "40")):
+        assert sweep([*train_args, "--samples", samples, "--sizes", "S", "--out", str(script)], capsys)[0] == 0
+        assert script.exists()
+        script.unlink()
+    # data that cannot be counted: one line says so and the script is written
+    for source in (str(tmp_path / "nowhere"), "https://example.com/shards"):
+        code, _, err = sweep(["--train", source, "--samples", "1M", "--sizes", "S", "--out", str(script)], capsys)
+        assert code == 0 and script.exists() and err.count("\n") == 1 and "--samples not checked" in err
+
+
+def test_sweep_leaves_out_recipes_that_do_not_split_over_the_gpus(tmp_path, capsys):
+    script = tmp_path / "s.sh"
+    # 32 nodes x 8 = 256 processes: TrOCR-S's batch 1024 and B's 256 split, L's and H's 128 cannot
+    code, out, err = sweep(["--arch", "trocr", "--sizes", "S,B,L,H", "--samples", "1k", "--gpus", "8", "--nodes", "32",
+                            "--out", str(script)], capsys)
+    refusals = [line for line in err.splitlines() if not line.startswith("note: --samples not checked")]
+    assert code == 0 and len(refusals) == 1 and "256 GPUs" in refusals[0]
+    assert refusals[0].startswith("refused trocr-L (batch 128), trocr-H (batch 128): ")
+    assert re.findall(r"--name (\S+)", script.read_text()) == ["trocr-S-d1000", "trocr-B-d1000"]
+    assert re.findall(r"^\s+([SBLH]) ", out, re.M) == ["S", "B"]
+    code, _, err = sweep(["--sizes", "S,B", "--gpus", "3", "--out", str(script) + "2"], capsys)  # 1024 % 3 != 0
+    assert code == 2 and err.count("\n") == 1 and "no run to write" in err and not os.path.exists(str(script) + "2")
+
+
+FAKE_TORCHRUN = """#!/usr/bin/env bash
+# stands in for torchrun: logs the run's name and charset, fails the run named in $FAIL, else leaves a result.json
+while [ $# -gt 0 ]; do case $1 in --name) name=$2;; --charset) charset=$2;; esac; shift; done
+echo "train $name $charset" >> calls.log
+[ "$name" = "$FAIL" ] && exit 3
+mkdir -p "runs/$name" && echo {} > "runs/$name/result.json"
+"""
+
+
+def test_sweep_script_reports_a_failed_run_goes_on_and_names_it_at_the_end(tmp_path, capsys):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text(FAKE_TORCHRUN)
+    (bin_dir / "python").write_text('#!/usr/bin/env bash\necho "fit $*" >> calls.log\n')
+    for shim in bin_dir.iterdir():
+        shim.chmod(0o755)
+    charset = "a'b c$"  # quotes, a space and a dollar sign reach train.py as given (the space is dropped by it)
+    assert ocrscale.main(["sweep", "--sizes", "S,B", "--samples", "1k,2k", "--charset", charset,
+                          "--out", str(tmp_path / "sweep.sh")]) == 0
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAIL": "parseq-S-d2000"}
+    proc = subprocess.run(["bash", str(tmp_path / "sweep.sh")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    runs = ["parseq-S-d1000", "parseq-S-d2000", "parseq-B-d1000", "parseq-B-d2000"]
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert calls[:4] == [f"train {r} {charset}" for r in runs]  # the runs after the failed one still ran
+    assert calls[4].startswith("fit fit.py runs/ --where arch=parseq") and len(calls) == 5
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == ["sweep: parseq-S-d2000 failed (exit 3)",
+                                        "sweep: not in the fit (no result.json): parseq-S-d2000"]
+    proc = subprocess.run(["bash", str(tmp_path / "sweep.sh")], cwd=tmp_path, env={**env, "FAIL": ""},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == ""
 
 
 def test_read_recognises_rendered_words(tmp_path, capsys):
