@@ -3,8 +3,8 @@
     python data.py synth data/synth --n 100000                    # 'clean' probe images (all cores)
     python data.py synth data/varied --n 100000 --style varied --fonts FONT_DIR --words words.txt
     python data.py import-lmdb data/lmdb/train/real data/real     # scene-text LMDBs (recursive)
-    python data.py import-folder images/labels.tsv data/mine      # lines: relative/path<TAB>label
-    python data.py stats data/real                                # counts, lengths, charset, drops
+    python data.py import-folder images/labels.tsv data/mine      # lines: relative/path<TAB>label (--sep)
+    python data.py stats data/real --charset real.txt             # counts, lengths, charset (-> --charset @FILE)
     python data.py spm data/real --vocab 512                      # SentencePiece BPE -> data/real/spm512.model
 
 Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention), written in a seeded random order, each
@@ -812,6 +812,23 @@ def render_word(text, rng, style='clean', fonts=None):
     return img
 
 
+def missing_glyphs(font_path, text):
+    """The characters of text that the font lacks (whitespace and invisible format characters aside): drawn
+    unshaped after an 'o' (which keeps a zero-width combining mark in the picture), they draw the .notdef box, as
+    U+FFFF does (no font maps it), or nothing. An unreadable font lacks them all."""
+    try:
+        font = ImageFont.truetype(font_path, 24, layout_engine=ImageFont.Layout.BASIC)
+    except OSError:
+        return ''.join(sorted(set(text)))
+    drawings = {}
+    for c in sorted(set(text)) + ['\uffff', '']:
+        img = Image.new('L', font.getbbox('o' + c)[2:])
+        ImageDraw.Draw(img).text((0, 0), 'o' + c, font=font, fill=255)
+        drawings[c] = img.size, img.tobytes()
+    return ''.join(c for c in sorted(set(text)) if not (c.isspace() or unicodedata.category(c) == 'Cf')
+                   and drawings[c] in (drawings['\uffff'], drawings['']))
+
+
 def _synth_init(cfg):
     global _SYNTH
     _SYNTH = cfg
@@ -844,12 +861,21 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
     """Render n word images into shards in out_dir on all cores; returns the index. words: list of str (else
     random strings of min_len..max_len chars over charset); fonts: list of font paths or a folder of them."""
     _check_empty(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     if isinstance(fonts, str):
         fonts = sorted(p for p in glob.glob(os.path.join(fonts, '**', '*'), recursive=True)
                        if p.lower().endswith(('.ttf', '.otf')))
+    # a font without a glyph draws a box or nothing, which would be labelled as the word
+    lacking = {f: missing_glyphs(f, ''.join(words) if words else charset) for f in fonts or []}
+    skipped = [f'{os.path.basename(f)} ({m[:10]!r})' for f, m in lacking.items() if m]
+    if fonts is not None:
+        fonts = [f for f in fonts if not lacking[f]]
         if not fonts:
-            raise FileNotFoundError('no .ttf/.otf fonts in the fonts folder')
+            raise ValueError('no .ttf/.otf font draws every character of the text' + ': ' * bool(skipped)
+                             + ', '.join(skipped[:5]))
+    if skipped:
+        print(f'data.py synth: skipped {len(skipped)} of {len(lacking)} fonts lacking glyphs: {", ".join(skipped[:5])}',
+              file=sys.stderr)
+    os.makedirs(out_dir, exist_ok=True)
     cfg = dict(out_dir=out_dir, seed=seed, style=style, min_len=min_len, max_len=max_len, charset=charset,
                words=words, fonts=fonts)
     jobs = [(i, s, min(shard_size, n - s)) for i, s in enumerate(range(0, n, shard_size))]
@@ -859,28 +885,32 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
             shards.update(sh)
             chars |= cs
     return write_index(out_dir, shards, chars, f'synth style={style} seed={seed}', {},
-                       words=len(words) if words else None, fonts=len(fonts) if fonts else 'pillow-default')
+                       words=len(words) if words else None, fonts=len(fonts) if fonts else 'pillow-default',
+                       fonts_skipped=len(skipped))
 
 # ----------------------------------------------------------------------------- importers
 
 def _check_sample(rec):
-    """(image bytes or path, label) -> (bytes, ext, label) after decoding the image once, or (None, reason)."""
-    data, label = rec
+    """(where, image bytes or path, label) -> (bytes, ext, label) after decoding the image once, or (None, reason,
+    where)."""
+    where, data, label = rec
     if label is None:
-        return None, 'missing_label'
+        return None, 'missing_label', where
     label = label.decode('utf-8', 'replace') if isinstance(label, bytes) else label  # LMDB labels are bytes
     if not label.strip():
-        return None, 'empty_label'
+        return None, 'empty_label', where
+    if '\t' in label:  # a label file's further column, not a word (training would remove the tab only)
+        return None, 'tab_in_label', where
     if isinstance(data, str):
         data = Path(data).read_bytes() if os.path.isfile(data) else None
     if data is None:
-        return None, 'missing_image'
+        return None, 'missing_image', where
     try:
         img = Image.open(io.BytesIO(data))
         fmt = img.format
         img.load()
     except Exception:
-        return None, 'bad_image'
+        return None, 'bad_image', where
     if fmt not in ('PNG', 'JPEG'):  # other formats are stored as PNG
         buf = io.BytesIO()
         img.convert('RGB').save(buf, 'PNG')
@@ -889,17 +919,22 @@ def _check_sample(rec):
 
 
 def _import(records, out_dir, source, shard_size, workers, total=None, **extra):
-    """Check records (image bytes, label) on all cores and write the good ones to shards, in order."""
-    writer, drops, n = ShardWriter(out_dir, shard_size=shard_size), Counter(), 0
+    """Check records (where, image, label) on all cores and write the good ones to shards, in order. Nothing
+    imported is an error naming the drop reasons and a record of each."""
+    writer, drops, example, n = ShardWriter(out_dir, shard_size=shard_size), Counter(), {}, 0
     with Pool(workers or cpu_count()) as pool:
         for r in tqdm(pool.imap(_check_sample, records, chunksize=64), total=total, desc='import', unit='img'):
             if r[0] is None:
                 drops[r[1]] += 1
+                example.setdefault(r[1], r[2])
             else:
                 writer.write(f'{n:09d}', *r)
                 n += 1
+    dropped = ', '.join(f'{k} {v} (e.g. {example[k]})' for k, v in drops.most_common())
+    if n == 0:
+        raise ValueError(f'nothing imported from {source}: dropped {dropped or "nothing: no records"}')
     index = write_index(out_dir, writer.close(), writer.charset, source, drops, **extra)
-    print(f'{out_dir}: {index["samples"]} samples in {len(index["shards"])} shards, dropped {dict(drops)}')
+    print(f'{out_dir}: {index["samples"]} samples in {len(index["shards"])} shards, dropped {dropped or 0}')
     return index
 
 
@@ -925,19 +960,36 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
         refs = [(db, i) for db, n in counts.items() for i in range(1, int(n) + 1)]
         random.Random(seed).shuffle(refs)
         parts = {os.path.relpath(db, src): int(n) for db, n in counts.items()}
-        records = ((txns[db].get(b'image-%09d' % i), txns[db].get(b'label-%09d' % i)) for db, i in refs)
+        records = ((f'{db} sample {i}', txns[db].get(b'image-%09d' % i), txns[db].get(b'label-%09d' % i))
+                   for db, i in refs)
         return _import(records, out_dir, os.path.abspath(src), shard_size, workers, len(refs), parts=parts)
 
 
-def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=None, seed=0):
-    """A label file of lines 'relative/path<TAB>label' (paths relative to root, default: the file's folder),
-    written in a seeded random order."""
+def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=None, seed=0, sep='\t',
+                  encoding='utf-8'):
+    """A label file of lines 'relative/path<sep>label' (paths relative to root, default: the file's folder; a
+    folder: its one .tsv/.txt file), written in a seeded random order."""
+    if os.path.isdir(labels_file):
+        found = sorted(p for p in os.listdir(labels_file) if p.endswith(('.tsv', '.txt')))
+        if len(found) != 1:
+            raise FileNotFoundError(f'{labels_file} is a folder: give its labels file (lines relative/path{sep!r}'
+                                    f'label), it holds {", ".join(found[:5]) if found else "no .tsv or .txt file"}')
+        labels_file = os.path.join(labels_file, found[0])
+        print(f'labels file: {labels_file}')
     root = root if root is not None else os.path.dirname(os.path.abspath(labels_file))
     _check_empty(out_dir)
-    lines = [ln.rstrip('\r\n').partition('\t') for ln in open(labels_file, encoding='utf-8') if ln.strip()]
+    raw = Path(labels_file).read_bytes()
+    try:
+        text = raw.decode(encoding).removeprefix('\ufeff')  # a byte-order mark is no part of the first path
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b'\n') + 1
+        raise ValueError(f'{labels_file} line {line}: not {encoding} ({e.reason}): give the file\'s --encoding '
+                         '(e.g. latin-1)') from None
+    lines = [(n, *ln.rstrip('\r').partition(sep)) for n, ln in enumerate(text.split('\n'), 1) if ln.strip()]
     random.Random(seed).shuffle(lines)
-    records = [(os.path.join(root, path), label if tab else None) for path, tab, label in lines]
-    return _import(records, out_dir, os.path.abspath(labels_file), shard_size, workers, len(records))
+    records = ((f'{labels_file} line {n}: ' + (os.path.join(root, path) if has_sep else f'no {sep!r} (--sep)'),
+                os.path.join(root, path), label if has_sep else None) for n, path, has_sep, label in lines)
+    return _import(records, out_dir, os.path.abspath(labels_file), shard_size, workers, len(lines))
 
 # ----------------------------------------------------------------------------- stats, spm, command line
 
@@ -946,13 +998,14 @@ def _labels(pattern):
         yield from (row[0] for row in shard_index(path) if row[0] is not None)
 
 
-def stats(pattern):
+def stats(pattern, charset_file=None):
+    """Print a shard set's counts, label lengths, charset (labels in NFC, as training reads them) and drops."""
     shards = find_shards(pattern)
     index = _read_index(pattern)
     lengths, chars = Counter(), Counter()
     for label in tqdm(_labels(pattern), total=sum(n for _, n in shards), desc='labels', leave=False):
         lengths[len(label)] += 1
-        chars.update(label)
+        chars.update(unicodedata.normalize('NFC', label))
     print(f'{pattern}: {sum(lengths.values())} samples in {len(shards)} shards (index: {index.get("samples")}), '
           f'source: {index.get("source")}')
     print('label length histogram:')
@@ -960,6 +1013,10 @@ def stats(pattern):
         print(f'  {k:3d} {lengths[k]:9d} {"#" * max(1, round(50 * lengths[k] / max(lengths.values())))}')
     print(f'charset ({len(chars)}): {"".join(sorted(chars))}')
     print(f'import drops: {index.get("drops", {})}')
+    if charset_file:
+        charset = [c for c in sorted(chars) if not c.isspace()]  # labels never keep whitespace
+        Path(charset_file).write_text(''.join(c + '\n' for c in charset), encoding='utf-8')
+        print(f'wrote {charset_file}: {len(charset)} characters, one a line (train with --charset @{charset_file})')
 
 
 def train_spm(pattern, vocab, out=None, max_len=25):
@@ -999,11 +1056,14 @@ def main(argv=None):
         writers[-1].add_argument('src', help=src_help)
         writers[-1].add_argument('out', help='output folder')
     writers[-1].add_argument('--root', help='folder the image paths are relative to (default: the label file\'s)')
+    writers[-1].add_argument('--sep', default='\t', help='what separates path and label (default: a tab)')
+    writers[-1].add_argument('--encoding', default='utf-8', help='of the label file (default utf-8; BOM skipped)')
     for a in writers:
         a.add_argument('--shard-size', type=int, default=10000, help='samples per shard')
         a.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
-    sub.add_parser('stats', help='counts, label lengths, charset and drops of a shard set').add_argument(
-        'dir', help='shard folder or glob')
+    a = sub.add_parser('stats', help='counts, label lengths, charset and drops of a shard set')
+    a.add_argument('dir', help='shard folder or glob')
+    a.add_argument('--charset', metavar='FILE', help='write the set\'s charset to FILE, for --charset @FILE')
     a = sub.add_parser('spm', help='train a SentencePiece BPE tokenizer on shard labels')
     a.add_argument('dir', help='shard folder or glob')
     a.add_argument('--vocab', type=int, required=True, help='SentencePiece pieces (ids = pieces + 3)')
@@ -1020,12 +1080,13 @@ def main(argv=None):
         elif args.cmd == 'import-lmdb':
             import_lmdb(args.src, args.out, args.shard_size, args.workers)
         elif args.cmd == 'import-folder':
-            import_folder(args.src, args.out, args.root, args.shard_size, args.workers)
+            import_folder(args.src, args.out, args.root, args.shard_size, args.workers, sep=args.sep,
+                          encoding=args.encoding)
         elif args.cmd == 'stats':
-            stats(args.dir)
+            stats(args.dir, args.charset)
         elif args.cmd == 'spm':
             train_spm(args.dir, args.vocab, args.out)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:  # RuntimeError: sentencepiece
+    except (OSError, ValueError, LookupError, RuntimeError) as e:  # LookupError: --encoding; RuntimeError: spm
         sys.exit(f'data.py {args.cmd}: {e}')
 
 

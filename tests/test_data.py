@@ -1,5 +1,5 @@
 """Tests for data.py on tiny shards written to tmp dirs: python -m pytest tests/test_data.py -q"""
-import importlib.util, io, json, os, random, sys, tarfile, time, unicodedata, zlib
+import glob, importlib.util, io, json, os, random, re, shutil, sys, tarfile, time, unicodedata, zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -292,6 +292,108 @@ def test_import_folder(tmp_path):
     (tmp_path / 'labels.tsv').write_text('img/a.png\tabc\nimg/b.jpg\tdef\nimg/missing.png\tghi\n')
     index = data.import_folder(str(tmp_path / 'labels.tsv'), str(tmp_path / 'out'), workers=1)
     assert index['samples'] == 1 and index['drops'] == {'bad_image': 1, 'missing_image': 1}
+
+
+def run_cli(argv):
+    """data.main(argv) -> its one-line error, or None when it succeeds."""
+    try:
+        data.main(argv)
+    except SystemExit as e:
+        return str(e.code)
+
+
+def test_import_folder_says_what_is_wrong_with_a_label_file(tmp_path, capsys):
+    words = ['abc', 'dé', 'ghi', 'jk']
+    (tmp_path / 'img').mkdir()
+    for i in range(len(words)):
+        (tmp_path / 'img' / f'{i}.png').write_bytes(png(40 * i))
+    lines = [f'img/{i}.png\t{w}\n' for i, w in enumerate(words)]
+
+    def imported(out):
+        return sorted(data._labels(str(tmp_path / out)))
+
+    def cli(name, out, *flags):
+        return run_cli(['import-folder', str(tmp_path / name), str(tmp_path / out), '--workers', '1', *flags])
+
+    (tmp_path / 'spaced.txt').write_text(''.join(ln.replace('\t', ' ') for ln in lines), encoding='utf-8')
+    err = cli('spaced.txt', 'o1')
+    assert err.startswith('data.py import-folder: nothing imported') and 'missing_label 4' in err
+    assert re.search(r"spaced.txt line [1-4]: no '\\t' \(--sep\)", err) and '\n' not in err
+    assert not glob.glob(str(tmp_path / 'o1' / '*.tar'))
+    assert cli('spaced.txt', 'o2', '--sep', ' ') is None and imported('o2') == sorted(words)
+
+    (tmp_path / 'good.tsv').write_text(''.join(lines), encoding='utf-8')
+    err = cli('good.tsv', 'o3', '--root', str(tmp_path / 'elsewhere'))
+    assert 'missing_image 4' in err and str(tmp_path / 'elsewhere' / 'img') in err
+
+    # a byte-order mark keeps the first line; a tab inside a label is a counted drop
+    (tmp_path / 'bom.tsv').write_text(''.join(lines[:3]) + 'img/3.png\tjk\tmore\n', encoding='utf-8-sig')
+    assert cli('bom.tsv', 'o4') is None and imported('o4') == sorted(words[:3])
+    assert json.loads((tmp_path / 'o4' / 'index.json').read_text())['drops'] == {'tab_in_label': 1}
+    assert 'tab_in_label 1 (e.g. ' in capsys.readouterr().out
+
+    (tmp_path / 'latin1.tsv').write_text(''.join(lines), encoding='latin-1')
+    err = cli('latin1.tsv', 'o5')
+    assert f'latin1.tsv line {words.index("dé") + 1}: not utf-8' in err and '--encoding' in err
+    assert cli('latin1.tsv', 'o6', '--encoding', 'latin-1') is None and imported('o6') == sorted(words)
+
+    (tmp_path / 'one').mkdir()
+    shutil.copytree(tmp_path / 'img', tmp_path / 'one' / 'img')
+    shutil.copy(tmp_path / 'good.tsv', tmp_path / 'one' / 'labels.tsv')
+    assert cli('one', 'o7') is None and imported('o7') == sorted(words)
+    assert 'labels file: ' + str(tmp_path / 'one' / 'labels.tsv') in capsys.readouterr().out
+    err = cli('.', 'o8')  # a folder with several label files
+    assert 'is a folder: give its labels file' in err and all(f in err for f in ('bom.tsv', 'good.tsv', 'spaced.txt'))
+    assert 'no .tsv or .txt file' in cli('img', 'o9')
+
+
+def test_stats_writes_the_charset_for_training(tmp_path, capsys):
+    labels = [unicodedata.normalize('NFD', 'Αθήνα'), 'книга', 'a b', 'Zz9']
+    w = data.ShardWriter(str(tmp_path / 's'))
+    for i, label in enumerate(labels):
+        w.write(f'{i:09d}', png(), 'png', label)
+    data.write_index(str(tmp_path / 's'), w.close(), w.charset, 'test', {})
+    assert run_cli(['stats', str(tmp_path / 's'), '--charset', str(tmp_path / 'cs.txt')]) is None
+    assert f'--charset @{tmp_path / "cs.txt"}' in capsys.readouterr().out
+    want = sorted(set(unicodedata.normalize('NFC', ''.join(labels)).replace(' ', '')))  # 'ή' composed, no space
+    assert (tmp_path / 'cs.txt').read_text(encoding='utf-8').splitlines() == want
+    tok = data.load_tokenizer(f'@{tmp_path / "cs.txt"}')
+    assert sorted(tok.charset) == want and not tok.fold
+    cleaned = [data.clean_label(t, tok.charset, fold=tok.fold)[0] for t in labels]
+    assert tok.decode(tok.encode(cleaned)) == cleaned == ['Αθήνα', 'книга', 'ab', 'Zz9']
+
+
+@pytest.mark.skipif(not os.path.exists(FONT), reason=f'needs {FONT}')
+def test_synth_skips_fonts_without_the_glyphs(tmp_path, capsys):
+    subset = pytest.importorskip('fontTools.subset')
+    from fontTools.ttLib import TTFont
+    fonts = tmp_path / 'fonts'
+    fonts.mkdir()
+    shutil.copy(FONT, fonts / 'full.ttf')
+    for name, box in (('latin_box.ttf', True), ('latin_blank.ttf', False)):  # .notdef drawn as a box / as nothing
+        font, options = TTFont(FONT), subset.Options()
+        options.notdef_outline = box
+        subsetter = subset.Subsetter(options)
+        subsetter.populate(unicodes=range(0x20, 0x7f))
+        subsetter.subset(font)
+        font.save(fonts / name)
+    text = ''.join(map(chr, [*range(0x21, 0x7f), *range(0xc0, 0x180), *range(0x370, 0x3d0), *range(0x400, 0x460),
+                             *range(0x590, 0x5f0), *range(0x4e00, 0x4e10), 0x301, 0x308]))  # Hebrew marks, CJK
+    for path in fonts.iterdir():  # what the font maps, read from its cmap table
+        cmap = TTFont(path).getBestCmap()
+        assert data.missing_glyphs(str(path), text) == ''.join(sorted(c for c in text if ord(c) not in cmap))
+    (fonts / 'broken.ttf').write_bytes(b'not a font')
+    (tmp_path / 'ru.txt').write_text('мир\nкнига\nabc\n', encoding='utf-8')
+    argv = ['synth', str(tmp_path / 'out'), '--n', '8', '--style', 'varied', '--fonts', str(fonts), '--workers', '1']
+    assert run_cli(argv + ['--words', str(tmp_path / 'ru.txt')]) is None
+    index = json.loads((tmp_path / 'out' / 'index.json').read_text())
+    assert (index['samples'], index['fonts'], index['fonts_skipped']) == (8, 1, 3)
+    skipped = [ln for ln in capsys.readouterr().err.splitlines() if 'skipped' in ln]
+    assert len(skipped) == 1 and all(f in skipped[0] for f in ('3 of 4', 'latin_box', 'latin_blank', 'broken'))
+    (tmp_path / 'cjk.txt').write_text('漢字\n', encoding='utf-8')
+    argv[1] = str(tmp_path / 'out2')
+    err = run_cli(argv + ['--words', str(tmp_path / 'cjk.txt')])
+    assert err.startswith('data.py synth: no .ttf/.otf font draws every character') and '\n' not in err
 
 
 def test_load_charset(tmp_path):
