@@ -451,6 +451,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             self.usable.append(meta['samples'])
             self.drops.update(meta['drops'])
         weights = [w for _, w in sources]
+        if min(weights) <= 0:
+            raise ValueError(f'weights are positive numbers, got {sources}')
         self.sizes = list(self.usable) if samples is None else largest_remainder(samples, weights).tolist()
         for pattern, want, have in zip(self.names, self.sizes, self.usable):
             if not 0 < want <= have:
@@ -757,9 +759,10 @@ def score(preds, gts, charset=None):
 
 
 def scoring_form(text, charset=None):
-    """The study's protocol (normalize36) for no charset or an ASCII one; otherwise the text as written (NFC),
-    lower-cased when the charset has no upper-case letter (as clean_label reads labels)."""
-    if charset is None or charset.isascii():
+    """The study's protocol (normalize36) for no charset or an ASCII one that holds 0-9a-z (36 or 94 characters, in
+    any order); otherwise the text as written (NFC), lower-cased when the charset has no upper-case letter (as
+    clean_label reads labels): a charset of digits and symbols is scored on its symbols too."""
+    if charset is None or charset.isascii() and set(CHARSET36) <= set(charset.lower()):
         return normalize36(text)
     text = unicodedata.normalize('NFC', text)
     return text.lower() if charset == charset.lower() else text

@@ -505,6 +505,7 @@ def test_folding_and_case_follow_the_charset_content():
     r = data.score(*zip(*greek), lower + 'ΑΣΟΦΙ')  # upper-case letters: as written
     assert r['correct'] == 1 and r['ned_sum'] == pytest.approx(4 / 5 + 1 + 0 + 0)
     assert data.score(['мир'], ['мор'], 'мирор')['correct'] == 0
+    assert data.score(['!#', '0!'], ['#$', '0!'], '!#$%0123')['correct'] == 1  # no letters: symbols count too
 
 
 def test_cpu_count_without_sched_getaffinity(monkeypatch):
@@ -640,11 +641,13 @@ def test_fsspec_sources(tmp_path, monkeypatch):
             data.ShardStream('s3://bucket/set', 8, 16, 5, data.CHARSET36)
 
 
-def test_weights_that_starve_a_source_and_open_files(tmp_path):
+def test_weights_that_starve_a_source_or_are_zero_and_open_files(tmp_path):
     make_shards(tmp_path / 'a', [50], 'a')
     make_shards(tmp_path / 'b', [50, 50], 'b')
     with pytest.raises(ValueError, match='weight of .*a is under 1/4096 of the sum: it would never be read'):
         data.ShardStream(f'{tmp_path / "a"}:1,{tmp_path / "b"}:10000', 8, 16, 4, data.CHARSET36)
+    with pytest.raises(ValueError, match='weights are positive numbers'):  # a lone :0 would divide by zero
+        data.ShardStream(f'{tmp_path / "a"}:0', 8, 16, 4, data.CHARSET36)
     before = len(os.listdir('/proc/self/fd'))
     for _ in range(3):  # evaluation passes, each with a new stream, as train.py runs them
         assert len(labels_of(data.ShardStream(str(tmp_path / 'b'), 8, 16, 8, data.CHARSET36, loop=False))) == 100
