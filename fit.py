@@ -15,8 +15,11 @@ percent); each fit draws from its own random stream (seed, fit name):
 - compute-optimal N and S (samples seen) for C = c0 N^gamma S, c0 N^gamma fitted to the runs' C / samples seen.
 Points: train.py's run folders (finished ones unless --include-unfinished) or a CSV, a run per row (header: any of N, D,
 C, samples; one of E, acc, loss; optional label, arch, seed; numbers may end in K/M/B/G, errors <= 1 are fractions).
-E(N): each run's final eval (--best: its best) on the ladder of runs sharing (arch, D, sample budget) with the most
-distinct N, the median of a size's seeds; E(D) likewise; E(C): the lower envelope of every eval of every run.
+Runs are pooled only when their fit group (train.py's config.json "fit_group": arch, training sets and weights, val
+set, tokenizer, --init, --set overrides, image size, eval setting; older runs and CSV rows: what they record) is equal;
+each group is fitted on its own (--where FIELD=VALUE picks one). Within a group, E(N): each run's final eval (--best:
+its best) on the ladder of runs sharing (D, sample budget) with the most distinct N, the median of a size's seeds;
+E(D) likewise; E(C): the lower envelope of every eval of every run; the joint law: every run with N and D.
 Error >= 99.5% (a model that reads nothing) is never fitted. Not done here: training, IsoFLOP parabolas.
 """
 import argparse
@@ -40,6 +43,7 @@ PINNED = 99.5    # % word error at or above which a model reads nothing: flagged
 DELTA = 1e-3     # Huber delta on log E (Chinchilla approach 3)
 SMALL_N = 8      # below this many points an axis gets t-intervals instead of the run bootstrap
 AXES = ("N", "D", "C")
+GROUP = ("arch", "train", "val", "tokenizer", "init", "set", "img", "eval")  # train.py's fit_group fields
 SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
 JOINT = ("einf", "A", "alpha", "B", "beta")
 
@@ -57,22 +61,72 @@ def _num(v):
 def _ok(v):
     return v is not None and math.isfinite(v) and v > 0
 
-def _matches(config, where):
+def _matches(run, where):
+    """--where KEY=VALUE on a fit group field (none matches null or empty, a path as given or made absolute, train and
+    set any one of their items) or else on a config.json key (dotted for nested dicts, numbers compared as numbers)."""
     for key, want in where.items():
-        v = config
+        want, v = str(want), run["group"].get(key) if key in GROUP else run["config"]
+        if key in GROUP:
+            shown = _show(key, v)
+            items = [p for p, _ in v or []] if key == "train" else shown.split(",") if key == "set" else [shown]
+            if not ({want, os.path.abspath(want)} & set(items) or want.lower() == "none" == shown):
+                return False
+            continue
         for part in key.split("."):  # model.enc_width=64 reaches into nested dicts
             v = v.get(part) if isinstance(v, dict) else None
         numeric = _num(v) is not None and _num(want) is not None
-        if v is None or (_num(v) != _num(want) if numeric else str(v) != str(want)):
+        if v is None or (_num(v) != _num(want) if numeric else str(v) != want):
             return False
     return True
+
+def _items(v):
+    """train.py's list of --train or --set arguments, or a CSV cell, as one list of its comma-separated items."""
+    return [s for s in ",".join(v if isinstance(v, list) else [str(v)] if v else []).split(",") if s]
+
+def _fit_group(config):
+    """What a run shares with every run it may be pooled with: train.py's "fit_group", else what an older config.json
+    or a CSV row's columns record (None where nothing does; such runs never pool with fit_group runs)."""
+    if isinstance(config.get("fit_group"), dict):
+        return config["fit_group"]
+    model, tok = (config[k] if isinstance(config.get(k), dict) else {} for k in ("model", "tokenizer"))
+    arch, train = config.get("arch"), []
+    for item in _items(config.get("train")):  # DIR or DIR:WEIGHT (a URL's other colons are not weights)
+        path, _, weight = item.rpartition(":")
+        train.append([path, _num(weight)] if path and _num(weight) is not None else [item, 1.0])
+    setting = config.get("beam") if arch == "trocr" else config.get("refine_iters") if arch == "parseq" else None
+    return {"arch": arch, "train": train, "val": config.get("val"), "init": config.get("init"),
+            "tokenizer": f"char:{tok['charset']}" if "charset" in tok else
+            f"{tok.get('type')}:{zlib.crc32(json.dumps(tok, sort_keys=True).encode()):08x}" if tok else
+            config.get("tokenizer") or config.get("spm") or config.get("charset"),
+            "set": dict(item.partition("=")[::2] for item in _items(config.get("set"))),
+            "img": [model["img_h"], model["img_w"]] if "img_h" in model else config.get("img"),
+            "eval": config.get("eval") if setting is None else f"{'beam' if arch == 'trocr' else 'refine'}={setting}"}
+
+def _show(field, value):
+    """A fit group field as text, as group names show it and --where compares it."""
+    return ("none" if value in (None, {}, []) else ",".join(p if w == 1 else f"{p}:{w:g}" for p, w in value)
+            if field == "train" else ",".join(f"{k}={v}" for k, v in value.items()) if field == "set" else
+            "x".join(map(str, value)) if field == "img" and isinstance(value, list) else str(value))
+
+def _groups(runs):
+    """[(name, fields, runs)] per distinct fit group, in the order first seen. A name shows only the fields in which
+    the groups differ, long values cut in the middle ('' for a single group)."""
+    members = {}
+    for r in runs:
+        members.setdefault(json.dumps(r["group"], sort_keys=True), []).append(r)
+    groups = [rs[0]["group"] for rs in members.values()]
+    keys = dict.fromkeys(k for g in groups for k in (*GROUP, *g))  # a field train.py adds later splits groups too
+    differ = [k for k in keys if len({json.dumps(g.get(k), sort_keys=True) for g in groups}) > 1]
+    shown = [[f"{k}={_show(k, g.get(k))}" for k in differ] for g in groups]
+    names = [" ".join(s if len(s) <= 48 else f"{s[:22]}...{s[-23:]}" for s in parts) for parts in shown]
+    return list(zip(names, groups, members.values()))
 
 def _make_run(name, config, evals, finished, malformed=0):
     # the sample budget: config "train_samples", else the samples seen at the last eval
     budget = _num(config.get("train_samples"))
     if budget is None and evals and _num(evals[-1].get("samples")):
         budget = float(f"{_num(evals[-1]['samples']):.2g}")  # 2 significant figures absorb batch rounding
-    return {"name": name, "config": config, "evals": evals, "finished": finished, "arch": config.get("arch"),
+    return {"name": name, "config": config, "evals": evals, "finished": finished, "group": _fit_group(config),
             "N": _num(config.get("N")), "D": _num(config.get("D")), "budget": budget, "malformed": malformed,
             "skip": None if evals else "no evals in metrics.jsonl (still starting, or crashed before its first eval)"}
 
@@ -119,8 +173,8 @@ def _read_csv(path):
     return runs
 
 def load_runs(paths, where=None):
-    """Run dicts (name, config, evals, finished, arch, N, D, budget, malformed, skip) from run folders (searched
-    recursively) and/or CSV files, filtered by `where`: {key: value} or ["key=value", ...], dotted for nested keys."""
+    """Run dicts (name, config, evals, finished, group, N, D, budget, malformed, skip) from run folders (searched
+    recursively) and/or CSV files, filtered by `where`: {key: value} or ["key=value", ...] (see _matches)."""
     if not isinstance(where, dict):
         for item in where or []:
             if "=" not in item:
@@ -137,7 +191,7 @@ def load_runs(paths, where=None):
                     runs.append(_read_run(root))
         else:
             raise FileNotFoundError(f"{p}: neither a folder of runs (config.json + metrics.jsonl) nor a .csv file")
-    return [r for r in runs if _matches(r["config"], where)]
+    return [r for r in runs if _matches(r, where)]
 
 # ----------------------------------------------------------------------------- points per axis
 
@@ -175,16 +229,17 @@ def _reduce(axis, xy, pin):
     return ux, my, my >= pin
 
 def _ladder(runs, axis):
-    """The runs on the best ladder for axis N (fixed arch, D, budget) or D (fixed arch, N, and a fixed budget or fixed
-    epochs, as train.py's --epochs plans it): most distinct values, then the larger fixed N or D, then fixed budget."""
+    """The runs on the best ladder for axis N (fixed D, budget) or D (fixed N, and a fixed budget or fixed epochs, as
+    train.py's --epochs plans it) in one fit group: most distinct values, then the larger fixed N or D, then fixed
+    budget."""
     other = "D" if axis == "N" else "N"
-    groups = {}
+    ladders = {}
     for i, r in enumerate(runs):
-        groups.setdefault((r["arch"], r[other], "budget", r["budget"]), []).append(i)
+        ladders.setdefault((r[other], "budget", r["budget"]), []).append(i)
         if axis == "D" and r["budget"] and r["D"]:
-            groups.setdefault((r["arch"], r[other], "epochs", round(r["budget"] / r["D"], 2)), []).append(i)
-    key = max(groups, key=lambda k: (len({runs[i][axis] for i in groups[k]}), k[1] or 0, k[2] == "budget"))
-    return groups[key], {"arch": key[0], other: key[1], key[2]: key[3]}
+            ladders.setdefault((r[other], "epochs", round(r["budget"] / r["D"], 2)), []).append(i)
+    key = max(ladders, key=lambda k: (len({runs[i][axis] for i in ladders[k]}), k[0] or 0, k[1] == "budget"))
+    return ladders[key], {other: key[0], key[1]: key[2]}
 
 def _holdout_specs(holdout, axes):
     """{axis: 'largest' | 'largest:K' | value} from --holdout's AXIS=SPEC items; no AXIS: every axis in `axes`."""
@@ -401,20 +456,20 @@ def _has_axis(run, axis):
 
 def _fit_axis(runs, axis, o):
     key, scale = o["key"], o["scale"]
-    cand = [r for r in runs if not r["skip"] and _has_axis(r, axis)]
+    cand = [r for r in runs if _has_axis(r, axis)]
     if not cand:
         source = "'flops' in metrics.jsonl" if axis == "C" else f"config.json '{axis}'"
         return {"error": f"no run has {axis} ({source} or a CSV column '{axis}')"}
     obs = [(r, _observations(r, axis, key, o["best"])) for r in cand]  # (run, its (x, y) array or why it has none)
     skipped = [f"{r['name']}: {xy}" for r, xy in obs if isinstance(xy, str)]
-    obs, group = [(r, xy) for r, xy in obs if not isinstance(xy, str)], None
+    obs, ladder = [(r, xy) for r, xy in obs if not isinstance(xy, str)], None
     if axis != "C" and obs:
-        idx, group = _ladder([r for r, _ in obs], axis)
+        idx, ladder = _ladder([r for r, _ in obs], axis)
         if len(obs) > len(idx):
-            fixed = ", ".join(f"{k}={v}" for k, v in group.items())
+            fixed = ", ".join(f"{k}={v}" for k, v in ladder.items())
             skipped.append(f"{len(obs) - len(idx)} run(s) off this ladder (fixed {fixed})")
         obs = [obs[i] for i in idx]
-    out = {"group": group, "skipped": skipped, "n_runs": len(obs), "warnings": []}
+    out = {"ladder": ladder, "skipped": skipped, "n_runs": len(obs), "warnings": []}
     if not obs:
         return dict(out, error=f"{axis}: no usable runs")
     x, y, pinned = _reduce(axis, np.concatenate([xy for _, xy in obs]), o["pin"])
@@ -490,7 +545,7 @@ def _joint_rows(runs, o):
     """One dict per usable run: N, D, E, name, samples seen S, C, S_assumed (no samples logged: S = D, one pass)."""
     rows = []
     for r in runs:
-        e = None if r["skip"] else _pick_eval(r, o["key"], o["best"])
+        e = _pick_eval(r, o["key"], o["best"])
         y, S, C = (_num(e[o["key"]]), _num(e.get("samples")), _num(e.get("flops"))) if e else (None, None, None)
         if _ok(r["N"]) and _ok(r["D"]) and _ok(y) and y < o["pin"]:
             rows.append(dict(N=r["N"], D=r["D"], E=y, name=r["name"], S=S if _ok(S) else r["D"],
@@ -603,11 +658,13 @@ def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_bo
            "skipped": [f"{r['name']}: {r['skip']}" for r in runs if r["skip"]]}
     if not runs:
         out["error"] = "no finished runs found (or none match --where)"
-    for ax in AXES:
-        out[ax] = _fit_axis(runs, ax, o) if runs else {"error": "no runs"}
-    out["joint"] = _fit_joint(runs, o) if runs else {"error": "no runs"}
-    out["ok"] = any("error" not in out[ax] for ax in (*AXES, "joint"))
-    return out
+    fits = []
+    for name, fields, group in _groups([r for r in runs if not r["skip"]]) or [("", {}, [])]:
+        fit = {"name": name, "fields": fields, "n_runs": len(group), **{ax: _fit_axis(group, ax, o) for ax in AXES},
+               "joint": _fit_joint(group, o)}
+        fits.append(dict(fit, ok=any("error" not in fit[part] for part in (*AXES, "joint"))))
+    out.update(fits[0] if len(fits) == 1 else {"groups": fits})  # runs of different setups: fitted apart, never pooled
+    return dict(out, ok=any(fit["ok"] for fit in fits))
 
 # ----------------------------------------------------------------------------- output
 
@@ -619,28 +676,39 @@ def _r2(v):
 
 def format_table(result):
     """A plain-text report of fit_all's result (stdout, and REPORT.md via ocrscale.py)."""
-    u, pts_word = ("%", " points") if result["metric"] in ("error", "test") else ("", "")
     L = [f"metric: {result['metric']} ({result['key']}, {result['unit']}); {result['runs']} runs"]
     if result["unfinished"]:
         how = ("included" if result["include_unfinished"] else
                "excluded (no result.json; fit them with --include-unfinished)")
         L.append(f"  {len(result['unfinished'])} unfinished run(s) {how}: {', '.join(result['unfinished'])}")
     L += [f"  note: {s}" for s in result["notes"]] + [f"  skipped {s}" for s in result["skipped"]]
-    level = next((result[a]["ci"]["level"] for a in AXES if "ci" in result[a]), 0.95)
-    L.append(f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} intervals: t (n-2 dof) below "
-             f"{SMALL_N} points, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}"
-             f"{'alpha':>8} {'CI':<20}{'R2(log)':>8}{'RMSE(log)':>10}  interval method")
+    fits = result.get("groups") or [result]
+    if len(fits) > 1:
+        L.append(f"\n{len(fits)} fit groups: their runs differ in more than the fitted axes (the fields named below), "
+                 f"so each is fitted on its own; fit one with --where FIELD=VALUE")
+    for i, fit in enumerate(fits, 1):
+        L += [f"\n=== group {i} of {len(fits)}: {fit['name']} ({fit['n_runs']} runs)"] * (len(fits) > 1)
+        L += _format_fit(fit, result["metric"])
+    return "\n".join(L)
+
+def _format_fit(fit, metric):
+    """format_table's lines for one fit group: the per-axis laws, their points and checks, the joint law."""
+    u, pts_word = ("%", " points") if metric in ("error", "test") else ("", "")
+    level = next((fit[a]["ci"]["level"] for a in AXES if "ci" in fit[a]), 0.95)
+    L = [f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} intervals: t (n-2 dof) below "
+         f"{SMALL_N} points, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}"
+         f"{'alpha':>8} {'CI':<20}{'R2(log)':>8}{'RMSE(log)':>10}  interval method"]
     L += [f"{ax:<5}  not fitted: {r['error']}" if "error" in r else
           f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
           f"{_ci(r['ci']['alpha']):<20}{_r2(r['r2']):>8}{r['rmse']:>10.4f}  {r['ci']['method']}"
-          for ax, r in ((ax, result[ax]) for ax in AXES)]
+          for ax, r in ((ax, fit[ax]) for ax in AXES)]
     for ax in AXES:
-        r = result[ax]
+        r = fit[ax]
         if "error" in r:
             L += [f"  {ax}: skipped {s}" for s in r.get("skipped", [])]
             continue
-        grp = ", ".join(f"{k}={v}" for k, v in (r["group"] or {}).items() if v is not None)
-        L.append(f"\n{ax} points" + (f" (ladder at {grp})" if grp else "") + f": {ax}, {result['metric']}{u}")
+        grp = ", ".join(f"{k}={v}" for k, v in (r["ladder"] or {}).items() if v is not None)
+        L.append(f"\n{ax} points" + (f" (ladder at {grp})" if grp else "") + f": {ax}, {metric}{u}")
         for p in r["points"]:
             tag = " PINNED (not fitted)" if p["pinned"] else " HELD OUT" if p["held_out"] else ""
             n = len(p["runs"])
@@ -662,10 +730,10 @@ def format_table(result):
                      f"{s['alpha']:.4f} {_ci(s['ci']['alpha'])}, R2 {s['r2']:.4f} ({s['starts_at_best']}/{s['starts']} "
                      f"starts at best{'' if s['converged'] else ', NOT converged'}; {s['ci']['n_boot']} bootstrap "
                      f"draws)"))
-    j = result["joint"]
+    j = fit["joint"]
     L.append("\njoint E = E_inf + A/N^alpha + B/D^beta (Huber on log E, L-BFGS-B from a grid of starts)")
     if "error" in j:
-        return "\n".join(L + [f"  not fitted: {j['error']}"])
+        return L + [f"  not fitted: {j['error']}"]
     vp = j["varpro"]
     L += [f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}   variable projection: {vp[k]:.5g}" for k in JOINT]
     L.append(f"  {j['n_points']} runs, R2(log) {j['r2']:.4f}, RMSE(log) {j['rmse']:.4f}, {j['starts_at_best']}/"
@@ -684,7 +752,7 @@ def format_table(result):
           for n, d, m, pr in zip(*(h.get(k, []) for k in ("N", "D", "measured", "predicted")))]
     co = j["compute_optimal"]
     if "error" in co:
-        return "\n".join(L + [f"  compute-optimal: {co['error']}"])
+        return L + [f"  compute-optimal: {co['error']}"]
     f = co["flops_per_sample"]
     L.append(f"  compute-optimal N and S = samples seen, for C = c0 N^gamma S with c0 = {f['c0']:.4g}, gamma = "
              f"{f['gamma']:.3f} ({f['source']}):\n    N_opt = [alpha A / (gamma beta B) (C / c0)^beta]^(1/(alpha + "
@@ -696,8 +764,8 @@ def format_table(result):
     if co["samples_assumed"]:
         L.append(f"    no 'samples' logged, one pass assumed (S = D): {', '.join(co['samples_assumed'])}")
     L += [f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, S {b['S']:.3g} "
-          f"{_ci(b['ci']['S'], '{:.3g}')}, predicted {result['metric']} {b['E']:.4g}{u}" for b in co["budgets"]]
-    return "\n".join(L)
+          f"{_ci(b['ci']['S'], '{:.3g}')}, predicted {metric} {b['E']:.4g}{u}" for b in co["budgets"]]
+    return L
 
 def _log_ticks(axis, lo, hi):
     """Readable ticks on a log axis spanning lo..hi: 1-2-5 steps (decades when many, finer when few), at most 6,
@@ -713,7 +781,11 @@ def _log_ticks(axis, lo, hi):
     axis.set_minor_formatter(ticker.NullFormatter())
 
 def plot_all(result, out_dir):
-    """Log-log PNGs per axis (points, fit, CI band) and of the joint fit (a curve per D); returns their paths."""
+    """Log-log PNGs per axis (points, fit, CI band) and of the joint fit (a curve per D), fit group i of several in
+    out_dir/group{i}; returns their paths."""
+    if result.get("groups"):
+        return [path for i, fit in enumerate(result["groups"], 1) for path in
+                plot_all(dict(fit, metric=result["metric"], key=result["key"]), os.path.join(out_dir, f"group{i}"))]
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -770,8 +842,10 @@ def main(argv=None):
     add("--metric", choices=sorted(METRICS), default="error", help="error: val word error (the study's target); "
         "loss: val loss per character; test: test error")
     add("--best", action="store_true", help="use each run's best eval instead of its final one (N, D)")
-    add("--where", action="append", default=[], metavar="KEY=VALUE", help="keep runs whose config.json has KEY=VALUE "
-        "(repeatable; dotted keys reach into 'model')")
+    add("--where", action="append", default=[], metavar="KEY=VALUE", help="keep runs whose fit group field KEY (arch, "
+        "train, val, tokenizer, init, set, img, eval) is VALUE: none for null or empty, paths as given or absolute, "
+        "train=PATH any of the training sets, set=FIELD=VALUE any override, img=HxW e.g. 32x128, eval=beam=1; any "
+        "other KEY is a config.json key (dotted keys reach into 'model'); repeatable")
     add("--holdout", action="append", default=[], metavar="AXIS=largest|largest:K|VALUE", help="fit AXIS without its "
         "largest (K) points or those >= VALUE and predict them (repeatable; a bare VALUE only when one axis is fitted)")
     add("--include-unfinished", action="store_true", help="also fit runs without result.json")

@@ -263,7 +263,7 @@ def test_run_folders_grouping_seeds_pinned_and_unfinished(tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{not json")
     assert "unreadable config.json" in fit.load_runs(str(tmp_path / "broken"))[0]["skip"]
     runs = fit.load_runs([str(tmp_path)], where=["arch=trocr"])
-    assert len(runs) == 10 and all(r["arch"] == "trocr" for r in runs)
+    assert len(runs) == 10 and all(r["group"]["arch"] == "trocr" for r in runs)
     r = fit.fit_all(runs, n_boot=100)
     assert any("empty" in s and "no evals" in s for s in r["skipped"])
     running = os.path.join(str(tmp_path), "n3e6-running")
@@ -271,7 +271,7 @@ def test_run_folders_grouping_seeds_pinned_and_unfinished(tmp_path):
     assert f"1 unfinished run(s) excluded (no result.json; fit them with --include-unfinished): {running}" in \
         fit.format_table(r)
     n = r["N"]
-    assert n["group"] == {"arch": "trocr", "D": 5e4, "budget": 1e5}
+    assert n["ladder"] == {"D": 5e4, "budget": 1e5}
     assert any("1 run(s) off this ladder" in s for s in n["skipped"])
     assert [p["x"] for p in n["points"]] == [1e4, 3e4, 1e5, 3e5, 1e6]
     assert [p["y"] for p in n["points"]] == [100.0, 60.0, 40.0, 20.0, 12.0]  # median of 40, 30, 100 seeds
@@ -299,7 +299,7 @@ def test_d_ladder_at_fixed_epochs(tmp_path):
         write_run(tmp_path, f"d{D:g}", {"arch": "parseq", "N": 1e5, "D": D, "train_samples": 20 * D},
                   [{"step": 1, "samples": 20 * D, "flops": 1e6 * D, "val_error": err, "final": True}])
     r = fit.fit_all(fit.load_runs(str(tmp_path)), n_boot=10)
-    assert r["D"]["group"] == {"arch": "parseq", "N": 1e5, "epochs": 20.0} and r["D"]["n_points"] == 4
+    assert r["D"]["ladder"] == {"N": 1e5, "epochs": 20.0} and r["D"]["n_points"] == 4
 
 
 def test_input_units_suffixes_flat_and_malformed(tmp_path, capsys):
@@ -402,3 +402,76 @@ def test_plot_ticks_are_plain_and_minor_labels_off():
     fit._log_ticks(a.xaxis, 22, 130)
     assert list(a.xaxis.get_major_locator().locs) == [30, 50, 70, 90, 120]
     plt.close(fig)
+
+
+def test_runs_of_two_datasets_in_one_folder_are_fitted_apart(tmp_path, capsys, monkeypatch):
+    # issue 21: a Latin N ladder and a Cyrillic fine-tune's (own val set, --init) in one folder, same arch, D and
+    # budget; seeds and per-size recipes (lr) differ within a dataset and must not split it.
+    monkeypatch.chdir(tmp_path)
+    char = "char:0123456789abcdefghijklmnopqrstuvwxyz"
+    sets = {"latin": ({"train": [[str(tmp_path / "latin"), 1.0]], "val": str(tmp_path / "latin-val"), "init": None},
+                      2e3, 0.3),
+            "cyrillic": ({"train": [["/data/cyrillic", 1.0]], "val": "/data/cyrillic-val", "init": "/x/best.pt"},
+                         5e3, 0.6)}
+    Ns, errors, expected = np.geomspace(1e4, 1e6, 5), {}, {}
+    for name, (fields, k, alpha) in sets.items():
+        group = dict(fields, arch="parseq", tokenizer=char, set={}, img=[32, 128], eval="refine=1")
+        errors[name] = np.array([100 * (k / N) ** alpha * (1 + 0.03 * (-1) ** i) for i, N in enumerate(Ns)])
+        for i, (N, e) in enumerate(zip(Ns, errors[name])):
+            for seed in range(1 + (i == 2)):  # two seeds of the middle size: one point, their median
+                write_run(tmp_path / "runs", f"{name}-n{N:.0f}-s{seed}",
+                          {"arch": "parseq", "N": N, "D": 1e4, "train_samples": 1e5, "seed": seed, "lr": 1e-3 / (i + 1),
+                           "fit_group": group}, [{"samples": 1e5, "flops": 6 * N * 1e5, "val_error": e}])
+        expected[name] = -np.polyfit(np.log(Ns), np.log(errors[name] / 100), 1)[0]  # this dataset alone
+    pooled = -np.polyfit(np.log(Ns), np.log((errors["latin"] + errors["cyrillic"]) / 200), 1)[0]  # a size's median
+    assert min(abs(pooled - a) for a in expected.values()) > 0.1  # pooling gives neither exponent
+
+    code, out, err = run_main(capsys, "runs", "--json", "--n-boot", "20", "--plot", "png")
+    assert code == 0, err
+    groups = json.loads(out)["groups"]
+    assert groups[0]["name"] == "train=/data/cyrillic val=/data/cyrillic-val init=/x/best.pt"
+    assert groups[1]["name"].startswith("train=/") and groups[1]["name"].endswith("/latin-val init=none")
+    assert max(len(part) for part in groups[1]["name"].split()) <= 48  # long paths cut in the middle
+    for g, name in zip(groups, ("cyrillic", "latin")):
+        assert g["n_runs"] == 6 and g["N"]["n_points"] == 5 and g["N"]["alpha"] == pytest.approx(expected[name])
+        assert [p["runs"][0].split(os.sep)[-1].split("-")[0] for p in g["C"]["points"]] == [name] * len(g["C"]["points"])
+        assert "error" in g["joint"]  # one D: no joint law, rather than one across both datasets
+    assert sorted(os.listdir("png")) == ["group1", "group2"] and "fit_N.png" in os.listdir("png/group2")
+    table = run_main(capsys, "runs", "--n-boot", "20")[1]
+    assert "2 fit groups: their runs differ in more than the fitted axes" in table
+    assert "=== group 1 of 2: train=/data/cyrillic val=/data/cyrillic-val init=/x/best.pt (6 runs)" in table
+    # --where picks one group: init=none (was: nothing, null never equalled 'None'), a path relative or absolute
+    for where, name in (("init=None", "latin"), ("init=/x/best.pt", "cyrillic"), ("train=latin", "latin"),
+                        ("train=/data/cyrillic", "cyrillic"), ("val=latin-val", "latin")):
+        code, out, err = run_main(capsys, "runs", "--json", "--n-boot", "20", "--where", where)
+        assert code == 0 and json.loads(out)["N"]["alpha"] == pytest.approx(expected[name]), where
+    assert fit.load_runs("runs", where=["img=32x128", "set=none", "eval=refine=1", "arch=parseq"]) == \
+        fit.load_runs("runs") and fit.load_runs("runs", where=["img=32x96"]) == []
+
+
+def test_older_config_and_csv_runs_group_by_what_they_record(tmp_path):
+    # config.json without fit_group: img from model, --set items, --init; seed, N and lr never split a group
+    base = {"arch": "trocr", "train": ["/d/train:3", "http://host:8080/synth"], "val": "/d/val", "init": None,
+            "set": [], "beam": 1, "tokenizer": {"type": "char", "charset": "abc", "max_len": 25}}
+    variants = {"base": {}, "wide": {"model": {"img_h": 32, "img_w": 96}}, "set": {"set": ["enc_width=96"]},
+                "ft": {"init": "/x/best.pt"}, "beam": {"beam": 5}}
+    for name, change in variants.items():
+        for seed, N in enumerate((1e4, 3e4)):
+            config = {**base, "model": {"img_h": 32, "img_w": 128}, "seed": seed, "N": N, "lr": seed / 1e3, **change}
+            write_run(tmp_path, f"{name}-{seed}", config, [{"val_error": 50}])
+    groups = fit._groups(fit.load_runs(str(tmp_path)))
+    assert [(name, len(rs)) for name, _, rs in groups] == [
+        ("init=none set=none img=32x128 eval=beam=1", 2), ("init=none set=none img=32x128 eval=beam=5", 2),
+        ("init=/x/best.pt set=none img=32x128 eval=beam=1", 2), ("init=none set=enc_width=96 img=32x128 eval=beam=1", 2),
+        ("init=none set=none img=32x96 eval=beam=1", 2)]
+    assert groups[0][1]["train"] == [["/d/train", 3.0], ["http://host:8080/synth", 1.0]]
+    assert len(fit.load_runs(str(tmp_path), where=["init=none", "train=/d/train", "set=none"])) == 6
+    assert len(fit.load_runs(str(tmp_path), where=["set=enc_width=96"])) == 2
+    assert len(fit.load_runs(str(tmp_path), where=["seed=1", "eval=beam=1"])) == 4  # config keys still work
+    # CSV rows: by the fit group columns they have
+    table = tmp_path / "points.csv"
+    table.write_text("N,E,arch\n1e4,50,trocr\n2e4,40,trocr\n4e4,30,trocr\n1e4,20,parseq\n2e4,19,parseq\n4e4,18,parseq\n")
+    r = fit.fit_all(str(table))
+    assert [(g["name"], g["N"]["n_points"]) for g in r["groups"]] == [("arch=trocr", 3), ("arch=parseq", 3)]
+    assert r["groups"][1]["N"]["alpha"] == pytest.approx(-np.polyfit(np.log([1e4, 2e4, 4e4]), np.log([.2, .19, .18]),
+                                                                      1)[0])
