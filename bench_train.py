@@ -3,6 +3,7 @@
     timeout 480 python bench_train.py --gpu                # one CUDA GPU, ~7 minutes (--budget 450 seconds)
     python bench_train.py --dry-run                        # the same code path on the CPU, tiny sizes, ~1 minute
     python bench_train.py --gpu --profile parseq-B         # top kernels of three compiled training steps
+    python bench_train.py --threads                        # CPU: tiny sizes at 1 and 2 threads, alone and in pairs
 
 --gpu renders a varied-style synth set once (cached in OUT/data, on all cores), then runs each part of PLAN
 within its time cap and the budget: short training runs of PARSeq-B and TrOCR-B with and without --compile,
@@ -12,6 +13,8 @@ the run's metrics.jsonl, plus peak memory, recompiles and graph breaks; a kill -
 uninterrupted run; greedy/beam decoding images/s at batch 256; a 2-process torchrun sharing the one GPU.
 After each part it rewrites OUT/bench_train.json and OUT/bench_train.md: a timeout leaves what was measured.
 --dry-run swaps S/B for T1/T2, bf16 for fp32, the GPU for the CPU and drops --compile.
+--threads trains each of --sizes for --seconds (default 35) on 6,000 'clean' images, with 1 and 2 torch threads,
+one run alone and two at once, and prints images/s (tqdm's rate at the end) and the ratios 2 threads / 1 thread.
 Not here: model-vs-peer speed (bench_model.py), loader speed (bench_data.py).
 """
 import argparse
@@ -458,6 +461,37 @@ def markdown(r):
     return "\n".join(lines)
 
 
+def threads_bench(args):
+    """Training images/s at 1 and 2 torch threads per run, one run alone and two at once (a busy machine)."""
+    train_dir, val_dir = os.path.join(args.out, "threads-data", "train"), os.path.join(args.out, "threads-data", "val")
+    if not os.path.exists(os.path.join(val_dir, "index.json")):
+        data.synth(train_dir, 6000, seed=0)
+        data.synth(val_dir, 200, seed=1)
+    runs = os.path.join(args.out, "threads-runs")
+    for arch, size in (spec.split("-") for spec in args.sizes.split(",")):
+        speed = {}
+        for threads in (1, 2):
+            for together in (1, 2):
+                os.makedirs(runs, exist_ok=True)
+                logs = [os.path.join(runs, f"{i}.log") for i in range(together)]
+                procs = [subprocess.Popen(
+                    [sys.executable, os.path.join(HERE, "train.py"), "--arch", arch, "--size", size, "--train", train_dir,
+                     "--val", val_dir, "--train-samples", "100000000", "--threads", str(threads), "--workers", "0",
+                     "--runs", runs, "--name", f"run{i}"], stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+                    for i, log in enumerate(logs)]
+                time.sleep(args.seconds)
+                for proc in procs:
+                    proc.kill()
+                    proc.wait()
+                rates = [re.findall(r"([\d.]+)img/s", open(log).read()) for log in logs]  # tqdm's rate at the end
+                speed[threads, together] = [float(r[-1]) if r else 0.0 for r in rates]
+                shutil.rmtree(runs)
+        ratio = {n: sum(speed[2, n]) / max(sum(speed[1, n]), 1e-9) for n in (1, 2)}
+        print(f"{arch}-{size}: alone 1 thread {speed[1, 1][0]:.0f}, 2 threads {speed[2, 1][0]:.0f} images/s "
+              f"(x{ratio[1]:.2f}); two at once 1 thread {'+'.join(f'{r:.0f}' for r in speed[1, 2])}, 2 threads "
+              f"{'+'.join(f'{r:.0f}' for r in speed[2, 2])} (x{ratio[2]:.2f})", flush=True)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -466,6 +500,9 @@ def main(argv=None):
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--gpu", action="store_true", help="measure on the CUDA GPU (exits if there is none)")
     how.add_argument("--dry-run", action="store_true", help="the same code path on the CPU: T1/T2, fp32, no compile")
+    how.add_argument("--threads", action="store_true", help="CPU: tiny sizes at 1 and 2 threads, alone and in pairs")
+    p.add_argument("--sizes", default="parseq-T1,parseq-T4,parseq-T6,trocr-T4", help="--threads: ARCH-SIZE,...")
+    p.add_argument("--seconds", type=float, default=35, help="--threads: seconds of training per measurement")
     p.add_argument("--out", default="runs/bench_train", help="results, logs, run folders and the cached data")
     p.add_argument("--budget", type=float, default=None, help="seconds for everything (default: 450 GPU, 300 dry run)")
     p.add_argument("--images", type=int, default=None, help="training images to render (default: 20000 GPU, 800 dry run)")
@@ -476,6 +513,8 @@ def main(argv=None):
     p.add_argument("--profile", default=None, metavar="ARCH-SIZE",
                    help="instead of the table: profile 3 compiled training steps of e.g. parseq-B, print the top kernels")
     args = p.parse_args(argv)
+    if args.threads:
+        return threads_bench(args)
     mode = DRY if args.dry_run else GPU
     args.budget = args.budget or (300 if args.dry_run else 450)
     args.images = args.images or mode["images"]

@@ -106,7 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model (labels then pad to max_len)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers per process (default: 0 on CPU, 6 on GPU)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="non-finite losses to skip before stopping")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / processes)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: 1 for the tiny sizes, else cores / processes)")
     p.add_argument("--tag", default=None, help="free-form label saved in config.json (fit.py --where tag=...)")
     p.add_argument("--bar-position", type=int, default=0, help="tqdm line, when several runs share a terminal")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -339,7 +340,10 @@ def main(argv=None):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        # tiny sizes: one thread. On 2 cores a second thread gains 5-11% alone (PARSeq-T1/T4/T6, TrOCR-T4) and loses
+        # 75-97% beside another such run (their threads spin waiting for each other): bench_train.py --threads
+        torch.set_num_threads(args.threads or (1 if args.size in TINY_LR else
+                                               max(1, data.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
     threads = torch.get_num_threads()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")

@@ -444,3 +444,15 @@ def test_an_init_that_is_no_checkpoint_is_one_line(shards, tmp_path):
         train.main(base_args(shards, tmp_path, "ft", "--batch", "16", "--train-samples", "32", "--init", str(notes)))
     assert str(stop.value).startswith(f"train.py: --init {notes}: not a checkpoint of train.py") and \
         "\n" not in str(stop.value) and "weights_only" not in str(stop.value)
+
+
+def test_tiny_sizes_default_to_one_thread(shards, tmp_path, capsys):
+    args = base_args(shards, tmp_path, "threads", "--batch", "16", "--train-samples", "16", "--workers", "0")
+    i = args.index("--threads")
+    before = torch.get_num_threads()
+    try:
+        train.main(args[:i] + args[i + 2:])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert ", cpu, fp32, 1 threads" in capsys.readouterr().out.splitlines()[0]
