@@ -728,11 +728,6 @@ def load_tokenizer(spec):
 
 # ----------------------------------------------------------------------------- metrics (paper §5)
 
-def normalize36(s):
-    """Lowercase and delete everything outside 0-9a-z (the evaluation protocol of the study)."""
-    return ''.join(c for c in s.lower() if c in CHARSET36)
-
-
 def edit_distance(a, b):
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
@@ -743,13 +738,13 @@ def edit_distance(a, b):
     return prev[-1]
 
 
-def score(preds, gts, charset=None):
+def score(preds, gts, charset=None, cased=False, punctuation=False):
     """-> dict(n, correct, ned_sum, error %, ned % (= 1-NED)): exact matches and 1 - NED, NED = edit distance /
-    max(len(pred), len(gt)), compared as scoring_form(text, charset). An empty prediction reads nothing: never
-    correct for a non-empty label, even one that normalises to ''."""
+    max(len(pred), len(gt)), compared as scoring_form(text, charset, cased, punctuation). An empty prediction reads
+    nothing: never correct for a non-empty label, even one that normalises to ''."""
     correct, ned_sum = 0, 0.0
     for pred, gt in zip(preds, gts, strict=True):
-        p, g = scoring_form(pred, charset), scoring_form(gt, charset)
+        p, g = (scoring_form(t, charset, cased, punctuation) for t in (pred, gt))
         if pred or not gt:
             correct += p == g
             ned_sum += 1.0 - (edit_distance(p, g) / max(len(p), len(g)) if p or g else 0.0)
@@ -758,12 +753,14 @@ def score(preds, gts, charset=None):
             'ned': 100 * ned_sum / n if n else float('nan')}
 
 
-def scoring_form(text, charset=None):
-    """The study's protocol (normalize36) for no charset or an ASCII one that holds 0-9a-z (36 or 94 characters, in
-    any order); otherwise the text as written (NFC), lower-cased when the charset has no upper-case letter (as
-    clean_label reads labels): a charset of digits and symbols is scored on its symbols too."""
+def scoring_form(text, charset=None, cased=False, punctuation=False):
+    """The study's protocol for no charset or an ASCII one that holds 0-9a-z (36 or 94 characters, in any order):
+    lower-cased, then only 0-9a-z kept (PARSeq's test.py; cased: upper case kept too, punctuation: its 32 symbols).
+    Otherwise the text as written (NFC), lower-cased when the charset has no upper-case letter (as clean_label
+    reads labels): a charset of digits and symbols is scored on its symbols too."""
     if charset is None or charset.isascii() and set(CHARSET36) <= set(charset.lower()):
-        return normalize36(text)
+        keep = CHARSET36 + CHARSET94[36:62] * cased + CHARSET94[62:] * punctuation
+        return ''.join(c for c in (text if cased else text.lower()) if c in keep)
     text = unicodedata.normalize('NFC', text)
     return text.lower() if charset == charset.lower() else text
 

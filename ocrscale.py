@@ -6,6 +6,7 @@
     python ocrscale.py demo --study all         # also the synthetic:real mix and pretraining: one REPORT.md
     python ocrscale.py sweep --arch parseq --sizes S,B,L,H --samples 1M,3M,10M --gpus 8 --nodes 2 --out sweep.sh
     python ocrscale.py read --ckpt runs/demo/parseq-N-T6-s0/best.pt word1.png word2.png [--json]
+    python ocrscale.py eval --ckpt runs/NAME/best.pt --test IIIT5k=data/test/IIIT5k [--benchmarks DIR] [--json]
 
 The demo trains every run as its own `python train.py` process (--jobs at a time, default 2, one thread each);
 re-running it after a kill (rendering included) skips finished runs and resumes the others. A lock file in --out
@@ -604,17 +605,79 @@ def load_checkpoint(path):
     return net.eval(), tok
 
 
-@torch.no_grad()
-def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None):
-    """[(path, text, confidence)] for image files, with the checkpoint's own model and tokenizer. beam and len_norm
-    apply to TrOCR, refine_iters to PARSeq; None leaves the model's default."""
-    net, tok = load_checkpoint(ckpt_path)
-    arch = net.cfg.arch
+# the study's six benchmarks as PARSeq's release names their folders, then Union14M-Benchmark's subsets
+BENCHMARKS = ("IC13_857", "IIIT5k", "SVT", "CUTE80", "IC15_1811", "SVTP", "artistic", "contextless", "curve",
+              "general", "multi_oriented", "multi_words", "salient")
+
+
+def decode_options(arch, beam, refine_iters, len_norm, ckpt_path):
+    """The decode() keywords a command's flags set; a flag of the other architecture is a usage error."""
     for flag, value, owner in (("--beam", beam, "trocr"), ("--beam-len-norm", len_norm, "trocr"),
                                ("--refine-iters", refine_iters, "parseq")):
         if value is not None and arch != owner:
             raise UsageError(f"argument {flag}: applies to {owner} checkpoints only; {ckpt_path} is {arch}")
     options = {"beam": beam, "len_norm": len_norm} if arch == "trocr" else {"refine_iters": refine_iters}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@torch.no_grad()
+def cmd_eval(args):
+    """Score a checkpoint on test sets as train.py does at the end of a run (the same streams, decoding and
+    scoring), plus mean confidence and label length; the size-weighted average over the sets."""
+    net, tok = load_checkpoint(args.ckpt)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    net.to(device)
+    options = decode_options(net.cfg.arch, args.beam, args.refine_iters, args.beam_len_norm, args.ckpt)
+    sets = dict(spec.partition("=")[::2] for spec in args.test)
+    if args.benchmarks:
+        found = [b for b in BENCHMARKS if os.path.isdir(os.path.join(args.benchmarks, b))]
+        if not found:
+            raise UsageError(f"argument --benchmarks: {args.benchmarks} holds none of {', '.join(BENCHMARKS)} "
+                             "(shard folders: python data.py import-lmdb .../test/IC13_857 DIR/IC13_857)")
+        sets.update((b, os.path.join(args.benchmarks, b)) for b in found)
+    if not sets or not all(sets) or not all(sets.values()):
+        raise UsageError("give --test NAME=DIR (any number) or --benchmarks DIR")
+    charset, results = getattr(tok, "charset", None), {}
+    for name, path in sets.items():
+        try:
+            stream = data.ShardStream(path, net.cfg.img_h, net.cfg.img_w, args.batch, charset, max_len=net.cfg.max_len,
+                                      loop=False, fold=tok.fold, tokenizer=tok)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"argument --test {name}={path}: {e}") from None
+        preds, labels, confidence, unreadable = [], [], [], 0
+        for images, batch_labels, bad in stream.loader(args.workers):
+            ids, conf = net.decode(data.normalize(images.to(device)), **options)
+            preds += tok.decode(ids.cpu())
+            labels += batch_labels
+            confidence += conf.tolist()
+            unreadable += bad
+        if not labels:
+            raise UsageError(f"argument --test {name}={path}: no image could be read ({unreadable} unreadable)")
+        s = data.score(preds, labels, charset, args.cased, args.punctuation)
+        results[name] = dict(n=s["n"], accuracy=100 - s["error"], ned=s["ned"],
+                             confidence=100 * statistics.fmean(confidence),
+                             label_length=statistics.fmean(map(len, labels)),
+                             drops={k: v for k, v in dict(stream.drops, unreadable=unreadable).items() if v})
+    out = dict(sets=results, weighted_accuracy=data.weighted_average(results, "accuracy"),
+               weighted_ned=data.weighted_average(results, "ned"))
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return
+    print(f"{'set':<16}{'n':>7}{'accuracy':>10}{'1-NED':>8}{'confidence':>12}{'length':>8}  drops")
+    for name, r in results.items():
+        print(f"{name:<16}{r['n']:>7}{r['accuracy']:>10.2f}{r['ned']:>8.2f}{r['confidence']:>12.2f}"
+              f"{r['label_length']:>8.2f}  {', '.join(f'{k} {v}' for k, v in r['drops'].items()) or 'none'}")
+    print(f"{'weighted (by n)':<16}{sum(r['n'] for r in results.values()):>7}{out['weighted_accuracy']:>10.2f}"
+          f"{out['weighted_ned']:>8.2f}")
+
+
+@torch.no_grad()
+def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None):
+    """[(path, text, confidence)] for image files, with the checkpoint's own model and tokenizer. beam and len_norm
+    apply to TrOCR, refine_iters to PARSeq; None leaves the model's default."""
+    net, tok = load_checkpoint(ckpt_path)
+    options = decode_options(net.cfg.arch, beam, refine_iters, len_norm, ckpt_path)
     arrays = []
     for p in paths:
         try:
@@ -623,7 +686,7 @@ def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None):
         except Exception as e:  # OSError and PIL's several kinds for files that are no image
             raise UsageError(f"argument images: cannot read {p} as an image: {e}") from None
     images = data.normalize(torch.from_numpy(np.stack(arrays)))
-    ids, conf = net.decode(images, **{k: v for k, v in options.items() if v is not None})
+    ids, conf = net.decode(images, **options)
     return list(zip(paths, tok.decode(ids), conf.tolist()))
 
 
@@ -669,15 +732,25 @@ def main(argv=None):
                    help="test sets for the commands (the six benchmarks: IC13=DIR, IIIT5k=DIR, ...); the fit "
                         "uses their size-weighted average")
     s.add_argument("--out", default=None, help="write the commands as a shell script")
+    e = sub.add_parser("eval", help="score a checkpoint on test sets (word accuracy, 1-NED, confidence), no training")
+    e.add_argument("--test", action="append", default=[], metavar="NAME=DIR", help="a test set (shard folder or URL)")
+    e.add_argument("--benchmarks", metavar="DIR", help="a folder of the six benchmarks as PARSeq names them "
+                   "(IC13_857, IIIT5k, SVT, CUTE80, IC15_1811, SVTP) and Union14M-Benchmark's subsets, where present")
+    e.add_argument("--cased", action="store_true", help="the study's setting, case kept (PARSeq's test.py --cased)")
+    e.add_argument("--punctuation", action="store_true", help="the study's setting, punctuation kept")
+    e.add_argument("--batch", type=at_least_one, default=256, help="images per batch")
+    e.add_argument("--workers", type=functools.partial(bounded, int, 0, 64), default=0, help="loader processes")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     r = sub.add_parser("read", help="recognise the text in image files with a trained checkpoint")
-    r.add_argument("--ckpt", required=True, help="a run's best.pt (or last.pt, or model.py convert-trocr's output)")
     r.add_argument("images", nargs="+")
-    r.add_argument("--beam", type=functools.partial(bounded, int, 1, 64), default=None, help="TrOCR beam width")
-    r.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="rank TrOCR's final beam by score / length (default: on, as fairseq)")
-    r.add_argument("--refine-iters", type=functools.partial(bounded, int, 0, 16), default=None,
-                   help="PARSeq cloze refinement passes")
-    r.add_argument("--json", action="store_true")
+    for a in (e, r):
+        a.add_argument("--ckpt", required=True, help="a run's best.pt (or last.pt, or model.py convert-trocr's output)")
+        a.add_argument("--beam", type=functools.partial(bounded, int, 1, 64), default=None, help="TrOCR beam width")
+        a.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=None,
+                       help="rank TrOCR's final beam by score / length (default: on, as fairseq)")
+        a.add_argument("--refine-iters", type=functools.partial(bounded, int, 0, 16), default=None,
+                       help="PARSeq cloze refinement passes")
+        a.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
         if args.cmd == "demo":  # default folders: runs/demo[-STUDY][-trocr][-quick], data/demo[-quick]
@@ -689,7 +762,7 @@ def main(argv=None):
             args.train = args.train or ["data/train"]
             cmd_sweep(args)
         else:
-            cmd_read(args)
+            (cmd_eval if args.cmd == "eval" else cmd_read)(args)
     except UsageError as e:
         p.exit(2, f"ocrscale.py {args.cmd}: error: {e}\n")
     return 0

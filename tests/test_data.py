@@ -470,7 +470,10 @@ def test_spm_tokenizer(tmp_path):
 def test_metrics():
     assert data.edit_distance('abc', 'abd') == 1 and data.edit_distance('', 'abc') == 3
     assert data.edit_distance('kitten', 'sitting') == 3
-    assert data.normalize36('Hello, World-9!') == 'helloworld9'
+    assert data.scoring_form('Hello, World-9!') == 'helloworld9'
+    assert data.scoring_form('Hello, World-9!', cased=True) == 'HelloWorld9'
+    assert data.scoring_form('Hello, World-9!', punctuation=True) == 'hello,world-9!'
+    assert data.scoring_form('Hello, World-9!', data.CHARSET94, True, True) == 'Hello,World-9!'  # the space: not in 94
     r = data.score(['ABC', 'abd', '', 'x'], ['abc', 'abc', '', 'xyz'])
     assert r['n'] == 4 and r['correct'] == 2 and r['error'] == 50.0
     assert r['ned_sum'] == pytest.approx(1 + 2 / 3 + 1 + 1 / 3) and r['ned'] == pytest.approx(75)
@@ -495,7 +498,7 @@ def test_folding_and_case_follow_the_charset_content():
     latin = [('HeLLo!', 'hello'), ('', '!!'), ('wor1d', 'World'), ('', ''), ('-', '!!')]
     for charset in (None, data.CHARSET36, data.CHARSET94, shuffled):  # the study's protocol
         r = data.score(*zip(*latin), charset)
-        assert (r['correct'], r['ned_sum']) == pytest.approx(expected(latin, data.normalize36))
+        assert (r['correct'], r['ned_sum']) == pytest.approx(expected(latin, data.scoring_form))
         assert r['correct'] == 3  # not the empty prediction of '!!', which normalises to ''
     greek = [('αθηνα', 'Αθηνα'), (unicodedata.normalize('NFD', 'λόγος'), 'λόγος'), ('', 'μ'), ('ΣΟΦΙΑ', 'σοφια')]
     lower = 'αβγδεζηθικλμνξοπρστυφχψωόςΣ'.lower()

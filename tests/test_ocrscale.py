@@ -296,7 +296,7 @@ def test_read_recognises_rendered_words(tmp_path, capsys):
     data.synth(str(tmp_path / "val"), 64, seed=1, words=words, workers=1)
     train.main(["--arch", "parseq", "--size", "T3", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
                 "--train-samples", "6400", "--batch", "32", "--lr", "3e-3", "--eval-every", "6400",
-                "--runs", str(tmp_path / "runs"), "--name", "reader", "--threads", "2", "--quiet"])
+                "--runs", str(tmp_path / "runs"), "--name", "reader", "--test", f"again={tmp_path / 'val'}", "--quiet"])
     rng, paths = random.Random(5), []
     for i, word in enumerate(words):  # new renderings, not the training images
         path = tmp_path / f"{i}.png"
@@ -310,3 +310,29 @@ def test_read_recognises_rendered_words(tmp_path, capsys):
     assert ocrscale.main(["read", "--ckpt", ckpt, "--json", "--refine-iters", "2", *paths[:2]]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert [r["text"] for r in printed] == words[:2] and set(printed[0]) == {"image", "text", "confidence"}
+    # eval scores a checkpoint as train.py scored it at the end of its run (the final weights are last.pt's)
+    reported = json.load(open(tmp_path / "runs" / "reader" / "result.json"))["tests"]["again"]
+    assert ocrscale.main(["eval", "--ckpt", str(tmp_path / "runs" / "reader" / "last.pt"), "--json", "--batch", "7",
+                          "--test", f"again={tmp_path / 'val'}", "--test", f"twice={tmp_path / 'val'}"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["sets"]["again"]["n"] == reported["n"] == 64
+    assert scored["sets"]["again"]["accuracy"] == pytest.approx(100 - reported["error"])
+    assert scored["sets"]["again"]["ned"] == pytest.approx(reported["ned"])
+    assert scored["weighted_accuracy"] == pytest.approx(scored["sets"]["twice"]["accuracy"])
+    assert scored["sets"]["again"]["label_length"] == pytest.approx(sum(map(len, labels_of(tmp_path / "val"))) / 64)
+    assert 0 < scored["sets"]["again"]["confidence"] <= 100 and scored["sets"]["again"]["drops"] == {}
+    assert ocrscale.main(["eval", "--ckpt", ckpt, "--test", f"again={tmp_path / 'val'}", "--cased"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["set", "n", "accuracy", "1-NED", "confidence", "length", "drops"]
+    assert table[1].split()[:2] == ["again", "64"] and table[-1].startswith("weighted (by n)")
+    with pytest.raises(SystemExit):  # no sets: one usage line
+        ocrscale.main(["eval", "--ckpt", ckpt])
+    assert capsys.readouterr().err.strip() == "ocrscale.py eval: error: give --test NAME=DIR (any number) or --benchmarks DIR"
+    bench = tmp_path / "bench"
+    shutil.copytree(tmp_path / "val", bench / "SVT")
+    assert ocrscale.main(["eval", "--ckpt", ckpt, "--benchmarks", str(bench), "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["sets"]) == ["SVT"]
+
+
+def labels_of(shard_dir):
+    return [row[0] for path, _ in data.find_shards(str(shard_dir)) for row in data.shard_index(path)]
