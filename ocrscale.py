@@ -672,31 +672,72 @@ def cmd_eval(args):
           f"{out['weighted_ned']:>8.2f}")
 
 
+def collect_images(paths):
+    """[(image path, label or None)] from image files, folders (their images, sorted) and label files (.tsv/.txt
+    lines path<TAB>label, paths relative to the file's folder)."""
+    items = []
+    for path in paths:
+        if os.path.isdir(path):
+            items += [(os.path.join(path, f), None) for f in sorted(os.listdir(path))
+                      if f.lower().endswith(tuple("." + e for e in data.IMAGE_EXTS))]
+        elif path.lower().endswith((".tsv", ".txt")):
+            try:
+                lines = open(path, encoding="utf-8-sig").read().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"argument images: cannot read the label file {path}: {e}") from None
+            items += [(os.path.join(os.path.dirname(path), image), label if tab else None)
+                      for image, tab, label in (line.partition("\t") for line in lines) if image.strip()]
+        else:
+            items.append((path, None))
+    return items
+
+
 @torch.no_grad()
-def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None):
-    """[(path, text, confidence)] for image files, with the checkpoint's own model and tokenizer. beam and len_norm
-    apply to TrOCR, refine_iters to PARSeq; None leaves the model's default."""
+def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None, batch=64, max_len=None):
+    """([(path, text, confidence)] of the readable images, the checkpoint's tokenizer), read with the checkpoint's
+    own model in batches, decoding at most max_len tokens (default: the tokenizer's max_len). An unreadable file is
+    reported in one line on stderr and left out. beam and len_norm apply to TrOCR, refine_iters to PARSeq."""
     net, tok = load_checkpoint(ckpt_path)
     options = decode_options(net.cfg.arch, beam, refine_iters, len_norm, ckpt_path)
-    arrays = []
-    for p in paths:
-        try:
-            with open(p, "rb") as f:
-                arrays.append(data.decode_image(f.read(), net.cfg.img_h, net.cfg.img_w))
-        except Exception as e:  # OSError and PIL's several kinds for files that are no image
-            raise UsageError(f"argument images: cannot read {p} as an image: {e}") from None
-    images = data.normalize(torch.from_numpy(np.stack(arrays)))
-    ids, conf = net.decode(images, **options)
-    return list(zip(paths, tok.decode(ids), conf.tolist()))
+    results = []
+    for start in range(0, len(paths), batch):
+        arrays, readable = [], []
+        for path in paths[start:start + batch]:
+            try:
+                with open(path, "rb") as f:
+                    arrays.append(data.decode_image(f.read(), net.cfg.img_h, net.cfg.img_w))
+                readable.append(path)
+            except Exception as e:  # OSError and PIL's several kinds for files that are no image
+                why = getattr(e, "strerror", None) or "not an image Pillow can decode"
+                print(f"ocrscale.py read: cannot read {path} ({why}); skipped", file=sys.stderr)
+        if arrays:
+            ids, conf = net.decode(data.normalize(torch.from_numpy(np.stack(arrays))), max_len=max_len or tok.max_len,
+                                   **options)
+            results += zip(readable, tok.decode(ids), conf.tolist())
+    return results, tok
 
 
 def cmd_read(args):
-    results = read_images(args.ckpt, args.images, args.beam, args.refine_iters, args.beam_len_norm)
+    """Print each image's text and confidence (and the word accuracy where a label file gave labels); exit code 1
+    when an image could not be read."""
+    items = collect_images(args.images)
+    if not items:
+        raise UsageError("argument images: no image files in " + " ".join(args.images))
+    results, tok = read_images(args.ckpt, [p for p, _ in items], args.beam, args.refine_iters, args.beam_len_norm,
+                               args.batch, args.max_len)
+    labels = {p: label for p, label in items if label is not None}
+    scored = [(t, labels[p]) for p, t, _ in results if p in labels]
+    s = data.score(*zip(*scored), getattr(tok, "charset", None)) if scored else None
     if args.json:
-        print(json.dumps([dict(image=p, text=t, confidence=c) for p, t, c in results], indent=1))
+        print(json.dumps(dict(images=[dict(image=p, text=t, confidence=c, **({"label": labels[p]} if p in labels else {}))
+                                      for p, t, c in results],
+                              **(dict(n=s["n"], accuracy=100 - s["error"], ned=s["ned"]) if s else {})), indent=1))
     else:
         for p, t, c in results:
             print(f"{p}\t{t}\t{c:.4f}")
+        if s:
+            print(f"word accuracy {100 - s['error']:.2f}%, 1-NED {s['ned']:.2f}% on {s['n']} labelled images")
+    return int(len(results) < len(items))
 
 
 def main(argv=None):
@@ -742,7 +783,10 @@ def main(argv=None):
     e.add_argument("--workers", type=functools.partial(bounded, int, 0, 64), default=0, help="loader processes")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     r = sub.add_parser("read", help="recognise the text in image files with a trained checkpoint")
-    r.add_argument("images", nargs="+")
+    r.add_argument("images", nargs="+", help="image files, folders of them, or label files (path<TAB>label lines)")
+    r.add_argument("--batch", type=at_least_one, default=64, help="images per batch")
+    r.add_argument("--max-len", type=at_least_one, default=None, help="tokens to decode at most (default: the "
+                   "checkpoint tokenizer's max_len)")
     for a in (e, r):
         a.add_argument("--ckpt", required=True, help="a run's best.pt (or last.pt, or model.py convert-trocr's output)")
         a.add_argument("--beam", type=functools.partial(bounded, int, 1, 64), default=None, help="TrOCR beam width")
@@ -762,7 +806,7 @@ def main(argv=None):
             args.train = args.train or ["data/train"]
             cmd_sweep(args)
         else:
-            (cmd_eval if args.cmd == "eval" else cmd_read)(args)
+            return (cmd_eval if args.cmd == "eval" else cmd_read)(args) or 0
     except UsageError as e:
         p.exit(2, f"ocrscale.py {args.cmd}: error: {e}\n")
     return 0

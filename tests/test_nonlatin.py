@@ -52,5 +52,5 @@ def test_greek_fine_tune_evaluate_and_read(tmp_path, capsys):
     # scored on the Greek labels as written: folded to the 36-char set, every label and prediction would be empty
     # and the error exactly 0, which a T2 model after 6,400 samples does not reach
     assert 0 < result["val_error"] <= 100 and rows[-1]["val_n"] == 60
-    texts = [t for _, t, _ in ocrscale.read_images(str(run / "best.pt"), [str(tmp_path / "val" / "img" / "0.png")])]
+    texts = [t for _, t, _ in ocrscale.read_images(str(run / "best.pt"), [str(tmp_path / "val" / "img" / "0.png")])[0]]
     assert set("".join(texts)) <= set(GREEK)

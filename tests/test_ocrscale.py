@@ -154,7 +154,6 @@ class WritesFileWhenUnpickled:
     (["read", "--ckpt", "{tmp}/payload.pt", "{tmp}/a.png"], "--ckpt", "not a checkpoint"),
     (["read", "--ckpt", "{tmp}/parseq.pt", "--beam", "3", "{tmp}/a.png"], "--beam", "trocr checkpoints only"),
     (["read", "--ckpt", "{tmp}/trocr.pt", "--refine-iters", "2", "{tmp}/a.png"], "--refine-iters", "parseq"),
-    (["read", "--ckpt", "{tmp}/parseq.pt", "{tmp}/notes.txt"], "images", "cannot read"),
 ])
 def test_cli_mistakes_get_one_line_naming_the_argument_and_exit_2(tmp_path, capsys, argv, flag, valid):
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
@@ -303,13 +302,31 @@ def test_read_recognises_rendered_words(tmp_path, capsys):
         data.render_word(word, rng).save(path)
         paths.append(str(path))
     ckpt = str(tmp_path / "runs" / "reader" / "best.pt")
-    results = ocrscale.read_images(ckpt, paths)
+    results, _ = ocrscale.read_images(ckpt, paths, batch=3)  # three batches
     assert [text for _, text, _ in results] == words
     assert all(0 < conf <= 1 for _, _, conf in results)
     capsys.readouterr()  # drop train.py's summary line
     assert ocrscale.main(["read", "--ckpt", ckpt, "--json", "--refine-iters", "2", *paths[:2]]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed = json.loads(capsys.readouterr().out)["images"]
     assert [r["text"] for r in printed] == words[:2] and set(printed[0]) == {"image", "text", "confidence"}
+    # a folder, a label file and an unreadable file: the good ones read, one line for the bad one, exit code 1
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "labels.tsv").write_text("".join(f"{i}.png\t{w if i else 'wrong'}\n" for i, w in enumerate(words)))
+    assert ocrscale.main(["read", "--ckpt", ckpt, "--json", str(tmp_path / "labels.tsv"), str(tmp_path / "broken.png")]) == 1
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
+    assert [r["label"] for r in printed["images"]] == ["wrong"] + words[1:] and printed["n"] == len(words)
+    assert printed["accuracy"] == pytest.approx(100 * (len(words) - 1) / len(words))
+    assert err.splitlines() == [f"ocrscale.py read: cannot read {tmp_path / 'broken.png'} (not an image Pillow can "
+                                "decode); skipped"]
+    assert ocrscale.main(["read", "--ckpt", ckpt, "--max-len", "2", str(tmp_path)]) == 1  # the folder holds broken.png
+    texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
+    # decoding stops after --max-len tokens and the position meant for EOS: 'tree' -> 'tre'
+    assert len(texts) == len(words) and max(map(len, texts)) == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        ocrscale.main(["read", "--ckpt", ckpt, str(tmp_path / "empty")])
+    assert capsys.readouterr().err == f"ocrscale.py read: error: argument images: no image files in {tmp_path / 'empty'}\n"
     # eval scores a checkpoint as train.py scored it at the end of its run (the final weights are last.pt's)
     reported = json.load(open(tmp_path / "runs" / "reader" / "result.json"))["tests"]["again"]
     assert ocrscale.main(["eval", "--ckpt", str(tmp_path / "runs" / "reader" / "last.pt"), "--json", "--batch", "7",
