@@ -82,10 +82,15 @@ def _tar_header(name, size):
     return info.tobuf(tarfile.USTAR_FORMAT)
 
 
-def _write_sidecar(path, samples):
-    """PATH.idx with the shard's size and mtime: a shard rewritten after it no longer matches."""
+def _stamp(path):
+    """[size, mtime in ns] from one stat: a shard rewritten after its sidecar or cache was made no longer matches."""
     st = os.stat(path)
-    write_json({'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns, 'samples': samples}, path + '.idx')
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _write_sidecar(path, samples):
+    size, mtime_ns = _stamp(path)
+    write_json({'bytes': size, 'mtime_ns': mtime_ns, 'samples': samples}, path + '.idx')
 
 
 class ShardWriter:
@@ -166,8 +171,8 @@ def shard_index(path):
             raise FileNotFoundError(f'{path}.idx is missing: read the shard set once from a local copy (python data.py '
                                     'stats DIR writes the sidecars) and upload the .idx files with it') from None
     with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged one
-        idx, st = json.loads(Path(path + '.idx').read_text()), os.stat(path)
-        if [idx['bytes'], idx['mtime_ns']] == [st.st_size, st.st_mtime_ns]:
+        idx = json.loads(Path(path + '.idx').read_text())
+        if [idx['bytes'], idx['mtime_ns']] == _stamp(path):
             return idx['samples']
     samples = scan_tar(path)
     with contextlib.suppress(OSError):  # a read-only data folder: scan again next time
@@ -288,8 +293,7 @@ def usable_index(pattern, settings, clean):
     file lock; the others wait and reuse it."""
     shards = find_shards(pattern)
     paths = [p if is_url(p) else os.path.abspath(p) for p, _ in shards]
-    stamps = [[p, n] + ([] if is_url(p) else [os.stat(p).st_size, os.stat(p).st_mtime_ns]) for p, (_, n) in
-              zip(paths, shards)]
+    stamps = [[p, n] + ([] if is_url(p) else _stamp(p)) for p, (_, n) in zip(paths, shards)]
     folder = os.path.dirname(paths[0])
     if is_url(folder) or not os.access(folder, os.W_OK):
         folder = os.environ.get('OCRSCALE_CACHE', os.path.expanduser('~/.cache/ocrscale'))
