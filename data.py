@@ -969,6 +969,19 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
         return _import(records, out_dir, os.path.abspath(src), shard_size, workers, len(refs), parts=parts)
 
 
+def label_file_lines(labels_file, sep='\t', encoding='utf-8'):
+    """[(line number, path, whether the line has sep, label)] of a label file's non-empty lines. A byte-order mark is
+    skipped; a file that does not decode is a ValueError naming the line."""
+    raw = Path(labels_file).read_bytes()
+    try:
+        text = raw.decode(encoding).removeprefix('\ufeff')  # a byte-order mark is no part of the first path
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b'\n') + 1
+        raise ValueError(f'{labels_file} line {line}: not {encoding} ({e.reason}): give the file\'s --encoding '
+                         '(e.g. latin-1)') from None
+    return [(n, *ln.rstrip('\r').partition(sep)) for n, ln in enumerate(text.split('\n'), 1) if ln.strip()]
+
+
 def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=None, seed=0, sep='\t',
                   encoding='utf-8'):
     """A label file of lines 'relative/path<sep>label' (paths relative to root, default: the file's folder; a
@@ -982,14 +995,7 @@ def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=Non
         print(f'labels file: {labels_file}')
     root = root if root is not None else os.path.dirname(os.path.abspath(labels_file))
     _check_empty(out_dir)
-    raw = Path(labels_file).read_bytes()
-    try:
-        text = raw.decode(encoding).removeprefix('\ufeff')  # a byte-order mark is no part of the first path
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b'\n') + 1
-        raise ValueError(f'{labels_file} line {line}: not {encoding} ({e.reason}): give the file\'s --encoding '
-                         '(e.g. latin-1)') from None
-    lines = [(n, *ln.rstrip('\r').partition(sep)) for n, ln in enumerate(text.split('\n'), 1) if ln.strip()]
+    lines = label_file_lines(labels_file, sep, encoding)
     random.Random(seed).shuffle(lines)
     records = ((f'{labels_file} line {n}: ' + (os.path.join(root, path) if has_sep else f'no {sep!r} (--sep)'),
                 os.path.join(root, path), label if has_sep else None) for n, path, has_sep, label in lines)

@@ -672,7 +672,7 @@ def cmd_eval(args):
           f"{out['weighted_ned']:>8.2f}")
 
 
-def collect_images(paths):
+def collect_images(paths, encoding="utf-8"):
     """[(image path, label or None)] from image files, folders (their images, sorted) and label files (.tsv/.txt
     lines path<TAB>label, paths relative to the file's folder)."""
     items = []
@@ -682,11 +682,11 @@ def collect_images(paths):
                       if f.lower().endswith(tuple("." + e for e in data.IMAGE_EXTS))]
         elif path.lower().endswith((".tsv", ".txt")):
             try:
-                lines = open(path, encoding="utf-8-sig").read().splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise UsageError(f"argument images: cannot read the label file {path}: {e}") from None
-            items += [(os.path.join(os.path.dirname(path), image), label if tab else None)
-                      for image, tab, label in (line.partition("\t") for line in lines) if image.strip()]
+                lines = data.label_file_lines(path, encoding=encoding)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"argument images: cannot read the label file: {e}") from None
+            items += [(os.path.join(os.path.dirname(path), image), label if has_tab else None)
+                      for _, image, has_tab, label in lines]
         else:
             items.append((path, None))
     return items
@@ -720,7 +720,7 @@ def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None, b
 def cmd_read(args):
     """Print each image's text and confidence (and the word accuracy where a label file gave labels); exit code 1
     when an image could not be read."""
-    items = collect_images(args.images)
+    items = collect_images(args.images, args.encoding)
     if not items:
         raise UsageError("argument images: no image files in " + " ".join(args.images))
     results, tok = read_images(args.ckpt, [p for p, _ in items], args.beam, args.refine_iters, args.beam_len_norm,
@@ -785,6 +785,7 @@ def main(argv=None):
     r = sub.add_parser("read", help="recognise the text in image files with a trained checkpoint")
     r.add_argument("images", nargs="+", help="image files, folders of them, or label files (path<TAB>label lines)")
     r.add_argument("--batch", type=at_least_one, default=64, help="images per batch")
+    r.add_argument("--encoding", default="utf-8", help="of label files (default utf-8; a byte-order mark skipped)")
     r.add_argument("--max-len", type=at_least_one, default=None, help="tokens to decode at most (default: the "
                    "checkpoint tokenizer's max_len)")
     for a in (e, r):

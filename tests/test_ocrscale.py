@@ -323,6 +323,12 @@ def test_read_recognises_rendered_words(tmp_path, capsys):
     texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
     # decoding stops after --max-len tokens and the position meant for EOS: 'tree' -> 'tre'
     assert len(texts) == len(words) and max(map(len, texts)) == 3
+    (tmp_path / "latin1.tsv").write_bytes("0.png\tcaté\n".encode("latin-1"))  # label files: data.py's reader
+    with pytest.raises(SystemExit):
+        ocrscale.main(["read", "--ckpt", ckpt, str(tmp_path / "latin1.tsv")])
+    assert "latin1.tsv line 1: not utf-8" in capsys.readouterr().err
+    assert ocrscale.main(["read", "--ckpt", ckpt, "--json", "--encoding", "latin-1", str(tmp_path / "latin1.tsv")]) == 0
+    assert json.loads(capsys.readouterr().out)["images"][0]["label"] == "caté"
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         ocrscale.main(["read", "--ckpt", ckpt, str(tmp_path / "empty")])
