@@ -622,8 +622,8 @@ def decode_options(arch, beam, refine_iters, len_norm, ckpt_path):
 
 @torch.no_grad()
 def cmd_eval(args):
-    """Score a checkpoint on test sets as train.py does at the end of a run (the same streams, decoding and
-    scoring), plus mean confidence and label length; the size-weighted average over the sets."""
+    """Score a checkpoint on test sets with train.py's evaluate (the same streams, decoding and scoring as at the end
+    of a run), with mean confidence and label length; the size-weighted average over the sets."""
     net, tok = load_checkpoint(args.ckpt)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -643,22 +643,13 @@ def cmd_eval(args):
         try:
             stream = data.ShardStream(path, net.cfg.img_h, net.cfg.img_w, args.batch, charset, max_len=net.cfg.max_len,
                                       loop=False, fold=tok.fold, tokenizer=tok)
-        except (ValueError, OSError) as e:
+            r = train.evaluate(net, tok, stream, options, args.workers, device, contextlib.nullcontext(), args.cased,
+                               args.punctuation)
+        except (ValueError, OSError, data.DataError) as e:  # no usable label, no shards, nothing readable
             raise UsageError(f"argument --test {name}={path}: {e}") from None
-        preds, labels, confidence, unreadable = [], [], [], 0
-        for images, batch_labels, bad in stream.loader(args.workers):
-            ids, conf = net.decode(data.normalize(images.to(device)), **options)
-            preds += tok.decode(ids.cpu())
-            labels += batch_labels
-            confidence += conf.tolist()
-            unreadable += bad
-        if not labels:
-            raise UsageError(f"argument --test {name}={path}: no image could be read ({unreadable} unreadable)")
-        s = data.score(preds, labels, charset, args.cased, args.punctuation)
-        results[name] = dict(n=s["n"], accuracy=100 - s["error"], ned=s["ned"],
-                             confidence=100 * statistics.fmean(confidence),
-                             label_length=statistics.fmean(map(len, labels)),
-                             drops={k: v for k, v in dict(stream.drops, unreadable=unreadable).items() if v})
+        results[name] = dict(n=r["n"], accuracy=100 - r["error"], ned=r["ned"], confidence=r["confidence"],
+                             label_length=r["label_length"],
+                             drops={k: v for k, v in dict(stream.drops, unreadable=r["unreadable"]).items() if v})
     out = dict(sets=results, weighted_accuracy=data.weighted_average(results, "accuracy"),
                weighted_ned=data.weighted_average(results, "ned"))
     if args.json:

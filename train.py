@@ -264,38 +264,37 @@ def request_stop(signum, frame):
 
 
 @torch.no_grad()
-def evaluate(net, tok, stream, args, workers, device, autocast):
-    """Loss per token, word error and 1-NED on one pass over an evaluation stream, exact across ranks (sums are
-    all-reduced)."""
+def evaluate(net, tok, stream, decode_options, workers, device, autocast, cased=False, punctuation=False):
+    """Loss per token, word error and 1-NED (data.score: cased, punctuation), mean confidence and label length on one
+    pass over an evaluation stream, exact across ranks (sums are all-reduced). ocrscale.py eval calls it too."""
     net.eval()
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss sum, tokens, correct, words, 1-NED sum, unreadable
-    for images, labels, unreadable in stream.loader(workers):
+    sums = torch.zeros(8, dtype=torch.float64, device=device)  # loss, tokens, correct, words, 1-NED, unreadable,
+    for images, labels, unreadable in stream.loader(workers):  # confidence and label characters summed
         images, tokens = data.normalize(images.to(device)), tok.encode(labels).to(device)
         with autocast:
             total, n = net.loss(images, tokens)
-            ids, _ = net.decode(images, **dict(beam=args.beam, len_norm=args.beam_len_norm) if args.arch == "trocr"
-                                 else dict(refine_iters=args.refine_iters))
-        s = data.score(tok.decode(ids.cpu()), labels, getattr(tok, "charset", None))
-        sums += torch.tensor([total.item(), n.item(), s["correct"], s["n"], s["ned_sum"], unreadable], dtype=torch.float64,
-                             device=device)
+            ids, conf = net.decode(images, **decode_options)
+        s = data.score(tok.decode(ids.cpu()), labels, getattr(tok, "charset", None), cased, punctuation)
+        sums += torch.tensor([total.item(), n.item(), s["correct"], s["n"], s["ned_sum"], unreadable, conf.sum().item(),
+                              sum(map(len, labels))], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(sums)
     net.train()
-    loss_sum, n, correct, words, ned, unreadable = sums.tolist()
+    loss_sum, n, correct, words, ned, unreadable, confidence, characters = sums.tolist()
     if words == 0:
         raise data.DataError(f"{', '.join(stream.names)}: no image could be read ({int(unreadable)} unreadable)")
     return dict(loss=loss_sum / max(n, 1), error=100 * (1 - correct / words), ned=100 * ned / words, n=int(words),
-                unreadable=int(unreadable))
+                unreadable=int(unreadable), confidence=100 * confidence / words, label_length=characters / words)
 
 
 def log_eval(row, eval_model, tok, cfg, args, eval_args, streams, run_dir, prog, master):
     """Evaluate on --val (and every --test set when row['final']), append the row to metrics.jsonl, keep the
     weights of a new best val error (ties: lower val loss) in best.pt. Returns the row."""
-    val = evaluate(eval_model, tok, streams["val"], args, *eval_args)
+    val = evaluate(eval_model, tok, streams["val"], *eval_args)
     row.update(val_loss=val["loss"], val_error=val["error"], val_ned=val["ned"], val_n=val["n"], val_unreadable=val["unreadable"])
     if row["final"] and args.test:
         row["tests"] = {name: {k: r[k] for k in ("error", "ned", "n", "unreadable")} for name, r in (
-            (name, evaluate(eval_model, tok, stream, args, *eval_args)) for name, stream in streams["tests"].items())}
+            (name, evaluate(eval_model, tok, stream, *eval_args)) for name, stream in streams["tests"].items())}
         row["test_error"] = data.weighted_average(row["tests"])
     if (val["error"], val["loss"]) < (prog.best_error, prog.best_loss):
         prog.best_error, prog.best_loss, prog.best_step = val["error"], val["loss"], row["step"]
@@ -448,7 +447,9 @@ def main(argv=None):
     if world > 1:
         net = DDP(net, device_ids=[local_rank] if use_cuda else None)
     peak = peak_flops(device) if dtype else None
-    eval_args = (workers, device, autocast)
+    decode_options = dict(beam=args.beam, len_norm=args.beam_len_norm) if args.arch == "trocr" else \
+        dict(refine_iters=args.refine_iters)
+    eval_args = (decode_options, workers, device, autocast)
     if master:
         drops = ", ".join(f"{k} {v:,}" for k, v in stream.drops.items()) or "none"
         print(f"{name}: N={total:,} D={D:,} (dropped: {drops}), {total_steps:,} steps of {args.batch} = {micro} x {world} "
