@@ -22,11 +22,15 @@ New config fields default to the behaviour of older checkpoints. Not here: data,
 mixed precision (train.py uses autocast; losses are float32 anyway).
 """
 import argparse
+import base64
 import json
 import math
 import os
+import pickle
+import string
 import sys
 from dataclasses import asdict, dataclass, fields
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -592,28 +596,63 @@ def print_table(vocab_size=97):
                   f'{forward_flops(c) / 1e9:>9.4g}  {BASIS[arch].get(size, "CPU ladder")}')
 
 
-# ----------------------------------------------------------------------------- transformers TrOCR -> checkpoint
+# ----------------------------------------------------------------------------- released checkpoints -> ours
 
-def _hf_pieces(hf_dir, V):
-    """Text of every transformers id from tokenizer.json or vocab.json (byte-level BPE decoded to text,
-    SentencePiece's '\u2581' to a space); placeholders '<id>' when the folder has neither."""
-    pieces = [f'<{i}>' for i in range(V)]
-    names = [n for n in ('tokenizer.json', 'vocab.json') if os.path.exists(os.path.join(hf_dir, n))]
-    if not names:
-        return pieces
-    spec = json.load(open(os.path.join(hf_dir, names[0]), encoding='utf-8'))
-    vocab, byte_level = (spec['model']['vocab'], 'ByteLevel' in str(spec['decoder'])) if 'model' in spec else (spec, True)
-    vocab = {p[0]: i for i, p in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)  # Unigram: [piece, score]
-    vocab.update({t['content']: t['id'] for t in spec.get('added_tokens', []) if 'model' in spec})
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]   # GPT-2's bytes -> characters table
-    others = [b for b in range(256) if b not in printable]
-    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
-    for text, i in vocab.items():
-        if byte_level and set(text) <= byte_of.keys():
-            text = bytes(byte_of[c] for c in text).decode(errors='replace')
-        if i < V:
-            pieces[i] = text.replace('\u2581', ' ')
-    return pieces
+class _Opaque(dict):
+    """Stands for every class a checkpoint names beyond tensors and plain containers (Lightning's hyper-parameter
+    dict, callback states, anything else): built from nothing, keeping only dict items, so no code from the file runs."""
+    def __new__(cls, *args, **kwargs):
+        return dict.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in (('torch._utils', '_rebuild_tensor_v2'), ('torch._utils', '_rebuild_parameter'),
+                              ('collections', 'OrderedDict')) or module == 'torch' and (
+                name.endswith('Storage') or name == 'Size' or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        return _Opaque
+
+
+def load_weights(path):
+    """A checkpoint file through torch.load(weights_only=True), or, for files that also pickle other objects
+    (Lightning .ckpt), through an unpickler that rebuilds only tensors and plain containers."""
+    try:
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError:
+            data_only = SimpleNamespace(Unpickler=_DataUnpickler, load=lambda f, **kw: _DataUnpickler(f, **kw).load(),
+                                      __name__='data_only')
+            return torch.load(path, map_location='cpu', weights_only=False, pickle_module=data_only)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise SystemExit(f'{path}: cannot read it as a torch checkpoint ({str(e).splitlines()[0][:100]})')
+
+
+def _load_converted(cfg, state, source):
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f'{source}: weights do not fit the inferred {cfg.arch} model (missing {missing[:3]}, '
+                         f'unexpected {unexpected[:3]})')
+    return model.eval()
+
+
+def _save_converted(model, tokenizer, source, out):
+    torch.save(dict(model=model.state_dict(), model_config=asdict(model.cfg), tokenizer=tokenizer,
+                    source=os.path.abspath(source)), out)
+    print(f'{out}: {model.cfg.arch}, {count_params(model.cfg)[0] / 1e6:.2f}M params, {model.cfg.img_h}x{model.cfg.img_w} '
+          f'images, {model.cfg.vocab_size} ids, max_len {model.cfg.max_len}')
+
+
+def _report(diff, reference):  # --check's verdict, shared by both converters
+    print(f'max |logits - {reference}| = {diff:.3g}')
+    sys.exit(int(diff > 1e-4))
 
 
 def _hf_pairs(cfg):
@@ -635,19 +674,39 @@ def _hf_pairs(cfg):
                for i in range(cfg.dec_depth) for o, ts in dec])
 
 
+def _sinusoids(first, n, d):
+    """Rows first..first+n-1 of fairseq's sinusoidal position table (sines then cosines; a zero column if d is odd)."""
+    freq = torch.exp(torch.arange(d // 2) * -(math.log(10000) / (d // 2 - 1)))
+    angle = torch.arange(first, first + n)[:, None].float() * freq[None]
+    return F.pad(torch.cat([angle.sin(), angle.cos()], 1), (0, d % 2))[None]
+
+
+def _hf_tokenizer(hf_dir, hf_id, max_len):
+    """The folder's own tokenizer files, carried inside the checkpoint for data.py (spec type 'hf'); ids[i] is
+    transformers' id of our id i."""
+    files = {n: open(os.path.join(hf_dir, n), encoding='utf-8').read() for n in
+             ('tokenizer.json', 'vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json')
+             if os.path.exists(os.path.join(hf_dir, n))}
+    files |= {n: base64.b64encode(open(os.path.join(hf_dir, n), 'rb').read()).decode()
+              for n in os.listdir(hf_dir) if n.endswith('.model')}
+    if not {'tokenizer.json', 'vocab.json'} & files.keys() and not any(n.endswith('.model') for n in files):
+        raise SystemExit(f'{hf_dir}: no tokenizer.json, vocab.json + merges.txt or SentencePiece .model: save the '
+                         'processor into the folder too (TrOCRProcessor.save_pretrained)')
+    return {'type': 'hf', 'files': files, 'ids': hf_id, 'max_len': max_len}
+
+
 def trocr_from_transformers(hf_dir):
-    """(model, hf_id, tokenizer spec) from a VisionEncoderDecoderModel folder (ViT or DeiT + TrOCRForCausalLM);
-    hf_id[i] = transformers' id of our id i. transformers' <s> becomes our BOS (no input: the decoder starts from
-    EOS) and, like PAD, is never predicted."""
+    """(model, hf_id, tokenizer spec) from a VisionEncoderDecoderModel folder: a ViT or DeiT encoder (every published
+    TrOCR folder) + TrOCRForCausalLM with learned or sinusoidal positions. hf_id[i] = transformers' id of our id i.
+    transformers' <s> becomes our BOS (no input: the decoder starts from EOS) and, like PAD, is never predicted."""
     try:
         hc = json.load(open(os.path.join(hf_dir, 'config.json')))
         e, d = hc['encoder'], hc['decoder']
     except (OSError, KeyError, ValueError) as err:
         raise SystemExit(f'{hf_dir}: not a VisionEncoderDecoderModel folder ({err})')
-    if e.get('model_type') not in ('vit', 'deit') or d.get('model_type') != 'trocr' or e.get('hidden_act') != 'gelu' \
-            or not d.get('use_learned_position_embeddings', True):
-        raise SystemExit(f"{hf_dir}: {e.get('model_type')} + {d.get('model_type')}: only ViT/DeiT (GELU) encoders with "
-                         'a TrOCR decoder with learned positions are supported (not BEiT: trocr-base/large)')
+    if e.get('model_type') not in ('vit', 'deit') or d.get('model_type') != 'trocr' or e.get('hidden_act') != 'gelu':
+        raise SystemExit(f"{hf_dir}: a {e.get('model_type')} ({e.get('hidden_act')}) encoder with a "
+                         f"{d.get('model_type')} decoder: only ViT or DeiT (GELU) encoders with a TrOCR decoder convert")
     V, eos, pad = d['vocab_size'], d['eos_token_id'], d['pad_token_id']
     start = next(i for i in (hc.get('decoder_start_token_id'), d.get('decoder_start_token_id'), eos) if i is not None)
     bos = d['bos_token_id'] if start == eos else start
@@ -671,18 +730,26 @@ def trocr_from_transformers(hf_dir):
             raise SystemExit(f'reading {safe} needs the safetensors package: pip install safetensors')
         sd = load_file(safe)
     elif os.path.exists(pickled):
-        sd = torch.load(pickled, map_location='cpu', weights_only=True)
+        sd = load_weights(pickled)
     else:
         raise SystemExit(f'{hf_dir}: no model.safetensors or pytorch_model.bin (merge a sharded checkpoint first)')
-    emb, out_proj = sd['decoder.model.decoder.embed_tokens.weight'], sd.get('decoder.output_projection.weight')
-    cfg.tie_head = out_proj is None or torch.equal(out_proj, emb)
-    ours = {o + p: torch.cat([sd[t + p] for t in ts]) for o, ts in _hf_pairs(cfg) for p in ('weight', 'bias')
-            if ts[0] + p in sd}
-    prefix = ('cls_token', 'distillation_token')[:cfg.cls_token]
-    ours['encoder.cls'] = torch.cat([sd['encoder.embeddings.' + k] for k in prefix], 1)
-    ours['encoder.pos'] = sd['encoder.embeddings.position_embeddings']
+    sd = {k.replace('.gamma', '.weight').replace('.beta', '.bias'): v for k, v in sd.items()}  # older LayerNorm names
+    D = 'decoder.model.decoder.'
+    try:
+        emb, out_proj = sd[D + 'embed_tokens.weight'], sd.get('decoder.output_projection.weight')
+        cfg.tie_head = out_proj is None or torch.equal(out_proj, emb)
+        ours = {o + p: torch.cat([sd[t + p] for t in ts]) for o, ts in _hf_pairs(cfg) for p in ('weight', 'bias')
+                if ts[0] + p in sd}
+        ours['encoder.cls'] = torch.cat([sd['encoder.embeddings.' + k] for k in
+                                         ('cls_token', 'distillation_token')[:cfg.cls_token]], 1)
+        ours['encoder.pos'] = sd['encoder.embeddings.position_embeddings']
+        if d.get('use_learned_position_embeddings', True):
+            ours['pos_emb'] = sd[D + 'embed_positions.weight'][None, 2:cfg.max_len + 3]   # offset 2 there
+        else:  # positions count from pad + 1 there; the fixed table goes into our learned slot
+            ours['pos_emb'] = _sinusoids(pad + 1, cfg.max_len + 1, cfg.dec_width)
+    except KeyError as err:
+        raise SystemExit(f'{hf_dir}: no weight {err} (the weights do not match the config.json of a TrOCR folder)')
     ours['tok_emb.weight'] = emb[hf_id]
-    ours['pos_emb'] = sd['decoder.model.decoder.embed_positions.weight'][None, 2:cfg.max_len + 3]  # offset 2 there
     if not cfg.tie_head:
         ours['head.weight'] = out_proj[hf_id[:V - 2]]
     if 'enc_to_dec_proj.weight' in sd:   # fold transformers' encoder -> decoder width projection into K/V
@@ -690,45 +757,128 @@ def trocr_from_transformers(hf_dir):
         for i in range(cfg.dec_depth):
             w, c = f'layers.{i}.cross_attn.kv.weight', f'layers.{i}.cross_attn.kv.bias'
             ours[w], ours[c] = (ours[w].double() @ P).float(), (ours[w].double() @ b + ours[c].double()).float()
-    model = build_model(cfg)
-    model.load_state_dict(ours)
-    pieces = _hf_pieces(hf_dir, V)
-    spec = {'type': 'pieces', 'pieces': [pieces[i] for i in hf_id[1:V - 2]], 'max_len': cfg.max_len}
-    return model.eval(), hf_id, spec
+    return _load_converted(cfg, ours, hf_dir), hf_id, _hf_tokenizer(hf_dir, hf_id, cfg.max_len)
+
+
+def check_trocr(model, hf_dir, hf_id):
+    """Teacher-forced logits on random images and tokens against transformers' own model."""
+    try:
+        from transformers import VisionEncoderDecoderModel
+    except ImportError:
+        raise SystemExit('--check needs transformers: pip install transformers')
+    ref, cfg = VisionEncoderDecoderModel.from_pretrained(hf_dir).float().eval(), model.cfg
+    positions = ref.decoder.model.decoder.embed_positions
+    if getattr(positions, 'weights', None) is not None and positions.weights.is_meta:
+        positions.weights = None   # from_pretrained leaves the sinusoid table on the meta device; rebuilt when None
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, cfg.in_chans, cfg.img_h, cfg.img_w, generator=g) * 2 - 1
+    tokens = torch.randint(0, cfg.vocab_size - 2, (2, min(12, cfg.max_len) + 1), generator=g)
+    tokens[:, 0] = model.start
+    with torch.no_grad():
+        ours = model.decoder(tokens, model.memory_kv(images))
+        theirs = ref(pixel_values=images, decoder_input_ids=torch.tensor(hf_id)[tokens]).logits[..., hf_id[:-2]]
+    _report((ours - theirs).abs().max().item(), 'transformers')
+
+
+# strhub's renames to ours, applied in order; its decoder attention's in_proj (q, k, v stacked) is split into q and kv
+_STRHUB_NAMES = [('encoder.pos_embed', 'encoder.pos'), ('encoder.patch_embed.proj', 'encoder.patch'),
+                 ('.mlp.fc1.', '.mlp.0.'), ('.mlp.fc2.', '.mlp.2.'), ('.linear1.', '.mlp.0.'), ('.linear2.', '.mlp.2.'),
+                 ('.out_proj.', '.proj.'), ('decoder.layers.', 'layers.'), ('decoder.norm.', 'norm.'),
+                 ('text_embed.embedding.', 'text_emb.')]
+STRHUB_CHARSET = string.digits + string.ascii_lowercase + string.ascii_uppercase + string.punctuation  # its 94
+
+
+def parseq_from_strhub(path):
+    """(model, charset, strhub state_dict) from a released PARSeq checkpoint: a torch.hub state_dict (keys with a
+    'model.' prefix, or none in older files) or a Lightning .ckpt (state_dict + hyper_parameters). Without
+    hyper-parameters the shapes give the config: heads = width/64 in the encoder and width/32 in the decoder (every
+    released model), max_len = len(pos_queries) - 1, the image 32x128 if pos_embed's length fits it, else square."""
+    ckpt = load_weights(path)
+    sd, hp = (ckpt.get('state_dict', ckpt), ckpt.get('hyper_parameters') or {}) if isinstance(ckpt, dict) else ({}, {})
+    sd = {k.removeprefix('model.'): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not {'pos_queries', 'encoder.pos_embed', 'encoder.patch_embed.proj.weight', 'text_embed.embedding.weight'} <= sd.keys():
+        raise SystemExit(f'{path}: not a PARSeq checkpoint (no pos_queries, encoder.pos_embed, ... weights)')
+    V, e, d = len(sd['text_embed.embedding.weight']), sd['encoder.pos_embed'].shape[-1], sd['pos_queries'].shape[-1]
+    charset = hp.get('charset_train') or (STRHUB_CHARSET if V == len(STRHUB_CHARSET) + 3 else None)
+    if charset is None or len(charset) != V - 3:
+        raise SystemExit(f'{path}: {V - 3} characters and no charset_train of that length in its hyper-parameters')
+    patch_h, patch_w = sd['encoder.patch_embed.proj.weight'].shape[2:]
+    n, side = sd['encoder.pos_embed'].shape[1], int(sd['encoder.pos_embed'].shape[1] ** 0.5)
+    img_h, img_w = hp.get('img_size') or ((32, 128) if (32 // patch_h) * (128 // patch_w) == n else
+                                          (side * patch_h, side * patch_w))
+    depth = lambda prefix: 1 + max(int(k.split('.')[2]) for k in sd if k.startswith(prefix))  # noqa: E731
+    cfg = make_config('parseq', 'S', V, img_h=img_h, img_w=img_w, patch_h=patch_h, patch_w=patch_w, enc_width=e,
+                      enc_depth=depth('encoder.blocks.'), enc_heads=hp.get('enc_num_heads', e // 64),
+                      mlp_ratio=len(sd['encoder.blocks.0.mlp.fc1.weight']) / e, dec_width=d,
+                      dec_depth=depth('decoder.layers.'), dec_heads=hp.get('dec_num_heads', d // 32),
+                      dec_mlp_ratio=len(sd['decoder.layers.0.linear1.weight']) / d, max_len=sd['pos_queries'].shape[1] - 1)
+    ours = {}
+    for key, value in sd.items():
+        for theirs, mine in _STRHUB_NAMES:
+            key = key.replace(theirs, mine)
+        if '.in_proj_' in key:
+            prefix, kind = key.split('.in_proj_')
+            ours[f'{prefix}.q.{kind}'], ours[f'{prefix}.kv.{kind}'] = value[:d], value[d:]
+        else:
+            ours[key] = value
+    return _load_converted(cfg, ours, path), charset, sd
+
+
+def check_parseq(model, charset, sd):
+    """Forward-order teacher-forced logits and AR + refinement decoding against strhub's PARSeq (ore-strhub)."""
+    try:
+        from strhub.models.parseq.system import PARSeq as StrhubPARSeq
+    except ImportError as err:
+        raise SystemExit(f'--check needs strhub and timm (pip install ore-strhub timm): {err}')
+    c = model.cfg
+    ref = StrhubPARSeq(charset, charset, c.max_len, 1, 0.0, 0.0, 0.0, [c.img_h, c.img_w], [c.patch_h, c.patch_w],
+                       c.enc_width, c.enc_heads, int(c.mlp_ratio), c.enc_depth, c.dec_heads, int(c.dec_mlp_ratio), c.dec_depth,
+                       c.perm_num, True, c.perm_mirrored, True, 1, c.dropout)
+    ref.load_state_dict(sd)
+    ref.eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, c.in_chans, c.img_h, c.img_w, generator=g) * 2 - 1
+    tokens = torch.randint(1, c.vocab_size - 2, (4, min(12, c.max_len) + 1), generator=g)
+    tokens[:, 0] = model.bos
+    causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril()
+    with torch.no_grad():
+        ours = model.run(model.embed(tokens), model.pos_queries[:, :tokens.shape[1]].expand(4, -1, -1),
+                         model.memory_kv(images), causal, causal)
+        blocked = torch.zeros(causal.shape).masked_fill(~causal, float('-inf'))
+        theirs = ref.head(ref.decode(tokens, ref.encode(images), blocked, tgt_query_mask=blocked))
+        ids, _ = model.decode(images)
+        ref_ids = ref(images).argmax(-1)
+    upto_eos = lambda row: row.tolist()[:(row.tolist() + [model.eos]).index(model.eos)]  # noqa: E731
+    same = all(upto_eos(a) == upto_eos(b) for a, b in zip(ids, ref_ids))
+    print(f'decoded strings identical to strhub: {same}')
+    _report((ours - theirs).abs().max().item() + (not same), 'strhub')
 
 
 def convert_main(argv):
-    ap = argparse.ArgumentParser(prog='model.py convert-trocr', description='Convert a transformers TrOCR folder '
-                                 '(ViT/DeiT encoder + TrOCRForCausalLM) into a checkpoint train.py --init can load.')
-    ap.add_argument('hf_dir', help='folder written by VisionEncoderDecoderModel.save_pretrained (+ tokenizer files)')
+    ap = argparse.ArgumentParser(prog='model.py', description='Convert released weights into a checkpoint that '
+                                 'train.py --init, ocrscale.py read and eval take.')
+    ap.add_argument('command', choices=['convert-trocr', 'convert-parseq'])
+    ap.add_argument('source', help='convert-trocr: a transformers VisionEncoderDecoderModel folder with its tokenizer '
+                    'files; convert-parseq: a released PARSeq .pt (torch.hub) or .ckpt (Lightning) file')
     ap.add_argument('out', help='checkpoint to write (.pt)')
-    ap.add_argument('--check', action='store_true', help='compare logits with transformers; exit 1 above 1e-4')
+    ap.add_argument('--check', action='store_true', help='compare logits with the original code (transformers / '
+                    'strhub); exit 1 above 1e-4')
     args = ap.parse_args(argv)
-    model, hf_id, spec = trocr_from_transformers(args.hf_dir)
-    torch.save(dict(model=model.state_dict(), model_config=asdict(model.cfg), tokenizer=spec,
-                    source=os.path.abspath(args.hf_dir)), args.out)
-    print(f'{args.out}: {count_params(model.cfg)[0] / 1e6:.2f}M params, {len(spec["pieces"])} text tokens')
-    if args.check:   # teacher-forced logits on random images and labels
-        try:
-            from transformers import VisionEncoderDecoderModel
-        except ImportError:
-            raise SystemExit('--check needs transformers: pip install transformers')
-        ref, cfg = VisionEncoderDecoderModel.from_pretrained(args.hf_dir).float().eval(), model.cfg
-        g = torch.Generator().manual_seed(0)
-        images = torch.rand(2, cfg.in_chans, cfg.img_h, cfg.img_w, generator=g) * 2 - 1
-        tokens = torch.randint(0, cfg.vocab_size - 2, (2, min(12, cfg.max_len) + 1), generator=g)
-        tokens[:, 0] = model.start
-        with torch.no_grad():
-            ours = model.decoder(tokens, model.memory_kv(images))
-            theirs = ref(pixel_values=images, decoder_input_ids=torch.tensor(hf_id)[tokens]).logits[..., hf_id[:-2]]
-        diff = (ours - theirs).abs().max().item()
-        print(f'max |logits - transformers| = {diff:.3g}')
-        sys.exit(int(diff > 1e-4))
+    if args.command == 'convert-trocr':
+        model, hf_id, spec = trocr_from_transformers(args.source)
+    else:
+        model, charset, sd = parseq_from_strhub(args.source)
+        spec = {'type': 'char', 'charset': charset, 'max_len': model.cfg.max_len}
+    _save_converted(model, spec, args.source, args.out)
+    if args.check and args.command == 'convert-trocr':
+        check_trocr(model, args.source, hf_id)
+    elif args.check:
+        check_parseq(model, charset, sd)
 
 
 if __name__ == '__main__':
-    if sys.argv[1:2] == ['convert-trocr']:
-        convert_main(sys.argv[2:])
+    if sys.argv[1:2] in (['convert-trocr'], ['convert-parseq']):
+        convert_main(sys.argv[1:])
     else:
         ap = argparse.ArgumentParser(description='Print the size table (parameters at a 97-id char vocabulary).')
         ap.add_argument('--vocab', type=int, default=97, help='tokenizer vocab size (94 chars + EOS/BOS/PAD)')

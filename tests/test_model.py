@@ -6,6 +6,7 @@ padding and torch.compile, sizes, FLOPs, the transformers TrOCR converter, overf
 import dataclasses
 import json
 import math
+import os
 import random
 
 import pytest
@@ -390,16 +391,19 @@ HF_STYLES = {  # ViT + TrOCR-Small-style decoder (ReLU, scaled embeddings, untie
     'vit': dict(activation_function='relu', scale_embedding=True, layernorm_embedding=False, tie_word_embeddings=False,
                 cross_attention_hidden_size=32),
     'deit': dict(activation_function='gelu', scale_embedding=False, layernorm_embedding=True, tie_word_embeddings=True),
+    'sinusoidal': dict(activation_function='gelu', scale_embedding=True, layernorm_embedding=True,   # trocr-large-printed,
+                       tie_word_embeddings=False, use_learned_position_embeddings=False),          # *-stage1
 }
 HF_VOCAB = ['<s>', '<pad>', '</s>', '<unk>', 'a', 'Ġb', 'cd', 'Ġ', 'ĠĠx', 'yz', 'Ã©', '9']   # byte-level BPE pieces
 
 
 @pytest.fixture(scope='module', params=sorted(HF_STYLES))
 def hf_trocr(request, tmp_path_factory):
-    """A random transformers VisionEncoderDecoderModel saved with save_pretrained (+ vocab.json), and its conversion."""
+    """A random transformers VisionEncoderDecoderModel saved with save_pretrained (+ a byte-level BPE tokenizer's
+    vocab.json and merges.txt), and its conversion."""
     tf = pytest.importorskip('transformers')
     torch.manual_seed(0)
-    enc_config = {'vit': tf.ViTConfig, 'deit': tf.DeiTConfig}[request.param](
+    enc_config = (tf.DeiTConfig if request.param == 'deit' else tf.ViTConfig)(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
     dec_config = tf.TrOCRConfig(vocab_size=len(HF_VOCAB), d_model=24, decoder_layers=2, decoder_attention_heads=2,
                                 decoder_ffn_dim=40, max_position_embeddings=10, **HF_STYLES[request.param])
@@ -411,8 +415,9 @@ def hf_trocr(request, tmp_path_factory):
     folder, out = tmp_path_factory.mktemp('hf'), tmp_path_factory.mktemp('ckpt') / 'trocr.pt'
     hf.save_pretrained(folder)
     (folder / 'vocab.json').write_text(json.dumps({p: i for i, p in enumerate(HF_VOCAB)}))
+    (folder / 'merges.txt').write_text('#version: 0.2\nc d\ny z\nĠ b\n')
     with pytest.raises(SystemExit) as exit_info:
-        M.convert_main([str(folder), str(out), '--check'])
+        M.convert_main(['convert-trocr', str(folder), str(out), '--check'])
     assert exit_info.value.code == 0               # --check passed: logits within 1e-4 of transformers'
     return hf, torch.load(out, weights_only=True)
 
@@ -423,8 +428,7 @@ def test_converted_trocr_matches_transformers(hf_trocr):
     m.load_state_dict(ckpt['model'])
     m.eval()
     hf_id = [2] + list(range(3, len(HF_VOCAB))) + [0, 1]    # ours -> transformers: EOS, text, BOS (<s>), PAD
-    assert ckpt['tokenizer'] == {'type': 'pieces', 'pieces': ['<unk>', 'a', ' b', 'cd', ' ', '  x', 'yz', 'é', '9'],
-                                 'max_len': 9}
+    assert ckpt['tokenizer']['ids'] == hf_id and set(ckpt['tokenizer']['files']) == {'vocab.json', 'merges.txt'}
     torch.manual_seed(1)
     x, tok = torch.rand(3, 3, 32, 32) * 2 - 1, torch.randint(0, len(HF_VOCAB) - 2, (3, 7))
     tok[:, 0] = EOS                                # the original decoder starts from EOS
@@ -443,12 +447,102 @@ def test_converted_trocr_matches_transformers(hf_trocr):
 def test_converted_tokenizer_loads_in_data_py(hf_trocr):
     import data
     tok = data.load_tokenizer(hf_trocr[1]['tokenizer'])
-    assert tok.vocab_size == len(HF_VOCAB) and tok.tokens[1:3] == ['a', ' b']
+    assert tok.vocab_size == len(HF_VOCAB) and tok.decode(tok.encode(['a9cd'])) == ['a9cd']
 
 
-def test_convert_trocr_bad_folder_is_one_line_error(tmp_path):
+def test_convert_trocr_bad_folder_is_one_line_error(tmp_path, hf_trocr):
     with pytest.raises(SystemExit, match='not a VisionEncoderDecoderModel folder'):
-        M.convert_main([str(tmp_path), str(tmp_path / 'out.pt')])
-    (tmp_path / 'config.json').write_text(json.dumps({'encoder': {'model_type': 'beit'}, 'decoder': {'model_type': 'trocr'}}))
-    with pytest.raises(SystemExit, match='not BEiT'):
-        M.convert_main([str(tmp_path), str(tmp_path / 'out.pt')])
+        M.convert_main(['convert-trocr', str(tmp_path), str(tmp_path / 'out.pt')])
+    (tmp_path / 'config.json').write_text(json.dumps({'encoder': {'model_type': 'beit', 'hidden_act': 'gelu'},
+                                                      'decoder': {'model_type': 'trocr'}}))
+    with pytest.raises(SystemExit, match='a beit .gelu. encoder with a trocr decoder: only ViT or DeiT'):
+        M.convert_main(['convert-trocr', str(tmp_path), str(tmp_path / 'out.pt')])
+    hf, _ = hf_trocr                   # weights under other names than the config's model has
+    hf.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+    sd = load_file(tmp_path / 'model.safetensors')
+    save_file({k.replace('layernorm_before', 'ln_1'): v for k, v in sd.items()}, tmp_path / 'model.safetensors')
+    (tmp_path / 'vocab.json').write_text(json.dumps({p: i for i, p in enumerate(HF_VOCAB)}))
+    with pytest.raises(SystemExit, match=r"weights do not fit the inferred trocr model \(missing \['encoder.blocks.0.norm1"):
+        M.convert_main(['convert-trocr', str(tmp_path), str(tmp_path / 'out.pt')])
+
+
+# ----------------------------------------------------------------------------- released PARSeq checkpoints
+
+def strhub_names(state):
+    """Our PARSeq state_dict under the names of strhub's PARSeq (baudm/parseq): timm's ViT encoder, nn.MultiheadAttention
+    (q, k, v stacked in in_proj), linear1/linear2, decoder.norm, text_embed.embedding."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith('encoder.'):
+            key = key.replace('encoder.pos', 'encoder.pos_embed').replace('encoder.patch.', 'encoder.patch_embed.proj.')
+            key = key.replace('.mlp.0.', '.mlp.fc1.').replace('.mlp.2.', '.mlp.fc2.')
+        else:
+            key = {'norm.weight': 'decoder.norm.weight', 'norm.bias': 'decoder.norm.bias'}.get(key, key)
+            key = key.replace('layers.', 'decoder.layers.').replace('.mlp.0.', '.linear1.').replace('.mlp.2.', '.linear2.')
+            key = key.replace('attn.proj.', 'attn.out_proj.').replace('text_emb.', 'text_embed.embedding.')
+        if '_attn.kv.' in key:
+            continue
+        if '_attn.q.' in key:
+            kind = key.rsplit('.', 1)[1]
+            out[key.replace(f'q.{kind}', f'in_proj_{kind}')] = torch.cat([value, state[key.replace('decoder.', '').replace(
+                '.q.', '.kv.')]])
+        else:
+            out[key] = value
+    return out
+
+
+class HyperParameters(dict):       # stands for Lightning's AttributeDict: a class torch.load(weights_only) refuses
+    pass
+
+
+class RunsCode:                    # a pickle that would create a folder if the loader ran what files name
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def test_convert_parseq_reads_every_released_format(tmp_path):
+    assert len(strhub_names(build_model(make_config('parseq', 'S', 97)).state_dict())) == 175   # strhub's PARSeq-S
+    cfg = make_config('parseq', 'S', 97, enc_width=64, enc_depth=2, enc_heads=1, dec_width=64, dec_heads=2)
+    torch.manual_seed(0)
+    ours = build_model(cfg).state_dict()
+    theirs = strhub_names(ours)
+    marker, charset = tmp_path / 'ran', M.STRHUB_CHARSET[::-1]
+    files = {'hub_2022.pt': theirs, 'hub_2024.pt': {'model.' + k: v for k, v in theirs.items()},
+             'lightning.ckpt': {'state_dict': {'model.' + k: v for k, v in theirs.items()}, 'epoch': 3,
+                                'hyper_parameters': HyperParameters(charset_train=charset, img_size=[32, 128]),
+                                'callbacks': {'ModelCheckpoint': RunsCode(str(marker))}}}
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+        M.convert_main(['convert-parseq', str(tmp_path / name), str(tmp_path / 'out.pt')])
+        ckpt = torch.load(tmp_path / 'out.pt', weights_only=True)
+        assert ckpt['model_config'] == dataclasses.asdict(cfg), name
+        assert ckpt['model'].keys() == ours.keys() and all(torch.equal(ckpt['model'][k], v) for k, v in ours.items())
+        want = charset if name == 'lightning.ckpt' else M.STRHUB_CHARSET   # the hub files: strhub's 94 characters
+        assert ckpt['tokenizer'] == {'type': 'char', 'charset': want, 'max_len': 25}
+    assert not marker.exists()     # the Lightning file's objects were rebuilt as data, never called
+    theirs['text_embed.embedding.weight'] = theirs['text_embed.embedding.weight'][:40]
+    torch.save(theirs, tmp_path / 'other_charset.pt')
+    with pytest.raises(SystemExit, match='37 characters and no charset_train'):
+        M.convert_main(['convert-parseq', str(tmp_path / 'other_charset.pt'), str(tmp_path / 'out.pt')])
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(SystemExit, match='cannot read it as a torch checkpoint'):
+        M.convert_main(['convert-parseq', str(tmp_path / 'junk.pt'), str(tmp_path / 'out.pt')])
+
+
+def test_convert_parseq_matches_strhub(tmp_path):
+    """strhub's own PARSeq-S with random weights: --check compares teacher-forced logits and decoded strings."""
+    system = pytest.importorskip('strhub.models.parseq.system')
+    torch.manual_seed(0)
+    ref = system.PARSeq(M.STRHUB_CHARSET, M.STRHUB_CHARSET, 25, 384, 7e-4, 0.075, 0.0, [32, 128], [4, 8], 384, 6, 4,
+                        12, 12, 4, 1, 6, True, True, True, 1, 0.1)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save({'model.' + k: v for k, v in ref.state_dict().items()}, tmp_path / 'parseq.pt')
+    with pytest.raises(SystemExit) as exit_info:
+        M.convert_main(['convert-parseq', str(tmp_path / 'parseq.pt'), str(tmp_path / 'out.pt'), '--check'])
+    assert exit_info.value.code == 0
