@@ -601,14 +601,10 @@ def print_table(vocab_size=97):
 class _Opaque(dict):
     """Stands for every class a checkpoint names beyond tensors and plain containers (Lightning's hyper-parameter
     dict, callback states, anything else): built from nothing, keeping only dict items, so no code from the file runs."""
+    __init__ = __setstate__ = lambda self, *args, **kwargs: None
+
     def __new__(cls, *args, **kwargs):
         return dict.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
 
 
 class _DataUnpickler(pickle.Unpickler):
@@ -641,18 +637,6 @@ def _load_converted(cfg, state, source):
         raise SystemExit(f'{source}: weights do not fit the inferred {cfg.arch} model (missing {missing[:3]}, '
                          f'unexpected {unexpected[:3]})')
     return model.eval()
-
-
-def _save_converted(model, tokenizer, source, out):
-    torch.save(dict(model=model.state_dict(), model_config=asdict(model.cfg), tokenizer=tokenizer,
-                    source=os.path.abspath(source)), out)
-    print(f'{out}: {model.cfg.arch}, {count_params(model.cfg)[0] / 1e6:.2f}M params, {model.cfg.img_h}x{model.cfg.img_w} '
-          f'images, {model.cfg.vocab_size} ids, max_len {model.cfg.max_len}')
-
-
-def _report(diff, reference):  # --check's verdict, shared by both converters
-    print(f'max |logits - {reference}| = {diff:.3g}')
-    sys.exit(int(diff > 1e-4))
 
 
 def _hf_pairs(cfg):
@@ -777,7 +761,7 @@ def check_trocr(model, hf_dir, hf_id):
     with torch.no_grad():
         ours = model.decoder(tokens, model.memory_kv(images))
         theirs = ref(pixel_values=images, decoder_input_ids=torch.tensor(hf_id)[tokens]).logits[..., hf_id[:-2]]
-    _report((ours - theirs).abs().max().item(), 'transformers')
+    return (ours - theirs).abs().max().item()
 
 
 # strhub's renames to ours, applied in order; its decoder attention's in_proj (q, k, v stacked) is split into q and kv
@@ -851,7 +835,7 @@ def check_parseq(model, charset, sd):
     upto_eos = lambda row: row.tolist()[:(row.tolist() + [model.eos]).index(model.eos)]  # noqa: E731
     same = all(upto_eos(a) == upto_eos(b) for a, b in zip(ids, ref_ids))
     print(f'decoded strings identical to strhub: {same}')
-    _report((ours - theirs).abs().max().item() + (not same), 'strhub')
+    return (ours - theirs).abs().max().item() + (not same)
 
 
 def convert_main(argv):
@@ -869,11 +853,15 @@ def convert_main(argv):
     else:
         model, charset, sd = parseq_from_strhub(args.source)
         spec = {'type': 'char', 'charset': charset, 'max_len': model.cfg.max_len}
-    _save_converted(model, spec, args.source, args.out)
-    if args.check and args.command == 'convert-trocr':
-        check_trocr(model, args.source, hf_id)
-    elif args.check:
-        check_parseq(model, charset, sd)
+    c = model.cfg
+    torch.save(dict(model=model.state_dict(), model_config=asdict(c), tokenizer=spec, source=os.path.abspath(args.source)),
+               args.out)
+    print(f'{args.out}: {c.arch}, {count_params(c)[0] / 1e6:.2f}M params, {c.img_h}x{c.img_w} images, {c.vocab_size} '
+          f'ids, max_len {c.max_len}')
+    if args.check:
+        diff = check_trocr(model, args.source, hf_id) if c.arch == 'trocr' else check_parseq(model, charset, sd)
+        print(f'max |logits - {"transformers" if c.arch == "trocr" else "strhub"}| = {diff:.3g}')
+        sys.exit(int(diff > 1e-4))
 
 
 if __name__ == '__main__':
