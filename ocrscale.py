@@ -780,7 +780,8 @@ def main(argv=None):
     r.add_argument("--max-len", type=at_least_one, default=None, help="tokens to decode at most (default: the "
                    "checkpoint tokenizer's max_len)")
     for a in (e, r):
-        a.add_argument("--ckpt", required=True, help="a run's best.pt or last.pt, or what model.py convert-trocr or convert-parseq wrote")
+        a.add_argument("--ckpt", required=True, help="a run's best.pt or last.pt, or what model.py convert-trocr or "
+                       "convert-parseq wrote")
         a.add_argument("--beam", type=functools.partial(bounded, int, 1, 64), default=None, help="TrOCR beam width")
         a.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=None,
                        help="rank TrOCR's final beam by score / length (default: on, as fairseq)")
