@@ -680,27 +680,6 @@ class CharTokenizer(_Tokenizer):
         return [self._id[c] for c in text if c in self._id]
 
 
-class PieceTokenizer(_Tokenizer):
-    """Text pieces (e.g. a converted checkpoint's vocabulary): greedy longest-match encode; characters no piece
-    starts with are skipped."""
-    fold = False
-
-    def __init__(self, pieces, max_len=25):
-        super().__init__(pieces, max_len)
-        self._id = {p: i for i, p in reversed(list(enumerate(pieces, 1)))}  # the first id of a repeated piece
-        self._longest = max(map(len, pieces), default=1)
-        self.spec = {'type': 'pieces', 'pieces': self.tokens, 'max_len': max_len}
-
-    def ids(self, text):
-        out, i = [], 0
-        while i < len(text):
-            n = next((n for n in range(min(self._longest, len(text) - i), 0, -1) if text[i:i + n] in self._id), 0)
-            if n:
-                out.append(self._id[text[i:i + n]])
-            i += max(n, 1)
-        return out
-
-
 class SPTokenizer(_Tokenizer):
     """SentencePiece BPE; piece p (0 = <unk>) is text token p + 1. The model bytes travel inside the spec."""
     fold = True
@@ -901,8 +880,6 @@ def load_tokenizer(spec):
     max_len = spec.get('max_len', 25)
     if spec['type'] == 'char':
         return CharTokenizer(spec['charset'], max_len)
-    if spec['type'] == 'pieces':
-        return PieceTokenizer(spec['pieces'], max_len)
     if spec['type'] == 'hf':
         return HFTokenizer(spec)
     return SPTokenizer(base64.b64decode(spec['model']), max_len)
