@@ -13,7 +13,7 @@ indexed once), and DIR/index.json {"shards": {name: count}, "samples", "charset"
 reads by offset from a usable-sample index (cleaned labels) built once and memory-mapped by every process.
 """
 import argparse, base64, contextlib, fcntl, fnmatch, functools, gc, glob, hashlib, http.client, io, json, os, random
-import resource, sys, tarfile, time, unicodedata, urllib.parse, zlib
+import re, resource, sys, tarfile, time, unicodedata, urllib.parse, zlib
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import count
@@ -680,27 +680,6 @@ class CharTokenizer(_Tokenizer):
         return [self._id[c] for c in text if c in self._id]
 
 
-class PieceTokenizer(_Tokenizer):
-    """Text pieces (e.g. a converted checkpoint's vocabulary): greedy longest-match encode; characters no piece
-    starts with are skipped."""
-    fold = False
-
-    def __init__(self, pieces, max_len=25):
-        super().__init__(pieces, max_len)
-        self._id = {p: i for i, p in reversed(list(enumerate(pieces, 1)))}  # the first id of a repeated piece
-        self._longest = max(map(len, pieces), default=1)
-        self.spec = {'type': 'pieces', 'pieces': self.tokens, 'max_len': max_len}
-
-    def ids(self, text):
-        out, i = [], 0
-        while i < len(text):
-            n = next((n for n in range(min(self._longest, len(text) - i), 0, -1) if text[i:i + n] in self._id), 0)
-            if n:
-                out.append(self._id[text[i:i + n]])
-            i += max(n, 1)
-        return out
-
-
 class SPTokenizer(_Tokenizer):
     """SentencePiece BPE; piece p (0 = <unk>) is text token p + 1. The model bytes travel inside the spec."""
     fold = True
@@ -719,6 +698,181 @@ class SPTokenizer(_Tokenizer):
         return self.sp.decode([t - 1 for t in ids])
 
 
+_PRINTABLE = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's bytes -> characters table
+_BYTE_CHAR = {b: chr(b) for b in _PRINTABLE} | {b: chr(256 + n) for n, b in
+                                                enumerate(b for b in range(256) if b not in _PRINTABLE)}
+_CHAR_BYTE = {c: b for b, c in _BYTE_CHAR.items()}
+_GPT2_SPLIT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+", re.ASCII)
+_SPACES = '\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000' + ''.join(map(chr, range(0x2000, 0x200b)))
+
+
+def _gpt2_words(text):
+    r"""GPT-2's split 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ with `re` (no \p):
+    matched on a copy where each non-ASCII character stands as an ASCII one of its class (letter, number, space)."""
+    shadow = ''.join(c if c.isascii() else 'a' if (k := unicodedata.category(c)[0]) == 'L' else '0' if k == 'N'
+                     else '\t' if c in _SPACES else '!' for c in text)
+    return [text[m.start():m.end()] for m in _GPT2_SPLIT.finditer(shadow)]
+
+
+def _normalize(spec, text):
+    """A tokenizer.json normalizer; Precompiled (SentencePiece's character map) is read as NFKC."""
+    kind = spec['type'] if spec else None
+    if kind == 'Sequence':
+        return functools.reduce(lambda t, s: _normalize(s, t), spec['normalizers'], text)
+    if kind in ('NFC', 'NFD', 'NFKC', 'NFKD', 'Precompiled'):
+        return unicodedata.normalize('NFKC' if kind == 'Precompiled' else kind, text)
+    if kind == 'Replace':
+        p = spec['pattern']
+        return (re.sub(p['Regex'].replace(r'\z', r'\Z'), lambda _: spec['content'], text) if 'Regex' in p
+                else text.replace(p['String'], spec['content']))
+    if kind == 'Strip':
+        text = text.lstrip(_SPACES) if spec['strip_left'] else text
+        return text.rstrip(_SPACES) if spec['strip_right'] else text
+    if kind not in (None, 'Lowercase', 'Prepend'):
+        raise ValueError(f'tokenizer.json: normalizer {kind} is not supported')
+    if kind == 'Lowercase':
+        return ''.join(map(str.lower, text))  # character by character, as tokenizers (no final sigma)
+    return spec['prepend'] + text if kind == 'Prepend' and text else text
+
+
+def _pre_tokenize(spec, words):
+    """A tokenizer.json pre-tokenizer (Sequence, WhitespaceSplit, Metaspace, ByteLevel): words -> words."""
+    kind, words = spec['type'] if spec else None, [w for w in words if w]
+    if kind == 'Sequence':
+        return functools.reduce(lambda ws, s: _pre_tokenize(s, ws), spec['pretokenizers'], words)
+    if kind == 'WhitespaceSplit':
+        return [p for w in words for p in re.split(f'[{_SPACES}]+', w) if p]
+    if kind == 'Metaspace':
+        r, e = spec['replacement'], re.escape(spec['replacement'])
+        scheme = spec.get('prepend_scheme', 'always' if spec.get('add_prefix_space', True) else 'never')
+        words = [w.replace(' ', r) for w in words]
+        words = [r + w if (scheme == 'always' or scheme == 'first' and k == 0) and not w.startswith(r) else w
+                 for k, w in enumerate(words)]  # 'first': the first word (tokenizers: the one at the text's start)
+        return [p for w in words for p in re.findall(f'{e}[^{e}]*|[^{e}]+', w)] if spec.get('split', True) else words
+    if kind == 'ByteLevel':
+        words = [' ' + w if spec.get('add_prefix_space') and not w.startswith(' ') else w for w in words]
+        return [''.join(_BYTE_CHAR[b] for b in p.encode()) for w in words
+                for p in (_gpt2_words(w) if spec.get('use_regex', True) else [w])]
+    if kind is None:
+        return words
+    raise ValueError(f'tokenizer.json: pre-tokenizer {kind} is not supported')
+
+
+class HFTokenizer(_Tokenizer):
+    """A transformers folder's own tokenizer; spec {'type': 'hf', 'files': {name: text, or base64 for *.model},
+    'ids': transformers' id of each of our ids, 'max_len'} (model.py convert-trocr). Encodes to transformers' ids
+    (no special tokens) and decodes to its text (special tokens skipped, no leading/trailing space), from
+    tokenizer.json (Unigram, byte-level BPE), else a SentencePiece *.model in XLMRobertaTokenizer's layout, else
+    vocab.json + merges.txt (byte-level BPE). Text spelling an added token ('<mask>') is read as plain text."""
+    fold = False
+
+    def __init__(self, spec):
+        files, self.spec, self._sp, self._norm, self._pre = spec['files'], spec, None, None, None
+        config = json.loads(files.get('tokenizer_config.json', '{}'))
+        named = {**json.loads(files.get('special_tokens_map.json', '{}')), **config}
+        special = {'<s>', '</s>', '<unk>', '<pad>', '<mask>'} | {t['content'] for t in config.get(
+            'added_tokens_decoder', {}).values() if t.get('special')} | {
+            v['content'] if isinstance(v, dict) else v for k, v in named.items() if k.endswith('_token') and v}
+        added, spm_file = {}, next((n for n in sorted(files) if n.endswith('.model')), None)
+        if 'tokenizer.json' in files:
+            j = json.loads(files['tokenizer.json'])
+            m, self._norm, self._pre = j['model'], j.get('normalizer'), j.get('pre_tokenizer')
+            added = {t['content']: t['id'] for t in j.get('added_tokens', [])}
+            special |= {t['content'] for t in j.get('added_tokens', []) if t.get('special')}
+        elif spm_file:
+            if config.get('tokenizer_class', 'XLMRobertaTokenizer').removesuffix('Fast') != 'XLMRobertaTokenizer':
+                raise ValueError(f"{spm_file}: tokenizer_class {config['tokenizer_class']} is not supported (only "
+                                 "XLMRobertaTokenizer's id layout: <s> <pad> </s> <unk>, SentencePiece id + 1, <mask>)")
+            import sentencepiece as spm
+            self._sp = spm.SentencePieceProcessor(model_proto=base64.b64decode(files[spm_file]))
+            m = {'type': 'spm', 'vocab': ['<s>', '<pad>', '</s>', '<unk>', *map(self._sp.id_to_piece,
+                                          range(3, self._sp.get_piece_size())), '<mask>']}
+        elif 'vocab.json' in files and 'merges.txt' in files:
+            m = {'type': 'BPE', 'vocab': json.loads(files['vocab.json']),
+                 'merges': [x for x in files['merges.txt'].splitlines() if x and not x.startswith('#version')]}
+            self._pre = {'type': 'ByteLevel', 'add_prefix_space': config.get('add_prefix_space', False)}
+        else:
+            raise ValueError(f"a tokenizer of type 'hf' needs tokenizer.json, a SentencePiece *.model or vocab.json + "
+                             f"merges.txt among its files; it has {', '.join(sorted(files)) or 'none'}")
+        self._kind, vocab = m['type'], m['vocab']
+        if self._kind == 'Unigram':
+            self._score, self._unk = [s for _, s in vocab], m.get('unk_id')
+            vocab = {p: i for i, (p, _) in enumerate(vocab)}
+            self._unk_score, self._longest = min(self._score, default=0) - 10, max(map(len, vocab), default=1)
+        elif self._kind == 'BPE' and 'ByteLevel' in json.dumps(self._pre):
+            self._ranks = {tuple(x.split(' ') if isinstance(x, str) else x): r for r, x in enumerate(m['merges'])}
+            self._whole = m.get('ignore_merges', False)
+        elif self._kind == 'spm':
+            vocab = {p: i for i, p in enumerate(vocab)}
+        else:
+            what = 'a BPE model without a byte-level pre-tokenizer' if self._kind == 'BPE' else f'a {self._kind} model'
+            raise ValueError(f'tokenizer.json: {what} is not supported (Unigram, byte-level BPE)')
+        self._vocab, self._clean = vocab, config.get('clean_up_tokenization_spaces') and self._kind != 'BPE'
+        self._cache = {}
+        self._piece = {i: p for p, i in (vocab | added).items()}
+        self._special = {i for p, i in (vocab | added).items() if p in special}
+        self._ours = {h: i for i, h in enumerate(spec['ids'][1:-2], 1)}  # text tokens only
+        super().__init__([self._piece.get(h, '') for h in spec['ids'][1:-2]], spec.get('max_len', 25))
+
+    def _word(self, w):
+        """transformers' ids of one pre-tokenized word: Unigram (Viterbi; unknown runs fused) or BPE merges."""
+        if self._kind == 'Unigram':
+            best = [(0.0, 0, None)] + [None] * len(w)  # (score, start, id) of the best path ending here
+            for s in range(len(w)):
+                single = False
+                for e in range(s + 1, min(len(w), s + self._longest) + 1):
+                    if (i := self._vocab.get(w[s:e])) is not None:
+                        if best[e] is None or best[s][0] + self._score[i] > best[e][0]:
+                            best[e] = (best[s][0] + self._score[i], s, i)
+                        single |= e == s + 1
+                if not single and (best[s + 1] is None or best[s][0] + self._unk_score > best[s + 1][0]):
+                    best[s + 1] = (best[s][0] + self._unk_score, s, self._unk)
+            out, e = [], len(w)
+            while e:
+                out.append(best[e][2])
+                e = best[e][1]
+            out.reverse()
+            return [i for k, i in enumerate(out) if i is not None and not (i == self._unk and out[k - 1:k] == [i])]
+        if self._whole and w in self._vocab:
+            return [self._vocab[w]]
+        parts = list(w)
+        while len(parts) > 1:
+            rank, k = min((self._ranks.get(pair, float('inf')), k) for k, pair in enumerate(zip(parts, parts[1:])))
+            if rank == float('inf'):
+                break
+            pair, merged, k = (parts[k], parts[k + 1]), [], 0
+            while k < len(parts):  # every occurrence, left to right
+                n = 2 if tuple(parts[k:k + 2]) == pair else 1
+                merged.append(''.join(parts[k:k + n]))
+                k += n
+            parts = merged
+        return [self._vocab[p] for p in parts if p in self._vocab]
+
+    def ids(self, text):
+        if (out := self._cache.get(text)) is None:
+            if self._sp:
+                hf = [p + 1 if p >= 3 else 3 for p in self._sp.encode(text)]  # fairseq: <unk> = 3, piece id + 1
+            else:
+                hf = [i for w in _pre_tokenize(self._pre, [_normalize(self._norm, text)]) for i in self._word(w)]
+            out = [self._ours[h] for h in hf if h in self._ours]
+            if len(self._cache) < 100_000:  # labels repeat: ~50 us a word in Python
+                self._cache[text] = out
+        return list(out)
+
+    def text(self, ids):
+        pieces = [self._piece.get(h, '') for h in map(self.spec['ids'].__getitem__, ids) if h not in self._special]
+        if self._kind == 'BPE':  # byte-level: a piece outside the table stands for its own UTF-8 bytes
+            text = b''.join(bytes(map(_CHAR_BYTE.get, p)) if set(p) <= _CHAR_BYTE.keys() else p.encode()
+                            for p in pieces).decode('utf-8', 'replace')
+        else:
+            text = ''.join(pieces).replace('\u2581', ' ')
+        if self._clean:  # transformers' clean_up_tokenization
+            for a, b in ((' .', '.'), (' ?', '?'), (' !', '!'), (' ,', ','), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text.strip()
+
+
 def load_tokenizer(spec):
     """A tokenizer from its spec dict, or from a string: a SentencePiece .model path or a load_charset spec."""
     if isinstance(spec, str):
@@ -726,8 +880,8 @@ def load_tokenizer(spec):
     max_len = spec.get('max_len', 25)
     if spec['type'] == 'char':
         return CharTokenizer(spec['charset'], max_len)
-    if spec['type'] == 'pieces':
-        return PieceTokenizer(spec['pieces'], max_len)
+    if spec['type'] == 'hf':
+        return HFTokenizer(spec)
     return SPTokenizer(base64.b64decode(spec['model']), max_len)
 
 # ----------------------------------------------------------------------------- metrics (paper §5)

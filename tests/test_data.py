@@ -439,19 +439,6 @@ def test_char_tokenizer():
     assert not cjk.fold and cjk.decode(cjk.encode(['大阪東京'])) == ['大阪東京']
 
 
-def test_piece_tokenizer():
-    pieces = ['a', 'b', 'ab', 'abc', 'c', 'ab', 'ки']
-    tok = data.PieceTokenizer(pieces, max_len=4)
-    assert tok.ids('abcab') == [4, 3] and tok.ids('cba') == [5, 2, 1] and tok.ids('aкиx') == [1, 7]
-    assert tok.decode(tok.encode(['abcab', 'ки'])) == ['abcab', 'ки'] and tok.tokens == pieces
-    assert not tok.fold and tok.vocab_size == 10
-    spec = json.loads(json.dumps(tok.spec))
-    assert spec == {'type': 'pieces', 'pieces': pieces, 'max_len': 4}
-    assert data.load_tokenizer(spec).encode(['abc']).tolist() == [[8, 4, 0]]
-    with pytest.raises(ValueError):
-        tok.encode(['a' * 5])
-
-
 def test_spm_tokenizer(tmp_path):
     rng = random.Random(0)
     words = ['the', 'then', 'there', 'hello', 'help', 'world', 'word', 'scaling', 'law']
