@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--test", action="append", default=[], metavar="NAME=DIR", help="test sets, evaluated at the end")
     p.add_argument("--read-block", type=int, default=None, help="consecutive samples read together (default: 1 for "
                    "local shards, 64 for URLs; raise it for shards on a network filesystem)")
-    p.add_argument("--charset", default=None, help="36 (default), 94, the characters or @FILE (UTF-8); --init: a new one")
+    p.add_argument("--charset", default=None, help="36 (default), 94, the characters or @FILE (UTF-8); --init: a new vocab")
     p.add_argument("--spm", default=None, help="SentencePiece model file (python data.py spm ...) instead of chars")
     p.add_argument("--samples", type=int, default=None, help="D: use only the first D usable training images (default all)")
     p.add_argument("--epochs", type=float, default=20, help="passes over D when --train-samples is not given")
@@ -98,8 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="rank TrOCR's final beam by score / length (fairseq's default)")
     p.add_argument("--refine-iters", type=int, default=1, help="PARSeq cloze refinement passes at evaluation")
-    p.add_argument("--init", default=None, help="fine-tune this checkpoint's model (--set may change it, e.g. a smaller "
-                   "max_len) and tokenizer; the recipe (lr, ...) is its size's if it has one's fields, else the defaults")
+    p.add_argument("--init", default=None, help="fine-tune this checkpoint's own model (--set may change it, e.g. a smaller "
+                   "max_len) and tokenizer; recipe (lr, ...): the size's whose fields it has, else the defaults (converted)")
     p.add_argument("--resume", action="store_true", help="insist on resuming (re-running a run name always resumes)")
     p.add_argument("--name", default=None, help="run name (default: ARCH-SIZE-dD-sSEED-HASH, HASH: of the run's identity)")
     p.add_argument("--runs", default="runs", help="root folder of run folders")
@@ -163,10 +163,10 @@ def tokenizer_and_config(args):
                     sys.exit(f"train.py: --{flag} {given} conflicts with --init {args.init} (a {cfg.arch}"
                              f"{'-' * bool(size)}{size or ''} checkpoint)")
         args.arch, args.size = (cfg.arch, size) if ckpt else (args.arch or "parseq", args.size or "T4")
-        if args.spm or args.charset or not ckpt:
+        if args.spm or args.charset or not ckpt:  # a new vocabulary, or none from --init
             tok = data.SPTokenizer(args.spm) if args.spm else data.CharTokenizer(data.load_charset(args.charset or "36"))
-        cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size) if ckpt else \
-            modellib.make_config(args.arch, args.size, tok.vocab_size, **overrides)
+            cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size) if ckpt else \
+                modellib.make_config(args.arch, args.size, tok.vocab_size, **overrides)
         tok = data.load_tokenizer({**tok.spec, "max_len": cfg.max_len})  # the stream skips longer labels
     except (KeyError, TypeError, ValueError, OSError) as e:
         sys.exit(f"train.py: {e}")
@@ -228,7 +228,7 @@ def load_init(raw_model, tok, ckpt, path):
     old_ids = {text: i + 1 for i, text in enumerate(old_tok.tokens)}  # the seams' ids: 0 EOS, 1..V-3 text, V-2 BOS, V-1 PAD
     pairs = [(0, 0), (V - 2, old_V - 2), (V - 1, old_V - 1)]  # (new id, old id)
     pairs += [(i + 1, old_ids[text]) for i, text in enumerate(tok.tokens) if text in old_ids]
-    for name in ckpt["model"].keys() & state.keys():  # by name only
+    for name in [name for name in ckpt["model"] if name in state]:  # by name only
         old, new = ckpt["model"][name], state[name]
         prefix = name in ("pos_emb", "pos_queries") and old.shape[::2] == new.shape[::2] and old.shape[1] >= new.shape[1]
         if name in VOCAB and old_tok.tokens != tok.tokens and old.shape[1:] == new.shape[1:]:
