@@ -52,6 +52,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
 # may change when a run is resumed: the layout of processes, workers and micro-batches, cadences, output
 NOT_IDENTITY = ("micro_batch", "workers", "threads", "device", "save_every", "eval_every", "max_bad_steps", "name", "runs",
                 "resume", "tag", "bar_position", "quiet")
+TRAIN_ONLY = ("dropout", "attn_dropout", "act_dropout", "pos_std", "init_std")  # a size's fields that shape no tensor
+VOCAB = ("tok_emb.weight", "text_emb.weight", "head.weight", "head.bias")  # rows by token id (head: V - 2 rows)
 FLOPS_CONVENTION = ("C = sum over optimizer steps of train_flops_per_sample(cfg, padded label length of each micro-batch) "
                     "x batch; PARSeq counts the orders used; forward+backward = 3x forward, multiply-add = 2 FLOPs")
 
@@ -64,8 +66,8 @@ def save_interval(text):  # --save-every: '15m' (minutes of wall time) or a numb
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=["trocr", "parseq"], default="parseq")
-    p.add_argument("--size", default="T4", help="S|B|L|H (the study) or T1..T7 (tiny, CPU)")
+    p.add_argument("--arch", choices=["trocr", "parseq"], default=None, help="default parseq (--init: the checkpoint's)")
+    p.add_argument("--size", default=None, help="S|B|L|H (the study) or T1..T7 (tiny, CPU); default T4 (--init: below)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model config field, e.g. --set enc_width=96 --set img_w=128")
     p.add_argument("--train", action="append", required=True, metavar="DIR[:WEIGHT]",
@@ -74,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--test", action="append", default=[], metavar="NAME=DIR", help="test sets, evaluated at the end")
     p.add_argument("--read-block", type=int, default=None, help="consecutive samples read together (default: 1 for "
                    "local shards, 64 for URLs; raise it for shards on a network filesystem)")
-    p.add_argument("--charset", default="36", help="36, 94, the characters themselves or @FILE (UTF-8)")
+    p.add_argument("--charset", default=None, help="36 (default), 94, the characters or @FILE (UTF-8); --init: a new vocab")
     p.add_argument("--spm", default=None, help="SentencePiece model file (python data.py spm ...) instead of chars")
     p.add_argument("--samples", type=int, default=None, help="D: use only the first D usable training images (default all)")
     p.add_argument("--epochs", type=float, default=20, help="passes over D when --train-samples is not given")
@@ -96,7 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="rank TrOCR's final beam by score / length (fairseq's default)")
     p.add_argument("--refine-iters", type=int, default=1, help="PARSeq cloze refinement passes at evaluation")
-    p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tuning; any --charset)")
+    p.add_argument("--init", default=None, help="fine-tune this checkpoint's own model (--set may change it, e.g. a smaller "
+                   "max_len) and tokenizer; recipe (lr, ...): the size's whose fields it has, else the defaults (converted)")
     p.add_argument("--resume", action="store_true", help="insist on resuming (re-running a run name always resumes)")
     p.add_argument("--name", default=None, help="run name (default: ARCH-SIZE-dD-sSEED-HASH, HASH: of the run's identity)")
     p.add_argument("--runs", default="runs", help="root folder of run folders")
@@ -111,13 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None, help="free-form label saved in config.json (fit.py --where tag=...)")
     p.add_argument("--bar-position", type=int, default=0, help="tqdm line, when several runs share a terminal")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    recipe = {**DEFAULTS, **({"lr": TINY_LR[args.size]} if args.size in TINY_LR else {}),
-              **RECIPES.get((args.arch, args.size), {})}
-    for key, value in recipe.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return p.parse_args(argv)  # arch, size and the recipe: tokenizer_and_config
 
 
 def get_lr(step, total_steps, args):
@@ -145,13 +142,40 @@ def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}; make_co
 
 
 def tokenizer_and_config(args):
-    overrides = config_overrides(args.set)
+    """(tokenizer, model config, the --init checkpoint or None); fills in --arch, --size (with --init: the size whose
+    fields the checkpoint's model has, --set's aside, else None) and the recipe. --charset/--spm: a new vocabulary."""
+    overrides, ckpt = config_overrides(args.set), None
+    if args.init and not os.path.exists(args.init):
+        sys.exit(f"train.py: --init {args.init}: no such checkpoint")
     try:
-        tok = data.SPTokenizer(args.spm) if args.spm else data.CharTokenizer(data.load_charset(args.charset))
-        cfg = modellib.make_config(args.arch, args.size, tok.vocab_size, **overrides)
-        return data.load_tokenizer({**tok.spec, "max_len": cfg.max_len}), cfg  # the stream skips longer labels
+        if args.init:
+            try:
+                ckpt = torch.load(args.init, map_location="cpu", weights_only=True)
+                cfg, tok = modellib.ModelConfig(**ckpt["model_config"]), data.load_tokenizer(ckpt["tokenizer"])
+            except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as e:
+                sys.exit(f"train.py: --init {args.init}: not a checkpoint of train.py or model.py convert-* "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+            cfg = dataclasses.replace(cfg, **overrides)
+            size = next((s for s, fields in modellib.SIZES[cfg.arch].items() if all(
+                k in overrides or k in TRAIN_ONLY or getattr(cfg, k) == v for k, v in fields.items())), None)
+            for flag, given, theirs in (("arch", args.arch, cfg.arch), ("size", args.size, size)):
+                if given not in (None, theirs):
+                    sys.exit(f"train.py: --{flag} {given} conflicts with --init {args.init} (a {cfg.arch}"
+                             f"{'-' * bool(size)}{size or ''} checkpoint)")
+        args.arch, args.size = (cfg.arch, size) if ckpt else (args.arch or "parseq", args.size or "T4")
+        if args.spm or args.charset or not ckpt:  # a new vocabulary, or none from --init
+            tok = data.SPTokenizer(args.spm) if args.spm else data.CharTokenizer(data.load_charset(args.charset or "36"))
+            cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size) if ckpt else \
+                modellib.make_config(args.arch, args.size, tok.vocab_size, **overrides)
+        tok = data.load_tokenizer({**tok.spec, "max_len": cfg.max_len})  # the stream skips longer labels
     except (KeyError, TypeError, ValueError, OSError) as e:
         sys.exit(f"train.py: {e}")
+    recipe = {**DEFAULTS, **({"lr": TINY_LR[args.size]} if args.size in TINY_LR else {}),
+              **RECIPES.get((args.arch, args.size), {})}
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return tok, cfg, ckpt
 
 
 def source(path):  # a data folder or file as one string in any working directory: absolute, or a URL
@@ -195,37 +219,34 @@ def check_identity(run_dir, identity):
                  "choose another --name, or delete the folder to start over")
 
 
-def load_init(raw_model, tok, path):
-    """--init: copy every checkpoint tensor whose shape fits. Under another vocabulary the vocabulary-sized ones
-    (embedding, PARSeq's head; TrOCR's head is tied to its embedding) keep their fresh init but for the rows of
-    tokens both tokenizers share (same text; EOS, BOS, PAD by role). Returns one line saying what was loaded."""
-    if not os.path.exists(path):
-        sys.exit(f"train.py: --init {path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        old_tok = data.load_tokenizer(ckpt["tokenizer"])
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as e:
-        sys.exit(f"train.py: --init {path}: not a checkpoint of train.py or model.py convert-* "
-                 f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
-    V = tok.vocab_size
+def load_init(raw_model, tok, ckpt, path):
+    """--init: each checkpoint tensor into the model's of the same name and shape (positions of a longer max_len: their
+    first rows); under a new vocabulary, VOCAB's rows of tokens both share (by text; EOS, BOS, PAD by role), the others
+    fresh. One line and exit when under 90% of its tensors load, else one line saying what was loaded."""
+    old_tok, state, loaded, remapped = data.load_tokenizer(ckpt["tokenizer"]), raw_model.state_dict(), [], []
+    V, old_V = tok.vocab_size, old_tok.vocab_size
     old_ids = {text: i + 1 for i, text in enumerate(old_tok.tokens)}  # the seams' ids: 0 EOS, 1..V-3 text, V-2 BOS, V-1 PAD
-    pairs = [(0, 0), (V - 2, old_tok.vocab_size - 2), (V - 1, old_tok.vocab_size - 1)]  # (new id, old id)
+    pairs = [(0, 0), (V - 2, old_V - 2), (V - 1, old_V - 1)]  # (new id, old id)
     pairs += [(i + 1, old_ids[text]) for i, text in enumerate(tok.tokens) if text in old_ids]
-    sizes = {old_tok.vocab_size: V, old_tok.vocab_size - 2: V - 2} if old_tok.tokens != tok.tokens else {}
-    state, loaded, remapped = raw_model.state_dict(), [], []
-    for name, old in ckpt["model"].items():
-        new = state.get(name, torch.empty(0))
+    for name in [name for name in ckpt["model"] if name in state]:  # by name only
+        old, new = ckpt["model"][name], state[name]
         prefix = name in ("pos_emb", "pos_queries") and old.shape[::2] == new.shape[::2] and old.shape[1] >= new.shape[1]
-        if old.dim() <= 2 and sizes.get(old.shape[0]) == new.shape[0] and old.shape[1:] == new.shape[1:]:
+        if name in VOCAB and old_tok.tokens != tok.tokens and old.shape[1:] == new.shape[1:]:
             rows = torch.tensor([(i, j) for i, j in pairs if i < new.shape[0] and j < old.shape[0]])
             new[rows[:, 0]] = old[rows[:, 1]].to(new.dtype)  # state_dict tensors share the parameters' storage
             remapped.append(name)
         elif new.shape == old.shape or prefix:  # prefix: positions of a longer max_len (a converted TrOCR: 511)
             new.copy_(old[:, :new.shape[1]] if prefix else old)
             loaded.append(name)
-    fresh = ", ".join(name for name in state if name not in loaded + remapped) or "none"
+    done = set(loaded + remapped)
+    groups = lambda names: ", ".join(dict.fromkeys(  # noqa: E731  'encoder.blocks.0.norm1.bias' -> 'encoder.blocks'
+        ".".join(p[:next((i for i, part in enumerate(p) if part.isdigit()), len(p))]).removesuffix(".weight").removesuffix(
+            ".bias") for p in (n.split(".") for n in names if n not in done))) or "none"
+    counts, missed = f"{len(done)}/{len(ckpt['model'])} tensors", groups(ckpt["model"])
+    if len(done) < 0.9 * len(ckpt["model"]):
+        sys.exit(f"train.py: --init {path}: only {counts} fit the model (changed by --set?); not loaded: {missed}")
     shared = f", rows of {len(pairs) - 3}/{len(tok.tokens)} shared tokens in {', '.join(remapped)}" if remapped else ""
-    return f"--init {path}: loaded {len(loaded)} tensors{shared}; fresh: {fresh}"
+    return f"--init {path}: loaded {counts}{shared}; not loaded: {missed}; fresh: {groups(state)}"
 
 
 def peak_flops(device):  # the dense 16-bit peak of a known GPU, else None (no MFU)
@@ -331,6 +352,7 @@ def keep_metrics_upto(path, step):
 
 def main(argv=None):
     args = parse_args(argv)
+    tok, cfg, init = tokenizer_and_config(args)  # and args.arch, args.size, the recipe
     # --- processes and devices: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain python is one process
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -354,7 +376,6 @@ def main(argv=None):
 
     # --- model, tokenizer, data
     torch.manual_seed(args.seed)
-    tok, cfg = tokenizer_and_config(args)
     raw_model = modellib.build_model(cfg).to(device)
     micro = args.micro_batch or args.batch // world
     accum = args.batch // (micro * world) if micro else 0
@@ -383,7 +404,8 @@ def main(argv=None):
     tenth = max(1, total_steps // 10)  # last.pt also every tenth of the run: a stop loses at most a tenth
     identity, fit_group = run_identity(args, cfg, tok, D, total_steps * args.batch, dtype)
     short_hash = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:6]
-    name = args.name or f"{args.arch}-{args.size}-d{args.samples or 'all'}-s{args.seed}-{short_hash}"
+    size = args.size or os.path.splitext(os.path.basename(args.init))[0]  # a model of no --size: the checkpoint's name
+    name = args.name or f"{args.arch}-{size}-d{args.samples or 'all'}-s{args.seed}-{short_hash}"
     run_dir = os.path.join(args.runs, name)
     last_path, metrics_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "metrics.jsonl")
     total, non_embed = modellib.count_params(cfg)
@@ -436,9 +458,10 @@ def main(argv=None):
     elif args.resume:
         sys.exit(f"--resume: no checkpoint at {last_path}")
     elif args.init:
-        line = load_init(raw_model, tok, args.init)
+        line = load_init(raw_model, tok, init, args.init)
         if master:
             print(line)
+    del init  # its tensors
     if master:
         os.makedirs(run_dir, exist_ok=True)
         atomic_save(json.dumps(config, indent=1).encode(), os.path.join(run_dir, "config.json"))
