@@ -20,7 +20,7 @@ LABEL_LEN = 4  # every rendered word has 4 characters, so every batch is padded 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench_train.py"), "--dry-run", "--out", str(out),
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "bench_train.py"), "--dry-run", "--out", str(out),
                            "--label-len", f"{LABEL_LEN},{LABEL_LEN}", "--budget", "600"],
                           capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -105,7 +105,7 @@ def test_window_numbers_pick_the_median_steady_window():
 def test_gpu_without_cuda_is_a_one_line_error():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench_train.py"), "--gpu"], capture_output=True,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "bench_train.py"), "--gpu"], capture_output=True,
                           text=True, env=ENV, cwd=ROOT)
     assert proc.returncode == 1 and "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -126,7 +126,7 @@ def test_error_line_prefers_the_root_cause(tmp_path):
 
 
 def test_out_of_budget_parts_are_skipped_and_saved(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench_train.py"), "--dry-run", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "bench_train.py"), "--dry-run", "--out", str(tmp_path),
                            "--budget", "1", "--images", "100", "--only", "train,resume"],
                           capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,10 +1,10 @@
 """Benchmark data.py: renderer images/s, and shard-reader images/s against the `webdataset` package.
 
-    python bench_data.py                    # 20k 'varied' images, 1 and 2 DataLoader workers
-    python bench_data.py --n 50000 --keep data/bench
-    python bench_data.py --scale 1000000 --copies 4 --keep /tmp/bench_scale   # index build, memory at 4M images
-    python bench_data.py --syscalls         # system calls per sample, ours and webdataset's (needs strace)
-    python bench_data.py --latency 0,1,5    # both readers over HTTP, each request answered after 0, 1, 5 ms
+    python tests/bench_data.py                    # 20k 'varied' images, 1 and 2 DataLoader workers
+    python tests/bench_data.py --n 50000 --keep data/bench
+    python tests/bench_data.py --scale 1000000 --copies 4 --keep /tmp/bench_scale   # index build, memory at 4M images
+    python tests/bench_data.py --syscalls         # system calls per sample, ours and webdataset's (needs strace)
+    python tests/bench_data.py --latency 0,1,5    # both readers over HTTP, each request answered after 0, 1, 5 ms
 
 Both readers read the same shards with the same work per image (tar read, label cleaning, PIL decode to
 RGB, bicubic stretch to 32x128, batch of uint8 tensors): webdataset streams the shards in order
@@ -31,6 +31,7 @@ from itertools import islice
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's files
 import data
 
 

@@ -1,9 +1,9 @@
 """bench_train.py: the GPU path of train.py and model.py, measured in one run, as a table for the README.
 
-    timeout 480 python bench_train.py --gpu                # one CUDA GPU, ~7 minutes (--budget 450 seconds)
-    python bench_train.py --dry-run                        # the same code path on the CPU, tiny sizes, ~1 minute
-    python bench_train.py --gpu --profile parseq-B         # top kernels of three compiled training steps
-    python bench_train.py --threads                        # CPU: tiny sizes at 1 and 2 threads, alone and in pairs
+    timeout 480 python tests/bench_train.py --gpu                # one CUDA GPU, ~7 minutes (--budget 450 seconds)
+    python tests/bench_train.py --dry-run                        # the same code path on the CPU, tiny sizes, ~1 minute
+    python tests/bench_train.py --gpu --profile parseq-B         # top kernels of three compiled training steps
+    python tests/bench_train.py --threads                        # CPU: tiny sizes at 1 and 2 threads, alone and in pairs
 
 --gpu renders a varied-style synth set once (cached in OUT/data, on all cores), then runs each part of PLAN
 within its time cap and the budget: short training runs of PARSeq-B and TrOCR-B with and without --compile,
@@ -34,11 +34,13 @@ import time
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's files
 import data
 import model as modellib
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 # the parts in priority order, each within its time cap: the B sizes carry the issue's MFU goal, eager B shows
 # the gain of --compile; torchrun and the S sizes come last
 PLAN = [("train", "parseq", "B", True), ("train", "trocr", "B", True), ("train", "parseq", "B", False),
@@ -96,7 +98,7 @@ def save_profile(prefix, prof):
 
 
 def child_main(argv):
-    """python bench_train.py --child STATS [--share-gpu] [--profile-at STEP PREFIX] TRAIN_ARGS..."""
+    """python tests/bench_train.py --child STATS [--share-gpu] [--profile-at STEP PREFIX] TRAIN_ARGS..."""
     p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--child", required=True)
     p.add_argument("--share-gpu", action="store_true", help="every torchrun rank on cuda:0")
@@ -129,7 +131,7 @@ def child_main(argv):
 def launch(cmd, log_path, env=None):
     """Start cmd in its own session (so a kill reaches its loader and compile workers), output to log_path."""
     with open(log_path, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=HERE, start_new_session=True,
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
@@ -386,7 +388,7 @@ class Bench:
         last = os.path.join(self.runs, "resume-killed", "last.pt")
         for name, until_file, expect in (("straight", None, "exit 0"), ("killed", last, "file"), ("killed", None, "exit 0")):
             logfile = os.path.join(self.logs, f"resume-{name}.log")
-            proc = launch([sys.executable, os.path.join(HERE, "train.py")] + argv[name], logfile)
+            proc = launch([sys.executable, os.path.join(ROOT, "train.py")] + argv[name], logfile)
             ended = watch(proc, deadline, until_file=until_file)
             if ended != expect:
                 return dict(note=f"{name} run: {ended} (expected {expect}): {error_line(logfile)}")
@@ -475,7 +477,7 @@ def threads_bench(args):
                 os.makedirs(runs, exist_ok=True)
                 logs = [os.path.join(runs, f"{i}.log") for i in range(together)]
                 procs = [subprocess.Popen(
-                    [sys.executable, os.path.join(HERE, "train.py"), "--arch", arch, "--size", size, "--train", train_dir,
+                    [sys.executable, os.path.join(ROOT, "train.py"), "--arch", arch, "--size", size, "--train", train_dir,
                      "--val", val_dir, "--train-samples", "100000000", "--threads", str(threads), "--workers", "0",
                      "--runs", runs, "--name", f"run{i}"], stdout=subprocess.DEVNULL, stderr=open(log, "w"))
                     for i, log in enumerate(logs)]

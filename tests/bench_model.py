@@ -2,8 +2,8 @@
 CPU benchmark of model.py against reference implementations (benchmark-only dependencies):
 
     pip install transformers timm -c constraints.txt      # never let pip change torch
-    python bench_model.py                                 # modest default size, 1 thread
-    python bench_model.py --width 384 --depth 6 --batch 32 --threads 2
+    python tests/bench_model.py                                 # modest default size, 1 thread
+    python tests/bench_model.py --width 384 --depth 6 --batch 32 --threads 2
 
 Prints three ratios:
 1. TrOCR training step (forward + backward + AdamW) of ours / transformers' VisionEncoderDecoderModel
@@ -17,6 +17,7 @@ broken (a wheel built for another torch), a stub stands in for it.
 import argparse
 import importlib.abc
 import importlib.machinery
+import os
 import statistics
 import sys
 import time
@@ -25,6 +26,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's files
 from model import build_model, count_params, make_config
 
 
