@@ -179,10 +179,8 @@ def init_weights(model, cfg):
 def finish(ids, probs, eos=0, pad=-1):
     """Cut each row after its first EOS (PAD after it); conf = product of kept probabilities (incl. EOS)."""
     after = (ids == eos).int().cumsum(1) - (ids == eos).int() > 0    # strictly after the first EOS
-    ids = ids.masked_fill(after, pad)
-    conf = probs.masked_fill(after, 1.0).prod(1)
     t = int((~after).sum(1).max()) if len(ids) else 0
-    return ids[:, :t], conf
+    return ids.masked_fill(after, pad)[:, :t], probs.masked_fill(after, 1.0).prod(1)
 
 
 class Recognizer(nn.Module):
@@ -254,45 +252,53 @@ class TrOCR(Recognizer):
         return total, (tgt != self.pad).sum()
 
     @torch.no_grad()
-    def decode(self, images, max_len=None, beam=1, ar=True, refine_iters=1, len_norm=True, use_cache=True):
-        """Beam search (beam=1: greedy). Finished hypotheses keep their slot, repeating EOS at no cost; len_norm
-        (fairseq's default) ranks the final beam by score / length incl. EOS. conf = product of the chosen probs."""
-        if ar is not True or refine_iters != 1:
-            raise ValueError('TrOCR decodes autoregressively: ar and refine_iters apply to PARSeq only')
-        steps = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1
-        mem_kv = self.memory_kv(images)
-        B, C, dev = len(images), self.pad - 1, images.device
-        mem_kv = [(k.repeat_interleave(beam, 0), v.repeat_interleave(beam, 0)) for k, v in mem_kv]
-        seqs = torch.full((B * beam, 1), self.start, dtype=torch.long, device=dev)
-        scores = torch.full((B, beam), float('-inf'), device=dev)
-        scores[:, 0] = 0                                    # all beams start identical: expand only one
-        done = torch.zeros(B * beam, dtype=torch.bool, device=dev)
-        eos_only = torch.where(torch.arange(C, device=dev) == self.eos, 0.0, float('-inf'))  # a finished beam's step
-        caches = [{} for _ in self.layers] if use_cache else None
+    def decode(self, images, max_len=None, beam=1, len_norm=True):
+        """Greedy decoding (beam=1) or beam_search, with a KV cache; logits scored in float32 (as transformers does).
+        conf = product of the chosen tokens' probabilities, EOS included."""
+        steps, mem_kv = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1, self.memory_kv(images)
+        tok = torch.full((len(images), 1), self.start, dtype=torch.long, device=images.device)
+        return self.greedy(tok, mem_kv, steps) if beam == 1 else self.beam_search(tok, mem_kv, steps, beam, len_norm)
+
+    def greedy(self, tok, mem_kv, steps):  # ends when every row has an EOS
+        ids, probs, caches = tok[:, :0], [], [{} for _ in self.layers]
         for t in range(steps):
-            if use_cache:
-                logits = self.decoder(seqs[:, -1:], mem_kv, start=t, caches=caches)
-            else:
-                logits = self.decoder(seqs, mem_kv)
-            logp = logits[:, -1].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-            logp = torch.where(done[:, None], eos_only, logp)
-            cand = (scores.view(-1, 1) + logp).view(B, beam * C)
-            scores, idx = cand.topk(beam, dim=1)                                  # (B, beam)
-            src = (idx // C + torch.arange(B, device=dev)[:, None] * beam).view(-1)
-            tok = (idx % C).view(-1, 1)
-            seqs, done = torch.cat([seqs[src], tok], 1), done[src] | (tok[:, 0] == self.eos)
-            if use_cache and beam > 1:
-                for c in caches:
-                    c['k'], c['v'] = c['k'][src], c['v'][src]
-            if done.all():
+            p, tok = self.decoder(tok, mem_kv, start=t, caches=caches)[:, -1].float().softmax(-1).max(-1, keepdim=True)
+            ids, probs = torch.cat([ids, tok], 1), probs + [p]
+            if (ids == self.eos).any(1).all():
                 break
-        ids = seqs[:, 1:]
-        length = ((ids != self.eos).cumprod(1).sum(1) + 1).clamp(max=ids.shape[1]).view(B, beam)
-        best = (scores / length if len_norm else scores).argmax(1)
-        ids = ids[torch.arange(B, device=dev) * beam + best]
-        conf = scores.gather(1, best[:, None])[:, 0].exp()
-        ids, _ = finish(ids, torch.ones(ids.shape, device=dev), self.eos, self.pad)
-        return ids, conf
+        return finish(ids, torch.cat(probs, 1), self.eos, self.pad)
+
+    def beam_search(self, tok, mem_kv, steps, beam, len_norm):
+        """transformers' generate(num_beams=beam, early_stopping="never", length_penalty=float(len_norm)): each
+        step takes the best 2*beam continuations of the `beam` live hypotheses; those of the first `beam` that end
+        (EOS or the last step) join the row's `beam` best finished ones, ranked by summed log-prob / tokens incl. EOS
+        (len_norm) or by the sum; the best `beam` of the others stay live. Stops once no row's best live sum (/ steps
+        with len_norm) beats its worst finished score: an exact bound, as each further token lowers the sum."""
+        (B, _), C, dev, inf = tok.shape, self.pad - 1, tok.device, float('inf')
+        mem_kv = [(k.repeat_interleave(beam, 0), v.repeat_interleave(beam, 0)) for k, v in mem_kv]
+        tok, caches = tok.repeat_interleave(beam, 0), [{} for _ in self.layers]
+        live = torch.tensor([0.0] + [-inf] * (beam - 1), device=dev).repeat(B, 1)  # the starts are identical: expand one
+        live_ids = fin_ids = torch.full((B, beam, steps), self.pad, device=dev)
+        fin_rank, fin_sum = torch.full_like(live, -inf), torch.full_like(live, -inf)
+        for t in range(steps):
+            logp = self.decoder(tok, mem_kv, start=t, caches=caches)[:, -1].float().log_softmax(-1)
+            cand, idx = (live[..., None] + logp.view(B, beam, C)).view(B, beam * C).topk(2 * beam, 1)  # sorted
+            parent, new = idx // C, idx % C
+            hyps = live_ids.take_along_dim(parent[..., None], 1)
+            hyps[..., t] = new
+            ends = (new == self.eos) | (t == steps - 1)
+            rank = (cand[:, :beam] / (t + 1 if len_norm else 1)).masked_fill(~ends[:, :beam], -inf)
+            fin_rank, top = torch.cat([fin_rank, rank], 1).topk(beam, 1)
+            fin_sum = torch.cat([fin_sum, cand[:, :beam]], 1).gather(1, top)
+            fin_ids = torch.cat([fin_ids, hyps[:, :beam]], 1).take_along_dim(top[..., None], 1)
+            live, keep = cand.masked_fill(ends, -inf).topk(beam, 1)
+            live_ids, tok = hyps.take_along_dim(keep[..., None], 1), new.gather(1, keep).view(-1, 1)
+            src = (parent.gather(1, keep) + torch.arange(0, B * beam, beam, device=dev)[:, None]).view(-1)
+            caches = [{'k': c['k'][src], 'v': c['v'][src]} for c in caches]
+            if (live[:, 0] / (steps if len_norm else 1) <= fin_rank[:, -1]).all():
+                break
+        ids, _ = finish(fin_ids[:, 0], torch.ones(B, steps, device=dev), self.eos, self.pad)   # cut to the longest
+        return ids, fin_sum[:, 0].exp()
 
 
 # ----------------------------------------------------------------------------- PARSeq
@@ -406,26 +412,17 @@ class PARSeq(Recognizer):
         return total, n
 
     @torch.no_grad()
-    def decode(self, images, max_len=None, beam=1, ar=True, refine_iters=1, len_norm=True, use_cache=True):
+    def decode(self, images, max_len=None, ar=True, refine_iters=1):
         """AR (greedy; cached context keys/values) or NAR decoding, then refine_iters cloze passes that run every
         position query against the previous output, as the original does (so a removed EOS lengthens the text)."""
-        if beam != 1 or len_norm is not True:
-            raise ValueError('PARSeq decodes greedily: beam and len_norm apply to TrOCR only')
         T = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1
-        B, dev = len(images), images.device
-        mem_kv = self.memory_kv(images)
+        B, dev, mem_kv = len(images), images.device, self.memory_kv(images)
         queries = self.pos_queries[:, :T].expand(B, -1, -1)
         bos = torch.full((B, 1), self.bos, dtype=torch.long, device=dev)
         if ar:
-            ctx_tok, logits = bos, []
-            caches = [{} for _ in self.layers]
+            ctx_tok, logits, caches = bos, [], [{} for _ in self.layers]
             for i in range(T):
-                if use_cache:
-                    out = self.step(ctx_tok[:, -1:], i, queries[:, i:i + 1], mem_kv, caches)
-                else:
-                    causal = torch.ones(i + 1, i + 1, dtype=torch.bool, device=dev).tril()
-                    out = self.run(self.embed(ctx_tok), queries[:, :i + 1], mem_kv, causal, causal)[:, -1:]
-                logits.append(out)
+                logits.append(self.step(ctx_tok[:, -1:], i, queries[:, i:i + 1], mem_kv, caches))
                 ctx_tok = torch.cat([ctx_tok, logits[-1].argmax(-1)], 1)
                 if (ctx_tok == self.eos).any(1).all():
                     break

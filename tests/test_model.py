@@ -76,17 +76,67 @@ def small(arch, **kw):
 ORIGINAL_TROCR = dict(post_ln=True, emb_scale=True, emb_norm=True, start_eos=True, dec_act='relu', tie_head=False)
 
 
+def trocr_reference_greedy(m, x, steps):
+    """Uncached greedy decoding: the whole prefix re-run at every step."""
+    mem_kv, tok, probs = m.memory_kv(x), torch.full((len(x), 1), m.start), []
+    for _ in range(steps):
+        p, nxt = m.decoder(tok, mem_kv)[:, -1].float().softmax(-1).max(-1, keepdim=True)
+        tok, probs = torch.cat([tok, nxt], 1), probs + [p]
+    return M.finish(tok[:, 1:], torch.cat(probs, 1), EOS, PAD)
+
+
+def trocr_reference_beam(m, x, beam, len_norm, steps):
+    """Uncached beam search over Python lists, one image at a time, with transformers' rules (no early stop: its
+    bound is exact): the best 2*beam continuations; of the first `beam`, those that end (EOS or the last step) are
+    finished, scored sum / tokens (len_norm) or sum; the best `beam` that do not end stay live."""
+    ids, conf = [], []
+    for b in range(len(x)):
+        mem = [(k[b:b + 1], v[b:b + 1]) for k, v in m.memory_kv(x)]
+        live, done = [(0.0, [])], []                   # (summed log-prob, tokens)
+        for t in range(steps):
+            tok = torch.tensor([[m.start] + seq for _, seq in live])
+            kv = [(k.expand(len(live), -1, -1, -1), v.expand(len(live), -1, -1, -1)) for k, v in mem]
+            logp = m.decoder(tok, kv)[:, -1].float().log_softmax(-1).tolist()
+            cands = sorted(((s + lp, seq + [c]) for (s, seq), row in zip(live, logp) for c, lp in enumerate(row)),
+                           key=lambda h: -h[0])[:2 * beam]
+            done += [(s / (t + 1 if len_norm else 1), s, seq) for s, seq in cands[:beam] if seq[-1] == EOS or t == steps - 1]
+            live = [h for h in cands if h[1][-1] != EOS][:beam]
+        _, s, seq = max(done)
+        ids.append(seq)
+        conf.append(math.exp(s))
+    return ids, torch.tensor(conf)
+
+
 @pytest.mark.parametrize('dec_depth,style', [(1, {}), (2, {}), (2, ORIGINAL_TROCR)])
-def test_trocr_cached_decode_equals_uncached(dec_depth, style):
+def test_trocr_decode_equals_uncached_reference(dec_depth, style):
     torch.manual_seed(1)
     m = build_model(small('trocr', dec_depth=dec_depth, **style)).double().eval()
     x = torch.randn(16, 3, 16, 64, dtype=torch.double)
-    for beam, len_norm in ((1, True), (3, True), (3, False)):
-        (a, ca), (b, cb) = (m.decode(x, beam=beam, len_norm=len_norm, use_cache=c) for c in (True, False))
+    with torch.no_grad():
+        (a, ca), (b, cb) = m.decode(x), trocr_reference_greedy(m, x, 9)
         assert torch.equal(a, b) and a.shape[1] > 1
         torch.testing.assert_close(ca, cb)
-    ids, conf = m.decode(x, beam=3)
-    assert ((conf > 0) & (conf <= 1)).all()
+        for beam, len_norm in ((3, True), (3, False), (5, True)):
+            ids, conf = m.decode(x, beam=beam, len_norm=len_norm)
+            ref, ref_conf = trocr_reference_beam(m, x, beam, len_norm, 9)
+            assert [[t for t in row if t != PAD] for row in ids.tolist()] == ref
+            torch.testing.assert_close(conf, ref_conf)
+            assert ((conf > 0) & (conf <= 1)).all()
+
+
+def parseq_reference_ar(m, x):
+    """Uncached AR decoding without refinement: the whole context re-run under a causal mask at every step."""
+    T = m.cfg.max_len + 1
+    mem_kv, q = m.memory_kv(x), m.pos_queries[:, :T].expand(len(x), -1, -1)
+    ctx, logits = torch.full((len(x), 1), BOS), []
+    for i in range(T):
+        causal = torch.ones(i + 1, i + 1, dtype=torch.bool).tril()
+        logits.append(m.run(m.embed(ctx), q[:, :i + 1], mem_kv, causal, causal)[:, -1:])
+        ctx = torch.cat([ctx, logits[-1].argmax(-1)], 1)
+        if (ctx == EOS).any(1).all():
+            break
+    probs, ids = torch.cat(logits, 1).float().softmax(-1).max(-1)
+    return M.finish(ids, probs, EOS, PAD)
 
 
 @pytest.mark.parametrize('dec_depth', [1, 2])
@@ -94,10 +144,10 @@ def test_parseq_cached_ar_equals_uncached(dec_depth):
     torch.manual_seed(2)
     m = build_model(small('parseq', dec_depth=dec_depth)).double().eval()
     x = torch.randn(16, 3, 16, 64, dtype=torch.double)
-    for refine in (0, 1):
-        (a, ca), (b, cb) = m.decode(x, refine_iters=refine), m.decode(x, refine_iters=refine, use_cache=False)
-        assert torch.equal(a, b)
-        torch.testing.assert_close(ca, cb)
+    with torch.no_grad():
+        (a, ca), (b, cb) = m.decode(x, refine_iters=0), parseq_reference_ar(m, x)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(ca, cb)
     ids, conf = m.decode(x, ar=False, refine_iters=2)
     assert ids.shape[0] == 16 and ((conf > 0) & (conf <= 1)).all()
 
@@ -241,7 +291,8 @@ def test_parseq_refinement_runs_all_queries_after_early_eos(monkeypatch):
 
 
 def test_beam_len_norm_matches_exhaustive_search():
-    """beam = C^3 never prunes with max_len 2, so beam search must return the best of all sequences."""
+    """beam = C^3 never prunes with max_len 2 (every candidate ranks within the first `beam`), so beam search must
+    return the best of all sequences, by score / tokens incl. EOS (len_norm) or by score."""
     chars = 'abc'
     torch.manual_seed(6)
     m = build_model(make_config('trocr', 'T2', len(chars) + 3, max_len=2)).double().eval()
@@ -260,17 +311,7 @@ def test_beam_len_norm_matches_exhaustive_search():
         ids, conf = m.decode(x, beam=C ** 3, len_norm=len_norm)
         ref = seqs[best].masked_fill(kept[best] == 0, m.pad)
         assert ids.tolist() == [r[:ids.shape[1]] for r in ref.tolist()]
-        torch.testing.assert_close(conf, score.gather(1, best[:, None])[:, 0].exp())
-
-
-def test_unused_decode_arguments_raise():
-    x = torch.randn(2, 3, 16, 64)
-    trocr, parseq = build_model(small('trocr')).eval(), build_model(small('parseq')).eval()
-    for m, kw in ((parseq, dict(beam=3)), (parseq, dict(len_norm=False)), (trocr, dict(ar=False)),
-                  (trocr, dict(refine_iters=2))):
-        with pytest.raises(ValueError):
-            m.decode(x, **kw)
-    trocr.decode(x, refine_iters=1, ar=True)       # the defaults are accepted
+        torch.testing.assert_close(conf, score.gather(1, best[:, None])[:, 0].exp(), check_dtype=False)
 
 
 def test_old_checkpoint_config_loads_with_old_behaviour():
@@ -546,3 +587,55 @@ def test_convert_parseq_matches_strhub(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         M.convert_main(['convert-parseq', str(tmp_path / 'parseq.pt'), str(tmp_path / 'out.pt'), '--check'])
     assert exit_info.value.code == 0
+
+
+def trocr_with_eos_ramp(tf, folder, eos_scale):
+    """A random ViT + TrOCR-Small-style transformers model whose EOS logit grows with the position at a rate set by
+    eos_scale, so that rows end at varied lengths: positions ramp along a direction u, the EOS output row is
+    eos_scale * u, and the decoder layers' self-attention and MLP outputs are damped so the ramp reaches the head."""
+    torch.manual_seed(0)
+    enc = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                       patch_size=8)
+    dec = tf.TrOCRConfig(vocab_size=14, d_model=24, decoder_layers=2, decoder_attention_heads=2, decoder_ffn_dim=40,
+                         max_position_embeddings=10, **HF_STYLES['vit'])
+    hf = tf.VisionEncoderDecoderModel(tf.VisionEncoderDecoderConfig(encoder=enc.to_dict(), decoder=dec.to_dict()))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if 'norm' in name:
+                p.copy_(torch.randn_like(p) * 0.1 + name.endswith('weight'))
+            elif p.dim() > 1:
+                p.normal_(0, p[0].numel() ** -0.5 * (0.3 if 'self_attn.out_proj' in name or 'fc2' in name else 1))
+            else:
+                p.normal_(0, 0.1)
+        u = F.normalize(torch.randn(24), dim=0)
+        pos = hf.decoder.model.decoder.embed_positions.weight
+        pos += 0.5 * torch.arange(len(pos))[:, None] * u
+        hf.decoder.output_projection.weight[2] = eos_scale * u          # transformers' </s> = our EOS
+    hf.save_pretrained(folder)
+    (folder / 'vocab.json').write_text(json.dumps({f'<{i}>': i for i in range(14)}))   # the converter needs a tokenizer
+    return hf.eval(), *M.trocr_from_transformers(folder)[:2]
+
+
+@pytest.mark.parametrize('eos_scale', [0.5, 1.0, 2.0])
+def test_beam_search_matches_transformers(eos_scale, tmp_path):
+    """Same sequences as transformers' generate(num_beams=4, early_stopping="never") with length_penalty 1 (len_norm)
+    and 0. transformers' log-softmax runs over the whole vocabulary before suppress_tokens, so its <s> and <pad>
+    logits are set to -inf (our head has no such classes) for the scores to be the same."""
+    tf = pytest.importorskip('transformers')
+    hf, m, hf_id = trocr_with_eos_ramp(tf, tmp_path, eos_scale)
+    hf.decoder.output_projection.register_forward_hook(lambda mod, args, out: out.index_fill(-1, torch.tensor([0, 1]),
+                                                                                                  float('-inf')))
+    ours_of = {h: i for i, h in enumerate(hf_id)}
+    lengths = set()
+    for seed, len_norm in ((1, True), (2, True), (3, False)):
+        torch.manual_seed(seed)
+        x = torch.rand(32, 3, 32, 32) * 2 - 1
+        with torch.no_grad():
+            ids, _ = m.decode(x, beam=4, len_norm=len_norm)
+            gen = hf.generate(pixel_values=x, max_new_tokens=10, num_beams=4, length_penalty=float(len_norm),
+                              early_stopping='never', do_sample=False, decoder_start_token_id=2, eos_token_id=2,
+                              pad_token_id=1, suppress_tokens=[0, 1])
+        ref = [[ours_of[t] for t in row[1:] if t != 1] for row in gen.tolist()]
+        assert [[t for t in row if t != m.pad] for row in ids.tolist()] == ref
+        lengths |= {len(row) - (row[-1] == EOS) for row in ref}
+    assert len(lengths) >= 3                       # some rows end early, some run to max length
