@@ -1,25 +1,19 @@
 """
-ViT, TrOCR and PARSeq in one file, at the sizes of Rang et al. (arXiv 2401.00028).
+ViT, TrOCR and PARSeq in one file, at the sizes of Rang et al. (arXiv 2401.00028), and converters from released weights.
 
-    python model.py            # size table: layers, widths, parameters (ours, the study's, the gap), GFLOPs, basis
+    python model.py                                          # size table: parameters (ours, the study's), GFLOPs
+    python model.py convert-trocr HF_DIR OUT.pt [--check]   # a transformers TrOCR folder -> our checkpoint
+    python model.py convert-parseq CKPT OUT.pt [--check]     # a released PARSeq .pt / .ckpt -> our checkpoint
 
-    from model import make_config, build_model
-    cfg = make_config('parseq', 'S', vocab_size=tok.vocab_size, enc_depth=6)   # any field can be overridden
-    model = build_model(cfg)
-    total, n = model.loss(images, tok.encode(labels))     # SUM of token losses and token count; model(...) is the same
-    ids, conf = model.decode(images)                      # beam=k, len_norm (TrOCR); ar=False, refine_iters=k (PARSeq)
-    count_params(cfg), forward_flops(cfg), train_flops_per_sample(cfg)   # analytic, no model needed
-    python model.py convert-trocr HF_DIR OUT.pt --check   # a transformers TrOCR folder -> our checkpoint
+    model = build_model(make_config('parseq', 'S', vocab_size=tok.vocab_size, enc_depth=6))   # any field overridden
+    total, n = model.loss(images, tok.encode(labels))  # SUM of token losses and token count; model(...) is the same
+    ids, conf = model.decode(images)                   # TrOCR: beam=k, len_norm; PARSeq: ar=False, refine_iters=k
 
 Token ids (shared with data.py): 0 = EOS, 1..V-3 text tokens, V-2 = BOS, V-1 = PAD. Heads predict V-2 classes.
-- TrOCR: ViT encoder (CLS, DeiT's distillation token too, kept in the memory) + causal Transformer decoder with
-  cross-attention; greedy/beam decoding with a KV cache. The study sizes use the original decoder (post-LN,
-  embedding LayerNorm, EOS as start token, untied head); the CPU sizes keep the pre-LN decoder the CPU ladder
-  was tuned with (the original one trained about as well there: --set post_ln=true emb_norm=true ...).
+- TrOCR: ViT encoder (CLS, DeiT's distillation token too) + the original post-LN decoder, which starts from EOS;
+  greedy or beam decoding with a KV cache.
 - PARSeq: ViT encoder (no CLS) + two-stream decoder trained by permutation language modelling; AR (cached) or
   NAR decoding followed by cloze refinement passes over all position queries.
-New config fields default to the behaviour of older checkpoints. Not here: data, tokenizers, training loop,
-mixed precision (train.py uses autocast; losses are float32 anyway).
 """
 import argparse
 import base64
@@ -66,13 +60,11 @@ class ModelConfig:
     init_std: float = 0.02        # init std of other weights; 0 = 1/sqrt(fan_in) (tiny widths learn far faster)
     perm_num: int = 6             # PARSeq: permutations per batch, mirrors included
     perm_mirrored: bool = True
-    # TrOCR decoder as the original (defaults: the pre-LN decoder of older checkpoints)
-    post_ln: bool = False         # post-LN layers, no final LayerNorm
+    # where the released TrOCR decoders differ (small: scaled embeddings, ReLU, untied head; base/large: the others)
     emb_scale: bool = False       # token embeddings times sqrt(dec_width)
-    emb_norm: bool = False        # LayerNorm on the embeddings (after adding positions)
-    start_eos: bool = False       # the decoder starts from EOS, not BOS (transformers' decoder_start_token_id)
+    emb_norm: bool = True         # LayerNorm on the embeddings (after adding positions)
     dec_act: str = 'gelu'         # 'gelu' | 'relu' (decoder MLP; both archs)
-    tie_head: bool = True         # output projection = token embedding
+    tie_head: bool = False        # output projection = token embedding
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -206,15 +198,14 @@ class TrOCRLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d = cfg.dec_width
-        self.post_ln = cfg.post_ln
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d, eps=cfg.dec_eps) for _ in range(3))
         self.self_attn = Attention(d, cfg.dec_heads, dropout=cfg.attn_dropout)
         self.cross_attn = Attention(d, cfg.dec_heads, kv_dim=cfg.enc_width, dropout=cfg.attn_dropout)
         self.mlp = MLP(d, cfg.dec_mlp_ratio, cfg.dec_act, cfg.act_dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def residual(self, x, norm, fn):
-        return norm(x + self.drop(fn(x))) if self.post_ln else x + self.drop(fn(norm(x)))
+    def residual(self, x, norm, fn):  # post-LN, as the original
+        return norm(x + self.drop(fn(x)))
 
     def forward(self, x, mem_kv, cache=None):
         x = self.residual(x, self.norm1, lambda h: self.self_attn(h, causal=cache is None, cache=cache))
@@ -226,13 +217,12 @@ class TrOCR(Recognizer):
     def __init__(self, cfg):
         super().__init__(cfg)
         d, V = cfg.dec_width, cfg.vocab_size
-        self.start = self.eos if cfg.start_eos else self.bos
+        self.start = self.eos   # the decoder's first input, as transformers' decoder_start_token_id
         self.tok_emb = nn.Embedding(V, d)
         self.pos_emb = nn.Parameter(torch.zeros(1, cfg.max_len + 1, d))  # inputs: start + up to max_len tokens
         self.emb_norm = nn.LayerNorm(d, eps=cfg.dec_eps) if cfg.emb_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TrOCRLayer(cfg) for _ in range(cfg.dec_depth))
-        self.norm = nn.Identity() if cfg.post_ln else nn.LayerNorm(d, eps=cfg.dec_eps)
         self.head = None if cfg.tie_head else nn.Linear(d, V - 2, bias=False)
         init_weights(self, cfg)
 
@@ -242,7 +232,7 @@ class TrOCR(Recognizer):
         for layer, kv, cache in zip(self.layers, mem_kv, caches or [None] * len(self.layers)):
             x = layer(x, kv, cache)
         head = self.tok_emb.weight[:self.pad - 1] if self.head is None else self.head.weight  # BOS/PAD never predicted
-        return F.linear(self.norm(x), head)
+        return F.linear(x, head)
 
     def loss(self, images, tokens):
         inputs = F.pad(tokens[:, 1:-1], (1, 0), value=self.start)
@@ -448,8 +438,7 @@ class PARSeq(Recognizer):
 
 # the original TrOCR decoder (transformers' TrOCRConfig as in microsoft/trocr-*): Base/Large style; Small below
 _TROCR = dict(arch='trocr', img_h=384, img_w=384, patch_h=16, patch_w=16, cls_token=1, qkv_bias=False,
-              dec_width=1024, dec_depth=12, dec_heads=16, post_ln=True, emb_norm=True, start_eos=True,
-              tie_head=False, dec_eps=1e-5)
+              dec_width=1024, dec_depth=12, dec_heads=16, dec_eps=1e-5)
 # the original PARSeq decoder: dropout 0.1 on inputs, attention and MLP; LayerNorm eps 1e-5
 _PARSEQ = dict(arch='parseq', img_h=32, img_w=128, patch_h=4, patch_w=8, cls_token=0, qkv_bias=True,
                attn_dropout=0.1, act_dropout=0.1, dec_eps=1e-5)
@@ -457,7 +446,7 @@ _TINY = dict(img_h=16, img_w=64, patch_h=16, patch_w=4, dropout=0.0, pos_std=0.5
 
 
 def _tiny(arch, i):
-    w, depth = (16, 24, 32, 48, 64, 96, 128)[i], (1, 2, 2, 2, 3, 3, 4)[i]   # design notes' CPU ladder
+    w, depth = (16, 24, 32, 48, 64, 96, 128)[i], (1, 2, 2, 2, 3, 3, 4)[i]   # spaced for a CPU ladder
     h = max(1, w // 32)
     return dict(arch=arch, cls_token=int(arch == 'trocr'), qkv_bias=True, **_TINY,
                 enc_width=w, enc_depth=depth, enc_heads=h, dec_width=w, dec_heads=h)
@@ -538,7 +527,7 @@ def count_params(cfg):
     emb = V * d + (cfg.max_len + 1) * d + T_e * e
     if cfg.arch == 'trocr':   # 3 norms, self-attn, cross-attn, MLP per layer; embedding/final norms; head
         layer = 6 * d + _attn(d) + _attn(d, e) + _mlp(d, cfg.dec_mlp_ratio)
-        dec = (V * d + (cfg.max_len + 1) * d + cfg.dec_depth * layer + 2 * d * (cfg.emb_norm + (not cfg.post_ln))
+        dec = (V * d + (cfg.max_len + 1) * d + cfg.dec_depth * layer + 2 * d * cfg.emb_norm
                + (not cfg.tie_head) * d * (V - 2))
     else:                     # 4 norms, two attentions, MLP per layer; untied head over V-2 classes
         layer = 8 * d + _attn(d, d) + _attn(d, e) + _mlp(d, cfg.dec_mlp_ratio)
@@ -690,7 +679,9 @@ def trocr_from_transformers(hf_dir):
                          f"{d.get('model_type')} decoder: only ViT or DeiT (GELU) encoders with a TrOCR decoder convert")
     V, eos, pad = d['vocab_size'], d['eos_token_id'], d['pad_token_id']
     start = next(i for i in (hc.get('decoder_start_token_id'), d.get('decoder_start_token_id'), eos) if i is not None)
-    bos = d['bos_token_id'] if start == eos else start
+    if start != eos:   # every released TrOCR starts from </s>
+        raise SystemExit(f'{hf_dir}: decoder_start_token_id {start} is not the EOS id {eos}: not a TrOCR as released')
+    bos = d['bos_token_id']
     hf_id = [eos] + [i for i in range(V) if i not in (eos, pad, bos)] + [bos, pad]
     (img_h, img_w), (patch_h, patch_w) = ((v, v) if isinstance(v, int) else v for v in (e['image_size'], e['patch_size']))
     cfg = ModelConfig(
@@ -700,9 +691,8 @@ def trocr_from_transformers(hf_dir):
         qkv_bias=e.get('qkv_bias', True), enc_eps=e['layer_norm_eps'], dec_width=d['d_model'],
         dec_depth=d['decoder_layers'], dec_heads=d['decoder_attention_heads'], dec_eps=1e-5,
         dec_mlp_ratio=d['decoder_ffn_dim'] / d['d_model'], max_len=d['max_position_embeddings'] - 1, vocab_size=V,
-        dropout=d['dropout'], attn_dropout=d['attention_dropout'], act_dropout=d['activation_dropout'], post_ln=True,
-        emb_scale=d['scale_embedding'], emb_norm=d['layernorm_embedding'], start_eos=start == eos,
-        dec_act=d['activation_function'])
+        dropout=d['dropout'], attn_dropout=d['attention_dropout'], act_dropout=d['activation_dropout'],
+        emb_scale=d['scale_embedding'], emb_norm=d['layernorm_embedding'], dec_act=d['activation_function'])
     safe, pickled = os.path.join(hf_dir, 'model.safetensors'), os.path.join(hf_dir, 'pytorch_model.bin')
     if os.path.exists(safe):
         try:

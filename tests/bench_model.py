@@ -96,7 +96,7 @@ def hf_trocr(cfg):
                                        layernorm_embedding=cfg.emb_norm, scale_embedding=cfg.emb_scale,
                                        cross_attention_hidden_size=cfg.enc_width,
                                        pad_token_id=cfg.vocab_size - 1, bos_token_id=cfg.vocab_size - 2,
-                                       eos_token_id=0, decoder_start_token_id=0 if cfg.start_eos else cfg.vocab_size - 2,
+                                       eos_token_id=0, decoder_start_token_id=0,
                                        tie_word_embeddings=cfg.tie_head))
     return VisionEncoderDecoderModel(encoder=enc, decoder=dec)
 

@@ -73,7 +73,7 @@ def small(arch, **kw):
     return make_config(arch, 'T3', V, max_len=8, **kw)
 
 
-ORIGINAL_TROCR = dict(post_ln=True, emb_scale=True, emb_norm=True, start_eos=True, dec_act='relu', tie_head=False)
+SMALL_STYLE = dict(emb_scale=True, emb_norm=False, dec_act='relu')   # trocr-small's decoder variant
 
 
 def trocr_reference_greedy(m, x, steps):
@@ -107,7 +107,7 @@ def trocr_reference_beam(m, x, beam, len_norm, steps):
     return ids, torch.tensor(conf)
 
 
-@pytest.mark.parametrize('dec_depth,style', [(1, {}), (2, {}), (2, ORIGINAL_TROCR)])
+@pytest.mark.parametrize('dec_depth,style', [(1, {}), (2, {}), (2, SMALL_STYLE)])
 def test_trocr_decode_equals_uncached_reference(dec_depth, style):
     torch.manual_seed(1)
     m = build_model(small('trocr', dec_depth=dec_depth, **style)).double().eval()
@@ -314,22 +314,10 @@ def test_beam_len_norm_matches_exhaustive_search():
         torch.testing.assert_close(conf, score.gather(1, best[:, None])[:, 0].exp(), check_dtype=False)
 
 
-def test_old_checkpoint_config_loads_with_old_behaviour():
-    old = dict(arch='trocr', img_h=16, img_w=64, patch_h=16, patch_w=4, in_chans=3, enc_width=32, enc_depth=1,
-               enc_heads=1, mlp_ratio=4.0, cls_token=True, qkv_bias=True, dec_width=32, dec_depth=1, dec_heads=1,
-               dec_mlp_ratio=4.0, max_len=8, vocab_size=V, dropout=0.0, pos_std=0.5, init_std=0.0, perm_num=6,
-               perm_mirrored=True)                  # the fields model.py had before the original-decoder options
-    cfg = ModelConfig(**old)
-    assert not (cfg.post_ln or cfg.emb_scale or cfg.emb_norm or cfg.start_eos) and cfg.tie_head
-    assert cfg.dec_act == 'gelu' and cfg.enc_eps == cfg.dec_eps == 1e-6 and cfg.attn_dropout == cfg.act_dropout == 0
-    m = build_model(cfg)
-    assert m.encoder.cls.shape == (1, 1, 32) and m.start == BOS and isinstance(m.norm, torch.nn.LayerNorm)
-    assert {k.split('.')[0] for k in m.state_dict()} == {'encoder', 'tok_emb', 'pos_emb', 'layers', 'norm'}
-
-
 @pytest.mark.parametrize('arch', ['trocr', 'parseq'])
 def test_count_params_matches_modules(arch):
-    variants = [dict(size='T1'), dict(size='T4'), dict(size='T7'), dict(size='T2', cls_token=2, **ORIGINAL_TROCR),
+    variants = [dict(size='T1'), dict(size='T4'), dict(size='T7'),
+                dict(size='T2', cls_token=2, tie_head=True, **SMALL_STYLE),
                 dict(size='T3', cls_token=not (arch == 'trocr'), qkv_bias=False, dec_depth=2),
                 dict(size='T2', dec_width=40, dec_heads=2, mlp_ratio=2.0, dec_mlp_ratio=3.0, max_len=12),
                 dict(size='S', enc_width=64, enc_depth=1, enc_heads=2, dec_width=32, dec_heads=1, dec_depth=2)]
