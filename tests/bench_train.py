@@ -41,8 +41,8 @@ import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# the parts in priority order, each within its time cap: the B sizes carry the MFU goal, eager B shows
-# the gain of --compile; torchrun and the S sizes come last
+# the parts in priority order, each within its time cap: the B sizes first (their MFU is the number a GPU user
+# needs), eager B shows the gain of --compile; torchrun and the S sizes come last
 PLAN = [("train", "parseq", "B", True), ("train", "trocr", "B", True), ("train", "parseq", "B", False),
         ("train", "trocr", "B", False), ("resume",), ("decode", "parseq"), ("decode", "trocr"), ("ddp",),
         ("train", "parseq", "S", True), ("train", "trocr", "S", True)]

@@ -21,7 +21,7 @@ from model import (PAPER_PARAMS, SIZES, Attention, ModelConfig, build_model, cou
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds sync cost on a shared machine
 CHARS = '0123456789abcdefghijklmnopqrstuvwxyz'
-V = len(CHARS) + 3                     # seams: 0 = EOS, 1..V-3 chars, V-2 = BOS, V-1 = PAD
+V = len(CHARS) + 3                     # ids: 0 = EOS, 1..V-3 chars, V-2 = BOS, V-1 = PAD
 EOS, BOS, PAD = 0, V - 2, V - 1
 
 
