@@ -160,12 +160,18 @@ def num_patches(cfg):
 
 
 def init_weights(model, cfg):
-    for name, p in model.named_parameters():
-        if name.endswith('bias') or 'norm' in name:
-            nn.init.ones_(p) if ('norm' in name and name.endswith('weight')) else nn.init.zeros_(p)
-        else:  # positions, linear, conv, token embeddings, CLS
-            std = cfg.pos_std if (name.endswith('pos') or 'pos_' in name) else cfg.init_std or p[0].numel() ** -0.5
-            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+    """By module type, in parameter order; biases 0, LayerNorms 1. Tiny sizes (init_std 0: what the CPU ladder learns
+    fastest with): weights and embeddings std 1/sqrt(fan_in), positions pos_std, both cut at 2 std. Study sizes as
+    the originals (timm's ViT, transformers' TrOCR, strhub's PARSeq): weights, embeddings, positions and CLS std
+    init_std, positions pos_std, cut at +-2 (so in effect uncut); the models then apply what differs."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, nn.LayerNorm) or name == 'bias':
+                nn.init.constant_(p, float(isinstance(module, nn.LayerNorm) and name == 'weight'))
+                continue
+            std = cfg.pos_std if name in ('pos', 'pos_emb', 'pos_queries') else cfg.init_std or p[0].numel() ** -0.5
+            cut = 2 * std if cfg.init_std == 0 else 2
+            nn.init.trunc_normal_(p, std=std, a=-cut, b=cut)
 
 
 def finish(ids, probs, eos=0, pad=-1):
@@ -225,6 +231,8 @@ class TrOCR(Recognizer):
         self.layers = nn.ModuleList(TrOCRLayer(cfg) for _ in range(cfg.dec_depth))
         self.head = None if cfg.tie_head else nn.Linear(d, V - 2, bias=False)
         init_weights(self, cfg)
+        if cfg.init_std:   # transformers' TrOCR: the embedding of its padding token is zero
+            nn.init.zeros_(self.tok_emb.weight[self.pad])
 
     def decoder(self, tokens, mem_kv, start=0, caches=None):
         x = self.tok_emb(tokens) * (self.cfg.dec_width ** 0.5 if self.cfg.emb_scale else 1.0)
@@ -366,6 +374,11 @@ class PARSeq(Recognizer):
         self.norm = nn.LayerNorm(d, eps=cfg.dec_eps)
         self.head = nn.Linear(d, V - 2)
         init_weights(self, cfg)
+        if cfg.init_std:   # strhub: nn.MultiheadAttention's own init for the stacked q, k, v (Xavier-uniform over 3d x d)
+            for attn in [m for layer in self.layers for m in (layer.self_attn, layer.cross_attn)]:
+                nn.init.uniform_(attn.q.weight, -math.sqrt(1.5 / d), math.sqrt(1.5 / d))
+                nn.init.uniform_(attn.kv.weight, -math.sqrt(1.5 / d), math.sqrt(1.5 / d))
+            self.encoder.patch.reset_parameters()   # and PyTorch's default for the patch convolution
 
     def embed(self, tokens, start=0):
         """Context slots: slot 0 = sqrt(d)*emb([B]) without position, slot j>=1 = sqrt(d)*emb(tok) + pos_queries[j-1]."""

@@ -314,6 +314,29 @@ def test_beam_len_norm_matches_exhaustive_search():
         torch.testing.assert_close(conf, score.gather(1, best[:, None])[:, 0].exp(), check_dtype=False)
 
 
+def test_init_as_the_originals_and_the_cpu_ladder():
+    """Study sizes: std 0.02 uncut (timm, transformers, strhub); PARSeq's decoder q/kv Xavier-uniform over the stacked
+    3d x d in-projection and its patch convolution at PyTorch's default (kaiming-uniform, a = sqrt(5)), as strhub
+    leaves them; TrOCR's PAD embedding zero. Tiny sizes: std 1/sqrt(fan_in) and pos_std 0.5, cut at 2 std."""
+    torch.manual_seed(0)
+    p = dict(build_model(make_config('parseq', 'S', 97)).named_parameters())
+    for name in ('encoder.blocks.0.attn.qkv.weight', 'layers.0.mlp.0.weight', 'head.weight', 'text_emb.weight',
+                 'pos_queries', 'encoder.pos'):
+        assert abs(p[name].std().item() - 0.02) < 6e-4 and p[name].abs().max() > 0.08, name   # > 4 std: not cut at 2
+    bound = math.sqrt(6 / (384 + 3 * 384))
+    for name in ('layers.0.self_attn.q.weight', 'layers.0.cross_attn.kv.weight'):
+        assert bound * 0.99 < p[name].abs().max() <= bound and abs(p[name].std() - bound / math.sqrt(3)) < 1e-3
+    fan_in = 3 * 4 * 8
+    assert p['encoder.patch.weight'].abs().max() <= fan_in ** -0.5 and p['encoder.patch.bias'].abs().max() > 0
+    m = build_model(make_config('trocr', 'S', 97))
+    assert not m.tok_emb.weight[-1].any() and abs(m.tok_emb.weight[:-1].std().item() - 0.02) < 6e-4
+    t = dict(build_model(make_config('parseq', 'T7', 97)).named_parameters())
+    std = 128 ** -0.5 * 0.8796        # a normal cut at 2 std keeps 0.8796 of its std
+    assert abs(t['layers.0.mlp.0.weight'].std().item() - std) < 0.03 * std
+    assert t['layers.0.mlp.0.weight'].abs().max() <= 2 * 128 ** -0.5 and t['pos_queries'].abs().max() <= 1.0
+    assert not t['layers.0.mlp.0.bias'].any() and torch.equal(t['norm.weight'], torch.ones(128))
+
+
 @pytest.mark.parametrize('arch', ['trocr', 'parseq'])
 def test_count_params_matches_modules(arch):
     variants = [dict(size='T1'), dict(size='T4'), dict(size='T7'),
