@@ -60,7 +60,7 @@ class ModelConfig:
     init_std: float = 0.02        # init std of other weights; 0 = 1/sqrt(fan_in) (tiny widths learn far faster)
     perm_num: int = 6             # PARSeq: permutations per batch, mirrors included
     perm_mirrored: bool = True
-    # where the released TrOCR decoders differ (small: scaled embeddings, ReLU, untied head; base/large: the others)
+    # where the released TrOCR decoders differ from one another (trocr-small: scaled embeddings, ReLU)
     emb_scale: bool = False       # token embeddings times sqrt(dec_width)
     emb_norm: bool = True         # LayerNorm on the embeddings (after adding positions)
     dec_act: str = 'gelu'         # 'gelu' | 'relu' (decoder MLP; both archs)
