@@ -52,7 +52,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# The miniature study (design notes: 16x64 images, column patches, random 2-6 char strings over 36 chars).
+# The miniature study: 16x64 images of random 2-6 character strings over 36 characters.
 DEMO = dict(n_train=50_000, n_val=1_000, n_test=1_000,
             n_sizes=["T2", "T3", "T4", "T5", "T6"],      # N ladder, all on the full D
             n_train_samples=100_000,                      # samples seen by every N-ladder run
@@ -61,6 +61,13 @@ DEMO = dict(n_train=50_000, n_val=1_000, n_test=1_000,
 QUICK = dict(n_train=4_000, n_val=200, n_test=200, n_sizes=["T1", "T2", "T3"], n_train_samples=3_000,
              d_size="T2", d_values=[500, 1_000, 2_000], d_train_samples=3_000, seeds=[0],
              metric="loss")  # too short to leave the 100%-error plateau: fit val loss per character instead
+# The mix and pretraining findings. "Real" = data.py's 'varied' style with Pillow's built-in font (sizes, colours,
+# gradients, rotation, blur, noise: the same images on every machine), scarce, with its own test set; "synthetic" =
+# the demo's clean style, plentiful. Every run is tested on the real-style test set.
+STUDY = dict(size="T5", train_samples=100_000, n_real=3_000, n_real_val=1_000, n_real_test=1_000, n_shapes=20_000,
+             ratios=[1, 3, 10], seeds=[0, 1])
+QUICK_STUDY = dict(size="T2", train_samples=3_000, n_real=500, n_real_val=200, n_real_test=200, n_shapes=1_000,
+                   ratios=[1, 3, 10], seeds=[0])
 
 
 def render_split(out, n, style, seed, workers):
@@ -68,7 +75,7 @@ def render_split(out, n, style, seed, workers):
     rendered into a sibling OUT.partial folder and renamed when complete, so a killed render is redone, never half-used."""
     if os.path.exists(os.path.join(out, "index.json")):
         return
-    if os.path.isdir(out):  # no index.json: a half-written split (older versions rendered in place)
+    if os.path.isdir(out):  # no index.json: shards of an unfinished split are removed, other files refused
         if any(not f.endswith((".tar", ".tmp", ".idx")) for f in os.listdir(out)):
             raise UsageError(f"--data: {out} holds files but no index.json; move it away or choose another --data")
         shutil.rmtree(out)
@@ -82,30 +89,74 @@ def render_split(out, n, style, seed, workers):
     os.rename(partial, out)
 
 
-def render_sets(root, cfg, workers):
-    """Train/val/test shards of the clean synthetic style, each from its own seed."""
-    for split, n, seed in (("train", cfg["n_train"], 0), ("val", cfg["n_val"], 1), ("test", cfg["n_test"], 2)):
-        render_split(os.path.join(root, split), n, "clean", seed, workers)
+def render_shapes(out_dir, n, seed):
+    """The unrelated pretraining task (the miniature's ImageNet): 1-6 ellipses and boxes on a coloured 128x32
+    canvas, labelled with how many there are. A label over the same charset, so --init loads without remapping."""
+    rng = random.Random(seed)
+    writer = data.ShardWriter(out_dir, shard_size=n)
+    for i in range(n):
+        img = Image.new("RGB", (128, 32), tuple(rng.randint(0, 255) for _ in range(3)))
+        draw, count = ImageDraw.Draw(img), rng.randint(1, 6)
+        for j in range(count):  # one shape per column band, so shapes never merge and the count stays right
+            x0, y0 = j * 21 + rng.randint(0, 6), rng.randint(0, 14)
+            box = (x0, y0, x0 + rng.randint(8, 14), y0 + rng.randint(8, 17))
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape(box, fill=tuple(rng.randint(0, 255) for _ in range(3)))
+        buf = io.BytesIO()
+        img.save(buf, "PNG", compress_level=1)
+        writer.write(f"{i:09d}", buf.getvalue(), "png", str(count))
+    return data.write_index(out_dir, writer.close(), writer.charset, f"shapes seed={seed}", {})
 
 
-def demo_runs(args, cfg, data_root):
-    """The command line of every run of the study: (name, tag, argv)."""
-    common = ["--arch", args.arch, "--train", os.path.join(data_root, "train"), "--val", os.path.join(data_root, "val"),
-              "--test", f"synth={os.path.join(data_root, 'test')}", "--runs", args.out, "--threads", "1"]
+def render_sets(root, cfg, study_cfg, workers):
+    """The clean synthetic train/val/test sets and, with study_cfg, the real-style sets and the shapes task."""
+    splits = [("train", cfg["n_train"], "clean", 0), ("val", cfg["n_val"], "clean", 1), ("test", cfg["n_test"], "clean", 2)]
+    if study_cfg:
+        splits += [("real-train", study_cfg["n_real"], "varied", 10), ("real-val", study_cfg["n_real_val"], "varied", 11),
+                   ("real-test", study_cfg["n_real_test"], "varied", 12),
+                   ("shapes-train", study_cfg["n_shapes"], "shapes", 20), ("shapes-val", study_cfg["n_real_val"], "shapes", 21)]
+    for name, n, style, seed in splits:
+        render_split(os.path.join(root, name), n, style, seed, workers)
+
+
+def with_common(runs, common, out):
+    """Each (name, tag, argv) with the arguments all its runs share; every run trains in OUT/NAME on one thread."""
+    return [(name, tag, common + argv + ["--runs", out, "--threads", "1", "--name", name, "--tag", tag])
+            for name, tag, argv in runs]
+
+
+def demo_runs(arch, out, cfg, data_root):
+    """(name, tag, argv) of every run of the N and D ladders."""
     runs = []
     for seed in cfg["seeds"]:
-        for size in cfg["n_sizes"]:
-            runs.append((f"{args.arch}-N-{size}-s{seed}", "N", ["--size", size, "--seed", str(seed),
-                         "--train-samples", str(cfg["n_train_samples"])]))
-        for d in cfg["d_values"]:
-            runs.append((f"{args.arch}-D-{d}-s{seed}", "D", ["--size", cfg["d_size"], "--seed", str(seed), "--samples", str(d),
-                         "--train-samples", str(cfg["d_train_samples"])]))
-    return [(name, tag, common + argv + ["--name", name, "--tag", tag]) for name, tag, argv in runs]
+        runs += [(f"{arch}-N-{size}-s{seed}", "N", ["--size", size, "--seed", str(seed),
+                  "--train-samples", str(cfg["n_train_samples"])]) for size in cfg["n_sizes"]]
+        runs += [(f"{arch}-D-{d}-s{seed}", "D", ["--size", cfg["d_size"], "--seed", str(seed), "--samples", str(d),
+                  "--train-samples", str(cfg["d_train_samples"])]) for d in cfg["d_values"]]
+    path = functools.partial(os.path.join, data_root)
+    return with_common(runs, ["--arch", arch, "--train", path("train"), "--val", path("val"),
+                              "--test", f"synth={path('test')}"], out)
 
 
-def lock_folders(stack, folders):
-    """Lock each distinct folder for the life of `stack`; the lock files' descriptors, for the runs to inherit."""
-    return tuple(stack.enter_context(lock_folder(f)).fileno() for f in dict.fromkeys(map(os.path.realpath, folders)))
+def study_runs(arch, out, cfg, data_root, studies):
+    """(name, tag, argv) of the runs `studies` ('mix', 'pretrain') need, in two phases: the fine-tuning runs,
+    which start from a pretraining run's checkpoint, come second. The synthetic-only arm is that pretraining run."""
+    path = functools.partial(os.path.join, data_root)
+    real = ["--train", path("real-train"), "--val", path("real-val")]
+    arms = [("real", real, {"mix", "pretrain"}), ("synth", ["--train", path("train"), "--val", path("val")], {"mix", "pretrain"})]
+    arms += [(f"mix{r}", ["--train", f"{path('train')}:{r}", "--train", f"{path('real-train')}:1", "--val", path("real-val")],
+              {"mix"}) for r in cfg["ratios"]]  # weights: the share of samples drawn from each set
+    arms.append(("shapes", ["--train", path("shapes-train"), "--val", path("shapes-val")], {"pretrain"}))
+    first, second = [], []
+    for seed in cfg["seeds"]:
+        first += [(f"{arch}-{arm}-s{seed}", arm, argv + ["--seed", str(seed)]) for arm, argv, used in arms
+                  if used & set(studies)]
+        if "pretrain" in studies:
+            second += [(f"{arch}-ft-{pre}-s{seed}", f"ft-{pre}", real + ["--seed", str(seed), "--init",
+                        os.path.join(out, f"{arch}-{pre}-s{seed}", "best.pt")]) for pre in ("synth", "shapes")]
+    common = ["--arch", arch, "--size", cfg["size"], "--train-samples", str(cfg["train_samples"]),
+              "--test", f"real={path('real-test')}"]
+    return [with_common(phase, common, out) for phase in (first, second)]
 
 
 def lock_folder(folder):
@@ -155,6 +206,83 @@ def run_all(runs, jobs, keep_fds=()):
     return [name for name, _, _ in runs if name in failed]
 
 
+def cmd_demo(args):
+    """Train the runs of --study (n: the N and D ladders; mix; pretrain; all: each), then write OUT/REPORT.md: a
+    sentence per finding, then a section per study. With all, the ladders train in OUT/laws and the other runs in
+    OUT/studies (fit.py reads every run under a folder). Returns 1 when a run failed or was skipped, else 0."""
+    seeds = {"seeds": args.seeds} if args.seeds else {}
+    laws_cfg, cfg = dict(QUICK if args.quick else DEMO, **seeds), dict(QUICK_STUDY if args.quick else STUDY, **seeds)
+    studies = ["n", "mix", "pretrain"] if args.study == "all" else [args.study]
+    laws_out, study_out = ((os.path.join(args.out, "laws"), os.path.join(args.out, "studies")) if args.study == "all"
+                           else (args.out, args.out))
+    laws_runs = demo_runs(args.arch, laws_out, laws_cfg, args.data) if "n" in studies else []
+    first, second = study_runs(args.arch, study_out, cfg, args.data, studies)
+    t0, failed = time.time(), []
+    with contextlib.ExitStack() as stack:
+        lock_fds = tuple(stack.enter_context(lock_folder(f)).fileno()  # inherited by the runs
+                         for f in dict.fromkeys(map(os.path.realpath, [args.out, args.data])))
+        render_sets(args.data, laws_cfg, None if studies == ["n"] else cfg, args.jobs)
+        for phase in (laws_runs + first, second):
+            skipped = [name for name, _, argv in phase if "--init" in argv and not os.path.exists(  # unfinished pretraining
+                os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json"))]
+            if skipped:
+                print(f"skipping {', '.join(skipped)}: their pretraining did not finish", flush=True)
+            ready = [run for run in phase if run[0] not in skipped]
+            if ready:
+                print(f"training {len(ready)} runs ({args.jobs} at a time) into {args.out}", flush=True)
+                failed += run_all(ready, args.jobs, lock_fds)
+            failed += skipped
+    sections = []
+    if "n" in studies:
+        sections.append(laws_section(args.arch, laws_out, laws_cfg, laws_runs, args.out))
+    if "mix" in studies:
+        sections.append(mix_section(args.arch, study_out, cfg, args.out))
+    if "pretrain" in studies:
+        sections.append(pretrain_section(args.arch, study_out, cfg))
+    findings = [finding for _, found in sections for finding in found]
+    report = os.path.join(args.out, "REPORT.md")
+    with open(report, "w") as f:
+        f.write(f"# The OCR scaling study's findings in miniature ({args.arch}, {time.time() - t0:.0f}s; runs finished "
+                "by an earlier call are not retrained)\n\n"
+                + ("--quick: runs far too short to show the findings; a smoke test of the pipeline.\n\n" if args.quick else "")
+                + "".join(f"- {finding}\n" for finding in findings)
+                + (f"\n**Failed runs** (re-run the same command to resume them): {', '.join(failed)}\n" if failed else "")
+                + "\n" + "\n".join(text for text, _ in sections))
+    print("\n".join(findings) + f"\nwrote {report} ({time.time() - t0:.0f}s in all)")
+    return 1 if failed else 0
+
+
+def laws_section(arch, out, cfg, runs, root):
+    """(markdown: the ladders' tables, the laws fitted on exactly their runs, plots linked from `root`; findings)."""
+    text = [f"## The N, D and C laws\n\nSynthetic 36-char word images (16x64), {cfg['n_train']:,} train / "
+            f"{cfg['n_val']:,} val / {cfg['n_test']:,} test. N ladder: sizes {', '.join(cfg['n_sizes'])} at "
+            f"{cfg['n_train_samples']:,} samples each; D ladder: size {cfg['d_size']} on the first "
+            f"{', '.join(f'{d:,}' for d in cfg['d_values'])} images, {cfg['d_train_samples']:,} samples each. "
+            f"Seeds: {', '.join(map(str, cfg['seeds']))}.\n"]
+    folders = {}
+    for axis in ("N", "D"):
+        names = [name for name, tag, _ in runs if tag == axis]
+        text.append(ladder_table(out, names, axis))
+        folders[axis] = [os.path.join(out, n) for n in names if os.path.isdir(os.path.join(out, n))]
+    # E(N) on the N ladder, E(D) on the D ladder, E(C) and the joint law on both: never other runs in `out`.
+    metric, ladders = cfg["metric"], {axis: fit.load_runs(folders[axis]) for axis in folders}
+    result = fit.fit_all(ladders["N"] + ladders["D"], metric=metric)
+    for axis in ("N", "D"):
+        result[axis] = fit.fit_all(ladders[axis], metric=metric)[axis]
+    target = "word error as a fraction" if metric == "error" else "val loss per character"
+    commands = "\n".join(f"python fit.py {' '.join(paths)} --metric {metric}    # {axis}"
+                         for axis, paths in (("N", folders["N"]), ("D", folders["D"]),
+                                             ("C and joint", folders["N"] + folders["D"])))
+    text.append(f"### Fitted laws\n\nE = (X_c / X)^alpha with E the {target}, fitted on exactly the runs in the tables "
+                f"above (N on the N ladder, D on the D ladder, C and the joint law on both). Reproduce with:\n\n"
+                f"```\n{commands}\n```\n\n```\n{fit.format_table(result)}\n```\n")
+    try:
+        text += [f"![{os.path.basename(p)}]({os.path.relpath(p, root)})\n" for p in fit.plot_all(result, out)]
+    except ImportError as e:
+        text.append(f"(no plots: {e})\n")
+    return "\n".join(text), laws_findings(result, metric)
+
+
 def ladder_table(runs_dir, names, axis):
     rows = [f"| run | N (params) | D (unique images) | samples seen | val word error % | test word error % | train s |",
             "|---|---|---|---|---|---|---|"]
@@ -170,116 +298,21 @@ def ladder_table(runs_dir, names, axis):
     return f"### {axis} ladder\n\n" + "\n".join(rows) + "\n"
 
 
-def cmd_demo(args):
-    """The N/D/C study: (names of the failed runs, fit.fit_all's result that REPORT.md shows)."""
-    cfg = dict(QUICK if args.quick else DEMO, **({"seeds": args.seeds} if args.seeds else {}))
-    t0 = time.time()
-    with contextlib.ExitStack() as stack:
-        lock_fds = lock_folders(stack, [args.out, args.data])
-        render_sets(args.data, cfg, args.jobs)
-        runs = demo_runs(args, cfg, args.data)
-        print(f"training {len(runs)} runs ({args.jobs} at a time) into {args.out}", flush=True)
-        failed = run_all(runs, args.jobs, lock_fds)
-        return failed, write_report(args, cfg, runs, failed, time.time() - t0)
-
-
-def write_report(args, cfg, runs, failed, seconds):
-    """REPORT.md: the two ladders' tables and the laws fitted on exactly the run folders those tables list."""
-    lines = [f"# Miniature OCR scaling study ({args.arch})\n",
-             f"Synthetic 36-char word images (16x64), {cfg['n_train']:,} train / {cfg['n_val']:,} val / "
-             f"{cfg['n_test']:,} test. N ladder: sizes {', '.join(cfg['n_sizes'])} at {cfg['n_train_samples']:,} "
-             f"samples each; D ladder: size {cfg['d_size']} on the first "
-             f"{', '.join(f'{d:,}' for d in cfg['d_values'])} images, "
-             f"{cfg['d_train_samples']:,} samples each. Seeds: {', '.join(map(str, cfg['seeds']))}. This call took "
-             f"{seconds:.0f}s (runs finished by an earlier call are not retrained).\n"]
-    folders = {}
-    for axis in ("N", "D"):
-        names = [name for name, tag, _ in runs if tag == axis]
-        lines.append(ladder_table(args.out, names, axis))
-        folders[axis] = [os.path.join(args.out, n) for n in names if os.path.isdir(os.path.join(args.out, n))]
-    if failed:
-        lines.append(f"**Failed runs** (re-run the same command to resume them): {', '.join(failed)}\n")
-    # E(N) on the N ladder, E(D) on the D ladder, E(C) and the joint law on both: never other runs in --out.
-    metric, ladders = cfg["metric"], {axis: fit.load_runs(folders[axis]) for axis in folders}
-    result = fit.fit_all(ladders["N"] + ladders["D"], metric=metric)
-    for axis in ("N", "D"):
-        result[axis] = fit.fit_all(ladders[axis], metric=metric)[axis]
-    table = fit.format_table(result)
-    target = "word error as a fraction" if metric == "error" else "val loss per character"
-    commands = "\n".join(f"python fit.py {' '.join(paths)} --metric {metric}    # {axis}"
-                         for axis, paths in (("N", folders["N"]), ("D", folders["D"]),
-                                             ("C and joint", folders["N"] + folders["D"])))
-    lines.append(f"## Fitted laws\n\nE = (X_c / X)^alpha with E the {target}, fitted on exactly the runs in the tables "
-                 f"above (N on the N ladder, D on the D ladder, C and the joint law on both). Reproduce with:\n\n"
-                 f"```\n{commands}\n```\n\n```\n{table}\n```\n")
-    try:
-        plots = fit.plot_all(result, args.out)
-        lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, args.out)})\n" for p in plots]
-    except ImportError as e:
-        lines.append(f"(no plots: {e})\n")
-    report = os.path.join(args.out, "REPORT.md")
-    with open(report, "w") as f:
-        f.write("\n".join(lines))
-    print(f"\n{table}\nwrote {report}")
-    return result
-
-
-# The mix and pretraining findings in miniature. "Real" = data.py's 'varied' style with Pillow's built-in font (sizes,
-# colours, gradients, rotation, blur, noise; no system fonts, so the same images on every machine), scarce, with
-# its own test set; "synthetic" = the demo's clean style, plentiful. Every run is tested on the real-style test set.
-STUDY = dict(size="T5", train_samples=100_000, n_real=3_000, n_real_val=1_000, n_real_test=1_000, n_shapes=20_000,
-             ratios=[1, 3, 10], seeds=[0, 1])
-QUICK_STUDY = dict(size="T2", train_samples=3_000, n_real=500, n_real_val=200, n_real_test=200, n_shapes=1_000,
-                   ratios=[1, 3, 10], seeds=[0])
-
-
-def render_shapes(out_dir, n, seed):
-    """The unrelated pretraining task (the miniature's ImageNet): 1-6 ellipses and boxes on a coloured 128x32
-    canvas, labelled with how many there are. A label over the same charset, so --init loads without remapping."""
-    rng = random.Random(seed)
-    writer = data.ShardWriter(out_dir, shard_size=n)
-    for i in range(n):
-        img = Image.new("RGB", (128, 32), tuple(rng.randint(0, 255) for _ in range(3)))
-        draw, count = ImageDraw.Draw(img), rng.randint(1, 6)
-        for j in range(count):  # one shape per column band, so shapes never merge and the count stays right
-            x0, y0 = j * 21 + rng.randint(0, 6), rng.randint(0, 14)
-            box = (x0, y0, x0 + rng.randint(8, 14), y0 + rng.randint(8, 17))
-            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-            shape(box, fill=tuple(rng.randint(0, 255) for _ in range(3)))
-        buf = io.BytesIO()
-        img.save(buf, "PNG", compress_level=1)
-        writer.write(f"{i:09d}", buf.getvalue(), "png", str(count))
-    return data.write_index(out_dir, writer.close(), writer.charset, f"shapes seed={seed}", {})
-
-
-def render_study_sets(root, cfg, workers):
-    """The real-style train/val/test sets and the shapes task, each from its own seed."""
-    for name, n, seed in (("real-train", cfg["n_real"], 10), ("real-val", cfg["n_real_val"], 11),
-                          ("real-test", cfg["n_real_test"], 12), ("shapes-train", cfg["n_shapes"], 20),
-                          ("shapes-val", cfg["n_real_val"], 21)):
-        render_split(os.path.join(root, name), n, "shapes" if name.startswith("shapes") else "varied", seed, workers)
-
-
-def study_runs(args, cfg, data_root, studies):
-    """(name, tag, argv) of the runs `studies` ('mix', 'pretrain') need, in two phases: the fine-tuning runs,
-    which start from a pretraining run's checkpoint, come second. The synthetic-only arm is that pretraining run."""
-    path = lambda name: os.path.join(data_root, name)
-    real = ["--train", path("real-train"), "--val", path("real-val")]
-    arms = [("real", real, {"mix", "pretrain"}), ("synth", ["--train", path("train"), "--val", path("val")], {"mix", "pretrain"})]
-    arms += [(f"mix{r}", ["--train", f"{path('train')}:{r}", "--train", f"{path('real-train')}:1", "--val", path("real-val")],
-              {"mix"}) for r in cfg["ratios"]]  # weights: the share of samples drawn from each set
-    arms.append(("shapes", ["--train", path("shapes-train"), "--val", path("shapes-val")], {"pretrain"}))
-    first, second = [], []
-    for seed in cfg["seeds"]:
-        first += [(f"{args.arch}-{arm}-s{seed}", arm, argv + ["--seed", str(seed)]) for arm, argv, used in arms
-                  if used & set(studies)]
-        if "pretrain" in studies:
-            second += [(f"{args.arch}-ft-{pre}-s{seed}", f"ft-{pre}", real + ["--seed", str(seed), "--init",
-                        os.path.join(args.out, f"{args.arch}-{pre}-s{seed}", "best.pt")]) for pre in ("synth", "shapes")]
-    common = ["--arch", args.arch, "--size", cfg["size"], "--train-samples", str(cfg["train_samples"]),
-              "--test", f"real={path('real-test')}", "--runs", args.out, "--threads", "1"]
-    return [[(name, tag, common + argv + ["--name", name, "--tag", tag]) for name, tag, argv in phase]
-            for phase in (first, second)]
+def laws_findings(result, metric):
+    """One sentence each on the N and D laws, from the fit the report shows."""
+    out = []
+    for axis, what, study in (("N", "model size N", "0.223 for TrOCR, 0.018 for PARSeq"),
+                              ("D", "training images D", "0.327 for TrOCR")):
+        r = result[axis]
+        if "error" in r:
+            out.append(f"The {axis} law: not fitted ({r['error']}).")
+            continue
+        verdict = "reproduced" if r["alpha"] > 0 else "did not reproduce"
+        target = "word error" if metric == "error" else "val loss per character"
+        out.append(f"The {axis} law: the miniature {verdict} the study's direction: {target} "
+                   f"{'falls' if r['alpha'] > 0 else 'does not fall'} with {what}: power-law alpha {r['alpha']:.3f} "
+                   f"(R² {'undefined: flat or non-monotone' if r['r2'] is None else format(r['r2'], '.3f')}; the study: {study}).")
+    return out
 
 
 def arm_result(runs_dir, arch, arm, cfg):
@@ -303,20 +336,20 @@ def than(x, y):
     return f"{abs(x - y):.1f} points {'better' if x < y else 'worse'} than" if round(x, 1) != round(y, 1) else "level with"
 
 
-def mix_section(args, cfg):
-    """(markdown with the table and plot, one sentence on whether the study's mix finding reproduced)."""
+def mix_section(arch, out, cfg, root):
+    """(markdown: the table, the plot linked from `root`; [whether the study's mix finding reproduced])."""
     arms = [("real", "0 (real only)", 0)] + [(f"mix{r}", f"{r}:1", r) for r in cfg["ratios"]] + [("synth", "synthetic only", None)]
     rows = ["| synthetic:real | word error % per seed | mean % |", "|---|---|---|"]
     means, per_seed = {}, {}
     for arm, label, ratio in arms:
-        per_seed[ratio], means[ratio], cells = arm_result(args.out, args.arch, arm, cfg)
+        per_seed[ratio], means[ratio], cells = arm_result(out, arch, arm, cfg)
         rows.append(f"| {label} | {cells} |")
-    text = (f"## The synthetic:real mix\n\n{args.arch}-{cfg['size']}, {cfg['train_samples']:,} samples per run, drawn from "
+    text = (f"## The synthetic:real mix\n\n{arch}-{cfg['size']}, {cfg['train_samples']:,} samples per run, drawn from "
             f"{cfg['n_real']:,} real-style training images and the synthetic set at each ratio; word error "
             f"on {cfg['n_real_test']:,} real-style test images; seeds {cfg['seeds']}.\n\n" + "\n".join(rows) + "\n")
     mixed = {r: m for r, m in means.items() if r and m is not None}  # not 0 (real only), not None (synthetic only)
     if not mixed or means[0] is None or means[None] is None:
-        return text, "The synthetic:real mix: runs unfinished, no verdict."
+        return text, ["The synthetic:real mix: runs unfinished, no verdict."]
     best, alone = min(mixed, key=mixed.get), min(means[0], means[None])
     finding = (f"The synthetic:real mix: the miniature {'reproduced' if mixed[best] < alone else 'did not reproduce'} "
                f"the study's direction: the best mix ({best}:1; the study's best is about 3:1) has {mixed[best]:.1f}% "
@@ -330,23 +363,19 @@ def mix_section(args, cfg):
     if mixed[most] > mixed[best]:  # the study: more synthetic than about 3:1 hurts
         finding += (f"; the most synthetic mix ({most}:1, {mixed[most]:.1f}%) is {mixed[most] - mixed[best]:.1f} "
                     f"points worse than the best, as in the study")
-    finding += "."
     try:
-        plot_mix(args.out, means, per_seed, sorted(mixed))
-        text += "\n![mix](mix.png)\n"
+        text += f"\n![mix]({os.path.relpath(plot_mix(out, means, per_seed, sorted(mixed)), root)})\n"
     except ImportError as e:
         text += f"\n(no plot: {e})\n"
-    return text, finding
+    return text, [finding + "."]
 
 
 def plot_mix(out_dir, means, per_seed, ratios):
-    """Test error against the synthetic:real ratio on a log axis (mean line, a dot per seed); the single sources
-    as horizontal lines."""
+    """OUT_DIR/mix.png: test error against the synthetic:real ratio (a dot per seed), the single sources as lines."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
     except ImportError as e:
         raise ImportError("plots need matplotlib: pip install matplotlib") from e
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -356,12 +385,10 @@ def plot_mix(out_dir, means, per_seed, ratios):
     ax.axhline(means[0], color="C1", ls="--", label="real only")
     ax.axhline(means[None], color="C2", ls=":", label="synthetic only")
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(FixedLocator(ratios))
-    ax.xaxis.set_major_formatter(FixedFormatter([f"{r}:1" for r in ratios]))
-    ax.xaxis.set_minor_locator(NullLocator())  # no minor tick labels to overlap
+    ax.set_xticks(ratios, [f"{r}:1" for r in ratios])
+    ax.minorticks_off()  # no minor tick labels to overlap
     ax.set_xlim(min(ratios) / 1.6, max(ratios) * 1.6)
-    ax.set_xlabel("synthetic : real images sampled")
-    ax.set_ylabel("word error on the real-style test set (%)")
+    ax.set(xlabel="synthetic : real images sampled", ylabel="word error on the real-style test set (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, "mix.png")
@@ -370,8 +397,8 @@ def plot_mix(out_dir, means, per_seed, ratios):
     return path
 
 
-def pretrain_section(args, cfg):
-    """(markdown with the table, one sentence on whether the study's pretraining finding reproduced)."""
+def pretrain_section(arch, out, cfg):
+    """(markdown: the table; [whether the study's pretraining finding reproduced])."""
     arms = [("real", "from scratch", "none", "real-style"), ("ft-synth", "synthetic, then real", "synthetic", "real-style"),
             ("ft-shapes", "unrelated, then real", "counting shapes", "real-style"),
             ("synth", "synthetic, not fine-tuned", "synthetic", "none"),
@@ -379,98 +406,34 @@ def pretrain_section(args, cfg):
     rows = ["| arm | pretraining | fine-tuning | word error % per seed | mean % |", "|---|---|---|---|---|"]
     means = {}
     for arm, label, pre, ft in arms:
-        _, means[arm], cells = arm_result(args.out, args.arch, arm, cfg)
+        _, means[arm], cells = arm_result(out, arch, arm, cfg)
         rows.append(f"| {label} | {pre} | {ft} | {cells} |")
     n = f"{cfg['train_samples']:,}"
-    text = (f"## Pretraining, then fine-tuning on real\n\n{args.arch}-{cfg['size']}: {n} samples on the synthetic set "
+    text = (f"## Pretraining, then fine-tuning on real\n\n{arch}-{cfg['size']}: {n} samples on the synthetic set "
             f"or on an unrelated task (counting 1-6 coloured shapes), then {n} samples on the {cfg['n_real']:,} "
             f"real-style images from that checkpoint (`train.py --init`); from scratch = the same {n} samples on real "
             f"only. The last two rows are the pretrained checkpoints before fine-tuning. Word "
             f"error on the real-style test set; seeds {cfg['seeds']}.\n\n" + "\n".join(rows) + "\n")
     scratch, task, other = means["real"], means["ft-synth"], means["ft-shapes"]
     if None in (scratch, task, other):
-        return text, "Pretraining: runs unfinished, no verdict."
-    finding = (f"Pretraining: the miniature {'reproduced' if task < min(scratch, other) else 'did not reproduce'} the "
-               f"study's direction: synthetic pretraining then fine-tuning gives {task:.1f}% word error, "
-               f"{than(task, scratch)} from scratch ({scratch:.1f}%) and {than(task, other)} after the unrelated "
-               f"pretraining ({other:.1f}%), which itself is {than(other, scratch)} from scratch (the study found "
-               f"unrelated ImageNet pretraining worse than scratch).")
-    return text, finding
-
-
-def laws_findings(result, metric):
-    """One sentence each on the N and D laws of a finished demo, from the fit its REPORT.md shows."""
-    out = []
-    for axis, what, study in (("N", "model size N", "0.223 for TrOCR, 0.018 for PARSeq"),
-                              ("D", "training images D", "0.327 for TrOCR")):
-        r = result[axis]
-        if "error" in r:
-            out.append(f"The {axis} law: not fitted ({r['error']}).")
-            continue
-        verdict = "reproduced" if r["alpha"] > 0 else "did not reproduce"
-        target = "word error" if metric == "error" else "val loss per character"
-        out.append(f"The {axis} law: the miniature {verdict} the study's direction: {target} "
-                   f"{'falls' if r['alpha'] > 0 else 'does not fall'} with {what}: power-law alpha {r['alpha']:.3f} "
-                   f"(R² {'undefined: flat or non-monotone' if r['r2'] is None else format(r['r2'], '.3f')}; the study: {study}).")
-    return out
-
-
-def cmd_study(args):
-    """demo --study mix|pretrain|all: train the study's runs, write OUT/REPORT.md with a section per finding."""
-    cfg = dict(QUICK_STUDY if args.quick else STUDY, **({"seeds": args.seeds} if args.seeds else {}))
-    t0 = time.time()
-    root, data_root = args.out, args.data
-    sections, findings, failed, studies = [], [], 0, [args.study]
-    if args.study == "all":  # the N/D/C demo in its own folder: fit.py reads every run under a folder
-        laws = argparse.Namespace(**vars(args))
-        laws.out = os.path.join(root, "laws")
-        laws_failed, laws_result = cmd_demo(laws)
-        failed += len(laws_failed)
-        with open(os.path.join(laws.out, "REPORT.md")) as f:
-            demo_report = f.read().split("\n", 1)[1]  # without its title; its headings one level down
-            sections.append("## The N, D and C laws\n" + demo_report.replace("\n## ", "\n### ").replace("](", "](laws/"))
-        findings += laws_findings(laws_result, (QUICK if args.quick else DEMO)["metric"])
-        studies, args.out = ["mix", "pretrain"], os.path.join(root, "studies")
-    with contextlib.ExitStack() as stack:  # the laws' demo has released its locks: take ours
-        lock_fds = lock_folders(stack, [root, data_root])
-        render_sets(data_root, QUICK if args.quick else DEMO, args.jobs)  # the synthetic sets, shared with the demo
-        render_study_sets(data_root, cfg, args.jobs)
-        pretrained = lambda argv: os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json")
-        for phase in study_runs(args, cfg, data_root, studies):
-            ready = [run for run in phase if "--init" not in run[2] or os.path.exists(pretrained(run[2]))]
-            if len(ready) < len(phase):
-                print(f"skipping {len(phase) - len(ready)} fine-tuning run(s): their pretraining did not finish", flush=True)
-            if ready:
-                print(f"training {len(ready)} runs ({args.jobs} at a time) into {args.out}", flush=True)
-                failed += len(run_all(ready, args.jobs, lock_fds))
-            failed += len(phase) - len(ready)
-    for study, section in (("mix", mix_section), ("pretrain", pretrain_section)):
-        if study in studies:
-            text, finding = section(args, cfg)
-            sections.append(text.replace("](mix.png)", f"]({os.path.relpath(os.path.join(args.out, 'mix.png'), root)})"))
-            findings.append(finding)
-    report = os.path.join(root, "REPORT.md")
-    with open(report, "w") as f:
-        f.write(f"# The OCR scaling study's findings in miniature ({args.arch}, {time.time() - t0:.0f}s)\n\n"
-                + ("--quick: runs far too short to show the findings; a smoke test of the pipeline.\n\n" if args.quick else "")
-                + "".join(f"- {s}\n" for s in findings) + "\n" + "\n".join(sections))
-    print("\n".join(findings) + f"\nwrote {report} ({time.time() - t0:.0f}s in all)")
-    return 1 if failed else 0
+        return text, ["Pretraining: runs unfinished, no verdict."]
+    return text, [f"Pretraining: the miniature {'reproduced' if task < min(scratch, other) else 'did not reproduce'} "
+                  f"the study's direction: synthetic pretraining then fine-tuning gives {task:.1f}% word error, "
+                  f"{than(task, scratch)} from scratch ({scratch:.1f}%) and {than(task, other)} after the unrelated "
+                  f"pretraining ({other:.1f}%), which itself is {than(other, scratch)} from scratch (the study found "
+                  f"unrelated ImageNet pretraining worse than scratch)."]
 
 
 def count_list(text):
     """'300k,1M,2.5e6' -> [300_000, 1_000_000, 2_500_000]."""
-    counts = []
-    for item in text.split(","):
-        scale = {"k": 1e3, "m": 1e6, "b": 1e9}.get(item[-1:].lower(), 1)
-        try:
-            value = float(item[:-1] if scale != 1 else item) * scale
-        except ValueError:
-            value = 0.0
-        if not 1 <= value < 1e15:  # also refuses nan and inf
-            raise argparse.ArgumentTypeError(f"{text!r}: give positive counts separated by commas, e.g. 300k,1M,2.5e6")
-        counts.append(int(value))
-    return counts
+    scales = {"k": 1e3, "m": 1e6, "b": 1e9}
+    try:
+        counts = [float(c[:-1]) * scales[c[-1].lower()] if c[-1:].lower() in scales else float(c) for c in text.split(",")]
+    except ValueError:
+        counts = [0]
+    if not all(1 <= c < 1e15 for c in counts):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive counts separated by commas, e.g. 300k,1M,2.5e6")
+    return [int(c) for c in counts]
 
 
 def size_list(text):
@@ -585,7 +548,8 @@ def cmd_sweep(args):
 
 
 def load_checkpoint(path):
-    """(model in eval mode, tokenizer) from a checkpoint as the seams define it; weights_only: never runs its code."""
+    """(model in eval mode, tokenizer) from a checkpoint's model, model_config and tokenizer entries; loaded with
+    weights_only, so a file never runs code."""
     if not os.path.isfile(path):
         raise UsageError(f"argument --ckpt: {path}: no such file (give a run's best.pt, e.g. "
                          f"runs/demo/parseq-N-T6-s0/best.pt)")
@@ -622,11 +586,9 @@ def decode_options(arch, beam, refine_iters, len_norm, ckpt_path):
 
 @torch.no_grad()
 def cmd_eval(args):
-    """Score a checkpoint on test sets with train.py's evaluate (the same streams, decoding and scoring as at the end
-    of a run), with mean confidence and label length; the size-weighted average over the sets."""
+    """Score a checkpoint on test sets as train.py scores a run at its end; the size-weighted average over the sets."""
     net, tok = load_checkpoint(args.ckpt)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     net.to(device)
     options = decode_options(net.cfg.arch, args.beam, args.refine_iters, args.beam_len_norm, args.ckpt)
     sets = dict(spec.partition("=")[::2] for spec in args.test)
@@ -685,9 +647,8 @@ def collect_images(paths, encoding="utf-8"):
 
 @torch.no_grad()
 def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None, batch=64, max_len=None):
-    """([(path, text, confidence)] of the readable images, the checkpoint's tokenizer), read with the checkpoint's
-    own model in batches, decoding at most max_len tokens (default: the tokenizer's max_len). An unreadable file is
-    reported in one line on stderr and left out. beam and len_norm apply to TrOCR, refine_iters to PARSeq."""
+    """([(path, text, confidence)] of the readable images, the checkpoint's tokenizer), decoding at most max_len
+    tokens (default: the tokenizer's). An unreadable file is reported in one line on stderr and left out."""
     net, tok = load_checkpoint(ckpt_path)
     options = decode_options(net.cfg.arch, beam, refine_iters, len_norm, ckpt_path)
     results = []
@@ -738,10 +699,9 @@ def main(argv=None):
     d = sub.add_parser("demo", help="the miniature scaling study on synthetic data (CPU, minutes)")
     d.add_argument("--arch", choices=["parseq", "trocr"], default="parseq")
     d.add_argument("--quick", action="store_true", help="tiny ladder and data (about a minute), for a smoke test")
-    d.add_argument("--out", default=None, help="run folder root (default runs/demo[-trocr][-quick])")
+    d.add_argument("--out", default=None, help="run folder root (default runs/demo[-STUDY][-trocr][-quick])")
     d.add_argument("--data", default=None, help="where the rendered shards go (default data/demo[-quick])")
-    d.add_argument("--seeds", type=seed_list, default=None,
-                   help="e.g. 0,1,2: several seeds per point; fit.py fits the median per size")
+    d.add_argument("--seeds", type=seed_list, default=None, help="e.g. 0,1,2: fit.py fits the median per size")
     d.add_argument("--jobs", type=at_least_one, default=max(1, min(2, os.cpu_count() or 1)),
                    help="runs trained at once, one thread each (default: 2, or 1 on a 1-core machine)")
     d.add_argument("--study", choices=["n", "mix", "pretrain", "all"], default="n",
@@ -754,20 +714,17 @@ def main(argv=None):
                    help="passes over D per run (PARSeq's recipe: 20)")
     s.add_argument("--gpus", type=at_least_one, default=8, help="GPUs per node")
     s.add_argument("--nodes", type=at_least_one, default=1)
-    s.add_argument("--charset", default="94", help="as train.py's: 36, 94, the characters or @FILE (N and the commands)")
+    s.add_argument("--charset", default="94", help="as train.py's: 36, 94, the characters or @FILE")
     s.add_argument("--gpu", choices=sorted(train.PEAK_FLOPS), default="H100", help="for the bf16 peak FLOP/s")
-    s.add_argument("--mfu", type=functools.partial(bounded, float, 0.01, 1), default=0.4,
-                   help="assumed model FLOPs utilisation")
+    s.add_argument("--mfu", type=functools.partial(bounded, float, 0.01, 1), default=0.4, help="assumed MFU")
     s.add_argument("--train", action="append", default=None, help="training shards DIR[:WEIGHT] for the commands")
     s.add_argument("--val", default="data/val", help="validation shards for the commands")
     s.add_argument("--test", action="append", default=[], metavar="NAME=DIR",
-                   help="test sets for the commands (the six benchmarks: IC13=DIR, IIIT5k=DIR, ...); the fit "
-                        "uses their size-weighted average")
+                   help="test sets for the commands; the fit uses their size-weighted average")
     s.add_argument("--out", default=None, help="write the commands as a shell script")
     e = sub.add_parser("eval", help="score a checkpoint on test sets (word accuracy, 1-NED, confidence), no training")
     e.add_argument("--test", action="append", default=[], metavar="NAME=DIR", help="a test set (shard folder or URL)")
-    e.add_argument("--benchmarks", metavar="DIR", help="a folder of the six benchmarks as PARSeq names them "
-                   "(IC13_857, IIIT5k, SVT, CUTE80, IC15_1811, SVTP) and Union14M-Benchmark's subsets, where present")
+    e.add_argument("--benchmarks", metavar="DIR", help="a folder holding some of: " + ", ".join(BENCHMARKS))
     e.add_argument("--cased", action="store_true", help="the study's setting, case kept (PARSeq's test.py --cased)")
     e.add_argument("--punctuation", action="store_true", help="the study's setting, punctuation kept")
     e.add_argument("--batch", type=at_least_one, default=256, help="images per batch")
@@ -776,12 +733,10 @@ def main(argv=None):
     r = sub.add_parser("read", help="recognise the text in image files with a trained checkpoint")
     r.add_argument("images", nargs="+", help="image files, folders of them, or label files (path<TAB>label lines)")
     r.add_argument("--batch", type=at_least_one, default=64, help="images per batch")
-    r.add_argument("--encoding", default="utf-8", help="of label files (default utf-8; a byte-order mark skipped)")
-    r.add_argument("--max-len", type=at_least_one, default=None, help="tokens to decode at most (default: the "
-                   "checkpoint tokenizer's max_len)")
+    r.add_argument("--encoding", default="utf-8", help="of label files (a byte-order mark is skipped)")
+    r.add_argument("--max-len", type=at_least_one, default=None, help="tokens to decode at most (default: the model's)")
     for a in (e, r):
-        a.add_argument("--ckpt", required=True, help="a run's best.pt or last.pt, or what model.py convert-trocr or "
-                       "convert-parseq wrote")
+        a.add_argument("--ckpt", required=True, help="a run's best.pt or last.pt, or model.py convert-* output")
         a.add_argument("--beam", type=functools.partial(bounded, int, 1, 64), default=None, help="TrOCR beam width")
         a.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=None,
                        help="rank TrOCR's final beam by score / length (default: on, as fairseq)")
@@ -789,20 +744,16 @@ def main(argv=None):
                        help="PARSeq cloze refinement passes")
         a.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.cmd == "demo":
+        args.out = args.out or os.path.join("runs", "demo" + ("" if args.study == "n" else f"-{args.study}")
+                                            + ("-trocr" if args.arch == "trocr" else "") + ("-quick" if args.quick else ""))
+        args.data = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
+    if args.cmd == "sweep":
+        args.train = args.train or ["data/train"]  # a default list would be appended to
     try:
-        if args.cmd == "demo":  # default folders: runs/demo[-STUDY][-trocr][-quick], data/demo[-quick]
-            args.out = args.out or os.path.join("runs", "demo" + ("" if args.study == "n" else f"-{args.study}")
-                                                + ("-trocr" if args.arch == "trocr" else "") + ("-quick" if args.quick else ""))
-            args.data = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
-            return cmd_study(args) if args.study != "n" else (1 if cmd_demo(args)[0] else 0)
-        if args.cmd == "sweep":
-            args.train = args.train or ["data/train"]
-            cmd_sweep(args)
-        else:
-            return (cmd_eval if args.cmd == "eval" else cmd_read)(args) or 0
+        return dict(demo=cmd_demo, sweep=cmd_sweep, eval=cmd_eval, read=cmd_read)[args.cmd](args) or 0
     except UsageError as e:
         p.exit(2, f"ocrscale.py {args.cmd}: error: {e}\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ def test_demo_killed_then_resumed_reports_fits_of_exactly_its_runs(tmp_path, mon
     assert sorted(p.name for p in data_dir.iterdir()) == [".ocrscale.lock", "test", "train", "val"]
     assert os.path.getmtime(out / first / "result.json") == finished_stamp  # finished before the kill: not redone
     report = (out / "REPORT.md").read_text()
+    assert re.findall(r"^- The ([ND]) law: ", report, re.M) == ["N", "D"]  # a sentence per law above the tables
     names = re.findall(r"^\| (parseq-[ND]-\S+) \|", report, re.M)
     assert sorted(names) == sorted([f"parseq-N-{s}-s0" for s in TINY["n_sizes"]] +
                                    [f"parseq-D-{d}-s0" for d in TINY["d_values"]])
@@ -122,7 +123,7 @@ def test_second_demo_on_the_same_folders_is_refused_until_the_holder_dies(tmp_pa
 
 
 def save_checkpoint(path, arch):
-    """An untrained checkpoint in the seams' format (weights, model_config, tokenizer spec)."""
+    """An untrained checkpoint as train.py saves one (weights, model_config, tokenizer spec)."""
     tok = data.CharTokenizer(data.CHARSET36)
     cfg = modellib.make_config(arch, "T1", tok.vocab_size)
     torch.save(dict(model=modellib.build_model(cfg).state_dict(), model_config=dataclasses.asdict(cfg),
@@ -178,7 +179,7 @@ def test_sweep_gpu_hours_match_model_flops_counted_separately(tmp_path, capsys):
     text = script.read_text()
     notes = re.findall(r"^# N=([\d,]+) D=([\d,]+) FLOPs=(\S+) GPU-hours=(\S+)\n(torchrun .*)$", text, re.M)
     assert len(notes) == 4
-    h100_bf16_peak = 989e12  # dense bf16 FLOP/s of an H100 SXM (design notes)
+    h100_bf16_peak = 989e12  # dense bf16 FLOP/s of an H100 SXM
     for n, d, flops, gpu_hours, command in notes:
         size = re.search(r"--size (\S+)", command).group(1)
         cfg = modellib.make_config("trocr", size, 97)  # 94 chars + EOS, BOS, PAD

@@ -32,9 +32,9 @@ def test_shapes_labels_count_the_shapes(tmp_path):
 
 
 def test_study_runs_share_budget_and_init_from_their_own_pretraining(tmp_path):
-    args = type("Args", (), dict(arch="parseq", out=str(tmp_path / "runs")))()
+    out = str(tmp_path / "runs")
     cfg = dict(ocrscale.STUDY, seeds=[0, 1])
-    first, second = ocrscale.study_runs(args, cfg, "D", ["mix", "pretrain"])
+    first, second = ocrscale.study_runs("parseq", out, cfg, "D", ["mix", "pretrain"])
     argv = {name: a for name, _, a in first + second}
     arms = ["real", "synth", "mix1", "mix3", "mix10", "shapes"]
     assert sorted(n for n, _, _ in first) == sorted(f"parseq-{a}-s{s}" for a in arms for s in (0, 1))
@@ -50,8 +50,8 @@ def test_study_runs_share_budget_and_init_from_their_own_pretraining(tmp_path):
     for pre in ("synth", "shapes"):
         a = argv[f"parseq-ft-{pre}-s1"]
         assert trains(a) == [os.path.join("D", "real-train")] and trains(a) == trains(argv["parseq-real-s1"])
-        assert a[a.index("--init") + 1] == os.path.join(args.out, f"parseq-{pre}-s1", "best.pt")
-    only_mix = ocrscale.study_runs(args, cfg, "D", ["mix"])
+        assert a[a.index("--init") + 1] == os.path.join(out, f"parseq-{pre}-s1", "best.pt")
+    only_mix = ocrscale.study_runs("parseq", out, cfg, "D", ["mix"])
     assert not only_mix[1] and not any("shapes" in n for n, _, _ in only_mix[0])
 
 
@@ -72,8 +72,9 @@ def test_quick_study_all_writes_one_report_with_every_finding(tmp_path):
     assert all(re.search(r"the miniature (reproduced|did not reproduce) the study's direction", f) for f in findings[2:])
     for heading in ("## The N, D and C laws", "## The synthetic:real mix", "## Pretraining, then fine-tuning on real"):
         assert heading in report
-    # The laws section is the demo's own report, its plots linked from the top folder.
+    # The ladders train in laws/, the other runs in studies/; the plots are linked from the top folder.
     assert (out / "laws" / "parseq-N-T1-s0" / "result.json").exists() and "](laws/fit_C.png)" in report
+    assert "](studies/mix.png)" in report and report.count("\n# ") == 0  # one title, the sections under it
     assert (out / "laws" / "fit_C.png").exists() and (out / "studies" / "mix.png").exists()
 
     def error(arm):  # the table's number, read independently from the run's result.json
