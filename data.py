@@ -718,11 +718,13 @@ def _normalize(spec, text):
     if kind == 'Strip':
         text = text.lstrip(_SPACES) if spec['strip_left'] else text
         return text.rstrip(_SPACES) if spec['strip_right'] else text
-    if kind not in (None, 'Lowercase', 'Prepend'):
-        raise ValueError(f'tokenizer.json: normalizer {kind} is not supported')
     if kind == 'Lowercase':
         return ''.join(map(str.lower, text))  # character by character, as tokenizers (no final sigma)
-    return spec['prepend'] + text if kind == 'Prepend' and text else text
+    if kind == 'Prepend':
+        return spec['prepend'] + text if text else text
+    if kind is None:
+        return text
+    raise ValueError(f'tokenizer.json: normalizer {kind} is not supported')
 
 
 def _pre_tokenize(spec, words):
@@ -775,8 +777,8 @@ class HFTokenizer(_Tokenizer):
                                  "XLMRobertaTokenizer's id layout: <s> <pad> </s> <unk>, SentencePiece id + 1, <mask>)")
             import sentencepiece as spm
             self._sp = spm.SentencePieceProcessor(model_proto=base64.b64decode(files[spm_file]))
-            m = {'type': 'spm', 'vocab': ['<s>', '<pad>', '</s>', '<unk>', *map(self._sp.id_to_piece,
-                                          range(3, self._sp.get_piece_size())), '<mask>']}
+            pieces = ['<s>', '<pad>', '</s>', '<unk>', *map(self._sp.id_to_piece, range(3, self._sp.get_piece_size()))]
+            m = {'type': 'spm', 'vocab': {p: i for i, p in enumerate(pieces + ['<mask>'])}}
         elif 'vocab.json' in files and 'merges.txt' in files:
             m = {'type': 'BPE', 'vocab': json.loads(files['vocab.json']),
                  'merges': [x for x in files['merges.txt'].splitlines() if x and not x.startswith('#version')]}
@@ -792,9 +794,7 @@ class HFTokenizer(_Tokenizer):
         elif self._kind == 'BPE' and 'ByteLevel' in json.dumps(self._pre):
             self._ranks = {tuple(x.split(' ') if isinstance(x, str) else x): r for r, x in enumerate(m['merges'])}
             self._whole = m.get('ignore_merges', False)
-        elif self._kind == 'spm':
-            vocab = {p: i for i, p in enumerate(vocab)}
-        else:
+        elif self._kind != 'spm':
             what = 'a BPE model without a byte-level pre-tokenizer' if self._kind == 'BPE' else f'a {self._kind} model'
             raise ValueError(f'tokenizer.json: {what} is not supported (Unigram, byte-level BPE)')
         self._vocab, self._cache = vocab, {}
@@ -804,30 +804,32 @@ class HFTokenizer(_Tokenizer):
         self._ours = {h: i for i, h in enumerate(spec['ids'][1:-2], 1)}  # text tokens only
         super().__init__([self._piece.get(h, '') for h in spec['ids'][1:-2]], spec.get('max_len', 25))
 
-    def _word(self, w):
-        """transformers' ids of one pre-tokenized word: Unigram (Viterbi; unknown runs fused) or BPE merges."""
-        if self._kind == 'Unigram':
-            best = [(0.0, 0, None)] + [None] * len(w)  # (score, start, id) of the best path ending here
-            for s in range(len(w)):
-                for e in range(s + 1, min(len(w), s + self._longest) + 1):
-                    i = self._vocab.get(w[s:e])  # a character outside the vocabulary: unk, at unk_score
-                    score = self._score[i] if i is not None else self._unk_score if e == s + 1 else None
-                    if score is not None and (best[e] is None or best[s][0] + score > best[e][0]):
-                        best[e] = (best[s][0] + score, s, self._unk if i is None else i)
-            out, e = [], len(w)
-            while e:
-                out.append(best[e][2])
-                e = best[e][1]
-            out.reverse()
-            return [i for k, i in enumerate(out) if i is not None and not (i == self._unk and out[k - 1:k] == [i])]
+    def _unigram(self, w):
+        """transformers' ids of one pre-tokenized word: the best-scoring split (Viterbi), unknown runs fused."""
+        best = [(0.0, 0, None)] + [None] * len(w)  # (score, start, id) of the best path ending here
+        for s in range(len(w)):
+            for e in range(s + 1, min(len(w), s + self._longest) + 1):
+                i = self._vocab.get(w[s:e])  # a character outside the vocabulary: unk, at unk_score
+                score = self._score[i] if i is not None else self._unk_score if e == s + 1 else None
+                if score is not None and (best[e] is None or best[s][0] + score > best[e][0]):
+                    best[e] = (best[s][0] + score, s, self._unk if i is None else i)
+        out, e = [], len(w)
+        while e:
+            out.append(best[e][2])
+            e = best[e][1]
+        out.reverse()
+        return [i for k, i in enumerate(out) if i is not None and not (i == self._unk and out[k - 1:k] == [i])]
+
+    def _bpe(self, w):
+        """transformers' ids of one pre-tokenized word: the best-ranked adjacent pair merged, until none is."""
         if self._whole and w in self._vocab:
             return [self._vocab[w]]
         parts = list(w)
         while len(parts) > 1:
-            rank, k = min((self._ranks.get(pair, float('inf')), k) for k, pair in enumerate(zip(parts, parts[1:])))
-            if rank == float('inf'):
+            pair = min(zip(parts, parts[1:]), key=lambda p: self._ranks.get(p, float('inf')))
+            if pair not in self._ranks:
                 break
-            pair, merged, k = (parts[k], parts[k + 1]), [], 0
+            merged, k = [], 0
             while k < len(parts):  # every occurrence, left to right
                 n = 2 if tuple(parts[k:k + 2]) == pair else 1
                 merged.append(''.join(parts[k:k + n]))
@@ -840,7 +842,8 @@ class HFTokenizer(_Tokenizer):
             if self._sp:
                 hf = [p + 1 if p >= 3 else 3 for p in self._sp.encode(text)]  # fairseq: <unk> = 3, piece id + 1
             else:
-                hf = [i for w in _pre_tokenize(self._pre, [_normalize(self._norm, text)]) for i in self._word(w)]
+                word = self._unigram if self._kind == 'Unigram' else self._bpe
+                hf = [i for w in _pre_tokenize(self._pre, [_normalize(self._norm, text)]) for i in word(w)]
             out = [self._ours[h] for h in hf if h in self._ours]
             if len(self._cache) < 100_000:  # labels repeat: ~50 us a word in Python
                 self._cache[text] = out
@@ -1030,8 +1033,7 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
 # ----------------------------------------------------------------------------- importers
 
 def _check_sample(rec):
-    """(where, image bytes or path, label) -> (bytes, ext, label) after decoding the image once, or (None, reason,
-    where)."""
+    """(where, image bytes or path, label) -> (bytes, ext, label) once the image decodes, or (None, reason, where)."""
     where, data, label = rec
     if label is None:
         return None, 'missing_label', where
@@ -1164,12 +1166,11 @@ def stats(pattern, charset_file=None):
         print(f'wrote {charset_file}: {len(charset)} characters, one a line (train with --charset @{charset_file})')
 
 
-def train_spm(pattern, vocab, out=None, max_len=25):
+def train_spm(pattern, vocab, out=None):
     """Train a SentencePiece BPE model on the shard labels (cleaned as in paper §5, no charset filter)."""
     import sentencepiece as spm
     out = out or os.path.join(pattern if os.path.isdir(pattern) else os.path.dirname(pattern), f'spm{vocab}.model')
-    cleaned = (clean_label(t, None, max_len)[0] for t in _labels(pattern))
-    labels = (lab for lab in cleaned if lab)
+    labels = (lab for lab, _ in map(clean_label, _labels(pattern)) if lab)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=labels, model_writer=buf, vocab_size=vocab, model_type='bpe',
                                    character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
