@@ -7,10 +7,9 @@
     python data.py stats data/real --charset real.txt             # counts, lengths, charset (-> --charset @FILE)
     python data.py spm data/real --vocab 512                      # SentencePiece BPE -> data/real/spm512.model
 
-Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention), written in a seeded random order, each
-with a sidecar SHARD.tar.idx (label, image offset and size, tar header CRC-32 per sample; shards made elsewhere are
-indexed once), and DIR/index.json {"shards": {name: count}, "samples", "charset", "source", "drops"}. ShardStream
-reads by offset from a usable-sample index (cleaned labels) built once and memory-mapped by every process.
+Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention), each with a sidecar SHARD.tar.idx
+(label, image offset and size, tar header CRC-32 per sample), and DIR/index.json {"shards": {name: count}, "samples",
+"charset", "source", "drops"}.
 """
 import argparse, base64, contextlib, fcntl, fnmatch, functools, gc, glob, hashlib, http.client, io, json, os, random
 import re, resource, sys, tarfile, time, unicodedata, urllib.parse, zlib
@@ -94,12 +93,12 @@ def _write_sidecar(path, samples):
 
 
 class ShardWriter:
-    """Writes samples into OUT/PREFIX-NNNNNN.tar shards (+ sidecars) of at most shard_size samples / max_bytes
+    """Writes samples into OUT/shard-NNNNNN.tar shards (+ sidecars) of at most shard_size samples / max_bytes
     bytes, each written as .tmp and renamed when full: a crash never leaves a half shard."""
 
-    def __init__(self, out_dir, shard_size=10000, max_bytes=1.5e9, prefix='shard', start=0):
+    def __init__(self, out_dir, shard_size=10000, max_bytes=1.5e9, start=0):
         os.makedirs(out_dir, exist_ok=True)
-        self.out_dir, self.shard_size, self.max_bytes, self.prefix = out_dir, shard_size, max_bytes, prefix
+        self.out_dir, self.shard_size, self.max_bytes = out_dir, shard_size, max_bytes
         self.index, self.shards, self.charset, self.f = start, {}, set(), None
 
     def write(self, key, image_bytes, ext, label):
@@ -109,7 +108,7 @@ class ShardWriter:
         if self.f is not None and (len(self.samples) >= self.shard_size or self.f.tell() >= self.max_bytes):
             self._finish()
         if self.f is None:
-            self.path = os.path.join(self.out_dir, f'{self.prefix}-{self.index:06d}.tar')
+            self.path = os.path.join(self.out_dir, f'shard-{self.index:06d}.tar')
             self.f, self.samples, self.index = open(self.path + '.tmp', 'wb'), [], self.index + 1
         header = _tar_header(f'{key}.{ext}', len(image_bytes))
         self.samples.append([label, self.f.tell() + 512, len(image_bytes), zlib.crc32(header)])
@@ -238,6 +237,7 @@ def read_url(url, start=None, length=None, connections=None, redirects=5):
     host, _, path = rest.partition('/')
     idle = ({} if connections is None else connections).setdefault((scheme, host), [])  # threads share it
     for attempt in range(3):
+        time.sleep(attempt / 2)  # after a dropped connection or a busy or failing server: ask again after a pause
         try:
             conn = idle.pop()
         except IndexError:
@@ -245,24 +245,22 @@ def read_url(url, start=None, length=None, connections=None, redirects=5):
         try:
             conn.request('GET', '/' + path, headers=headers)
             response = conn.getresponse()
-            if response.status in (301, 302, 303, 307, 308) and redirects:
-                conn.close()
-                return read_url(urllib.parse.urljoin(url, response.headers['Location']), start, length, connections,
-                                redirects - 1)
             if start is not None and response.status == 200:  # the whole file follows: do not download it
                 conn.close()
                 raise ValueError(f'{url}: the server ignores byte-range requests')
             body = response.read()
-            if response.status < 500 and response.status != 429:
-                break
-            idle.append(conn)  # a busy or failing server: ask again after a pause
         except (OSError, http.client.HTTPException) as e:
             conn.close()
             idle.clear()  # the server dropped this connection, likely the other idle ones too
             if attempt == 2:
                 raise OSError(f'{url}: {e}') from None
-        time.sleep(0.5 * 2 ** attempt)
-    idle.append(conn)
+            continue
+        idle.append(conn)
+        if response.status in (301, 302, 303, 307, 308) and redirects:
+            return read_url(urllib.parse.urljoin(url, response.headers['Location']), start, length, connections,
+                            redirects - 1)
+        if response.status < 500 and response.status != 429:
+            break
     if response.status == 404:
         raise FileNotFoundError(f'{url}: not found (HTTP 404)')
     if response.status >= 300:
@@ -287,10 +285,9 @@ ROW = np.dtype([('shard', '<i4'), ('offset', '<i8'), ('size', '<i4'), ('crc', '<
 
 def usable_index(pattern, settings, clean):
     """A source's shard paths, the base path of its usable-sample index (BASE.rows.npy: ROW, BASE.labels.npy: the
-    cleaned labels' UTF-8 bytes, BASE.json: counts and drops) and that json. Built once per shard set (paths, sizes,
-    mtimes; a remote set: its index.json) and `settings` (what `clean` depends on), beside the shards or in
-    $OCRSCALE_CACHE (~/.cache/ocrscale) when their folder is remote or read-only, by the first process, under a
-    file lock; the others wait and reuse it."""
+    cleaned labels' UTF-8 bytes, BASE.json: counts and drops) and that json. Built once per shard set and `settings`
+    beside the shards (or in $OCRSCALE_CACHE, ~/.cache/ocrscale, for a remote or read-only folder) by the first
+    process under a file lock; the others wait and reuse it."""
     shards = find_shards(pattern)
     paths = [p if is_url(p) else os.path.abspath(p) for p, _ in shards]
     stamps = [[p, n] + ([] if is_url(p) else _stamp(p)) for p, (_, n) in zip(paths, shards)]
@@ -353,9 +350,8 @@ def permute_blocks(i, n, block, key):
 
 
 def permute(x, n, key):
-    """A keyed bijection of [0, n) applied to the integers x: a 4-round Feistel network on the smallest even number
-    of bits covering n, walked round its cycles until it lands back in [0, n). A permutation of 24M positions in
-    O(1) memory, the same in every process; key: a tuple of non-negative integers."""
+    """A keyed bijection of [0, n) applied to the integers x (key: non-negative integers): a 4-round Feistel network
+    on the smallest even number of bits covering n, walked round its cycles until it lands back in [0, n)."""
     half = max(1, (int(n) - 1).bit_length() + 1 >> 1)
     mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
     keys = np.random.SeedSequence([int(k) for k in key]).generate_state(4, np.uint64)
@@ -420,22 +416,24 @@ def _worker_init(_):
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Per-rank batches (uint8 images (B, H, W, 3), labels, number of unreadable samples skipped) from weighted
-    shard sets, in an order that depends on the global sample position and the seed only.
+    shard sets, in an order that depends on the global sample position and the seeds only.
 
-    Micro-batch j of rank r holds positions start + (j * world_size + r) * batch_size + [0, batch_size): optimizer
-    step k trains positions [k * global_batch, (k + 1) * global_batch) on any processes x workers x micro-batches,
-    and a resume needs only the position. Each MIX_CHUNK positions hold each source's share by weight (largest
-    remainder, in a keyed order); draw k of a source is image k mod n of its epoch k // n, a keyed permutation of
-    its n images. samples: exactly D images split over the sources by weight, each share a keyed uniform subset
-    (a smaller D: a subset of a larger). block: consecutive stored samples kept together (1 locally, REMOTE_BLOCK
-    for URLs) and read with one request. A sample whose tar header no longer matches the index, or whose image
-    does not decode, is skipped and counted."""
+    Micro-batch j of rank r holds positions start + (j * world_size + r) * batch_size + [0, batch_size), so a step
+    trains the same positions in any layout and a resume needs only the position. Each MIX_CHUNK positions hold
+    each source's share by weight; draw k of a source is image k mod n of its epoch k // n, a keyed permutation of
+    its n images. samples: D images split over the sources by weight, each share a keyed subset (a smaller D: a
+    subset of a larger). block: consecutive stored samples kept together and read with one request (1 locally,
+    REMOTE_BLOCK for URLs). A sample whose tar header no longer matches the index, or whose image does not decode,
+    is skipped and counted."""
 
     def __init__(self, sources, img_h, img_w, batch_size, charset, max_len=25, rank=0, world_size=1, seed=0,
                  samples=None, augment=False, loop=True, fold=True, tokenizer=None, data_seed=0, block=None):
         sources = parse_sources(sources) if isinstance(sources, str) else [(s, float(w)) for s, w in sources]
         if min(seed, data_seed) < 0:
             raise ValueError(f'seeds are non-negative integers, got {min(seed, data_seed)}')
+        weights = [w for _, w in sources]
+        if min(weights) <= 0:
+            raise ValueError(f'weights are positive numbers, got {sources}')
         if charset is None and tokenizer is not None:
             charset = getattr(tokenizer, 'charset', None)
         self.img_h, self.img_w, self.batch_size, self.charset, self.fold = img_h, img_w, batch_size, charset, fold
@@ -444,19 +442,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.tokenizer, self.data_seed, self.names = tokenizer, data_seed, [s for s, _ in sources]
         settings = dict(charset=charset, fold=fold, max_len=self.max_len,
                         tokenizer=hashlib.sha1(json.dumps(tokenizer.spec).encode()).hexdigest() if tokenizer else None)
-        self.paths, self.bases, self.usable, self.drops = [], [], [], Counter()
-        for pattern in self.names:
-            paths, base, meta = usable_index(pattern, settings, self._clean)
+        self.paths, self.bases, metas = zip(*(usable_index(pattern, settings, self._clean) for pattern in self.names))
+        self.usable, self.drops = [m['samples'] for m in metas], Counter()
+        for pattern, meta in zip(self.names, metas):
             if meta['samples'] == 0:
                 raise ValueError(f'no usable sample in {pattern} (drops: {meta["drops"]}): check the '
                                  f'charset (fold={fold}) and max_len={self.max_len}')
-            self.paths.append(paths)
-            self.bases.append(base)
-            self.usable.append(meta['samples'])
             self.drops.update(meta['drops'])
-        weights = [w for _, w in sources]
-        if min(weights) <= 0:
-            raise ValueError(f'weights are positive numbers, got {sources}')
         self.sizes = list(self.usable) if samples is None else largest_remainder(samples, weights).tolist()
         for pattern, want, have in zip(self.names, self.sizes, self.usable):
             if not 0 < want <= have:
@@ -472,7 +464,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.start, self._tables = 0, None  # tables are opened in the process that reads: a worker is sent none
 
     def _clean(self, raw):
-        """(cleaned label, None) or (None, drop reason) under this stream's charset, folding and max_len."""
         label, reason = clean_label(raw, self.charset, None if self.tokenizer else self.max_len, self.fold)
         if label is not None and self.tokenizer is not None and len(self.tokenizer.ids(label)) > self.max_len:
             return None, 'too_long'
@@ -484,8 +475,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def loader(self, num_workers=0, start=0, pin_memory=False):
         """This rank's batches from global position `start` (the position after the last optimizer step)."""
         self.start = start
-        # workers started from a forkserver (Python 3.14's default on Linux) then share one import of torch and
-        # this module (~130 MiB each otherwise; Python 3.11's default preload does not reach the forkserver)
+        # workers started from a forkserver (Python 3.14's default on Linux) share one import (~130 MiB each)
         torch.multiprocessing.set_forkserver_preload(['torch', __name__])
         # its own generator: a DataLoader draws a base seed, which would shift the global RNG on resume
         for batch in torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
@@ -728,11 +718,13 @@ def _normalize(spec, text):
     if kind == 'Strip':
         text = text.lstrip(_SPACES) if spec['strip_left'] else text
         return text.rstrip(_SPACES) if spec['strip_right'] else text
-    if kind not in (None, 'Lowercase', 'Prepend'):
-        raise ValueError(f'tokenizer.json: normalizer {kind} is not supported')
     if kind == 'Lowercase':
         return ''.join(map(str.lower, text))  # character by character, as tokenizers (no final sigma)
-    return spec['prepend'] + text if kind == 'Prepend' and text else text
+    if kind == 'Prepend':
+        return spec['prepend'] + text if text else text
+    if kind is None:
+        return text
+    raise ValueError(f'tokenizer.json: normalizer {kind} is not supported')
 
 
 def _pre_tokenize(spec, words):
@@ -773,20 +765,20 @@ class HFTokenizer(_Tokenizer):
         special = {'<s>', '</s>', '<unk>', '<pad>', '<mask>'} | {t['content'] for t in config.get(
             'added_tokens_decoder', {}).values() if t.get('special')} | {
             v['content'] if isinstance(v, dict) else v for k, v in named.items() if k.endswith('_token') and v}
-        added, spm_file = {}, next((n for n in sorted(files) if n.endswith('.model')), None)
+        added, spm_file = [], next((n for n in sorted(files) if n.endswith('.model')), None)
         if 'tokenizer.json' in files:
             j = json.loads(files['tokenizer.json'])
             m, self._norm, self._pre = j['model'], j.get('normalizer'), j.get('pre_tokenizer')
-            added = {t['content']: t['id'] for t in j.get('added_tokens', [])}
-            special |= {t['content'] for t in j.get('added_tokens', []) if t.get('special')}
+            added = j.get('added_tokens', [])
+            special |= {t['content'] for t in added if t.get('special')}
         elif spm_file:
             if config.get('tokenizer_class', 'XLMRobertaTokenizer').removesuffix('Fast') != 'XLMRobertaTokenizer':
                 raise ValueError(f"{spm_file}: tokenizer_class {config['tokenizer_class']} is not supported (only "
                                  "XLMRobertaTokenizer's id layout: <s> <pad> </s> <unk>, SentencePiece id + 1, <mask>)")
             import sentencepiece as spm
             self._sp = spm.SentencePieceProcessor(model_proto=base64.b64decode(files[spm_file]))
-            m = {'type': 'spm', 'vocab': ['<s>', '<pad>', '</s>', '<unk>', *map(self._sp.id_to_piece,
-                                          range(3, self._sp.get_piece_size())), '<mask>']}
+            pieces = ['<s>', '<pad>', '</s>', '<unk>', *map(self._sp.id_to_piece, range(3, self._sp.get_piece_size()))]
+            m = {'type': 'spm', 'vocab': {p: i for i, p in enumerate(pieces + ['<mask>'])}}
         elif 'vocab.json' in files and 'merges.txt' in files:
             m = {'type': 'BPE', 'vocab': json.loads(files['vocab.json']),
                  'merges': [x for x in files['merges.txt'].splitlines() if x and not x.startswith('#version')]}
@@ -802,45 +794,42 @@ class HFTokenizer(_Tokenizer):
         elif self._kind == 'BPE' and 'ByteLevel' in json.dumps(self._pre):
             self._ranks = {tuple(x.split(' ') if isinstance(x, str) else x): r for r, x in enumerate(m['merges'])}
             self._whole = m.get('ignore_merges', False)
-        elif self._kind == 'spm':
-            vocab = {p: i for i, p in enumerate(vocab)}
-        else:
+        elif self._kind != 'spm':
             what = 'a BPE model without a byte-level pre-tokenizer' if self._kind == 'BPE' else f'a {self._kind} model'
             raise ValueError(f'tokenizer.json: {what} is not supported (Unigram, byte-level BPE)')
-        self._vocab, self._clean = vocab, config.get('clean_up_tokenization_spaces') and self._kind != 'BPE'
-        self._cache = {}
-        self._piece = {i: p for p, i in (vocab | added).items()}
-        self._special = {i for p, i in (vocab | added).items() if p in special}
+        self._vocab, self._cache = vocab, {}
+        self._piece = {i: p for p, i in vocab.items()} | {t['id']: t['content'] for t in added}
+        self._special = {i for i, p in self._piece.items() if p in special}
+        self._clean = config.get('clean_up_tokenization_spaces') and self._kind != 'BPE'
         self._ours = {h: i for i, h in enumerate(spec['ids'][1:-2], 1)}  # text tokens only
         super().__init__([self._piece.get(h, '') for h in spec['ids'][1:-2]], spec.get('max_len', 25))
 
-    def _word(self, w):
-        """transformers' ids of one pre-tokenized word: Unigram (Viterbi; unknown runs fused) or BPE merges."""
-        if self._kind == 'Unigram':
-            best = [(0.0, 0, None)] + [None] * len(w)  # (score, start, id) of the best path ending here
-            for s in range(len(w)):
-                single = False
-                for e in range(s + 1, min(len(w), s + self._longest) + 1):
-                    if (i := self._vocab.get(w[s:e])) is not None:
-                        if best[e] is None or best[s][0] + self._score[i] > best[e][0]:
-                            best[e] = (best[s][0] + self._score[i], s, i)
-                        single |= e == s + 1
-                if not single and (best[s + 1] is None or best[s][0] + self._unk_score > best[s + 1][0]):
-                    best[s + 1] = (best[s][0] + self._unk_score, s, self._unk)
-            out, e = [], len(w)
-            while e:
-                out.append(best[e][2])
-                e = best[e][1]
-            out.reverse()
-            return [i for k, i in enumerate(out) if i is not None and not (i == self._unk and out[k - 1:k] == [i])]
+    def _unigram(self, w):
+        """transformers' ids of one pre-tokenized word: the best-scoring split (Viterbi), unknown runs fused."""
+        best = [(0.0, 0, None)] + [None] * len(w)  # (score, start, id) of the best path ending here
+        for s in range(len(w)):
+            for e in range(s + 1, min(len(w), s + self._longest) + 1):
+                i = self._vocab.get(w[s:e])  # a character outside the vocabulary: unk, at unk_score
+                score = self._score[i] if i is not None else self._unk_score if e == s + 1 else None
+                if score is not None and (best[e] is None or best[s][0] + score > best[e][0]):
+                    best[e] = (best[s][0] + score, s, self._unk if i is None else i)
+        out, e = [], len(w)
+        while e:
+            out.append(best[e][2])
+            e = best[e][1]
+        out.reverse()
+        return [i for k, i in enumerate(out) if i is not None and not (i == self._unk and out[k - 1:k] == [i])]
+
+    def _bpe(self, w):
+        """transformers' ids of one pre-tokenized word: the best-ranked adjacent pair merged, until none is."""
         if self._whole and w in self._vocab:
             return [self._vocab[w]]
         parts = list(w)
         while len(parts) > 1:
-            rank, k = min((self._ranks.get(pair, float('inf')), k) for k, pair in enumerate(zip(parts, parts[1:])))
-            if rank == float('inf'):
+            pair = min(zip(parts, parts[1:]), key=lambda p: self._ranks.get(p, float('inf')))
+            if pair not in self._ranks:
                 break
-            pair, merged, k = (parts[k], parts[k + 1]), [], 0
+            merged, k = [], 0
             while k < len(parts):  # every occurrence, left to right
                 n = 2 if tuple(parts[k:k + 2]) == pair else 1
                 merged.append(''.join(parts[k:k + n]))
@@ -853,7 +842,8 @@ class HFTokenizer(_Tokenizer):
             if self._sp:
                 hf = [p + 1 if p >= 3 else 3 for p in self._sp.encode(text)]  # fairseq: <unk> = 3, piece id + 1
             else:
-                hf = [i for w in _pre_tokenize(self._pre, [_normalize(self._norm, text)]) for i in self._word(w)]
+                word = self._unigram if self._kind == 'Unigram' else self._bpe
+                hf = [i for w in _pre_tokenize(self._pre, [_normalize(self._norm, text)]) for i in word(w)]
             out = [self._ours[h] for h in hf if h in self._ours]
             if len(self._cache) < 100_000:  # labels repeat: ~50 us a word in Python
                 self._cache[text] = out
@@ -874,9 +864,9 @@ class HFTokenizer(_Tokenizer):
 
 
 def load_tokenizer(spec):
-    """A tokenizer from its spec dict, or from a string: a SentencePiece .model path or a load_charset spec."""
+    """A tokenizer from its spec dict, or a CharTokenizer from a load_charset spec."""
     if isinstance(spec, str):
-        return SPTokenizer(spec) if spec.endswith('.model') else CharTokenizer(load_charset(spec))
+        return CharTokenizer(load_charset(spec))
     max_len = spec.get('max_len', 25)
     if spec['type'] == 'char':
         return CharTokenizer(spec['charset'], max_len)
@@ -987,15 +977,9 @@ def missing_glyphs(font_path, text):
                    and drawings[c] in (drawings['\uffff'], drawings['']))
 
 
-def _synth_init(cfg):
-    global _SYNTH
-    _SYNTH = cfg
-
-
 def _synth_shard(job):
     """Render and write shard i (samples start..start+count) -> (shards, charset)."""
-    i, start, count = job
-    c = _SYNTH
+    c, i, start, count = job
     rng = random.Random(c['seed'] * 1000003 + i)
     writer = ShardWriter(c['out_dir'], shard_size=count, start=i)
     clean = c['style'] == 'clean'
@@ -1036,9 +1020,9 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
     os.makedirs(out_dir, exist_ok=True)
     cfg = dict(out_dir=out_dir, seed=seed, style=style, min_len=min_len, max_len=max_len, charset=charset,
                words=words, fonts=fonts)
-    jobs = [(i, s, min(shard_size, n - s)) for i, s in enumerate(range(0, n, shard_size))]
+    jobs = [(cfg, i, s, min(shard_size, n - s)) for i, s in enumerate(range(0, n, shard_size))]
     shards, chars = {}, set()
-    with Pool(workers or cpu_count(), initializer=_synth_init, initargs=(cfg,)) as pool:
+    with Pool(workers or cpu_count()) as pool:
         for sh, cs in tqdm(pool.imap_unordered(_synth_shard, jobs), total=len(jobs), desc='synth', unit='shard'):
             shards.update(sh)
             chars |= cs
@@ -1049,8 +1033,7 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
 # ----------------------------------------------------------------------------- importers
 
 def _check_sample(rec):
-    """(where, image bytes or path, label) -> (bytes, ext, label) after decoding the image once, or (None, reason,
-    where)."""
+    """(where, image bytes or path, label) -> (bytes, ext, label) once the image decodes, or (None, reason, where)."""
     where, data, label = rec
     if label is None:
         return None, 'missing_label', where
@@ -1183,12 +1166,11 @@ def stats(pattern, charset_file=None):
         print(f'wrote {charset_file}: {len(charset)} characters, one a line (train with --charset @{charset_file})')
 
 
-def train_spm(pattern, vocab, out=None, max_len=25):
+def train_spm(pattern, vocab, out=None):
     """Train a SentencePiece BPE model on the shard labels (cleaned as in paper §5, no charset filter)."""
     import sentencepiece as spm
     out = out or os.path.join(pattern if os.path.isdir(pattern) else os.path.dirname(pattern), f'spm{vocab}.model')
-    cleaned = (clean_label(t, None, max_len)[0] for t in _labels(pattern))
-    labels = (lab for lab in cleaned if lab)
+    labels = (lab for lab, _ in map(clean_label, _labels(pattern)) if lab)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=labels, model_writer=buf, vocab_size=vocab, model_type='bpe',
                                    character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
@@ -1203,44 +1185,40 @@ def train_spm(pattern, vocab, out=None, max_len=25):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
-    synth_p = sub.add_parser('synth', help='render word images into shards')
-    synth_p.add_argument('out', help='output folder')
-    synth_p.add_argument('--n', type=int, required=True, help='number of images')
-    synth_p.add_argument('--style', choices=['clean', 'varied'], default='clean', help='clean = the CPU probe task')
-    synth_p.add_argument('--seed', type=int, default=0, help='integer seed')
-    synth_p.add_argument('--min-len', type=int, default=2, help='random strings: shortest length')
-    synth_p.add_argument('--max-len', type=int, default=6, help='random strings: longest length')
-    synth_p.add_argument('--charset', default='36', help='characters of random strings: 36, 94, the characters, @FILE')
-    synth_p.add_argument('--words', help='word list file (one per line) instead of random strings')
-    synth_p.add_argument('--fonts', help='folder of .ttf/.otf fonts (default: Pillow built-in)')
-    writers = [synth_p]
-    for name, src_help in (('import-lmdb', 'folder holding scene-text LMDBs (searched recursively)'),
-                           ('import-folder', 'label file: lines relative/path<TAB>label')):
-        writers.append(sub.add_parser(name, help=f'import {src_help} (written in a seeded random order)'))
-        writers[-1].add_argument('src', help=src_help)
-        writers[-1].add_argument('out', help='output folder')
-    writers[-1].add_argument('--root', help='folder the image paths are relative to (default: the label file\'s)')
-    writers[-1].add_argument('--sep', default='\t', help='what separates path and label (default: a tab)')
-    writers[-1].add_argument('--encoding', default='utf-8', help='of the label file (default utf-8; BOM skipped)')
+    a = sub.add_parser('synth', help='render word images into shards')
+    a.add_argument('--n', type=int, required=True, help='number of images')
+    a.add_argument('--style', choices=['clean', 'varied'], default='clean', help='clean = the CPU probe task')
+    a.add_argument('--seed', type=int, default=0)
+    a.add_argument('--min-len', type=int, default=2, help='random strings: shortest length')
+    a.add_argument('--max-len', type=int, default=6, help='random strings: longest length')
+    a.add_argument('--charset', default='36', help='characters of random strings: 36, 94, the characters, @FILE')
+    a.add_argument('--words', help='word list file (one per line) instead of random strings')
+    a.add_argument('--fonts', help='folder of .ttf/.otf fonts (default: Pillow built-in)')
+    writers = [a, sub.add_parser('import-lmdb', help='import scene-text LMDBs (in a seeded random order)'),
+               sub.add_parser('import-folder', help='import a label file (in a seeded random order)')]
+    writers[1].add_argument('src', help='folder holding scene-text LMDBs (searched recursively)')
+    writers[2].add_argument('src', help='label file: lines relative/path<TAB>label')
     for a in writers:
+        a.add_argument('out', help='output folder')
         a.add_argument('--shard-size', type=int, default=10000, help='samples per shard')
         a.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
+    writers[2].add_argument('--root', help="folder the image paths are relative to (default: the label file's)")
+    writers[2].add_argument('--sep', default='\t', help='what separates path and label (default: a tab)')
+    writers[2].add_argument('--encoding', default='utf-8', help='of the label file (default utf-8; BOM skipped)')
     a = sub.add_parser('stats', help='counts, label lengths, charset and drops of a shard set')
     a.add_argument('dir', help='shard folder or glob')
-    a.add_argument('--charset', metavar='FILE', help='write the set\'s charset to FILE, for --charset @FILE')
+    a.add_argument('--charset', metavar='FILE', help="write the set's charset to FILE, for --charset @FILE")
     a = sub.add_parser('spm', help='train a SentencePiece BPE tokenizer on shard labels')
     a.add_argument('dir', help='shard folder or glob')
     a.add_argument('--vocab', type=int, required=True, help='SentencePiece pieces (ids = pieces + 3)')
     a.add_argument('--out', help='model path (default DIR/spmN.model)')
-    args, t0 = p.parse_args(argv), time.time()
+    args = p.parse_args(argv)
     try:
         if args.cmd == 'synth':
             words = [w.strip() for w in open(args.words, encoding='utf-8') if w.strip()] if args.words else None
             index = synth(args.out, args.n, args.seed, args.style, args.min_len, args.max_len,
                           load_charset(args.charset), words, args.workers, args.shard_size, args.fonts)
-            dt = time.time() - t0
-            print(f'{args.out}: {index["samples"]} images in {len(index["shards"])} shards, {dt:.1f} s '
-                  f'({index["samples"] / dt:.0f} images/s)')
+            print(f'{args.out}: {index["samples"]} images in {len(index["shards"])} shards')
         elif args.cmd == 'import-lmdb':
             import_lmdb(args.src, args.out, args.shard_size, args.workers)
         elif args.cmd == 'import-folder':
