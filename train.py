@@ -167,15 +167,12 @@ def tokenizer_and_config(args):
         sys.exit(f"train.py: {e}")
     recipe = {**DEFAULTS, **({"lr": TINY_LR[args.size]} if args.size in TINY_LR else {}),
               **RECIPES.get((args.arch, args.size), {})}
-    for key, value in recipe.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    vars(args).update({key: value for key, value in recipe.items() if getattr(args, key) is None})
     return tok, cfg, ckpt
 
 
 def setup(args, cfg, tok):
-    """The run's processes (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain python is one), device, threads,
-    precision, loader workers and split of the global batch."""
+    """Processes (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE), device, threads, precision, workers, micro-batches."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -239,18 +236,19 @@ def brief(value):  # a config value in a one-line message; paths differ in their
 def finished_result(run, identity):
     """result.json when run.dir holds this run finished, else None; one line and exit when it holds a run of another
     identity: never resume onto other data or settings, never report another run as this one's result."""
-    if not os.path.exists(os.path.join(run.dir, "config.json")):
+    config, result = os.path.join(run.dir, "config.json"), os.path.join(run.dir, "result.json")
+    if not os.path.exists(config):
         return None
-    with open(os.path.join(run.dir, "config.json")) as f:
+    with open(config) as f:
         was = json.load(f).get("identity", {})
     differ = [k for k in sorted(identity.keys() | was.keys()) if identity.get(k) != was.get(k)]
     if differ:
         changes = "; ".join(f"{k} {brief(was.get(k))} -> {brief(identity.get(k))}" for k in differ)
         sys.exit(f"train.py: {run.dir} holds another run ({changes}): choose another --name, or delete the folder to "
                  "start over")
-    if not os.path.exists(os.path.join(run.dir, "result.json")):
+    if not os.path.exists(result):
         return None
-    with open(os.path.join(run.dir, "result.json")) as f:
+    with open(result) as f:
         result = json.load(f)
     if run.master:
         print(f"{run.name}: already finished (val error {result['val_error']:.2f}%), not redone")
@@ -315,14 +313,14 @@ def atomic_save(obj, path):
     os.close(folder)
 
 
-def keep_metrics(path, step, row=None):
-    """metrics.jsonl rewritten with its rows up to `step`, then `row`. On resuming this drops a torn last line and the
-    rows past the checkpoint's step (a run killed after an eval but before its checkpoint logs that eval again)."""
+def log_row(path, row):
+    """metrics.jsonl rewritten with its rows of earlier steps, then `row`: a run killed after an eval but before its
+    checkpoint logs that eval again when resumed, and replaces the row (and a torn line) then."""
     rows = []
     if os.path.exists(path):
         with open(path) as f:
-            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-    atomic_save("".join(rows + ([json.dumps(row) + "\n"] if row else [])).encode(), path)
+            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < row["step"]]
+    atomic_save("".join(rows + [json.dumps(row) + "\n"]).encode(), path)
 
 
 stop_signal = None  # set by the first SIGTERM/SIGINT: the loop saves last.pt after the current step and exits
@@ -385,9 +383,8 @@ def resume(run, state, path):
 
 
 def train_step(run, state, batches, meter, lr, save_vote):
-    """One optimizer step of run.accum micro-batches per process. A step of no readable sample, or of non-finite loss
-    or gradients (on every rank alike), is skipped. Returns (save vote, stop signal, whether a step was taken), the
-    first two all-reduced."""
+    """One optimizer step of run.accum micro-batches per process, skipped when no sample was readable or the loss or
+    gradients are not finite. Returns the all-reduced save vote and stop signal, and whether the step was taken."""
     args, model, optimizer, scaler, prog = run.args, state.model, state.optimizer, state.scaler, state.prog
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -476,7 +473,7 @@ def log_eval(run, state, meter, lr, final):
                              step=row["step"], val_error=val["error"], val_loss=val["loss"]),
                         os.path.join(run.dir, "best.pt"))
     if run.master:
-        keep_metrics(os.path.join(run.dir, "metrics.jsonl"), row["step"], row)
+        log_row(os.path.join(run.dir, "metrics.jsonl"), row)
     prog.loss_sum, prog.tokens = 0.0, 0.0
     meter.window, meter.wait, meter.samples, meter.flops = time.time(), 0.0, 0, 0.0
     return row
@@ -537,7 +534,7 @@ def main(argv=None):
     size = args.size or os.path.splitext(os.path.basename(args.init))[0]  # a model of no --size: the checkpoint's name
     run.name = args.name or f"{args.arch}-{size}-d{args.samples or 'all'}-s{args.seed}-{short_hash}"
     run.dir = os.path.join(args.runs, run.name)
-    run.last, metrics_path = os.path.join(run.dir, "last.pt"), os.path.join(run.dir, "metrics.jsonl")
+    run.last = os.path.join(run.dir, "last.pt")
     result = finished_result(run, identity)
     if result is not None:
         return result
@@ -572,7 +569,6 @@ def main(argv=None):
     if run.master:
         os.makedirs(run.dir, exist_ok=True)
         write_config(run, stream, identity, fit_group)
-        keep_metrics(metrics_path, prog.step)
     state.net = torch.compile(model) if args.compile else model
     if run.world > 1:
         state.net = DDP(state.net, device_ids=[run.device.index] if run.use_cuda else None)
@@ -588,7 +584,7 @@ def main(argv=None):
     tenth = max(1, run.total_steps // 10)  # last.pt also every tenth of the run: a stop loses at most a tenth
     save_minutes, save_samples = args.save_every
     if prog.step >= run.total_steps:  # resumed from the checkpoint written after the final eval
-        with open(metrics_path) as f:
+        with open(os.path.join(run.dir, "metrics.jsonl")) as f:
             row = json.loads(f.readlines()[-1])
     while prog.step < run.total_steps:
         lr = get_lr(prog.step, run.total_steps, args)
