@@ -115,16 +115,12 @@ def parse_args(argv=None):
 def get_lr(step, total_steps, args):
     """Learning rate at optimizer step `step`: linear (cosine for OneCycle) warm-up, then cosine decay."""
     warm = max(1, int(args.warmup * total_steps))
-    if args.schedule == "onecycle":  # torch's OneCycleLR shape: lr/25 -> lr -> lr/25e4, cosine both ways
-        lo, end = args.lr / 25, args.lr / 25e4
-        if step < warm:
-            return lo + (args.lr - lo) * (1 - math.cos(math.pi * step / warm)) / 2
-        t = (step - warm) / max(1, total_steps - warm)
-        return end + (args.lr - end) * (1 + math.cos(math.pi * t)) / 2
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    t = (step - warm) / max(1, total_steps - warm)
-    return args.lr * (1 + math.cos(math.pi * min(1.0, t))) / 2
+    lo, end = (args.lr / 25, args.lr / 25e4) if args.schedule == "onecycle" else (0.0, 0.0)  # torch's OneCycleLR
+    if step >= warm:
+        return end + (args.lr - end) * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm)))) / 2
+    if args.schedule == "onecycle":
+        return lo + (args.lr - lo) * (1 - math.cos(math.pi * step / warm)) / 2
+    return args.lr * (step + 1) / warm
 
 
 def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}; make_config rejects unknown fields
@@ -172,7 +168,8 @@ def tokenizer_and_config(args):
 
 
 def setup(args, cfg, tok):
-    """Processes (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE), device, threads, precision, workers, micro-batches."""
+    """The run: processes (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE), device, threads, precision, workers and
+    micro-batches; main adds D, total_steps, name, dir, last (last.pt's path) and streams (--val, then --test's)."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -233,22 +230,22 @@ def brief(value):  # a config value in a one-line message; paths differ in their
     return text if len(text) <= 40 else "..." + text[-37:]
 
 
-def finished_result(run, identity):
+def check_run_dir(run, identity):
     """result.json when run.dir holds this run finished, else None; one line and exit when it holds a run of another
     identity: never resume onto other data or settings, never report another run as this one's result."""
-    config, result = os.path.join(run.dir, "config.json"), os.path.join(run.dir, "result.json")
-    if not os.path.exists(config):
+    config_path, result_path = os.path.join(run.dir, "config.json"), os.path.join(run.dir, "result.json")
+    if not os.path.exists(config_path):
         return None
-    with open(config) as f:
+    with open(config_path) as f:
         was = json.load(f).get("identity", {})
     differ = [k for k in sorted(identity.keys() | was.keys()) if identity.get(k) != was.get(k)]
     if differ:
         changes = "; ".join(f"{k} {brief(was.get(k))} -> {brief(identity.get(k))}" for k in differ)
         sys.exit(f"train.py: {run.dir} holds another run ({changes}): choose another --name, or delete the folder to "
                  "start over")
-    if not os.path.exists(result):
+    if not os.path.exists(result_path):
         return None
-    with open(result) as f:
+    with open(result_path) as f:
         result = json.load(f)
     if run.master:
         print(f"{run.name}: already finished (val error {result['val_error']:.2f}%), not redone")
@@ -535,7 +532,7 @@ def main(argv=None):
     run.name = args.name or f"{args.arch}-{size}-d{args.samples or 'all'}-s{args.seed}-{short_hash}"
     run.dir = os.path.join(args.runs, run.name)
     run.last = os.path.join(run.dir, "last.pt")
-    result = finished_result(run, identity)
+    result = check_run_dir(run, identity)  # another run there: one line and exit
     if result is not None:
         return result
     run.streams = {"--val": open_stream(run, "--val", args.val, loop=False)}  # --test sets by name

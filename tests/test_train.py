@@ -215,7 +215,7 @@ def test_fine_tune_a_36_char_checkpoint_onto_a_new_charset(learned, tmp_path, ca
 
 
 def checkpoint(path, arch, size, charset, **fields):
-    """A checkpoint in the seam's format (train.py's best.pt, model.py convert-*) of a freshly built model."""
+    """A checkpoint in the format of train.py's best.pt and model.py convert-* of a freshly built model."""
     tok = data.CharTokenizer(charset)
     cfg = modellib.make_config(arch, size, tok.vocab_size, **fields)
     torch.manual_seed(12345)  # not the runs' seed: a fresh row differs from the checkpoint's
@@ -309,6 +309,7 @@ def test_checkpoint_cadence_fp16_scaler_and_atomic_writes(shards, tmp_path, monk
     # 20 steps: every 48 samples (3 steps), every tenth of the run (2 steps) and at the end, not at evals
     assert [s for f, s in saved if f == "last.pt"] == sorted({*range(3, 21, 3), *range(2, 21, 2)})
     assert [s for f, s in saved if f == "best.pt"][:1] == [5]
+    assert {f for f, _ in saved} == {"config.json", "metrics.jsonl", "best.pt", "last.pt", "result.json"}  # all atomic
     saved.clear()
     train.main(base_args(shards, tmp_path, "fp16", *args, "--train-samples", "160", "--save-every", "0m", "--dtype", "fp16"))
     assert [s for f, s in saved if f == "last.pt"] == list(range(1, 11))  # minutes: every step once due
