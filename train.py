@@ -39,7 +39,7 @@ import data
 import model as modellib
 
 # Per-size recipes: paper §4 for the study's sizes (PARSeq lr 7e-4 scaled by batch/256 in its code base, we keep
-# it fixed at the study's batch); tiny sizes from the design notes' CPU probe (lr falls with width).
+# it fixed at the study's batch); the tiny sizes' lr from a CPU probe (lr falls with width).
 RECIPES = {
     ("trocr", "S"): dict(batch=1024, lr=4e-4), ("trocr", "B"): dict(batch=256, lr=1e-4),
     ("trocr", "L"): dict(batch=128, lr=4e-5), ("trocr", "H"): dict(batch=128, lr=4e-5),
@@ -50,8 +50,8 @@ TINY_LR = {"T1": 3e-3, "T2": 3e-3, "T3": 2.5e-3, "T4": 2e-3, "T5": 1.8e-3, "T6":
 DEFAULTS = dict(batch=64, lr=2e-3, weight_decay=0.05, schedule="cosine", warmup=0.05, clip=1.0)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 # may change when a run is resumed: the layout of processes, workers and micro-batches, cadences, output
-NOT_IDENTITY = ("micro_batch", "workers", "threads", "device", "save_every", "eval_every", "max_bad_steps", "name", "runs",
-                "resume", "tag", "bar_position", "quiet")
+NOT_IDENTITY = ("micro_batch", "workers", "threads", "device", "save_every", "eval_every", "max_bad_steps", "name",
+                "runs", "resume", "tag", "bar_position", "quiet")
 TRAIN_ONLY = ("dropout", "attn_dropout", "act_dropout", "pos_std", "init_std")  # a size's fields that shape no tensor
 VOCAB = ("tok_emb.weight", "text_emb.weight", "head.weight", "head.bias")  # rows by token id (head: V - 2 rows)
 FLOPS_CONVENTION = ("C = sum over optimizer steps of train_flops_per_sample(cfg, padded label length of each micro-batch) "
@@ -68,14 +68,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=["trocr", "parseq"], default=None, help="default parseq (--init: the checkpoint's)")
     p.add_argument("--size", default=None, help="S|B|L|H (the study) or T1..T7 (tiny, CPU); default T4 (--init: below)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a model config field, e.g. --set enc_width=96 --set img_w=128")
-    p.add_argument("--train", action="append", required=True, metavar="DIR[:WEIGHT]",
-                   help="training shards: a folder, a glob or the URL of a folder (http(s)://, s3://, gs://, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a model config field, e.g. img_w=128")
+    p.add_argument("--train", action="append", required=True, metavar="DIR[:WEIGHT]", help="shards: folder, glob or URL")
     p.add_argument("--val", required=True, metavar="DIR", help="validation shards (a folder or URL)")
     p.add_argument("--test", action="append", default=[], metavar="NAME=DIR", help="test sets, evaluated at the end")
-    p.add_argument("--read-block", type=int, default=None, help="consecutive samples read together (default: 1 for "
-                   "local shards, 64 for URLs; raise it for shards on a network filesystem)")
+    p.add_argument("--read-block", type=int, default=None, help="samples read together (default 1 local, 64 URLs)")
     p.add_argument("--charset", default=None, help="36 (default), 94, the characters or @FILE (UTF-8); --init: a new vocab")
     p.add_argument("--spm", default=None, help="SentencePiece model file (python data.py spm ...) instead of chars")
     p.add_argument("--samples", type=int, default=None, help="D: use only the first D usable training images (default all)")
@@ -90,27 +87,25 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=None, help="warm-up as a fraction of training")
     p.add_argument("--clip", type=float, default=None, help="gradient norm clip (0 = off)")
     p.add_argument("--ema", type=float, default=0.0, help="weight-averaging decay (0 = off), e.g. 0.999")
-    p.add_argument("--ema-start", type=float, default=0.75, help="start averaging after this fraction (PARSeq: last quarter)")
+    p.add_argument("--ema-start", type=float, default=0.75, help="start averaging after this fraction (PARSeq: 0.75)")
     p.add_argument("--augment", action="store_true", help="light geometric/photometric augmentation")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every this many samples (default: 10 evals)")
     p.add_argument("--save-every", type=save_interval, default="15m", help="write last.pt every 15m (minutes) or N samples")
     p.add_argument("--beam", type=int, default=1, help="TrOCR beam width at evaluation")
-    p.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="rank TrOCR's final beam by score / length (fairseq's default)")
+    p.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=True, help="TrOCR: score / length")
     p.add_argument("--refine-iters", type=int, default=1, help="PARSeq cloze refinement passes at evaluation")
-    p.add_argument("--init", default=None, help="fine-tune this checkpoint's own model (--set may change it, e.g. a smaller "
-                   "max_len) and tokenizer; recipe (lr, ...): the size's whose fields it has, else the defaults (converted)")
+    p.add_argument("--init", default=None, help="fine-tune this checkpoint's model (--set may change it) and "
+                   "tokenizer; recipe: the size's whose fields it has, else the defaults (converted)")
     p.add_argument("--resume", action="store_true", help="insist on resuming (re-running a run name always resumes)")
     p.add_argument("--name", default=None, help="run name (default: ARCH-SIZE-dD-sSEED-HASH, HASH: of the run's identity)")
     p.add_argument("--runs", default="runs", help="root folder of run folders")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on GPU, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (labels then pad to max_len)")
-    p.add_argument("--workers", type=int, default=None, help="data loader workers per process (default: 0 on CPU, 6 on GPU)")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers per process (default: 0 CPU, 6 GPU)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="non-finite losses to skip before stopping")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per process (default: 1 for the tiny sizes, else cores / processes)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: 1 tiny, else cores / procs)")
     p.add_argument("--tag", default=None, help="free-form label saved in config.json (fit.py --where tag=...)")
     p.add_argument("--bar-position", type=int, default=0, help="tqdm line, when several runs share a terminal")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -120,16 +115,12 @@ def parse_args(argv=None):
 def get_lr(step, total_steps, args):
     """Learning rate at optimizer step `step`: linear (cosine for OneCycle) warm-up, then cosine decay."""
     warm = max(1, int(args.warmup * total_steps))
-    if args.schedule == "onecycle":  # torch's OneCycleLR shape: lr/25 -> lr -> lr/25e4, cosine both ways
-        lo, end = args.lr / 25, args.lr / 25e4
-        if step < warm:
-            return lo + (args.lr - lo) * (1 - math.cos(math.pi * step / warm)) / 2
-        t = (step - warm) / max(1, total_steps - warm)
-        return end + (args.lr - end) * (1 + math.cos(math.pi * t)) / 2
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    t = (step - warm) / max(1, total_steps - warm)
-    return args.lr * (1 + math.cos(math.pi * min(1.0, t))) / 2
+    lo, end = (args.lr / 25, args.lr / 25e4) if args.schedule == "onecycle" else (0.0, 0.0)  # torch's OneCycleLR
+    if step >= warm:
+        return end + (args.lr - end) * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm)))) / 2
+    if args.schedule == "onecycle":
+        return lo + (args.lr - lo) * (1 - math.cos(math.pi * step / warm)) / 2
+    return args.lr * (step + 1) / warm
 
 
 def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}; make_config rejects unknown fields
@@ -172,10 +163,46 @@ def tokenizer_and_config(args):
         sys.exit(f"train.py: {e}")
     recipe = {**DEFAULTS, **({"lr": TINY_LR[args.size]} if args.size in TINY_LR else {}),
               **RECIPES.get((args.arch, args.size), {})}
-    for key, value in recipe.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    vars(args).update({key: value for key, value in recipe.items() if getattr(args, key) is None})
     return tok, cfg, ckpt
+
+
+def setup(args, cfg, tok):
+    """The run: processes (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE), device, threads, precision, workers and
+    micro-batches; main adds D, total_steps, name, dir, last (last.pt's path) and streams (--val, then --test's)."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        # tiny sizes: one thread. On 2 cores a second thread gives -5% to +11% alone (PARSeq-T1/T4/T6, TrOCR-T4), and
+        # loses 75-97% beside another such run (their threads spin waiting for each other): bench_train.py --threads
+        torch.set_num_threads(args.threads or (1 if args.size in TINY_LR else
+                                               max(1, data.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    micro = args.micro_batch or args.batch // world
+    accum = args.batch // (micro * world) if micro else 0
+    if accum < 1 or accum * micro * world != args.batch:
+        sys.exit(f"--batch {args.batch} must be a multiple of micro-batch {micro} x {world} processes")
+    dtype = {"auto": torch.bfloat16 if use_cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16,
+             "fp32": None}[args.dtype]
+    return types.SimpleNamespace(args=args, cfg=cfg, tok=tok, rank=rank, world=world, master=rank == 0, device=device,
+                                 use_cuda=use_cuda, micro=micro, accum=accum, dtype=dtype,
+                                 autocast=torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
+                                 workers=args.workers if args.workers is not None else (6 if use_cuda else 0))
+
+
+def open_stream(run, flag, sources, **options):
+    """A data.ShardStream, opened and checked now on every rank (not after hours of training); else one line."""
+    try:
+        return data.ShardStream(sources, run.cfg.img_h, run.cfg.img_w, run.micro, getattr(run.tok, "charset", None),
+                                max_len=run.cfg.max_len, rank=run.rank, world_size=run.world, fold=run.tok.fold,
+                                tokenizer=run.tok, block=run.args.read_block, **options)
+    except (ValueError, OSError) as e:
+        sys.exit(f"train.py: {flag}: {e}")
 
 
 def source(path):  # a data folder or file as one string in any working directory: absolute, or a URL
@@ -203,20 +230,32 @@ def brief(value):  # a config value in a one-line message; paths differ in their
     return text if len(text) <= 40 else "..." + text[-37:]
 
 
-def check_identity(run_dir, identity):
-    """One line and exit when run_dir holds a run of another identity: never resume onto other data or settings, never
-    report another run as this one's result."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        was = json.load(f).get("identity")
-    if was is None:
-        sys.exit(f"train.py: {run_dir} holds a run of an older train.py (no identity recorded): choose another --name")
+def check_run_dir(run, identity):
+    """result.json when run.dir holds this run finished, else None; one line and exit when it holds a run of another
+    identity: never resume onto other data or settings, never report another run as this one's result."""
+    config_path, result_path = os.path.join(run.dir, "config.json"), os.path.join(run.dir, "result.json")
+    if not os.path.exists(config_path):
+        return None
+    with open(config_path) as f:
+        was = json.load(f).get("identity", {})
     differ = [k for k in sorted(identity.keys() | was.keys()) if identity.get(k) != was.get(k)]
     if differ:
-        sys.exit(f"train.py: {run_dir} holds another run ({'; '.join(f'{k} {brief(was.get(k))} -> {brief(identity.get(k))}' for k in differ)}): "
-                 "choose another --name, or delete the folder to start over")
+        changes = "; ".join(f"{k} {brief(was.get(k))} -> {brief(identity.get(k))}" for k in differ)
+        sys.exit(f"train.py: {run.dir} holds another run ({changes}): choose another --name, or delete the folder to "
+                 "start over")
+    if not os.path.exists(result_path):
+        return None
+    with open(result_path) as f:
+        result = json.load(f)
+    if run.master:
+        print(f"{run.name}: already finished (val error {result['val_error']:.2f}%), not redone")
+    return result
+
+
+def tensor_groups(names):  # 'encoder.blocks.0.norm1.bias' -> 'encoder.blocks', in order, once each
+    parts = [name.split(".") for name in names]
+    groups = (".".join(p[:next((i for i, part in enumerate(p) if part.isdigit()), len(p))]) for p in parts)
+    return ", ".join(dict.fromkeys(g.removesuffix(".weight").removesuffix(".bias") for g in groups)) or "none"
 
 
 def load_init(raw_model, tok, ckpt, path):
@@ -225,7 +264,7 @@ def load_init(raw_model, tok, ckpt, path):
     fresh. One line and exit when under 90% of its tensors load, else one line saying what was loaded."""
     old_tok, state, loaded, remapped = data.load_tokenizer(ckpt["tokenizer"]), raw_model.state_dict(), [], []
     V, old_V = tok.vocab_size, old_tok.vocab_size
-    old_ids = {text: i + 1 for i, text in enumerate(old_tok.tokens)}  # the seams' ids: 0 EOS, 1..V-3 text, V-2 BOS, V-1 PAD
+    old_ids = {text: i + 1 for i, text in enumerate(old_tok.tokens)}  # ids: 0 EOS, 1..V-3 text, V-2 BOS, V-1 PAD
     pairs = [(0, 0), (V - 2, old_V - 2), (V - 1, old_V - 1)]  # (new id, old id)
     pairs += [(i + 1, old_ids[text]) for i, text in enumerate(tok.tokens) if text in old_ids]
     for name in [name for name in ckpt["model"] if name in state]:  # by name only
@@ -239,14 +278,12 @@ def load_init(raw_model, tok, ckpt, path):
             new.copy_(old[:, :new.shape[1]] if prefix else old)
             loaded.append(name)
     done = set(loaded + remapped)
-    groups = lambda names: ", ".join(dict.fromkeys(  # noqa: E731  'encoder.blocks.0.norm1.bias' -> 'encoder.blocks'
-        ".".join(p[:next((i for i, part in enumerate(p) if part.isdigit()), len(p))]).removesuffix(".weight").removesuffix(
-            ".bias") for p in (n.split(".") for n in names if n not in done))) or "none"
-    counts, missed = f"{len(done)}/{len(ckpt['model'])} tensors", groups(ckpt["model"])
+    counts, missed = f"{len(done)}/{len(ckpt['model'])} tensors", tensor_groups(n for n in ckpt["model"] if n not in done)
     if len(done) < 0.9 * len(ckpt["model"]):
         sys.exit(f"train.py: --init {path}: only {counts} fit the model (changed by --set?); not loaded: {missed}")
     shared = f", rows of {len(pairs) - 3}/{len(tok.tokens)} shared tokens in {', '.join(remapped)}" if remapped else ""
-    return f"--init {path}: loaded {counts}{shared}; not loaded: {missed}; fresh: {groups(state)}"
+    fresh = tensor_groups(n for n in state if n not in done)
+    return f"--init {path}: loaded {counts}{shared}; not loaded: {missed}; fresh: {fresh}"
 
 
 def peak_flops(device):  # the dense 16-bit peak of a known GPU, else None (no MFU)
@@ -260,8 +297,8 @@ def git_commit():
 
 
 def atomic_save(obj, path):
-    """Write obj (bytes as they are, anything else with torch.save) to path.tmp, flush it to disk, rename it over
-    path and flush the folder: a kill or power cut leaves the old file or the new one, never a torn one."""
+    """Every file of a run folder is written this way: obj (bytes as they are, anything else with torch.save) to
+    path.tmp, flushed to disk, renamed over path, the folder flushed: a kill leaves the old file or the new one."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
@@ -271,6 +308,16 @@ def atomic_save(obj, path):
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the new name is on disk too
     os.fsync(folder)
     os.close(folder)
+
+
+def log_row(path, row):
+    """metrics.jsonl rewritten with its rows of earlier steps, then `row`: a run killed after an eval but before its
+    checkpoint logs that eval again when resumed, and replaces the row (and a torn line) then."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < row["step"]]
+    atomic_save("".join(rows + [json.dumps(row) + "\n"]).encode(), path)
 
 
 stop_signal = None  # set by the first SIGTERM/SIGINT: the loop saves last.pt after the current step and exits
@@ -308,280 +355,258 @@ def evaluate(net, tok, stream, decode_options, workers, device, autocast, cased=
                 unreadable=int(unreadable), confidence=100 * confidence / words, label_length=characters / words)
 
 
-def log_eval(row, eval_model, tok, cfg, args, eval_args, streams, run_dir, prog, master):
-    """Evaluate on --val (and every --test set when row['final']), append the row to metrics.jsonl, keep the
-    weights of a new best val error (ties: lower val loss) in best.pt. Returns the row."""
-    val = evaluate(eval_model, tok, streams["val"], *eval_args)
-    row.update(val_loss=val["loss"], val_error=val["error"], val_ned=val["ned"], val_n=val["n"], val_unreadable=val["unreadable"])
-    if row["final"] and args.test:
-        row["tests"] = {name: {k: r[k] for k in ("error", "ned", "n", "unreadable")} for name, r in (
-            (name, evaluate(eval_model, tok, stream, *eval_args)) for name, stream in streams["tests"].items())}
+def resume(run, state, path):
+    """last.pt into state; every rank's RNG state under the same process count, else a seed from the step."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+    except pickle.UnpicklingError as e:  # e.g. numpy RNG states
+        sys.exit(f"train.py: cannot resume from {path} ({str(e).splitlines()[0]}); move it away to start over")
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["ema"] is not None:
+        state.ema = copy.deepcopy(state.model)
+        state.ema.load_state_dict(ckpt["ema"])
+    vars(state.prog).update({k: ckpt[k] for k in vars(state.prog)})
+    if len(ckpt["rng"]) == run.world:
+        torch.set_rng_state(ckpt["rng"][run.rank][0])
+        if run.use_cuda and ckpt["rng"][run.rank][1:]:  # this process's GPU
+            torch.cuda.set_rng_state(ckpt["rng"][run.rank][1])
+    else:  # another process count: per-rank RNG streams cannot carry over
+        torch.manual_seed(run.args.seed * 1000003 + state.prog.step * run.world + run.rank)
+    if run.master:
+        print(f"{run.name}: resuming at step {state.prog.step} ({state.prog.samples:,} samples, {len(ckpt['rng'])} -> "
+              f"{run.world} processes)")
+
+
+def train_step(run, state, batches, meter, lr, save_vote):
+    """One optimizer step of run.accum micro-batches per process, skipped when no sample was readable or the loss or
+    gradients are not finite. Returns the all-reduced save vote and stop signal, and whether the step was taken."""
+    args, model, optimizer, scaler, prog = run.args, state.model, state.optimizer, state.scaler, state.prog
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    stats = torch.zeros(6, dtype=torch.float64, device=run.device)  # loss sum, tokens, FLOPs, save vote, unreadable, stop
+    stats[3] = save_vote  # a fill, not a host-to-device copy that would wait for the last step's kernels
+    stats[5] = stop_signal or 0  # any rank signalled: all stop after this step
+    for micro_step in range(run.accum):
+        t0 = time.time()
+        images, labels, unreadable = next(batches)  # unreadable samples were left out: a batch may be smaller
+        meter.wait += time.time() - t0
+        tokens = run.tok.encode(labels, length=run.cfg.max_len if args.compile else None)  # compile: one static shape
+        images, tokens = data.normalize(images.to(run.device, non_blocking=True)), tokens.to(run.device, non_blocking=True)
+        stats[4] += unreadable
+        if run.world > 1:  # sync gradients only on the last micro-step
+            state.net.require_backward_grad_sync = micro_step == run.accum - 1
+        with run.autocast:
+            loss_sum, n = state.net(images, tokens)  # summed over this micro-batch's tokens
+        scaler.scale(loss_sum / args.batch).backward()  # /batch keeps fp16 gradients in range; rescaled below
+        stats[:2] += torch.stack([loss_sum.detach(), n]).double()
+        stats[2] += modellib.train_flops_per_sample(run.cfg, dec_len=tokens.shape[1] - 2) * len(images)  # padded length
+    if run.world > 1:
+        dist.all_reduce(stats)
+    # DDP averaged the gradients over ranks; scale them to d(all token losses of the step) / (its token count)
+    scaler.unscale_(optimizer)
+    torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None],
+                        (run.world * args.batch / stats[1].clamp_min(1)).float())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip or math.inf)
+    loss_sum, tokens, flops, save_vote, unreadable, stop, grad_norm = torch.cat([stats, grad_norm.double().view(1)]).tolist()
+    prog.flops += flops
+    prog.position += args.batch  # a skipped step's data is not read again
+    prog.unreadable += int(unreadable)
+    meter.flops += flops
+    # With fp16 the scaler itself skips steps with inf gradients (and lowers its scale): those are not bad steps.
+    bad = not math.isfinite(loss_sum) or not (math.isfinite(grad_norm) or scaler.is_enabled())
+    if tokens == 0 or bad:  # tokens == 0: every sample of the step was unreadable (counted)
+        optimizer.zero_grad(set_to_none=True)
+        if bad:
+            scaler.update()  # fp16: closes this step's unscale_ and lowers the scale
+            prog.bad_steps += 1
+            if run.master:
+                tqdm.write(f"{run.name}: non-finite loss or gradients at step {prog.step} (skipped, "
+                           f"{prog.bad_steps}/{args.max_bad_steps})")
+            if prog.bad_steps >= args.max_bad_steps:
+                raise SystemExit(f"{run.name}: {prog.bad_steps} non-finite losses or gradients; stopping. {run.last} "
+                                 "holds the last good state; lower --lr, raise --warmup or use --dtype bf16/fp32")
+        return save_vote, stop, False
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    prog.step += 1
+    prog.samples += args.batch
+    prog.wall_s = time.time() - meter.start
+    prog.loss_sum += loss_sum
+    prog.tokens += tokens
+    meter.samples += args.batch
+    if args.ema > 0 and prog.step >= args.ema_start * run.total_steps:
+        state.ema = state.ema or copy.deepcopy(model)
+        with torch.no_grad():
+            torch._foreach_lerp_(list(state.ema.parameters()), list(model.parameters()), 1 - args.ema)
+    return save_vote, stop, True
+
+
+def log_eval(run, state, meter, lr, final):
+    """This step's metrics row: training since the last eval, --val (and the --test sets when final). Appended to
+    metrics.jsonl; the weights of a new best val error (ties: lower val loss) kept in best.pt. Returns the row."""
+    prog, net, elapsed, peak = state.prog, state.ema or state.model, time.time() - meter.window, peak_flops(run.device)
+    row = dict(step=prog.step, samples=prog.samples, epochs=prog.samples / run.D, flops=prog.flops,
+               wall_s=round(prog.wall_s, 2), gpu_hours=prog.wall_s * run.world / 3600 if run.use_cuda else None, lr=lr,
+               train_loss=prog.loss_sum / prog.tokens, samples_per_s=meter.samples / elapsed,
+               data_wait=meter.wait / elapsed, unreadable=prog.unreadable, final=final,
+               mfu=meter.flops / elapsed / (peak * run.world) if peak and run.dtype else None)
+    options = dict(beam=run.args.beam, len_norm=run.args.beam_len_norm) if run.args.arch == "trocr" else \
+        dict(refine_iters=run.args.refine_iters)
+    scores = {name: evaluate(net, run.tok, stream, options, run.workers, run.device, run.autocast)
+              for name, stream in run.streams.items() if name == "--val" or final}
+    val = scores.pop("--val")
+    row.update(val_loss=val["loss"], val_error=val["error"], val_ned=val["ned"], val_n=val["n"],
+               val_unreadable=val["unreadable"])
+    if scores:
+        row["tests"] = {name: {k: r[k] for k in ("error", "ned", "n", "unreadable")} for name, r in scores.items()}
         row["test_error"] = data.weighted_average(row["tests"])
     if (val["error"], val["loss"]) < (prog.best_error, prog.best_loss):
         prog.best_error, prog.best_loss, prog.best_step = val["error"], val["loss"], row["step"]
-        if master:
-            atomic_save(dict(model=eval_model.state_dict(), model_config=dataclasses.asdict(cfg), tokenizer=tok.spec,
-                             step=row["step"], val_error=val["error"], val_loss=val["loss"]), os.path.join(run_dir, "best.pt"))
-    if master:
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if run.master:
+            atomic_save(dict(model=net.state_dict(), model_config=dataclasses.asdict(run.cfg), tokenizer=run.tok.spec,
+                             step=row["step"], val_error=val["error"], val_loss=val["loss"]),
+                        os.path.join(run.dir, "best.pt"))
+    if run.master:
+        log_row(os.path.join(run.dir, "metrics.jsonl"), row)
+    prog.loss_sum, prog.tokens = 0.0, 0.0
+    meter.window, meter.wait, meter.samples, meter.flops = time.time(), 0.0, 0, 0.0
     return row
 
 
-def save_checkpoint(path, raw_model, optimizer, scaler, ema, prog, cfg, tok, args, master):
+def save_checkpoint(run, state):
     """last.pt: the full state, with every rank's RNG state (gathered: every rank calls this). Only torch's global
     RNG drives training (dropout, PARSeq orders); the data order is a function of prog.position and the seed."""
     ranks = [[torch.get_rng_state(), *([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])]]
     if dist.is_initialized():
         ranks = ranks * dist.get_world_size()
         dist.all_gather_object(ranks, ranks[0])
-    if master:
-        atomic_save(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                         ema=ema.state_dict() if ema is not None else None, **vars(prog),
-                         rng=ranks,
-                         model_config=dataclasses.asdict(cfg), tokenizer=tok.spec, args=vars(args)), path)
+    if run.master:
+        atomic_save(dict(model=state.model.state_dict(), optimizer=state.optimizer.state_dict(),
+                         scaler=state.scaler.state_dict(), ema=state.ema.state_dict() if state.ema else None,
+                         **vars(state.prog), rng=ranks, model_config=dataclasses.asdict(run.cfg), tokenizer=run.tok.spec,
+                         args=vars(run.args)), run.last)
 
 
-def keep_metrics_upto(path, step):
-    """A run killed after logging an eval but before its checkpoint would log it twice: drop lines past `step`."""
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # drop a torn last line
-        atomic_save("".join(rows).encode(), path)
+def write_config(run, stream, identity, fit_group):  # config.json, and the run's start-up line
+    args, cfg, (total, non_embed) = run.args, run.cfg, modellib.count_params(run.cfg)
+    config = dict(vars(args), name=run.name, model=dataclasses.asdict(cfg), N=total, N_nonembed=non_embed, D=run.D,
+                  drops=stream.drops, flops_per_sample=modellib.train_flops_per_sample(cfg),
+                  flops_convention=FLOPS_CONVENTION, train_samples=run.total_steps * args.batch, tokenizer=run.tok.spec,
+                  git_commit=git_commit(), world_size=run.world, global_batch=args.batch, micro_batch=run.micro,
+                  accum=run.accum, identity=identity, fit_group=fit_group)
+    atomic_save(json.dumps(config, indent=1).encode(), os.path.join(run.dir, "config.json"))
+    drops = ", ".join(f"{k} {v:,}" for k, v in stream.drops.items()) or "none"
+    print(f"{run.name}: N={total:,} D={run.D:,} (dropped: {drops}), {run.total_steps:,} steps of {args.batch} = "
+          f"{run.micro} x {run.world} process(es) x {run.accum} micro-step(s), {run.device.type}, "
+          f"{str(run.dtype or 'fp32').replace('torch.', '')}, {torch.get_num_threads() if not run.use_cuda else '-'} threads")
+
+
+def write_result(run, stream, prog, row):  # result.json from the final metrics row, and the run's last line
+    drops = {k: v for k, v in dict(stream.drops, unreadable=prog.unreadable).items() if v}
+    result = dict(name=run.name, N=modellib.count_params(run.cfg)[0], D=run.D, C=prog.flops, epochs=prog.samples / run.D,
+                  drops=drops, best_step=prog.best_step, **{k: row.get(k) for k in (
+                      "step", "samples", "wall_s", "val_loss", "val_error", "val_ned", "tests", "test_error")})
+    if run.master:
+        atomic_save(json.dumps(result, indent=1).encode(), os.path.join(run.dir, "result.json"))
+        test = f", test error {row['test_error']:.2f}%" if row.get("test_error") is not None else ""
+        print(f"{run.name}: N={result['N']:,} D={run.D:,} C={prog.flops:.3g} FLOPs, {prog.samples:,} samples in "
+              f"{prog.wall_s:.0f}s, val error {row['val_error']:.2f}%{test}; best.pt: step {prog.best_step:,} "
+              f"(val error {prog.best_error:.2f}%, loss {prog.best_loss:.4f})")
+    return result
 
 
 def main(argv=None):
     args = parse_args(argv)
     tok, cfg, init = tokenizer_and_config(args)  # and args.arch, args.size, the recipe
-    # --- processes and devices: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain python is one process
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        # tiny sizes: one thread. On 2 cores a second thread gives -5% to +11% alone (PARSeq-T1/T4/T6, TrOCR-T4), and
-        # loses 75-97% beside another such run (their threads spin waiting for each other): bench_train.py --threads
-        torch.set_num_threads(args.threads or (1 if args.size in TINY_LR else
-                                               max(1, data.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
-    threads = torch.get_num_threads()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    master = rank == 0
-    dtype = {"auto": torch.bfloat16 if use_cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # bf16 keeps fp32's range: no scaling
-    workers = args.workers if args.workers is not None else (6 if use_cuda else 0)
-
-    # --- model, tokenizer, data
-    torch.manual_seed(args.seed)
-    raw_model = modellib.build_model(cfg).to(device)
-    micro = args.micro_batch or args.batch // world
-    accum = args.batch // (micro * world) if micro else 0
-    if accum < 1 or accum * micro * world != args.batch:
-        sys.exit(f"--batch {args.batch} must be a multiple of micro-batch {micro} x {world} processes")
-    settings = dict(max_len=cfg.max_len, rank=rank, world_size=world, fold=tok.fold, tokenizer=tok, block=args.read_block)
-    charset, flag = getattr(tok, "charset", None), "--train"
-    try:  # every set opened and checked now, on every rank, not after hours of training
-        stream = data.ShardStream(data.parse_sources(",".join(args.train)), cfg.img_h, cfg.img_w, micro, charset,
-                                  seed=args.seed, samples=args.samples, augment=args.augment, **settings)
-        flag = "--val"
-        streams = dict(val=data.ShardStream(args.val, cfg.img_h, cfg.img_w, micro, charset, loop=False, **settings), tests={})
-        for spec in args.test:
-            flag = f"--test {spec}"
-            test_name, _, path = spec.partition("=")
-            if not (test_name and path):
-                raise ValueError("takes NAME=DIR")
-            streams["tests"][test_name] = data.ShardStream(path, cfg.img_h, cfg.img_w, micro, charset, loop=False, **settings)
-    except (ValueError, OSError) as e:
-        sys.exit(f"train.py: {flag}: {e}")
-    D = stream.num_samples  # usable images: what a D axis means
-    train_samples = args.train_samples or int(args.epochs * D)
-    total_steps = max(1, train_samples // args.batch)
-    eval_every = max(1, (args.eval_every or train_samples // 10) // args.batch)  # in optimizer steps
-    save_minutes, save_samples = args.save_every
-    tenth = max(1, total_steps // 10)  # last.pt also every tenth of the run: a stop loses at most a tenth
-    identity, fit_group = run_identity(args, cfg, tok, D, total_steps * args.batch, dtype)
+    run = setup(args, cfg, tok)
+    stream = open_stream(run, "--train", ",".join(args.train), seed=args.seed, samples=args.samples, augment=args.augment)
+    run.D = stream.num_samples  # usable images: what a D axis means
+    train_samples = args.train_samples or int(args.epochs * run.D)
+    run.total_steps = max(1, train_samples // args.batch)
+    identity, fit_group = run_identity(args, cfg, tok, run.D, run.total_steps * args.batch, run.dtype)
     short_hash = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:6]
     size = args.size or os.path.splitext(os.path.basename(args.init))[0]  # a model of no --size: the checkpoint's name
-    name = args.name or f"{args.arch}-{size}-d{args.samples or 'all'}-s{args.seed}-{short_hash}"
-    run_dir = os.path.join(args.runs, name)
-    last_path, metrics_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "metrics.jsonl")
-    total, non_embed = modellib.count_params(cfg)
-    config = dict(vars(args), name=name, model=dataclasses.asdict(cfg), N=total, N_nonembed=non_embed, D=D,
-                  drops=stream.drops, flops_per_sample=modellib.train_flops_per_sample(cfg), flops_convention=FLOPS_CONVENTION,
-                  train_samples=total_steps * args.batch, tokenizer=tok.spec, git_commit=git_commit(),
-                  world_size=world, global_batch=args.batch, micro_batch=micro, accum=accum, identity=identity,
-                  fit_group=fit_group)
-    check_identity(run_dir, identity)
-    if os.path.exists(os.path.join(run_dir, "result.json")):
-        with open(os.path.join(run_dir, "result.json")) as f:
-            result = json.load(f)
-        if master:
-            print(f"{name}: already finished (val error {result['val_error']:.2f}%), not redone")
+    run.name = args.name or f"{args.arch}-{size}-d{args.samples or 'all'}-s{args.seed}-{short_hash}"
+    run.dir = os.path.join(args.runs, run.name)
+    run.last = os.path.join(run.dir, "last.pt")
+    result = check_run_dir(run, identity)  # another run there: one line and exit
+    if result is not None:
         return result
+    run.streams = {"--val": open_stream(run, "--val", args.val, loop=False)}  # --test sets by name
+    for spec in args.test:
+        name, _, path = spec.partition("=")
+        if not (name and path):
+            sys.exit(f"train.py: --test {spec}: takes NAME=DIR")
+        run.streams[name] = open_stream(run, f"--test {spec}", path, loop=False)
 
-    decay = [p for n, p in raw_model.named_parameters() if p.dim() >= 2 and "pos" not in n]
-    no_decay = [p for n, p in raw_model.named_parameters() if not (p.dim() >= 2 and "pos" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=tuple(float(b) for b in args.betas.split(",")), fused=use_cuda)
-    # where the run stands (saved in last.pt); loss_sum / tokens since the last eval = the next row's train loss;
-    # position: the global sample position of the next step's data (skipped steps used theirs too)
+    torch.manual_seed(args.seed)
+    model = modellib.build_model(cfg).to(run.device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos" not in n)]
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                                  lr=args.lr, betas=tuple(float(b) for b in args.betas.split(",")), fused=run.use_cuda)
+    # prog: where the run stands, saved in last.pt; position: the global sample position of the next step's data;
+    # loss_sum / tokens since the last eval: the next row's train loss
     prog = types.SimpleNamespace(step=0, samples=0, position=0, flops=0.0, wall_s=0.0, bad_steps=0, unreadable=0,
                                  best_error=math.inf, best_loss=math.inf, best_step=None, loss_sum=0.0, tokens=0.0)
-    ema = None
-
-    # --- resume: same run name and identity; any layout of processes, workers and micro-batches continues exactly
-    if os.path.exists(last_path):
-        try:
-            ckpt = torch.load(last_path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-        except pickle.UnpicklingError as e:  # e.g. written by an older train.py (numpy RNG states)
-            sys.exit(f"train.py: cannot resume from {last_path} ({str(e).splitlines()[0]}); move it away to start over")
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ckpt["ema"] is not None:
-            ema = copy.deepcopy(raw_model)
-            ema.load_state_dict(ckpt["ema"])
-        if any(k not in ckpt for k in vars(prog)):
-            sys.exit(f"train.py: cannot resume from {last_path}: an older train.py wrote it; move it away to start over")
-        prog = types.SimpleNamespace(**{k: ckpt[k] for k in vars(prog)})
-        if len(ckpt["rng"]) == world:
-            torch.set_rng_state(ckpt["rng"][rank][0])
-            if use_cuda and ckpt["rng"][rank][1:]:  # this process's GPU
-                torch.cuda.set_rng_state(ckpt["rng"][rank][1])
-        else:  # another process count: per-rank RNG streams cannot carry over
-            torch.manual_seed(args.seed * 1000003 + prog.step * world + rank)
-        if master:
-            print(f"{name}: resuming at step {prog.step} ({prog.samples:,} samples, {len(ckpt['rng'])} -> {world} processes)")
+    state = types.SimpleNamespace(model=model, net=model, optimizer=optimizer, ema=None, prog=prog,
+                                  scaler=torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16))
+    if os.path.exists(run.last):  # any layout of processes, workers and micro-batches continues exactly
+        resume(run, state, run.last)
     elif args.resume:
-        sys.exit(f"--resume: no checkpoint at {last_path}")
+        sys.exit(f"--resume: no checkpoint at {run.last}")
     elif args.init:
-        line = load_init(raw_model, tok, init, args.init)
-        if master:
+        line = load_init(model, tok, init, args.init)
+        if run.master:
             print(line)
     del init  # its tensors
-    if master:
-        os.makedirs(run_dir, exist_ok=True)
-        atomic_save(json.dumps(config, indent=1).encode(), os.path.join(run_dir, "config.json"))
-        keep_metrics_upto(metrics_path, prog.step)
-    net = torch.compile(raw_model) if args.compile else raw_model
-    if world > 1:
-        net = DDP(net, device_ids=[local_rank] if use_cuda else None)
-    peak = peak_flops(device) if dtype else None
-    decode_options = dict(beam=args.beam, len_norm=args.beam_len_norm) if args.arch == "trocr" else \
-        dict(refine_iters=args.refine_iters)
-    eval_args = (decode_options, workers, device, autocast)
-    if master:
-        drops = ", ".join(f"{k} {v:,}" for k, v in stream.drops.items()) or "none"
-        print(f"{name}: N={total:,} D={D:,} (dropped: {drops}), {total_steps:,} steps of {args.batch} = {micro} x {world} "
-              f"process(es) x {accum} micro-step(s), {device.type}, {str(dtype or 'fp32').replace('torch.', '')}, "
-              f"{threads if not use_cuda else '-'} threads")
+    if run.master:
+        os.makedirs(run.dir, exist_ok=True)
+        write_config(run, stream, identity, fit_group)
+    state.net = torch.compile(model) if args.compile else model
+    if run.world > 1:
+        state.net = DDP(state.net, device_ids=[run.device.index] if run.use_cuda else None)
 
     # --- the loop
-    batches = iter(stream.loader(workers, start=prog.position, pin_memory=use_cuda))
-    bar = tqdm(total=total_steps * args.batch, initial=prog.samples, unit="img", desc=name, disable=not master or args.quiet,
-               dynamic_ncols=True, position=args.bar_position, leave=True)
-    wall_start, started, last_save = prog.wall_s, time.time(), time.time()
-    window = dict(start=started, wait=0.0, samples=0, flops=0.0)  # throughput since the last eval (or resume)
-    if prog.step >= total_steps:  # resumed from the checkpoint written after the final eval
-        with open(metrics_path) as f:
+    batches = iter(stream.loader(run.workers, start=prog.position, pin_memory=run.use_cuda))
+    bar = tqdm(total=run.total_steps * args.batch, initial=prog.samples, unit="img", desc=run.name, dynamic_ncols=True,
+               disable=not run.master or args.quiet, position=args.bar_position, leave=True)
+    # meter: the origin of prog.wall_s, the time of the last save; throughput since the last eval (or the start)
+    now = time.time()
+    meter = types.SimpleNamespace(start=now - prog.wall_s, saved=now, window=now, wait=0.0, samples=0, flops=0.0)
+    eval_every = max(1, (args.eval_every or train_samples // 10) // args.batch)  # in optimizer steps
+    tenth = max(1, run.total_steps // 10)  # last.pt also every tenth of the run: a stop loses at most a tenth
+    save_minutes, save_samples = args.save_every
+    if prog.step >= run.total_steps:  # resumed from the checkpoint written after the final eval
+        with open(os.path.join(run.dir, "metrics.jsonl")) as f:
             row = json.loads(f.readlines()[-1])
-    while prog.step < total_steps:
-        lr = get_lr(prog.step, total_steps, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        save_vote = master and save_minutes is not None and time.time() - last_save >= 60 * save_minutes
-        stats = torch.zeros(6, dtype=torch.float64, device=device)  # loss sum, tokens, FLOPs, save vote, unreadable, stop
-        stats[3] = save_vote  # a fill, not a host-to-device copy that would wait for the last step's kernels
-        stats[5] = stop_signal or 0  # any rank signalled: all stop after this step
-        for micro_step in range(accum):
-            t0 = time.time()
-            images, labels, unreadable = next(batches)  # unreadable samples were left out: a batch may be smaller
-            window["wait"] += time.time() - t0
-            tokens = tok.encode(labels, length=cfg.max_len if args.compile else None)  # compile: one static shape
-            images, tokens = data.normalize(images.to(device, non_blocking=True)), tokens.to(device, non_blocking=True)
-            stats[4] += unreadable
-            if world > 1:  # sync gradients only on the last micro-step
-                net.require_backward_grad_sync = micro_step == accum - 1
-            with autocast:
-                loss_sum, n = net(images, tokens)  # summed over this micro-batch's tokens
-            scaler.scale(loss_sum / args.batch).backward()  # /batch keeps fp16 gradients in range; rescaled below
-            stats[:2] += torch.stack([loss_sum.detach(), n]).double()
-            stats[2] += modellib.train_flops_per_sample(cfg, dec_len=tokens.shape[1] - 2) * len(images)  # padded length
-        if world > 1:
-            dist.all_reduce(stats)
-        # DDP averaged the gradients over ranks; scale them to d(all token losses of the step) / (its token count)
-        scaler.unscale_(optimizer)
-        torch._foreach_mul_([p.grad for p in raw_model.parameters() if p.grad is not None],
-                            (world * args.batch / stats[1].clamp_min(1)).float())
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip or math.inf)
-        loss_sum, step_tokens, step_flops, save_vote, unreadable, stop, grad_norm = torch.cat(
-            [stats, grad_norm.double().view(1)]).tolist()
-        prog.flops += step_flops
-        prog.position += args.batch
-        prog.unreadable += int(unreadable)
-        if step_tokens == 0:  # every sample of the step was unreadable (counted): nothing to learn from
-            optimizer.zero_grad(set_to_none=True)
+    while prog.step < run.total_steps:
+        lr = get_lr(prog.step, run.total_steps, args)
+        vote = run.master and save_minutes is not None and time.time() - meter.saved >= 60 * save_minutes
+        save_vote, stop, stepped = train_step(run, state, batches, meter, lr, vote)
+        if not stepped:
             continue
-        window["flops"] += step_flops
-        # Loss and gradients are the same on every rank, so all ranks skip together. With fp16 the scaler
-        # itself skips steps with inf gradients (and lowers its scale): those are not bad steps.
-        if not math.isfinite(loss_sum) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()  # fp16: closes this step's unscale_ and lowers the scale
-            prog.bad_steps += 1
-            if master:
-                tqdm.write(f"{name}: non-finite loss or gradients at step {prog.step} (skipped, {prog.bad_steps}/{args.max_bad_steps})")
-            if prog.bad_steps >= args.max_bad_steps:
-                raise SystemExit(f"{name}: {prog.bad_steps} non-finite losses or gradients; stopping. {last_path} holds "
-                                 "the last good state; lower --lr, raise --warmup or use --dtype bf16/fp32")
-            continue
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        prog.step += 1
-        prog.samples += args.batch
-        prog.wall_s = wall_start + time.time() - started
-        if args.ema > 0 and prog.step >= args.ema_start * total_steps:
-            ema = ema or copy.deepcopy(raw_model)
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - args.ema)
-        prog.loss_sum += loss_sum
-        prog.tokens += step_tokens
-        window["samples"] += args.batch
         bar.update(args.batch)
-        final = prog.step == total_steps
+        final = prog.step == run.total_steps
         if prog.step % eval_every == 0 or final:
-            elapsed = time.time() - window["start"]
-            row = dict(step=prog.step, samples=prog.samples, epochs=prog.samples / D, flops=prog.flops, wall_s=round(prog.wall_s, 2),
-                       gpu_hours=prog.wall_s * world / 3600 if use_cuda else None, lr=lr, train_loss=prog.loss_sum / prog.tokens,
-                       samples_per_s=window["samples"] / elapsed, data_wait=window["wait"] / elapsed,
-                       mfu=window["flops"] / elapsed / (peak * world) if peak else None, unreadable=prog.unreadable, final=final)
-            row = log_eval(row, ema or raw_model, tok, cfg, args, eval_args, streams, run_dir, prog, master)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", img_s=f"{row['samples_per_s']:.0f}", val_err=f"{row['val_error']:.1f}%")
-            window, prog.loss_sum, prog.tokens = dict(start=time.time(), wait=0.0, samples=0, flops=0.0), 0.0, 0.0
+            row = log_eval(run, state, meter, lr, final)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", img_s=f"{row['samples_per_s']:.0f}",
+                            val_err=f"{row['val_error']:.1f}%")
         if save_vote or final or stop or prog.step % tenth == 0 or \
                 save_samples and prog.samples // save_samples > (prog.samples - args.batch) // save_samples:
-            save_checkpoint(last_path, raw_model, optimizer, scaler, ema, prog, cfg, tok, args, master)
-            last_save = time.time()
+            save_checkpoint(run, state)
+            meter.saved = time.time()
         if stop and not final:
             bar.close()
-            if master:
-                print(f"{name}: stopped by {signal.Signals(int(stop)).name} after step {prog.step:,}; {last_path} holds it "
-                      "(the same command resumes)", file=sys.stderr)
+            if run.master:
+                print(f"{run.name}: stopped by {signal.Signals(int(stop)).name} after step {prog.step:,}; {run.last} "
+                      "holds it (the same command resumes)", file=sys.stderr)
             raise SystemExit(128 + int(stop))
     bar.close()
-    drops = {k: v for k, v in dict(stream.drops, unreadable=prog.unreadable).items() if v}
-    result = dict(name=name, N=total, D=D, C=prog.flops, epochs=prog.samples / D, drops=drops, best_step=prog.best_step,
-                  **{k: row.get(k) for k in ("step", "samples", "wall_s", "val_loss", "val_error", "val_ned", "tests",
-                                             "test_error")})
-    if master:
-        atomic_save(json.dumps(result, indent=1).encode(), os.path.join(run_dir, "result.json"))
-        print(f"{name}: N={total:,} D={D:,} C={prog.flops:.3g} FLOPs, {prog.samples:,} samples in {prog.wall_s:.0f}s, val error "
-              f"{row['val_error']:.2f}%" + (f", test error {row['test_error']:.2f}%" if row.get("test_error") is not None else "")
-              + f"; best.pt: step {prog.best_step:,} (val error {prog.best_error:.2f}%, loss {prog.best_loss:.4f})")
+    result = write_result(run, stream, prog, row)
     if dist.is_initialized():
         dist.barrier()
     return result

@@ -65,7 +65,7 @@ class Killed(Exception):
 def save_then_die(*args, **kwargs):
     """train.save_checkpoint, then the process 'dies': a kill right after the checkpoint of step 4."""
     REAL_SAVE_CHECKPOINT(*args, **kwargs)
-    if args[5].step == 4:  # args[5]: where the run stands
+    if args[1].prog.step == 4:  # args[1]: the training state
         raise Killed
 
 
@@ -215,7 +215,7 @@ def test_fine_tune_a_36_char_checkpoint_onto_a_new_charset(learned, tmp_path, ca
 
 
 def checkpoint(path, arch, size, charset, **fields):
-    """A checkpoint in the seam's format (train.py's best.pt, model.py convert-*) of a freshly built model."""
+    """A checkpoint in the format of train.py's best.pt and model.py convert-* of a freshly built model."""
     tok = data.CharTokenizer(charset)
     cfg = modellib.make_config(arch, size, tok.vocab_size, **fields)
     torch.manual_seed(12345)  # not the runs' seed: a fresh row differs from the checkpoint's
@@ -309,6 +309,7 @@ def test_checkpoint_cadence_fp16_scaler_and_atomic_writes(shards, tmp_path, monk
     # 20 steps: every 48 samples (3 steps), every tenth of the run (2 steps) and at the end, not at evals
     assert [s for f, s in saved if f == "last.pt"] == sorted({*range(3, 21, 3), *range(2, 21, 2)})
     assert [s for f, s in saved if f == "best.pt"][:1] == [5]
+    assert {f for f, _ in saved} == {"config.json", "metrics.jsonl", "best.pt", "last.pt", "result.json"}  # all atomic
     saved.clear()
     train.main(base_args(shards, tmp_path, "fp16", *args, "--train-samples", "160", "--save-every", "0m", "--dtype", "fp16"))
     assert [s for f, s in saved if f == "last.pt"] == list(range(1, 11))  # minutes: every step once due
