@@ -178,7 +178,7 @@ def setup(args, cfg, tok):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         # tiny sizes: one thread. On 2 cores a second thread gives -5% to +11% alone (PARSeq-T1/T4/T6, TrOCR-T4), and
-        # loses 75-97% beside another such run (their threads spin waiting for each other): bench_train.py --threads
+        # loses 75-97% beside another such run (their threads spin waiting for each other): tests/bench_train.py --threads
         torch.set_num_threads(args.threads or (1 if args.size in TINY_LR else
                                                max(1, data.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
     if world > 1 and not dist.is_initialized():
