@@ -4,22 +4,19 @@
     python fit.py runs/ --where arch=parseq --metric loss --plot plots/ --json
     python fit.py tests/trocr_size_points.csv --holdout N=largest    # the paper's TrOCR-H check
 
-The study (Rang et al. 2024, arXiv 2401.00028) fits E = (X_c / X)^alpha per axis X in {N, D, C} by least squares in
-log-log space, word error E as a fraction. This file: read runs -> group -> per-axis OLS -> holdout and extrapolation
--> joint law -> table -> plots.
-- Points: train.py's run folders (finished ones, with result.json, unless --include-unfinished) or a CSV, a run per
-  row (header: any of N, D, C, samples; one of E (word error %), acc (word accuracy %), loss; optional label and fit
-  group fields). Word error is read in percent, as train.py logs it; tables show percent.
-- Groups: runs are pooled only when their fit group (train.py's config.json "fit_group": arch, training sets and
-  weights, val set, tokenizer, --init, --set overrides, image size, eval setting; older runs and CSV rows: what they
-  record) is equal; each group is fitted on its own (--where FIELD=VALUE picks one).
-- Per axis: E(N) from each run's final eval (--best: its best) on the ladder of runs sharing (D, sample budget) with
-  the most distinct N, the median of a size's seeds; E(D) likewise; E(C) the lower envelope of every eval of every
-  run. Intervals: OLS t (n-2 dof) below 8 points, else a percentile bootstrap over runs. Each axis is refitted
-  without its largest 1 and 2 points to predict them; --holdout holds points out of every fit.
-- Joint: E = E_inf + A / N^alpha + B / D^beta on every run with N and D (Chinchilla approach 3: summed Huber loss,
-  delta 1e-3, on log E, from a grid of starts), bootstrapped over runs; the compute-optimal N and S (samples seen)
-  for C = c0 N^gamma S follow from it in closed form.
+Rang et al. 2024 (arXiv 2401.00028) fit E = (X_c / X)^alpha per axis X in {N, D, C} by least squares in log-log
+space, word error E as a fraction. Here: read runs -> group -> per-axis OLS -> holdout and extrapolation -> joint law
+-> table -> plots.
+- Runs: train.py's run folders (those with result.json unless --include-unfinished) or CSV rows (header: any of N, D,
+  C, samples; one of E (word error %), acc (word accuracy %), loss; optional label and fit group fields). Runs pool
+  only within a fit group (config.json "fit_group": arch, training sets, val set, tokenizer, --init, --set, image
+  size, eval setting; older runs and CSV rows: what they record); --where FIELD=VALUE picks one.
+- Per axis: E(N) from each run's final eval (--best: its best) on the ladder sharing (D, sample budget) with the most
+  distinct N, the median of a size's seeds; E(D) likewise; E(C) the lower envelope of every eval. Intervals: OLS t
+  (n-2 dof) below 8 points, else a percentile bootstrap over runs. Each axis is refitted without its largest 1 and 2
+  points to predict them; --holdout holds points out of every fit.
+- Joint: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: summed Huber loss, delta 1e-3, on log E, from
+  a grid of starts), bootstrapped over runs; the compute-optimal N and S (samples seen) for C = c0 N^gamma S.
 Error >= 99.5% (a model that reads nothing) is never fitted. Not done here: training, IsoFLOP parabolas.
 """
 import argparse
@@ -621,8 +618,8 @@ def _format_fit(fit, metric):
         return L + [f"  not fitted: {j['error']}"]
     L += [f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}" for k in JOINT]
     L.append(f"  {j['n_points']} runs, R2(log) {j['r2']:.4f}, RMSE(log) {j['rmse']:.4f}, loss {j['loss']:.6g}, "
-             f"{j['starts_at_best']}/{j['starts']} starts reached the best{'' if j['converged'] else ', NOT converged'}; "
-             f"bootstrap: {j['ci']['n_boot']} draws kept" +
+             f"{j['starts_at_best']}/{j['starts']} starts reached the best"
+             f"{'' if j['converged'] else ', NOT converged'}; bootstrap: {j['ci']['n_boot']} draws kept" +
              "".join(f", {n} dropped ({why})" for why, n in j["ci"]["dropped"].items()))
     h = j["holdout"] or {}
     L += [f"  held out N={n:.4g}, D={d:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u}"
