@@ -4,29 +4,24 @@
     python fit.py runs/ --where arch=parseq --metric loss --plot plots/ --json
     python fit.py tests/trocr_size_points.csv --holdout N=largest    # the paper's TrOCR-H check
 
-Laws (Rang et al. 2024, arXiv 2401.00028; ../shared/paper.md section 2), word error fitted as a FRACTION (tables show
-percent); each fit draws from its own random stream (seed, fit name):
-- per axis X in {N, D, C}: E = (X_c / X)^alpha, least squares in log-log space as the study fitted. Intervals: the OLS
-  t-interval below 8 points (a bootstrap over 3-5 points spans only the pairwise slopes), else a percentile bootstrap
-  over runs. Each axis is refitted without its largest 1 and 2 points to predict them. `--saturating`: E_inf + power.
-- joint: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: summed Huber on log E, L-BFGS-B from a grid of
-  starts), cross-checked by variable projection on the same objective; bootstrap draws that cannot identify the law
-  or do not converge are dropped and counted.
-- compute-optimal N and S (samples seen) for C = c0 N^gamma S, c0 N^gamma fitted to the runs' C / samples seen.
-Points: train.py's run folders (finished ones unless --include-unfinished) or a CSV, a run per row (header: any of N, D,
-C, samples; one of E, acc, loss; optional label, arch, seed; numbers may end in K/M/B/G, errors <= 1 are fractions).
-Runs are pooled only when their fit group (train.py's config.json "fit_group": arch, training sets and weights, val
-set, tokenizer, --init, --set overrides, image size, eval setting; older runs and CSV rows: what they record) is equal;
-each group is fitted on its own (--where FIELD=VALUE picks one). Within a group, E(N): each run's final eval (--best:
-its best) on the ladder of runs sharing (D, sample budget) with the most distinct N, the median of a size's seeds;
-E(D) likewise; E(C): the lower envelope of every eval of every run; the joint law: every run with N and D.
+Rang et al. 2024 (arXiv 2401.00028) fit E = (X_c / X)^alpha per axis X in {N, D, C} by least squares in log-log
+space, word error E as a fraction. Here: read runs -> group -> per-axis OLS -> holdout and extrapolation -> joint law
+-> table -> plots.
+- Runs: train.py's run folders (those with result.json unless --include-unfinished) or CSV rows (header: any of N, D,
+  C, samples; one of E (word error %), acc (word accuracy %), loss; optional label and fit group fields). Runs pool
+  only within a fit group (config.json "fit_group": arch, training sets, val set, tokenizer, --init, --set, image
+  size, eval setting; older runs and CSV rows: what they record); --where FIELD=VALUE picks one.
+- Per axis: E(N) from each run's final eval (--best: its best) on the ladder sharing (D, sample budget) with the most
+  distinct N, the median of a size's seeds; E(D) likewise; E(C) the lower envelope of every eval. Intervals: OLS t
+  (n-2 dof) below 8 points, else a percentile bootstrap over runs. Each axis is refitted without its largest 1 and 2
+  points to predict them; --holdout holds points out of every fit.
+- Joint: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: summed Huber loss, delta 1e-3, on log E, from
+  a grid of starts), bootstrapped over runs; the compute-optimal N and S (samples seen) for C = c0 N^gamma S.
 Error >= 99.5% (a model that reads nothing) is never fitted. Not done here: training, IsoFLOP parabolas.
 """
 import argparse
-import contextlib
+import collections
 import csv
-import ctypes
-import glob
 import json
 import math
 import os
@@ -34,8 +29,7 @@ import sys
 import zlib
 
 import numpy as np
-import scipy
-from scipy import optimize
+from scipy.optimize import least_squares
 from scipy.special import stdtrit  # Student t quantile: stdtrit(dof, p)
 
 METRICS = {"error": "val_error", "loss": "val_loss", "test": "test_error"}  # metrics.jsonl key per --metric
@@ -44,40 +38,69 @@ DELTA = 1e-3     # Huber delta on log E (Chinchilla approach 3)
 SMALL_N = 8      # below this many points an axis gets t-intervals instead of the run bootstrap
 AXES = ("N", "D", "C")
 GROUP = ("arch", "train", "val", "tokenizer", "init", "set", "img", "eval")  # train.py's fit_group fields
-SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
 JOINT = ("einf", "A", "alpha", "B", "beta")
+BOUNDS = ([-np.inf, 1e-4, -np.inf, 1e-4, -np.inf], [np.inf, 10, np.inf, 10, np.inf])  # (a, alpha, b, beta, e)
 
 # ----------------------------------------------------------------------------- reading runs
 
 def _num(v):
-    """A float from a number or a string such as '43.5M' (K, M, B, G suffixes); None if unreadable."""
-    s = v.strip() if isinstance(v, str) else v
-    mult = SUFFIX.get(s[-1:].upper(), 1.0) if isinstance(s, str) else 1.0
+    """A float from a number or a numeric string; None if it is neither. Every input number is parsed here."""
     try:
-        return float(s[:-1] if mult != 1.0 else s) * mult
+        return float(v)
     except (TypeError, ValueError):
         return None
 
 def _ok(v):
     return v is not None and math.isfinite(v) and v > 0
 
-def _matches(run, where):
-    """--where KEY=VALUE on a fit group field (none matches null or empty, a path as given or made absolute, train and
-    set any one of their items) or else on a config.json key (dotted for nested dicts, numbers compared as numbers)."""
-    for key, want in where.items():
-        want, v = str(want), run["group"].get(key) if key in GROUP else run["config"]
-        if key in GROUP:
-            shown = _show(key, v)
-            items = [p for p, _ in v or []] if key == "train" else shown.split(",") if key == "set" else [shown]
-            if not ({want, os.path.abspath(want)} & set(items) or want.lower() == "none" == shown):
-                return False
-            continue
-        for part in key.split("."):  # model.enc_width=64 reaches into nested dicts
-            v = v.get(part) if isinstance(v, dict) else None
-        numeric = _num(v) is not None and _num(want) is not None
-        if v is None or (_num(v) != _num(want) if numeric else str(v) != want):
-            return False
-    return True
+def _make_run(name, config, evals, finished, malformed=0):
+    """A run dict; its evals keep the numbers fit.py reads. The sample budget: config "train_samples", else the
+    samples seen at the last eval to 2 significant figures (absorbs batch rounding)."""
+    evals = [{k: _num(e.get(k)) for k in ("samples", "flops", *METRICS.values())} for e in evals]
+    budget = _num(config.get("train_samples"))
+    if budget is None and evals and _ok(evals[-1]["samples"]):
+        budget = float(f"{evals[-1]['samples']:.2g}")
+    return {"name": name, "config": config, "evals": evals, "finished": finished, "group": _fit_group(config),
+            "N": _num(config.get("N")), "D": _num(config.get("D")), "budget": budget, "malformed": malformed,
+            "skip": None if evals else "no evals in metrics.jsonl (still starting, or crashed before its first eval)"}
+
+def _read_run(folder):
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        return dict(_make_run(folder, {}, [], False), skip=f"unreadable config.json ({e})")
+    evals, path = [], os.path.join(folder, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in filter(str.strip, f):
+                try:
+                    evals.append(json.loads(line))
+                except json.JSONDecodeError:  # e.g. the last line of a run killed mid-write
+                    evals.append(None)
+    good = [e for e in evals if isinstance(e, dict)]
+    return _make_run(folder, config, good, os.path.exists(os.path.join(folder, "result.json")), len(evals) - len(good))
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}  # extra fields: key None
+                for row in csv.DictReader(f)]
+    cols = set(rows[0]) if rows else set()
+    if not rows or not cols & set(AXES) or not cols & {"E", "acc", "loss"}:
+        raise ValueError(f"{path}: needs a header with at least one of N, D, C and one of E (word error), acc "
+                         f"(word accuracy), loss, and at least one row; found columns {sorted(cols) or 'none'}")
+    runs = []
+    for i, row in enumerate(rows):
+        v = {k: _num(row.get(k)) for k in (*AXES, "samples", "E", "acc", "loss")}
+        err = v["E"] if "E" in cols else None if v["acc"] is None else 100 - v["acc"]
+        run = _make_run(row.get("label") or f"{path}:{i + 2}", {k: v.get(k, s) for k, s in row.items() if s != ""},
+                        [{"flops": v["C"], "samples": v["samples"], "val_error": err, "test_error": err,
+                          "val_loss": v["loss"]}], True)
+        bad = [f"{k}={row[k]!r}" for k in v if row.get(k) and v[k] is None]
+        runs.append(dict(run, skip=f"unreadable {', '.join(bad)}") if bad else run)
+    return runs
 
 def _items(v):
     """train.py's list of --train or --set arguments, or a CSV cell, as one list of its comma-separated items."""
@@ -104,9 +127,31 @@ def _fit_group(config):
 
 def _show(field, value):
     """A fit group field as text, as group names show it and --where compares it."""
-    return ("none" if value in (None, {}, []) else ",".join(p if w == 1 else f"{p}:{w:g}" for p, w in value)
-            if field == "train" else ",".join(f"{k}={v}" for k, v in value.items()) if field == "set" else
-            "x".join(map(str, value)) if field == "img" and isinstance(value, list) else str(value))
+    if value in (None, {}, []):
+        return "none"
+    if field == "train":
+        return ",".join(p if w == 1 else f"{p}:{w:g}" for p, w in value)
+    if field == "set":
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return "x".join(map(str, value)) if field == "img" and isinstance(value, list) else str(value)
+
+def _matches(run, where):
+    """--where KEY=VALUE on a fit group field (none matches null or empty, a path as given or made absolute, train and
+    set any one of their items) or else on a config.json key (dotted for nested dicts, numbers compared as numbers)."""
+    for key, want in where.items():
+        if key in GROUP:
+            v = run["group"].get(key)
+            shown = _show(key, v)
+            items = [p for p, _ in v or []] if key == "train" else shown.split(",") if key == "set" else [shown]
+            if not ({want, os.path.abspath(want)} & set(items) or want.lower() == "none" == shown):
+                return False
+            continue
+        v = run["config"]
+        for part in key.split("."):  # model.enc_width=64 reaches into nested dicts
+            v = v.get(part) if isinstance(v, dict) else None
+        if v is None or (_num(v) != _num(want) if None not in (_num(v), _num(want)) else str(v) != want):
+            return False
+    return True
 
 def _groups(runs):
     """[(name, fields, runs)] per distinct fit group, in the order first seen. A name shows only the fields in which
@@ -117,60 +162,9 @@ def _groups(runs):
     groups = [rs[0]["group"] for rs in members.values()]
     keys = dict.fromkeys(k for g in groups for k in (*GROUP, *g))  # a field train.py adds later splits groups too
     differ = [k for k in keys if len({json.dumps(g.get(k), sort_keys=True) for g in groups}) > 1]
-    shown = [[f"{k}={_show(k, g.get(k))}" for k in differ] for g in groups]
-    names = [" ".join(s if len(s) <= 48 else f"{s[:22]}...{s[-23:]}" for s in parts) for parts in shown]
+    parts = [[f"{k}={_show(k, g.get(k))}" for k in differ] for g in groups]
+    names = [" ".join(s if len(s) <= 48 else f"{s[:22]}...{s[-23:]}" for s in p) for p in parts]
     return list(zip(names, groups, members.values()))
-
-def _make_run(name, config, evals, finished, malformed=0):
-    # the sample budget: config "train_samples", else the samples seen at the last eval
-    budget = _num(config.get("train_samples"))
-    if budget is None and evals and _num(evals[-1].get("samples")):
-        budget = float(f"{_num(evals[-1]['samples']):.2g}")  # 2 significant figures absorb batch rounding
-    return {"name": name, "config": config, "evals": evals, "finished": finished, "group": _fit_group(config),
-            "N": _num(config.get("N")), "D": _num(config.get("D")), "budget": budget, "malformed": malformed,
-            "skip": None if evals else "no evals in metrics.jsonl (still starting, or crashed before its first eval)"}
-
-def _read_run(folder):
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            config = json.load(f)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        return dict(_make_run(folder, {}, [], False), skip=f"unreadable config.json ({e})")
-    evals, bad, path = [], 0, os.path.join(folder, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in filter(str.strip, f):
-                try:
-                    e = json.loads(line)
-                except json.JSONDecodeError:  # e.g. the last line of a run killed mid-write
-                    e = None
-                evals += [e] if isinstance(e, dict) else []
-                bad += not isinstance(e, dict)
-    return _make_run(folder, config, evals, os.path.exists(os.path.join(folder, "result.json")), bad)
-
-def _read_csv(path):
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}  # extra fields: key None
-                for row in csv.DictReader(f)]
-    cols = set(rows[0]) if rows else set()
-    if not rows or not cols & {"N", "D", "C"} or not cols & {"E", "acc", "loss"}:
-        raise ValueError(f"{path}: needs a header with at least one of N, D, C and one of E (word error), acc "
-                         f"(word accuracy), loss, and at least one row; found columns {sorted(cols) or 'none'}")
-    accs = [a for a in (_num(r.get("acc")) for r in rows) if a is not None and math.isfinite(a)]
-    top = 1.0 if accs and max(accs) <= 1 else 100.0  # accuracy as a fraction: error = 1 - acc (fit_all says so)
-    runs = []
-    for i, row in enumerate(rows):
-        acc = _num(row.get("acc"))
-        err = _num(row.get("E")) if "E" in cols else (None if acc is None else top - acc)
-        ev = {"flops": _num(row.get("C")), "samples": _num(row.get("samples")), "val_error": err, "test_error": err,
-              "val_loss": _num(row.get("loss"))}
-        config = {k: (_num(v) if k in AXES else v) for k, v in row.items() if k and v != ""}
-        bad = [f"{k}={row[k]!r}" for k in (*AXES, "samples", "E", "acc", "loss") if row.get(k) and _num(row[k]) is None]
-        run = _make_run(row.get("label") or f"{path}:{i + 2}", config, [ev], True)
-        runs.append(dict(run, skip=f"unreadable {', '.join(bad)}") if bad else run)
-    return runs
 
 def load_runs(paths, where=None):
     """Run dicts (name, config, evals, finished, group, N, D, budget, malformed, skip) from run folders (searched
@@ -187,41 +181,38 @@ def load_runs(paths, where=None):
         elif os.path.isdir(p):
             for root, dirs, files in os.walk(p):
                 dirs.sort()
-                if "config.json" in files:
-                    runs.append(_read_run(root))
+                runs += [_read_run(root)] if "config.json" in files else []
         else:
             raise FileNotFoundError(f"{p}: neither a folder of runs (config.json + metrics.jsonl) nor a .csv file")
-    return [r for r in runs if _matches(r, where)]
+    return [r for r in runs if _matches(r, {k: str(v) for k, v in where.items()})]
 
 # ----------------------------------------------------------------------------- points per axis
 
+def _pick_eval(run, key, best):
+    """The eval a run stands for: its last one with the metric, or (best) the lowest; None if none has it."""
+    evs = [e for e in run["evals"] if e[key] is not None]
+    good = [e for e in evs if _ok(e[key])]
+    return min(good, key=lambda e: e[key]) if best and good else evs[-1] if evs else None
+
 def _observations(run, axis, key, best):
-    """(n, 2) array of a run's (x, y) on an axis, or a string saying why it has none."""
+    """(n, 2) array of a run's (x, y) on an axis (C: every eval), or a string saying why it has none."""
     picked = _pick_eval(run, key, best)
     if picked is None:
         return f"no '{key}' in its evals"
-    if axis == "C":  # every eval; missing or zero values become NaN and are dropped with the rest
-        xy = np.array([(_num(e.get("flops")) or np.nan, _num(e.get(key)) or np.nan) for e in run["evals"]])
+    if axis == "C":
+        xy = np.array([(e["flops"], e[key]) for e in run["evals"]], float)  # None -> NaN, dropped below
         xy = xy[np.isfinite(xy).all(1) & (xy > 0).all(1)]
         return xy if len(xy) else f"no eval with finite positive 'flops' and '{key}'"
-    x, y = run[axis], _num(picked[key])
-    if not (_ok(x) and _ok(y)):
-        return f"{axis}={x}, {key}={y}: need finite positive values (log space)"
-    return np.array([[x, y]])
-
-def _pick_eval(run, key, best):
-    """The eval a run stands for: its last one with the metric, or (best) the lowest; None if none has it."""
-    evs = [(v, e) for e in run["evals"] if (v := _num(e.get(key))) is not None]  # each value parsed once
-    good = [(v, e) for v, e in evs if _ok(v)]
-    return min(good, key=lambda ve: ve[0])[1] if best and good else evs[-1][1] if evs else None
+    x, y = run[axis], picked[key]
+    ok = _ok(x) and _ok(y)
+    return np.array([[x, y]]) if ok else f"{axis}={x}, {key}={y}: need finite positive values (log space)"
 
 def _reduce(axis, xy, pin):
     """Points to fit from raw observations: (x, y, pinned) with per-size medians (N, D) or the compute frontier (C)."""
     o = np.lexsort((xy[:, 1], xy[:, 0]))
     x, y = xy[o, 0], xy[o, 1]
     if axis == "C":
-        keep = y < pin  # a pinned start of training would otherwise open every frontier
-        x, y = x[keep], y[keep]
+        x, y = x[y < pin], y[y < pin]  # a pinned start of training would otherwise open every frontier
         lower = y < np.minimum.accumulate(np.r_[np.inf, y[:-1]])  # below everything cheaper: on the envelope
         return x[lower], y[lower], np.zeros(lower.sum(), bool)
     ux, first, count = np.unique(x, return_index=True, return_counts=True)
@@ -230,10 +221,8 @@ def _reduce(axis, xy, pin):
 
 def _ladder(runs, axis):
     """The runs on the best ladder for axis N (fixed D, budget) or D (fixed N, and a fixed budget or fixed epochs, as
-    train.py's --epochs plans it) in one fit group: most distinct values, then the larger fixed N or D, then fixed
-    budget."""
-    other = "D" if axis == "N" else "N"
-    ladders = {}
+    train.py's --epochs plans it): most distinct values, then the larger fixed N or D, then fixed budget."""
+    other, ladders = "D" if axis == "N" else "N", {}
     for i, r in enumerate(runs):
         ladders.setdefault((r[other], "budget", r["budget"]), []).append(i)
         if axis == "D" and r["budget"] and r["D"]:
@@ -244,9 +233,8 @@ def _ladder(runs, axis):
 def _holdout_specs(holdout, axes):
     """{axis: 'largest' | 'largest:K' | value} from --holdout's AXIS=SPEC items; no AXIS: every axis in `axes`."""
     specs = {}
-    for item in holdout if isinstance(holdout, (list, tuple)) else [holdout] if holdout is not None else []:
-        ax, _, spec = str(item).rpartition("=")
-        ax, spec = ax.strip(), spec.strip()
+    for item in holdout if isinstance(holdout, (list, tuple)) else [] if holdout is None else [holdout]:
+        ax, _, spec = (s.strip() for s in str(item).rpartition("="))
         largest = spec == "largest" or (spec.startswith("largest:") and spec[8:].isdigit() and int(spec[8:]) > 0)
         if (ax and ax not in AXES) or not (largest or _num(spec) is not None):
             raise ValueError(f"--holdout {item!r}: use AXIS=largest, AXIS=largest:K or AXIS=VALUE (x >= VALUE), "
@@ -266,8 +254,7 @@ def _holdout_cut(spec, x):
         return ux[-min(int(spec[8:] or 1), len(ux))]
     return _num(spec)
 
-
-# ----------------------------------------------------------------------------- fitting
+# ----------------------------------------------------------------------------- per-axis law: OLS in log-log space
 
 def fit_power(x, y):
     """E = (k/x)^alpha by least squares on log E = alpha log k - alpha log x (r2 None for a flat series), and what
@@ -302,157 +289,47 @@ def _line_interval(f, x, level, new):
     mid = f["intercept"] + f["slope"] * lx
     return np.exp(mid), np.exp(mid - half), np.exp(mid + half)
 
-def _huber(r):
-    """Summed Huber loss of the residuals r and its derivative per residual."""
-    a = np.abs(r)
-    return np.where(a <= DELTA, 0.5 * r * r, DELTA * (a - 0.5 * DELTA)).sum(), np.clip(r, -DELTA, DELTA)
-
-def _lse_terms(theta, F):
-    """log of each term at each point (n, m+1), F = log X, theta = (a_1, alpha_1, ..., a_m, alpha_m, e): term j is
-    exp(a_j) / X_j^alpha_j, the last E_inf = exp(e); E_hat is their sum."""
-    m = F.shape[1]
-    return np.column_stack([theta[0:2 * m:2] - theta[1:2 * m:2] * F, np.full(len(F), theta[-1])])
-
-def _unpack(t):
-    """Named parameters of the saturating (3 numbers) or joint (5) law's theta."""
-    if len(t) == 3:
-        return {"einf": float(np.exp(t[2])), "alpha": float(t[1]), "k": float(np.exp(t[0] / t[1]))}
-    return dict(zip(JOINT, (float(np.exp(t[4])), float(np.exp(t[0])), float(t[1]), float(np.exp(t[2])), float(t[3]))))
-
-def _joint_law(p, N, D):
-    """E_inf + A / N^alpha + B / D^beta from the named parameters p."""
-    return p["einf"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
-
-def _lse_loss(theta, F, ly):
-    """Summed Huber loss of log E_hat - log E, and its gradient."""
-    m = F.shape[1]
-    Z = _lse_terms(theta, F)
-    zmax = Z.max(1, keepdims=True)
-    W = np.exp(Z - zmax)
-    S = W.sum(1, keepdims=True)
-    loss, g = _huber(zmax[:, 0] + np.log(S[:, 0]) - ly)
-    W /= S  # d log E_hat / d log term
-    grad = np.empty_like(theta)
-    grad[0:2 * m:2] = g @ W[:, :m]
-    grad[1:2 * m:2] = -(g[:, None] * W[:, :m] * F).sum(0)
-    grad[-1] = g @ W[:, m]
-    return loss, grad
-
-def _lse_fit(F, ly, starts, ftol=1e-15):
-    """L-BFGS-B from each start, F centred to decorrelate a_j and alpha_j. Returns (best theta, its loss, how many
-    starts reached it, whether the best one converged)."""
-    m, mu = F.shape[1], F.mean(0)
-    shift = np.zeros(2 * m + 1)
-    bounds = [(None, None), (1e-4, 10.0)] * m + [(None, None)]
-    fits = []
-    for s in starts:
-        shift[0:2 * m:2] = s[1:2 * m:2] * mu
-        f = optimize.minimize(_lse_loss, s - shift, args=(F - mu, ly), jac=True, method="L-BFGS-B", bounds=bounds,
-                              options=dict(maxiter=5000, ftol=ftol, gtol=ftol * 1e3))
-        shift[0:2 * m:2] = f.x[1:2 * m:2] * mu
-        fits.append((f.fun, f.x + shift, f.success))
-    best = min(fits, key=lambda f: f[0])
-    reached = int(sum(f[0] <= best[0] * (1 + 1e-3) + 1e-12 for f in fits))
-    return best[1], float(best[0]), reached, bool(best[2])
-
-def _lse_starts(F, ly):
-    """4^m * 2 starts: exponents 0.25..2, each term half the mean E, E_inf 1% or 50% of the smallest E."""
-    m, starts = F.shape[1], []
-    for combo in np.array(np.meshgrid(*([(0.25, 0.5, 1.0, 2.0)] * m + [(0.01, 0.5)]))).reshape(m + 1, -1).T:
-        th = np.empty(2 * m + 1)
-        th[1:2 * m:2] = combo[:m]
-        th[0:2 * m:2] = combo[:m] * F.mean(0) + ly.mean() + math.log(0.5)
-        th[-1] = ly.min() + math.log(combo[-1])
-        starts.append(th)
-    return starts
-
-def _refit_lse(F, ly, theta, min_distinct):
-    """One bootstrap refit from the full fit (E_inf lifted to >= 10% of the smallest E: a floor at ~0 has no gradient),
-    else from 1 in 4 grid starts. Returns the named parameters, or why the draw was dropped."""
-    if min(len(np.unique(c)) for c in F.T) < min_distinct or len(np.unique(F, axis=0)) < len(theta):
-        return f"fewer than {min_distinct} distinct values per variable or {len(theta)} distinct points"
-    warm = np.r_[theta[:-1], max(theta[-1], ly.min() + math.log(0.1))]
-    th, _, _, ok = _lse_fit(F, ly, [warm], ftol=1e-12)
-    if not ok:
-        th, _, _, ok = _lse_fit(F, ly, _lse_starts(F, ly)[::4], ftol=1e-12)
-    return _unpack(th) if ok else "no start converged"
-
-def _fit_lse(n_units, data, name, o, min_distinct):
-    """The saturating or joint law fitted to the n_units runs and bootstrapped over them: data(draw) -> (F = log X,
-    log E) of the runs in the draw. Returns (theta, summary with ci, kept draws)."""
-    F, ly = data(np.arange(n_units))
-    starts = _lse_starts(F, ly)
-    th, loss, reached, converged = _lse_fit(F, ly, starts)
-    res = np.log(np.exp(_lse_terms(th, F)).sum(1)) - ly
-    kept, ci = _bootstrap(n_units, lambda d: _refit_lse(*data(d), th, min_distinct), o, name, tuple(_unpack(th)))
-    return th, dict(_unpack(th), r2=float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum()), loss=loss,
-                    starts=len(starts), starts_at_best=reached, converged=converged, ci=ci), kept
-
-def _bootstrap(n_units, refit, o, name, names):
-    """The one bootstrap of this file: refit(draw) (parameter dict, or why the draw is unusable) on n_boot resamples of
-    the runs from the fit's own stream. Returns (kept dicts, {interval per name, n_boot, dropped: {why: count}})."""
-    rng, kept, dropped = np.random.default_rng([o["seed"], zlib.crc32(name.encode())]), [], {}
-    for _ in range(o["n_boot"]):
-        p = refit(rng.integers(0, n_units, n_units))
-        if isinstance(p, str):
-            dropped[p] = dropped.get(p, 0) + 1
-        else:
-            kept.append(p)
-    ci = {k: _percentile_ci([p[k] for p in kept], o["level"]) for k in names}
-    return kept, dict(ci, n_boot=len(kept), dropped=dropped)
+def _draws(n_units, o, name):
+    """o['n_boot'] resamples of n_units runs from the fit's own random stream (seed, fit name)."""
+    rng = np.random.default_rng([o["seed"], zlib.crc32(name.encode())])
+    return [rng.integers(0, n_units, n_units) for _ in range(o["n_boot"])]
 
 def _percentile_ci(samples, level):
     s = np.asarray(samples, float)
-    s = s[np.isfinite(s)]
-    q = 50 * (1 - level)
+    s, q = s[np.isfinite(s)], 50 * (1 - level)
     return [float(np.percentile(s, q)), float(np.percentile(s, 100 - q))] if len(s) > 1 else None
 
-def _profile(p, logN, logD, ly):
-    """For fixed exponents p the law is linear in (E_inf, A, B) >= 0: the main objective's minimum over them, from an
-    NNLS start on relative residuals. Returns (loss, [E_inf, A, B])."""
-    M = np.column_stack([np.ones_like(logN), np.exp(-p[0] * logN), np.exp(-p[1] * logD)])
-    col = M.max(0)
-    M = M / col  # coefficients on the scale of E
-    y = np.exp(ly)
-    start = optimize.nnls(M / y[:, None], np.ones_like(y))[0]
-    f = optimize.minimize(_linear_loss, start, args=(M, ly), jac=True, method="L-BFGS-B", bounds=[(0, None)] * 3,
-                          options=dict(maxiter=2000, ftol=1e-15, gtol=1e-12))
-    return f.fun, f.x / col
+def _bootstrap(refits, names, level):
+    """Percentile intervals from bootstrap refits (parameter dicts, or why a draw was unusable): (kept, ci)."""
+    kept = [p for p in refits if not isinstance(p, str)]
+    dropped = dict(collections.Counter(p for p in refits if isinstance(p, str)))
+    return kept, dict({k: _percentile_ci([p[k] for p in kept], level) for k in names}, n_boot=len(kept),
+                      dropped=dropped)
 
-def _linear_loss(c, M, ly):
-    e = np.maximum(M @ c, 1e-300)
-    loss, g = _huber(np.log(e) - ly)
-    return loss, M.T @ (g / e)
+def _resample(obs, draw, axis, cut, o):
+    """One bootstrap draw's points to fit: the runs in `draw` (all points of a run together) reduced, (x, E)."""
+    x, y, pinned = _reduce(axis, np.concatenate([obs[i][1] for i in draw]), o["pin"])
+    keep = ~pinned & (x < cut)
+    return x[keep], y[keep] / o["scale"]
 
-def varpro(logN, logD, y):
-    """The joint fit without starting points, on the same objective: exponents from a 15 x 15 grid then Nelder-Mead,
-    (E_inf, A, B) profiled out. A lower loss than the main fit's means the main optimiser missed the optimum."""
-    ly, grid = np.log(y), np.linspace(0.05, 3.0, 15)
-    p0 = min(((a, b) for a in grid for b in grid), key=lambda p: _profile(p, logN, logD, ly)[0])
-    p = optimize.minimize(lambda p: _profile(p, logN, logD, ly)[0] if 0 < min(p) and max(p) <= 10 else np.inf, p0,
-                          method="Nelder-Mead", options=dict(xatol=1e-8, fatol=1e-15, maxiter=2000)).x
-    loss, c = _profile(p, logN, logD, ly)
-    return {"einf": float(c[0]), "A": float(c[1]), "alpha": float(p[0]), "B": float(c[2]), "beta": float(p[1]),
-            "loss": float(loss)}
+def _predict(x, y, fitted, held, o):
+    """Refit on the `fitted` points; observed vs predicted at the `held` ones, with the t prediction interval."""
+    f = fit_power(x[fitted], y[fitted] / o["scale"])
+    pred, lo, hi = (v * o["scale"] for v in _line_interval(f, x[held], o["level"], new=True))
+    return {"x": x[held].tolist(), "measured": y[held].tolist(), "predicted": pred.tolist(), "lo": lo.tolist(),
+            "hi": hi.tolist(), "rel_error": (pred / y[held] - 1).tolist()}
 
-@contextlib.contextmanager
-def _one_blas_thread():
-    """One OpenBLAS thread while fitting (a thread per core for 5x5 matrices: 10x slower on 2 busy cores)."""
-    setters = []
-    for lib in [lib for pkg in (np, scipy) for lib in glob.glob(os.path.dirname(pkg.__file__) + ".libs/*openblas*")]:
-        with contextlib.suppress(OSError, AttributeError):
-            setters.append(ctypes.CDLL(lib).openblas_set_num_threads_local)
-    before = [set_threads(1) for set_threads in setters]
-    try:
-        yield
-    finally:
-        for set_threads, n in zip(setters, before):
-            set_threads(n)
-
-# ----------------------------------------------------------------------------- per axis and joint
+def _support(axis, x, y, obs):
+    """Which runs a point stands for: the seeds of a size (and their spread), or the run a frontier point is from."""
+    hits = [(r, xy[xy[:, 0] == x, 1]) for r, xy in obs if (xy[:, 0] == x).any()]
+    if axis == "C":
+        hits = [next((r, ys) for r, ys in hits if (ys == y).any())]
+    ys = np.concatenate([v for _, v in hits])
+    return {"runs": [r["name"] for r, _ in hits], "spread": [float(ys.min()), float(ys.max())],
+            "unfinished": any(not r["finished"] for r, _ in hits)}
 
 def _has_axis(run, axis):
-    return any(e.get("flops") is not None for e in run["evals"]) if axis == "C" else run[axis] is not None
+    return any(e["flops"] is not None for e in run["evals"]) if axis == "C" else run[axis] is not None
 
 def _fit_axis(runs, axis, o):
     key, scale = o["key"], o["scale"]
@@ -477,8 +354,8 @@ def _fit_axis(runs, axis, o):
     use, held = ~pinned & (x < cut), ~pinned & (x >= cut)
     ux = np.unique(x[use])
     if len(ux) < 3:
-        why = f", {(~pinned).sum()} not pinned at >= {o['pin']}%" if pinned.any() else ""
-        why += ", after the holdout" if cut < math.inf else ""
+        why = (f", {(~pinned).sum()} not pinned at >= {o['pin']}%" if pinned.any() else "") + \
+              (", after the holdout" if cut < math.inf else "")
         return dict(out, error=f"{axis}: {use.sum()} usable point(s) ({len(x)} in all{why}); need at least 3 "
                                f"distinct {axis}")
     f = fit_power(x[use], y[use] / scale)
@@ -487,8 +364,9 @@ def _fit_axis(runs, axis, o):
         out["warnings"].append(f"{axis}: the fitted points are flat or do not fall monotonically: R2 undefined")
     grid, kept, ci = np.geomspace(x.min(), x.max(), 40), [], {"dropped": {}}
     if f["n"] >= SMALL_N:
-        kept, ci = _bootstrap(len(obs), lambda d: _refit_power(*_resample(obs, d, axis, cut, o), axis), o, axis,
-                              ("alpha", "k"))
+        refits = [fit_power(*xy) if len(np.unique(xy[0])) >= 3 else f"fewer than 3 distinct {axis}"
+                  for xy in (_resample(obs, d, axis, cut, o) for d in _draws(len(obs), o, axis))]
+        kept, ci = _bootstrap(refits, ("alpha", "k"), o["level"])
     if len(kept) < 2:  # few points (or no usable draw): the OLS t-intervals
         ci = dict(_t_intervals(f, o["level"]), method=f"t ({f['n'] - 2} dof)", dropped=ci["dropped"])
         lo, hi = _line_interval(f, grid, o["level"], new=False)[1:]
@@ -507,46 +385,65 @@ def _fit_axis(runs, axis, o):
     out["points"] = [{"x": float(xi), "y": float(yi), "pinned": bool(pi), "held_out": bool(hi),
                       "log_residual": float(np.log(yi / pr)), **_support(axis, xi, yi, obs)}
                      for xi, yi, pi, hi, pr in zip(x, y, pinned, held, pred)]
-    if o["saturating"] and use.sum() < 5:  # 3 parameters: with 4 points every bootstrap draw that fits is the data
-        out["saturating"] = {"error": f"saturating {axis}: needs at least 5 points, has {use.sum()}"}
-    elif o["saturating"]:
-        out["saturating"] = _fit_lse(len(obs), lambda d: _resample(obs, d, axis, cut, o, log=True),
-                                     f"{axis} saturating", o, 4)[1]
     return out
 
-def _predict(x, y, fitted, held, o):
-    """Refit on the `fitted` points; observed vs predicted at the `held` ones, with the t prediction interval."""
-    f = fit_power(x[fitted], y[fitted] / o["scale"])
-    pred, lo, hi = (v * o["scale"] for v in _line_interval(f, x[held], o["level"], new=True))
-    return {"x": x[held].tolist(), "measured": y[held].tolist(), "predicted": pred.tolist(), "lo": lo.tolist(),
-            "hi": hi.tolist(), "rel_error": (pred / y[held] - 1).tolist()}
+# ----------------------------------------------------------------------------- joint law and compute optimum
 
-def _resample(obs, draw, axis, cut, o, log=False):
-    """One bootstrap draw: the runs in `draw` (all points of a run together) reduced to the points to fit: (x, E) or,
-    with log, (log x as a column, log E)."""
-    x, y, pinned = _reduce(axis, np.concatenate([obs[i][1] for i in draw]), o["pin"])
-    keep = ~pinned & (x < cut)
-    x, y = x[keep], y[keep] / o["scale"]
-    return (np.log(x)[:, None], np.log(y)) if log else (x, y)
+def _log_terms(th, F):
+    """log A/N^alpha, log B/D^beta, log E_inf per point, (n, 3), for th = (a, alpha, b, beta, e) = (log A, alpha,
+    log B, beta, log E_inf) and F = (log N, log D) per point."""
+    return np.column_stack([th[0] - th[1] * F[:, 0], th[2] - th[3] * F[:, 1], np.full(len(F), th[4])])
 
-def _refit_power(x, y, axis):
-    return fit_power(x, y) if len(np.unique(x)) >= 3 else f"fewer than 3 distinct {axis}"
+def _log_residuals(th, F, ly):
+    return np.logaddexp.reduce(_log_terms(th, F), axis=1) - ly
 
-def _support(axis, x, y, obs):
-    """Which runs a point stands for: the seeds of a size (and their spread), or the run a frontier point is from."""
-    hits = [(r, xy[xy[:, 0] == x, 1]) for r, xy in obs if (xy[:, 0] == x).any()]
-    if axis == "C":
-        hits = [next((r, ys) for r, ys in hits if (ys == y).any())]
-    ys = np.concatenate([v for _, v in hits])
-    return {"runs": [r["name"] for r, _ in hits], "spread": [float(ys.min()), float(ys.max())],
-            "unfinished": any(not r["finished"] for r, _ in hits)}
+def _log_jacobian(th, F, ly):
+    Z = _log_terms(th, F)
+    W = np.exp(Z - np.logaddexp.reduce(Z, axis=1, keepdims=True))  # d log E / d log term
+    return np.column_stack([W[:, 0], -W[:, 0] * F[:, 0], W[:, 1], -W[:, 1] * F[:, 1], W[:, 2]])
+
+def _centred(th, mu, sign=-1):
+    """(a, alpha, b, beta, e) for log N and log D centred at mu (sign -1), or back from it (sign 1)."""
+    return th + sign * np.array([th[1] * mu[0], 0, th[3] * mu[1], 0, 0])
+
+def _huber_fit(F, ly, starts):
+    """The joint law by least_squares with a Huber loss (its cost: the summed Huber loss, delta DELTA, of the log
+    residuals) from each start, log N and log D centred so that a and alpha (b and beta) decorrelate. Returns the best
+    fit's (a, alpha, b, beta, e), its loss, how many starts reached it, whether it converged."""
+    mu = F.mean(0)
+    fits = [least_squares(_log_residuals, _centred(s, mu), _log_jacobian, bounds=BOUNDS, method="dogbox", loss="huber",
+                          f_scale=DELTA, args=(F - mu, ly), xtol=1e-12, ftol=1e-12, gtol=1e-12) for s in starts]
+    best = min(fits, key=lambda f: f.cost)
+    reached = sum(f.cost <= best.cost * (1 + 1e-3) + 1e-12 for f in fits)
+    return _centred(best.x, mu, 1), float(best.cost), int(reached), bool(best.success)
+
+def _starts(F, ly):
+    """32 starts: exponents 0.25..2, each term half the mean E, E_inf 1% or 50% of the smallest E."""
+    (mN, mD), half = F.mean(0), ly.mean() + math.log(0.5)
+    return [np.array([a * mN + half, a, b * mD + half, b, ly.min() + math.log(e)])
+            for a in (0.25, 0.5, 1, 2) for b in (0.25, 0.5, 1, 2) for e in (0.01, 0.5)]
+
+def _named(th):
+    return dict(zip(JOINT, (math.exp(th[4]), math.exp(th[0]), float(th[1]), math.exp(th[2]), float(th[3]))))
+
+def _joint_law(p, N, D):
+    """E_inf + A / N^alpha + B / D^beta from the named parameters p."""
+    return p["einf"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
+
+def _refit_joint(F, ly, th):
+    """One bootstrap refit from the full fit (E_inf lifted to >= 10% of the smallest E: a floor at ~0 has no
+    gradient): the named parameters, or why the draw was dropped."""
+    if min(len(np.unique(c)) for c in F.T) < 3 or len(np.unique(F, axis=0)) < len(th):
+        return f"fewer than 3 distinct values per variable or {len(th)} distinct points"
+    fit = _huber_fit(F, ly, [np.r_[th[:4], max(th[4], ly.min() + math.log(0.1))]])
+    return _named(fit[0]) if fit[3] else "did not converge"
 
 def _joint_rows(runs, o):
     """One dict per usable run: N, D, E, name, samples seen S, C, S_assumed (no samples logged: S = D, one pass)."""
     rows = []
     for r in runs:
-        e = _pick_eval(r, o["key"], o["best"])
-        y, S, C = (_num(e[o["key"]]), _num(e.get("samples")), _num(e.get("flops"))) if e else (None, None, None)
+        e = _pick_eval(r, o["key"], o["best"]) or dict.fromkeys((o["key"], "samples", "flops"))
+        y, S, C = e[o["key"]], e["samples"], e["flops"]
         if _ok(r["N"]) and _ok(r["D"]) and _ok(y) and y < o["pin"]:
             rows.append(dict(N=r["N"], D=r["D"], E=y, name=r["name"], S=S if _ok(S) else r["D"],
                              C=C if _ok(C) else math.nan, S_assumed=not _ok(S)))
@@ -563,19 +460,18 @@ def _fit_joint(runs, o):
     use = ~held
     if use.sum() < 7:
         return {"error": f"joint E(N, D): {use.sum()} runs left after the holdout; need >= 7"}
-    F_all = np.log(np.column_stack([N, D]))
-    F, ly = F_all[use], np.log(y[use] / o["scale"])
-    th, out, boot = _fit_lse(len(ly), lambda d: (F[d], ly[d]), "joint", o, 3)
-    pred = np.exp(_lse_terms(th, F_all)).sum(1)
-    vp = varpro(F[:, 0], F[:, 1], y[use] / o["scale"])
-    vpred = _joint_law(vp, N[use], D[use])
-    vp["max_rel_diff_params"] = max(abs(vp[k] - out[k]) / abs(out[k]) for k in JOINT)
-    vp["max_rel_diff_pred"] = float(np.max(np.abs(vpred / pred[use] - 1)))
-    out["ci"].update(level=o["level"], method=f"bootstrap over runs ({len(boot)} draws)")
+    F, ly = np.log(np.column_stack([N, D]))[use], np.log(y[use] / o["scale"])
+    starts = _starts(F, ly)
+    th, loss, reached, converged = _huber_fit(F, ly, starts)
+    p, pred = _named(th), np.exp(np.logaddexp.reduce(_log_terms(th, np.log(np.column_stack([N, D]))), axis=1))
+    boot, ci = _bootstrap([_refit_joint(F[d], ly[d], th) for d in _draws(len(ly), o, "joint")], JOINT, o["level"])
+    res = np.log(pred[use]) - ly
     points = [{"N": float(a), "D": float(b), "y": float(c), "run": str(n), "held_out": bool(h),
                "predicted": float(q * o["scale"])} for a, b, c, n, h, q in zip(N, D, y, names, held, pred)]
-    out.update(rmse=float(np.sqrt(((np.log(pred[use]) - ly) ** 2).mean())), n_points=int(use.sum()), varpro=vp,
-               points=points, holdout=None, compute_optimal=_compute_optimal(out, boot, rows, o))
+    out = dict(p, r2=float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum()), rmse=float(np.sqrt((res**2).mean())),
+               loss=loss, starts=len(starts), starts_at_best=reached, converged=converged, n_points=int(use.sum()),
+               ci=dict(ci, level=o["level"], method=f"bootstrap over runs ({len(boot)} draws)"), points=points,
+               holdout=None, compute_optimal=_compute_optimal(p, boot, rows, o))
     if held.any():
         out["holdout"] = {"N": N[held].tolist(), "D": D[held].tolist(), "measured": y[held].tolist(),
                           "predicted": (pred[held] * o["scale"]).tolist(),
@@ -588,7 +484,7 @@ def _optimum(p, fps, C):
     if min(a, b, g, p["A"], p["B"]) <= 0:
         return math.nan, math.nan, math.nan
     with np.errstate(all="ignore"):  # extreme bootstrap draws overflow to inf/0: kept as such, not warned about
-        N = (a * p["A"] / (b * g * p["B"]) * (C / c0) ** b) ** (1 / (a + g * b))
+        N = (a * p["A"] / (b * g * p["B"]) * (np.float64(C) / c0) ** b) ** (1 / (a + g * b))
         S = C / (c0 * N ** g)
         return N, S, _joint_law(p, N, S)
 
@@ -616,9 +512,8 @@ def _compute_optimal(p, boot, rows, o):
             "multi_epoch": [f"{r['name']} ({r['S'] / r['D']:.3g} epochs)" for r in rows if r["S"] > r["D"] * 1.01],
             "samples_assumed": [r["name"] for r in rows if r["S_assumed"]]}
 
-@_one_blas_thread()
-def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_boot=1000, seed=0, best=False,
-            level=0.95, budgets=None, pinned=PINNED, include_unfinished=False):
+def fit_all(points_or_runs, metric="error", holdout=None, n_boot=1000, seed=0, best=False, level=0.95, budgets=None,
+            pinned=PINNED, include_unfinished=False):
     """Every axis and the joint law: the object `--json` prints (an unfitted part holds {"error": why}; "ok": anything
     fitted). points_or_runs: run dicts (load_runs), path(s), or {axis: [(x, y in the metric's unit), ...]}."""
     bad_budget = next((str(b) for b in budgets or [] if not _ok(_num(b))), None)
@@ -626,8 +521,7 @@ def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_bo
             (metric not in METRICS, f"metric {metric!r}: use one of {sorted(METRICS)}"),
             (not 0 < level < 1, f"--ci {level}: give a confidence level between 0 and 1, e.g. 0.95"),
             (n_boot < 1, f"--n-boot {n_boot}: need at least 1 bootstrap draw (1000 or more for a 95% interval)"),
-            (bad_budget is not None, f"--budget {bad_budget}: a FLOP budget must be a positive number, e.g. 1e15 or "
-                                     f"3e18")):
+            (bad_budget is not None, f"--budget {bad_budget}: a FLOP budget must be a positive number, e.g. 1e15")):
         if wrong:
             raise ValueError(message)
     key, src = METRICS[metric], points_or_runs
@@ -638,23 +532,18 @@ def fit_all(points_or_runs, metric="error", holdout=None, saturating=False, n_bo
         runs = load_runs(src)
     else:
         runs = list(src)
-    scale, notes = (100.0 if metric in ("error", "test") else 1.0), []
-    values = [v for r in runs for e in r["evals"] if (v := _num(e.get(key))) is not None and math.isfinite(v)]
-    if scale == 100 and values and max(values) <= 1:
-        runs = [dict(r, evals=[dict(e, **{key: _num(e[key]) * 100}) if _num(e.get(key)) is not None else e
-                               for e in r["evals"]]) for r in runs]
-        notes.append(f"every {key} is <= 1: read as fractions (accuracy a as error 1 - a), shown in percent")
+    scale = 100.0 if metric in ("error", "test") else 1.0
     unfinished = [r["name"] for r in runs if not r["finished"]]
     runs = runs if include_unfinished else [r for r in runs if r["finished"]]
     conventions = {r["config"].get("flops_convention") for r in runs} - {None}
-    o = dict(key=key, scale=scale, pin=pinned if scale == 100 else math.inf, best=best, saturating=saturating,
-             n_boot=int(n_boot), level=level, budgets=[_num(b) for b in budgets or []], seed=seed,
-             convention=" | ".join(sorted(conventions)) or "not recorded (CSV or older runs): C as logged",
-             holdout=_holdout_specs(holdout, [ax for ax in AXES if any(_has_axis(r, ax) for r in runs)]))
+    o = dict(key=key, scale=scale, pin=pinned if scale == 100 else math.inf, best=best, n_boot=int(n_boot),
+             level=level, budgets=[_num(b) for b in budgets or []], seed=seed,
+             holdout=_holdout_specs(holdout, [ax for ax in AXES if any(_has_axis(r, ax) for r in runs)]),
+             convention=" | ".join(sorted(conventions)) or "not recorded (CSV or older runs): C as logged")
     malformed = sum(r["malformed"] for r in runs)
-    notes += [f"skipped {malformed} line(s) of metrics.jsonl that were not a JSON object"] if malformed else []
     out = {"metric": metric, "key": key, "unit": "% (fitted as a fraction)" if scale == 100 else "as logged",
-           "runs": len(runs), "unfinished": unfinished, "include_unfinished": include_unfinished, "notes": notes,
+           "runs": len(runs), "unfinished": unfinished, "include_unfinished": include_unfinished,
+           "notes": [f"skipped {malformed} line(s) of metrics.jsonl that were not a JSON object"] if malformed else [],
            "skipped": [f"{r['name']}: {r['skip']}" for r in runs if r["skip"]]}
     if not runs:
         out["error"] = "no finished runs found (or none match --where)"
@@ -693,60 +582,45 @@ def format_table(result):
 
 def _format_fit(fit, metric):
     """format_table's lines for one fit group: the per-axis laws, their points and checks, the joint law."""
-    u, pts_word = ("%", " points") if metric in ("error", "test") else ("", "")
+    u = "%" if metric in ("error", "test") else ""
     level = next((fit[a]["ci"]["level"] for a in AXES if "ci" in fit[a]), 0.95)
-    L = [f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} intervals: t (n-2 dof) below "
-         f"{SMALL_N} points, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}"
-         f"{'alpha':>8} {'CI':<20}{'R2(log)':>8}{'RMSE(log)':>10}  interval method"]
+    L = [f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} intervals: t (n-2 dof) below {SMALL_N} "
+         f"points, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}{'alpha':>8} {'CI':<20}"
+         f"{'R2(log)':>8}{'RMSE(log)':>10}  interval method"]
     L += [f"{ax:<5}  not fitted: {r['error']}" if "error" in r else
           f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
           f"{_ci(r['ci']['alpha']):<20}{_r2(r['r2']):>8}{r['rmse']:>10.4f}  {r['ci']['method']}"
           for ax, r in ((ax, fit[ax]) for ax in AXES)]
-    for ax in AXES:
-        r = fit[ax]
+    for ax, r in ((ax, fit[ax]) for ax in AXES):
         if "error" in r:
             L += [f"  {ax}: skipped {s}" for s in r.get("skipped", [])]
             continue
-        grp = ", ".join(f"{k}={v}" for k, v in (r["ladder"] or {}).items() if v is not None)
-        L.append(f"\n{ax} points" + (f" (ladder at {grp})" if grp else "") + f": {ax}, {metric}{u}")
+        at = ", ".join(f"{k}={v}" for k, v in (r["ladder"] or {}).items() if v is not None)
+        L.append(f"\n{ax} points" + (f" (ladder at {at})" if at else "") + f": {ax}, {metric}{u}")
         for p in r["points"]:
-            tag = " PINNED (not fitted)" if p["pinned"] else " HELD OUT" if p["held_out"] else ""
             n = len(p["runs"])
             who = f"{n} runs {p['spread'][0]:.4g}..{p['spread'][1]:.4g}" if n > 1 else p["runs"][0]
+            tag = " PINNED (not fitted)" if p["pinned"] else " HELD OUT" if p["held_out"] else ""
             L.append(f"  {p['x']:>11.4g} {p['y']:>9.4g}  log resid {p['log_residual']:+.4f}  {who}{tag}"
                      + " (unfinished)" * p["unfinished"])
         L += [f"  skipped {s}" for s in r["skipped"]] + [f"  WARNING {w}" for w in r["warnings"]]
-        L += [f"  bootstrap dropped {n} draws: {why}" for why, n in r["ci"].get("dropped", {}).items()]
-        checks = ([("held out (--holdout)", r["holdout"])] if r["holdout"] else []) + [
+        L += [f"  bootstrap dropped {n} draws: {why}" for why, n in r["ci"]["dropped"].items()]
+        checks = [("held out (--holdout)", r["holdout"])] * bool(r["holdout"]) + [
             (f"extrapolation: fit on {e['n_fitted']}, without the largest {e['held_out']}", e)
             for e in r["extrapolation"]]
-        L += [f"  {what}: {ax}={x:.4g} measured {m:.4g}{u}, predicted {pr:.4g}{u} ({pr - m:+.3g}{pts_word}), "
-              f"{level:.0%} prediction interval {_ci([lo, hi])}" for what, h in checks
+        L += [f"  {what}: {ax}={x:.4g} measured {m:.4g}{u}, predicted {pr:.4g}{u} ({pr - m:+.3g}), {level:.0%} "
+              f"prediction interval {_ci([lo, hi])}" for what, h in checks
               for x, m, pr, lo, hi in zip(h["x"], h["measured"], h["predicted"], h["lo"], h["hi"])]
-        s = r.get("saturating")
-        if s:
-            L.append(f"  saturating E_inf + (X_c/X)^alpha: " + (s["error"] if "error" in s else
-                     f"E_inf {s['einf']:.4g} {_ci(s['ci']['einf'])}, X_c {s['k']:.4g} {_ci(s['ci']['k'])}, alpha "
-                     f"{s['alpha']:.4f} {_ci(s['ci']['alpha'])}, R2 {s['r2']:.4f} ({s['starts_at_best']}/{s['starts']} "
-                     f"starts at best{'' if s['converged'] else ', NOT converged'}; {s['ci']['n_boot']} bootstrap "
-                     f"draws)"))
     j = fit["joint"]
-    L.append("\njoint E = E_inf + A/N^alpha + B/D^beta (Huber on log E, L-BFGS-B from a grid of starts)")
+    L.append(f"\njoint E = E_inf + A/N^alpha + B/D^beta (summed Huber loss on log E, delta {DELTA:g}, from a grid of "
+             f"starts)")
     if "error" in j:
         return L + [f"  not fitted: {j['error']}"]
-    vp = j["varpro"]
-    L += [f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}   variable projection: {vp[k]:.5g}" for k in JOINT]
-    L.append(f"  {j['n_points']} runs, R2(log) {j['r2']:.4f}, RMSE(log) {j['rmse']:.4f}, {j['starts_at_best']}/"
-             f"{j['starts']} starts reached the best{'' if j['converged'] else ' (NOT converged)'}; bootstrap: "
-             f"{j['ci']['n_boot']} draws kept" + "".join(f", {n} dropped ({why})"
-                                                        for why, n in j["ci"]["dropped"].items()))
-    L.append(f"  same objective (summed Huber): main fit {j['loss']:.6g}, variable projection {vp['loss']:.6g}; "
-             f"predictions differ by at most {vp['max_rel_diff_pred']:.2%}")
-    if vp["loss"] < j["loss"] * (1 - 1e-6) - 1e-12:
-        L.append("  WARNING variable projection found a lower loss: the main fit missed the optimum")
-    elif vp["max_rel_diff_params"] > 0.01:
-        L.append(f"  note: equal losses, parameters up to {vp['max_rel_diff_params']:.0%} apart: the runs do not pin "
-                 f"them down (the loss is flat along some direction)")
+    L += [f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}" for k in JOINT]
+    L.append(f"  {j['n_points']} runs, R2(log) {j['r2']:.4f}, RMSE(log) {j['rmse']:.4f}, loss {j['loss']:.6g}, "
+             f"{j['starts_at_best']}/{j['starts']} starts reached the best"
+             f"{'' if j['converged'] else ', NOT converged'}; bootstrap: {j['ci']['n_boot']} draws kept" +
+             "".join(f", {n} dropped ({why})" for why, n in j["ci"]["dropped"].items()))
     h = j["holdout"] or {}
     L += [f"  held out N={n:.4g}, D={d:.4g}: measured {m:.4g}{u}, predicted {pr:.4g}{u}"
           for n, d, m, pr in zip(*(h.get(k, []) for k in ("N", "D", "measured", "predicted")))]
@@ -763,20 +637,19 @@ def _format_fit(fit, metric):
                  f"{', '.join(co['multi_epoch'])}")
     if co["samples_assumed"]:
         L.append(f"    no 'samples' logged, one pass assumed (S = D): {', '.join(co['samples_assumed'])}")
-    L += [f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, S {b['S']:.3g} "
-          f"{_ci(b['ci']['S'], '{:.3g}')}, predicted {metric} {b['E']:.4g}{u}" for b in co["budgets"]]
-    return L
+    return L + [f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, S {b['S']:.3g} "
+                f"{_ci(b['ci']['S'], '{:.3g}')}, predicted {metric} {b['E']:.4g}{u}" for b in co["budgets"]]
 
 def _log_ticks(axis, lo, hi):
     """Readable ticks on a log axis spanning lo..hi: 1-2-5 steps (decades when many, finer when few), at most 6,
     short plain labels and no minor labels (matplotlib's overlap on short ranges: '3x10^4 4x10^4')."""
     from matplotlib import ticker
     decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-    nice = lambda steps: [m * 10.0 ** e for e in decades for m in steps if lo <= m * 10.0 ** e <= hi]
-    ticks = nice((1, 2, 5))
-    if len(ticks) > 6 or len(ticks) < 3:
-        ticks = nice((1,)) if len(ticks) > 6 else nice((1, 1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)) or [lo, hi]
-    axis.set_major_locator(ticker.FixedLocator(ticks[::math.ceil(len(ticks) / 6)]))
+    ticks = {steps: [m * 10.0 ** e for e in decades for m in steps if lo <= m * 10.0 ** e <= hi]
+             for steps in ((1, 2, 5), (1,), (1, 1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9))}
+    t = ticks[(1, 2, 5)] if 3 <= len(ticks[(1, 2, 5)]) <= 6 else ticks[(1,)] if len(ticks[(1, 2, 5)]) > 6 else \
+        ticks[(1, 1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)] or [lo, hi]
+    axis.set_major_locator(ticker.FixedLocator(t[::math.ceil(len(t) / 6)]))
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}".replace("e+0", "e").replace("e+", "e")))
     axis.set_minor_formatter(ticker.NullFormatter())
 
@@ -794,8 +667,7 @@ def plot_all(result, out_dir):
         raise ImportError("--plot needs matplotlib: pip install matplotlib") from e
     os.makedirs(out_dir, exist_ok=True)
     u = "%" if result["metric"] in ("error", "test") else ""
-    scale, paths, figs = (100.0 if u else 1.0), [], []
-    ylab = f"{result['metric']} ({result['key']}{', ' + u if u else ''})"
+    scale, figs, ylab = 100.0 if u else 1.0, [], f"{result['metric']} ({result['key']}{', ' + u if u else ''})"
     names = {"N": "parameters N", "D": "training images D", "C": "training compute C (FLOPs)"}
     styles = {"fitted": dict(c="C0", marker="o"), "held out": dict(c="C3", marker="*", s=120),
               "pinned: not fitted": dict(c="grey", marker="x")}
@@ -810,8 +682,8 @@ def plot_all(result, out_dir):
                        label=f"{r['ci']['level']:.0%} CI ({r['ci']['method'].split(' (')[0]})")
         xs = np.geomspace(r["band"]["x"][0], r["band"]["x"][-1], 100)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a fit may come out flat or rising
-            a.plot(xs, (r["k"] / xs) ** r["alpha"] * scale, "C0-",
-                   label=f"({r['k']:.3g}/{ax})^{r['alpha']:.3f}, R2 {_r2(r['r2'])}")
+            a.plot(xs, (r["k"] / xs) ** r["alpha"] * scale, "C0-", label=f"({r['k']:.3g}/{ax})^{r['alpha']:.3f}, "
+                                                                         f"R2 {_r2(r['r2'])}")
         a.set(xscale="log", yscale="log", xlabel=names[ax], ylabel=ylab, title=f"{result['metric']} vs {ax}")
         figs.append((fig, a, f"fit_{ax}.png"))
     j = result["joint"]
@@ -825,6 +697,7 @@ def plot_all(result, out_dir):
             a.plot(Ns, _joint_law(j, Ns, D) * scale, f"C{i % 10}-", label=f"D={D:.3g}")
         a.set(xscale="log", yscale="log", xlabel=names["N"], ylabel=ylab, title="joint fit E(N, D)")
         figs.append((fig, a, "fit_joint.png"))
+    paths = []
     for fig, a, name in figs:
         _log_ticks(a.xaxis, *a.get_xlim())
         _log_ticks(a.yaxis, *a.get_ylim())
@@ -849,7 +722,6 @@ def main(argv=None):
     add("--holdout", action="append", default=[], metavar="AXIS=largest|largest:K|VALUE", help="fit AXIS without its "
         "largest (K) points or those >= VALUE and predict them (repeatable; a bare VALUE only when one axis is fitted)")
     add("--include-unfinished", action="store_true", help="also fit runs without result.json")
-    add("--saturating", action="store_true", help="also fit E = E_inf + (X_c/X)^alpha per axis")
     add("--n-boot", type=int, default=1000, help="bootstrap resamples of every bootstrapped fit")
     add("--ci", type=float, default=0.95, help="confidence level, between 0 and 1")
     add("--seed", type=int, default=0, help="bootstrap seed (each fit derives its own stream from it)")
@@ -861,9 +733,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         result = fit_all(load_runs(args.paths, args.where), metric=args.metric, holdout=args.holdout,
-                         saturating=args.saturating, n_boot=args.n_boot, seed=args.seed, best=args.best,
-                         level=args.ci, budgets=args.budget, pinned=args.pinned,
-                         include_unfinished=args.include_unfinished)
+                         n_boot=args.n_boot, seed=args.seed, best=args.best, level=args.ci, budgets=args.budget,
+                         pinned=args.pinned, include_unfinished=args.include_unfinished)
         print(json.dumps(json.loads(json.dumps(result), parse_constant=lambda c: None), indent=1) if args.json  # no NaN
               else format_table(result))
         for path in plot_all(result, args.plot) if args.plot else []:
