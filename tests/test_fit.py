@@ -56,7 +56,7 @@ def joint_runs(true, noise, rng, Ns=np.geomspace(3e4, 1e6, 5), Ds=np.geomspace(2
 
 
 def test_reference_trocr_size_law_and_t_interval(capsys):
-    # paper.md section 2: fitting TrOCR S, B, L gives alpha ~0.222, k ~1.95e4 and predicts H (9.07%) within 0.2 points
+    # the study (§2): fitting TrOCR S, B, L gives alpha ~0.222, k ~1.95e4 and predicts H (9.07%) within 0.2 points
     p = subprocess.run([sys.executable, os.path.join(ROOT, "fit.py"), TROCR_CSV, "--holdout", "N=largest", "--json"],
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0, p.stderr
