@@ -672,7 +672,8 @@ def _hf_tokenizer(hf_dir, hf_id, max_len):
              if os.path.exists(os.path.join(hf_dir, n))}
     files |= {n: base64.b64encode(open(os.path.join(hf_dir, n), 'rb').read()).decode()
               for n in os.listdir(hf_dir) if n.endswith('.model')}
-    if not {'tokenizer.json', 'vocab.json'} & files.keys() and not any(n.endswith('.model') for n in files):
+    if 'tokenizer.json' not in files and not {'vocab.json', 'merges.txt'} <= files.keys() and \
+            not any(n.endswith('.model') for n in files):
         raise SystemExit(f'{hf_dir}: no tokenizer.json, vocab.json + merges.txt or SentencePiece .model: save the '
                          'processor into the folder too (TrOCRProcessor.save_pretrained)')
     return {'type': 'hf', 'files': files, 'ids': hf_id, 'max_len': max_len}
@@ -744,8 +745,13 @@ def trocr_from_transformers(hf_dir):
     return _load_converted(cfg, ours, hf_dir), hf_id, _hf_tokenizer(hf_dir, hf_id, cfg.max_len)
 
 
+def _upto_eos(row, eos):
+    return row[:(row + [eos]).index(eos)]
+
+
 def check_trocr(model, hf_dir, hf_id):
-    """Teacher-forced logits on random images and tokens against transformers' own model."""
+    """(max logit difference, greedy strings identical) against transformers' own model: teacher-forced logits on
+    random images and tokens, and greedy decoding against its generate (<s> and <pad>, never ours, suppressed)."""
     try:
         from transformers import VisionEncoderDecoderModel
     except ImportError:
@@ -753,7 +759,8 @@ def check_trocr(model, hf_dir, hf_id):
     ref, cfg = VisionEncoderDecoderModel.from_pretrained(hf_dir).float().eval(), model.cfg
     positions = ref.decoder.model.decoder.embed_positions
     if getattr(positions, 'weights', None) is not None and positions.weights.is_meta:
-        positions.weights = None   # from_pretrained leaves the sinusoid table on the meta device; rebuilt when None
+        # from_pretrained leaves the sinusoid table on the meta device: rebuild it at its full length
+        positions.weights = positions.get_embedding(len(positions.weights), cfg.dec_width, positions.padding_idx)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, cfg.in_chans, cfg.img_h, cfg.img_w, generator=g) * 2 - 1
     tokens = torch.randint(0, cfg.vocab_size - 2, (2, min(12, cfg.max_len) + 1), generator=g)
@@ -761,7 +768,13 @@ def check_trocr(model, hf_dir, hf_id):
     with torch.no_grad():
         ours = model.decoder(tokens, model.memory_kv(images))
         theirs = ref(pixel_values=images, decoder_input_ids=torch.tensor(hf_id)[tokens]).logits[..., hf_id[:-2]]
-    return (ours - theirs).abs().max().item()
+        ids, _ = model.decode(images)
+        gen = ref.generate(pixel_values=images, max_new_tokens=cfg.max_len + 1, num_beams=1, do_sample=False,
+                           decoder_start_token_id=hf_id[0], eos_token_id=hf_id[0], pad_token_id=hf_id[-1],
+                           suppress_tokens=hf_id[-2:])
+    same = all(_upto_eos([hf_id[t] for t in a.tolist()], hf_id[0]) == _upto_eos(b.tolist()[1:], hf_id[0])
+               for a, b in zip(ids, gen))
+    return (ours - theirs).abs().max().item(), same
 
 
 # strhub's renames to ours, applied in order; its decoder attention's in_proj (q, k, v stacked) is split into q and kv
@@ -809,7 +822,8 @@ def parseq_from_strhub(path):
 
 
 def check_parseq(model, charset, sd):
-    """Forward-order teacher-forced logits and AR + refinement decoding against strhub's PARSeq (ore-strhub)."""
+    """(max logit difference, decoded strings identical) against strhub's PARSeq (ore-strhub): forward-order
+    teacher-forced logits, and AR decoding with one refinement pass."""
     try:
         from strhub.models.parseq.system import PARSeq as StrhubPARSeq
     except ImportError as err:
@@ -832,10 +846,8 @@ def check_parseq(model, charset, sd):
         theirs = ref.head(ref.decode(tokens, ref.encode(images), blocked, tgt_query_mask=blocked))
         ids, _ = model.decode(images)
         ref_ids = ref(images).argmax(-1)
-    upto_eos = lambda row: row.tolist()[:(row.tolist() + [model.eos]).index(model.eos)]  # noqa: E731
-    same = all(upto_eos(a) == upto_eos(b) for a, b in zip(ids, ref_ids))
-    print(f'decoded strings identical to strhub: {same}')
-    return (ours - theirs).abs().max().item() + (not same)
+    same = all(_upto_eos(a.tolist(), model.eos) == _upto_eos(b.tolist(), model.eos) for a, b in zip(ids, ref_ids))
+    return (ours - theirs).abs().max().item(), same
 
 
 def convert_main(argv):
@@ -859,9 +871,10 @@ def convert_main(argv):
     print(f'{args.out}: {c.arch}, {count_params(c)[0] / 1e6:.2f}M params, {c.img_h}x{c.img_w} images, {c.vocab_size} '
           f'ids, max_len {c.max_len}')
     if args.check:
-        diff = check_trocr(model, args.source, hf_id) if c.arch == 'trocr' else check_parseq(model, charset, sd)
-        print(f'max |logits - {"transformers" if c.arch == "trocr" else "strhub"}| = {diff:.3g}')
-        sys.exit(int(diff > 1e-4))
+        diff, same = check_trocr(model, args.source, hf_id) if c.arch == 'trocr' else check_parseq(model, charset, sd)
+        print(f'max |logits - {"transformers" if c.arch == "trocr" else "strhub"}| = {diff:.3g}; decoded strings '
+              f'identical: {same}')
+        sys.exit(int(diff > 1e-4 or not same))
 
 
 if __name__ == '__main__':

@@ -514,8 +514,11 @@ def test_convert_trocr_bad_folder_is_one_line_error(tmp_path, hf_trocr):
     from safetensors.torch import load_file, save_file
     sd = load_file(tmp_path / 'model.safetensors')
     save_file({k.replace('layernorm_before', 'ln_1'): v for k, v in sd.items()}, tmp_path / 'model.safetensors')
-    (tmp_path / 'vocab.json').write_text(json.dumps({p: i for i, p in enumerate(HF_VOCAB)}))
     with pytest.raises(SystemExit, match=r"weights do not fit the inferred trocr model \(missing \['encoder.blocks.0.norm1"):
+        M.convert_main(['convert-trocr', str(tmp_path), str(tmp_path / 'out.pt')])
+    save_file(sd, tmp_path / 'model.safetensors')
+    (tmp_path / 'vocab.json').write_text(json.dumps({p: i for i, p in enumerate(HF_VOCAB)}))   # merges.txt missing
+    with pytest.raises(SystemExit, match='no tokenizer.json, vocab.json . merges.txt or SentencePiece .model'):
         M.convert_main(['convert-trocr', str(tmp_path), str(tmp_path / 'out.pt')])
 
 
@@ -624,6 +627,7 @@ def trocr_with_eos_ramp(tf, folder, eos_scale):
         hf.decoder.output_projection.weight[2] = eos_scale * u          # transformers' </s> = our EOS
     hf.save_pretrained(folder)
     (folder / 'vocab.json').write_text(json.dumps({f'<{i}>': i for i in range(14)}))   # the converter needs a tokenizer
+    (folder / 'merges.txt').write_text('#version: 0.2\n')
     return hf.eval(), *M.trocr_from_transformers(folder)[:2]
 
 
