@@ -387,7 +387,7 @@ def train_step(run, state, batches, meter, lr, save_vote):
         group["lr"] = lr
     stats = torch.zeros(6, dtype=torch.float64, device=run.device)  # loss sum, tokens, FLOPs, save vote, unreadable, stop
     stats[3] = save_vote  # a fill, not a host-to-device copy that would wait for the last step's kernels
-    stats[5] = stop_signal or 0  # any rank signalled: all stop after this step
+    stats[5] = stop_signal is not None  # summed over ranks: any rank signalled, all stop after this step
     for micro_step in range(run.accum):
         t0 = time.time()
         images, labels, unreadable = next(batches)  # unreadable samples were left out: a batch may be smaller
@@ -410,6 +410,7 @@ def train_step(run, state, batches, meter, lr, save_vote):
                         (run.world * args.batch / stats[1].clamp_min(1)).float())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip or math.inf)
     loss_sum, tokens, flops, save_vote, unreadable, stop, grad_norm = torch.cat([stats, grad_norm.double().view(1)]).tolist()
+    stop = (stop_signal or signal.SIGTERM) if stop else 0  # the signal this rank got; SIGTERM stands for another's
     prog.flops += flops
     prog.position += args.batch  # a skipped step's data is not read again
     prog.unreadable += int(unreadable)

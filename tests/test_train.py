@@ -485,6 +485,23 @@ def test_sigterm_ends_the_step_saves_it_and_the_same_command_resumes(shards, tmp
     assert json.load(open(tmp_path / "stopped" / "result.json"))["step"] == 600
 
 
+def test_ctrl_c_under_torchrun_stops_every_rank_by_that_signal(shards, tmp_path):
+    """Ctrl-C reaches every rank; the stop travels in a summed all-reduce, which must not add the signal numbers."""
+    args = ["--batch", "16", "--micro-batch", "8", "--train-samples", str(16 * 600), "--eval-every", str(16 * 600),
+            "--save-every", "600m", "--workers", "0"]
+    proc = subprocess.Popen(TORCHRUN + base_args(shards, tmp_path, "ddp-stop", *args), env={**ENV, "PYTHONUNBUFFERED": "1"},
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "steps of 16" in proc.stdout.readline()
+    time.sleep(0.5)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2
+    for pid in ranks:
+        os.kill(int(pid), signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    step = torch.load(tmp_path / "ddp-stop" / "last.pt", weights_only=True)["step"]
+    assert 0 < step < 600 and f"ddp-stop: stopped by SIGINT after step {step:,}" in err, err[-2000:]
+
+
 def test_a_second_signal_exits_at_once(monkeypatch, capsys):
     exits = []
     monkeypatch.setattr(train, "stop_signal", None)
