@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import pickle
 import queue
 import random
 import shlex
@@ -554,18 +553,11 @@ def load_checkpoint(path):
         raise UsageError(f"argument --ckpt: {path}: no such file (give a run's best.pt, e.g. "
                          f"runs/demo/parseq-N-T6-s0/best.pt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or {"model", "model_config", "tokenizer"} - ckpt.keys():
-            raise ValueError("no model, model_config and tokenizer entries")
-        cfg = modellib.ModelConfig(**ckpt["model_config"])
+        ckpt, cfg, tok = train.read_checkpoint(path)
         net = modellib.build_model(cfg)
         net.load_state_dict(ckpt["model"])
-        tok = data.load_tokenizer(ckpt["tokenizer"])
-    except Exception as e:  # torch, pickle and the model raise many kinds for a file that is no checkpoint
-        why = ("torch.load(weights_only=True) cannot read it" if isinstance(e, pickle.UnpicklingError)
-               else (str(e).strip().splitlines() or [type(e).__name__])[0])
-        raise UsageError(f"argument --ckpt: {path} is not a checkpoint (train.py's best.pt/last.pt or model.py "
-                         f"convert-trocr / convert-parseq output): {why}") from None
+    except (ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit their own config
+        raise UsageError(f"argument --ckpt: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     return net.eval(), tok
 
 

@@ -132,6 +132,20 @@ def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}; make_co
     return overrides
 
 
+def read_checkpoint(path):
+    """(checkpoint, model config, tokenizer) of what train.py or model.py convert-* wrote, loaded weights-only (a
+    file never runs code); anything else is a ValueError of one line."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or {"model", "model_config", "tokenizer"} - ckpt.keys():
+            raise ValueError("no model, model_config and tokenizer entries")
+        return ckpt, modellib.ModelConfig(**ckpt["model_config"]), data.load_tokenizer(ckpt["tokenizer"])
+    except Exception as e:  # torch, pickle, the config and the tokenizer raise many kinds for a file that is no checkpoint
+        why = ("it pickles more than tensors and containers" if isinstance(e, pickle.UnpicklingError)
+               else (str(e).strip().splitlines() or [type(e).__name__])[0][:100])
+        raise ValueError(f"{path}: not a checkpoint of train.py or model.py convert-* ({why})") from None
+
+
 def tokenizer_and_config(args):
     """(tokenizer, model config, the --init checkpoint or None); fills in --arch, --size (with --init: the size whose
     fields the checkpoint's model has, --set's aside, else None) and the recipe. --charset/--spm: a new vocabulary."""
@@ -141,11 +155,9 @@ def tokenizer_and_config(args):
     try:
         if args.init:
             try:
-                ckpt = torch.load(args.init, map_location="cpu", weights_only=True)
-                cfg, tok = modellib.ModelConfig(**ckpt["model_config"]), data.load_tokenizer(ckpt["tokenizer"])
-            except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as e:
-                sys.exit(f"train.py: --init {args.init}: not a checkpoint of train.py or model.py convert-* "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+                ckpt, cfg, tok = read_checkpoint(args.init)
+            except ValueError as e:
+                sys.exit(f"train.py: --init {e}")
             cfg = dataclasses.replace(cfg, **overrides)
             size = next((s for s, fields in modellib.SIZES[cfg.arch].items() if all(
                 k in overrides or k in TRAIN_ONLY or getattr(cfg, k) == v for k, v in fields.items())), None)
@@ -359,8 +371,9 @@ def resume(run, state, path):
     """last.pt into state; every rank's RNG state under the same process count, else a seed from the step."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-    except pickle.UnpicklingError as e:  # e.g. numpy RNG states
-        sys.exit(f"train.py: cannot resume from {path} ({str(e).splitlines()[0]}); move it away to start over")
+    except Exception as e:  # numpy RNG states (pickle), a damaged or cut file (torch's RuntimeError, EOFError)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        sys.exit(f"train.py: cannot resume from {path} ({why}); move it away to start over")
     state.model.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scaler.load_state_dict(ckpt["scaler"])
