@@ -74,7 +74,7 @@ def _read_run(folder):
         return dict(_make_run(folder, {}, [], False), skip=f"unreadable config.json ({e})")
     evals, path = [], os.path.join(folder, "metrics.jsonl")
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, errors="replace") as f:  # undecodable bytes make a malformed line, counted below
             for line in filter(str.strip, f):
                 try:
                     evals.append(json.loads(line))
@@ -84,13 +84,21 @@ def _read_run(folder):
     return _make_run(folder, config, good, os.path.exists(os.path.join(folder, "result.json")), len(evals) - len(good))
 
 def _read_csv(path):
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}  # extra fields: key None
-                for row in csv.DictReader(f)]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}  # extra fields: key None
+                    for row in csv.DictReader(f)]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     cols = set(rows[0]) if rows else set()
     if not rows or not cols & set(AXES) or not cols & {"E", "acc", "loss"}:
         raise ValueError(f"{path}: needs a header with at least one of N, D, C and one of E (word error), acc "
                          f"(word accuracy), loss, and at least one row; found columns {sorted(cols) or 'none'}")
+    for k in ("E", "acc"):
+        values = [x for x in (_num(row.get(k)) for row in rows) if x is not None]
+        if len(values) > 1 and max(values) <= 1:  # a fit of fractions read as percent would be silently wrong
+            raise ValueError(f"{path}: column {k} is in percent; every value is at most 1, as fractions would be "
+                             "(multiply them by 100)")
     runs = []
     for i, row in enumerate(rows):
         v = {k: _num(row.get(k)) for k in (*AXES, "samples", "E", "acc", "loss")}

@@ -294,6 +294,14 @@ def test_bad_input_messages(tmp_path, capsys):
     bad.write_text("size,score\n1,2\n")
     code, out, err = run_main(capsys, bad)
     assert code == 2 and "needs a header with at least one of N, D, C" in err
+    fractions = tmp_path / "fractions.csv"  # read as percent, these would fit alpha ~0.0003 instead of ~0.2
+    fractions.write_text("N,acc\n1e6,0.8199\n1e7,0.8816\n1e8,0.8955\n")
+    code, out, err = run_main(capsys, fractions)
+    assert code == 2 and err.count("\n") == 1 and "column acc is in percent; every value is at most 1" in err
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"N,E\n1e6,\xff9\n")
+    code, out, err = run_main(capsys, latin1)
+    assert code == 2 and f"{latin1}: not UTF-8 text" in err
     two = tmp_path / "two.csv"
     two.write_text("N,D,acc\n1e4,100,50\n2e4,100,60\n")
     code, out, err = run_main(capsys, two)
