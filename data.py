@@ -427,15 +427,17 @@ class ShardStream(torch.utils.data.IterableDataset):
     is skipped and counted."""
 
     def __init__(self, sources, img_h, img_w, batch_size, charset, max_len=25, rank=0, world_size=1, seed=0,
-                 samples=None, augment=False, loop=True, fold=True, tokenizer=None, data_seed=0, block=None):
+                 samples=None, augment=False, loop=True, fold=None, tokenizer=None, data_seed=0, block=None):
         sources = parse_sources(sources) if isinstance(sources, str) else [(s, float(w)) for s, w in sources]
         if min(seed, data_seed) < 0:
             raise ValueError(f'seeds are non-negative integers, got {min(seed, data_seed)}')
         weights = [w for _, w in sources]
         if min(weights) <= 0:
             raise ValueError(f'weights are positive numbers, got {sources}')
-        if charset is None and tokenizer is not None:
-            charset = getattr(tokenizer, 'charset', None)
+        if tokenizer is not None:  # the tokenizer's own rules, unless given
+            charset = getattr(tokenizer, 'charset', None) if charset is None else charset
+            fold = tokenizer.fold if fold is None else fold
+        fold = True if fold is None else fold
         self.img_h, self.img_w, self.batch_size, self.charset, self.fold = img_h, img_w, batch_size, charset, fold
         self.max_len = max_len if tokenizer is None else min(max_len, tokenizer.max_len)
         self.rank, self.world_size, self.seed, self.augment, self.loop = rank, world_size, seed, augment, loop
@@ -866,7 +868,7 @@ class HFTokenizer(_Tokenizer):
 def load_tokenizer(spec):
     """A tokenizer from its spec dict, or a CharTokenizer from a load_charset spec."""
     if isinstance(spec, str):
-        return CharTokenizer(load_charset(spec))
+        return SPTokenizer(spec) if spec.endswith('.model') else CharTokenizer(load_charset(spec))
     max_len = spec.get('max_len', 25)
     if spec['type'] == 'char':
         return CharTokenizer(spec['charset'], max_len)
@@ -1112,6 +1114,8 @@ def label_file_lines(labels_file, sep='\t', encoding='utf-8'):
     raw = Path(labels_file).read_bytes()
     try:
         text = raw.decode(encoding).removeprefix('\ufeff')  # a byte-order mark is no part of the first path
+    except LookupError:
+        raise ValueError(f'unknown encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)') from None
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b'\n') + 1
         raise ValueError(f'{labels_file} line {line}: not {encoding} ({e.reason}): give the file\'s --encoding '
@@ -1228,7 +1232,7 @@ def main(argv=None):
             stats(args.dir, args.charset)
         elif args.cmd == 'spm':
             train_spm(args.dir, args.vocab, args.out)
-    except (OSError, ValueError, LookupError, RuntimeError) as e:  # LookupError: --encoding; RuntimeError: spm
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: spm
         sys.exit(f'data.py {args.cmd}: {e}')
 
 

@@ -592,11 +592,11 @@ def cmd_eval(args):
         sets.update((b, os.path.join(args.benchmarks, b)) for b in found)
     if not sets or not all(sets) or not all(sets.values()):
         raise UsageError("give --test NAME=DIR (any number) or --benchmarks DIR")
-    charset, results = getattr(tok, "charset", None), {}
+    results = {}
     for name, path in sets.items():
         try:
-            stream = data.ShardStream(path, net.cfg.img_h, net.cfg.img_w, args.batch, charset, max_len=net.cfg.max_len,
-                                      loop=False, fold=tok.fold, tokenizer=tok)
+            stream = data.ShardStream(path, net.cfg.img_h, net.cfg.img_w, args.batch, None, max_len=net.cfg.max_len,
+                                      loop=False, tokenizer=tok)
             r = train.evaluate(net, tok, stream, options, args.workers, device, contextlib.nullcontext(), args.cased,
                                args.punctuation)
         except (ValueError, OSError, data.DataError) as e:  # no usable label, no shards, nothing readable

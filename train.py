@@ -210,9 +210,9 @@ def setup(args, cfg, tok):
 def open_stream(run, flag, sources, **options):
     """A data.ShardStream, opened and checked now on every rank (not after hours of training); else one line."""
     try:
-        return data.ShardStream(sources, run.cfg.img_h, run.cfg.img_w, run.micro, getattr(run.tok, "charset", None),
-                                max_len=run.cfg.max_len, rank=run.rank, world_size=run.world, fold=run.tok.fold,
-                                tokenizer=run.tok, block=run.args.read_block, **options)
+        return data.ShardStream(sources, run.cfg.img_h, run.cfg.img_w, run.micro, None, max_len=run.cfg.max_len,
+                                rank=run.rank, world_size=run.world, tokenizer=run.tok, block=run.args.read_block,
+                                **options)
     except (ValueError, OSError) as e:
         sys.exit(f"train.py: {flag}: {e}")
 
