@@ -979,9 +979,17 @@ def missing_glyphs(font_path, text):
                    and drawings[c] in (drawings['\uffff'], drawings['']))
 
 
+_SYNTH = {}  # a pool worker's synth settings, sent once per worker: a word list can be millions of words
+
+
+def _synth_init(cfg):
+    _SYNTH.update(cfg)
+
+
 def _synth_shard(job):
     """Render and write shard i (samples start..start+count) -> (shards, charset)."""
-    c, i, start, count = job
+    i, start, count = job
+    c = _SYNTH
     rng = random.Random(c['seed'] * 1000003 + i)
     writer = ShardWriter(c['out_dir'], shard_size=count, start=i)
     clean = c['style'] == 'clean'
@@ -1022,9 +1030,9 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
     os.makedirs(out_dir, exist_ok=True)
     cfg = dict(out_dir=out_dir, seed=seed, style=style, min_len=min_len, max_len=max_len, charset=charset,
                words=words, fonts=fonts)
-    jobs = [(cfg, i, s, min(shard_size, n - s)) for i, s in enumerate(range(0, n, shard_size))]
+    jobs = [(i, s, min(shard_size, n - s)) for i, s in enumerate(range(0, n, shard_size))]
     shards, chars = {}, set()
-    with Pool(workers or cpu_count()) as pool:
+    with Pool(workers or cpu_count(), initializer=_synth_init, initargs=(cfg,)) as pool:
         for sh, cs in tqdm(pool.imap_unordered(_synth_shard, jobs), total=len(jobs), desc='synth', unit='shard'):
             shards.update(sh)
             chars |= cs
