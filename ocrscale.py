@@ -548,14 +548,15 @@ def cmd_sweep(args):
 
 def load_checkpoint(path):
     """(model in eval mode, tokenizer) from a checkpoint's model, model_config and tokenizer entries; loaded with
-    weights_only, so a file never runs code."""
+    weights_only, so a file never runs code. A last.pt of an --ema run gives its averaged weights, as train.py
+    evaluates them."""
     if not os.path.isfile(path):
         raise UsageError(f"argument --ckpt: {path}: no such file (give a run's best.pt, e.g. "
                          f"runs/demo/parseq-N-T6-s0/best.pt)")
     try:
         ckpt, cfg, tok = train.read_checkpoint(path)
         net = modellib.build_model(cfg)
-        net.load_state_dict(ckpt["model"])
+        net.load_state_dict(ckpt.get("ema") or ckpt["model"])
     except (ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit their own config
         raise UsageError(f"argument --ckpt: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     return net.eval(), tok

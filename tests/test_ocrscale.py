@@ -130,6 +130,18 @@ def save_checkpoint(path, arch):
                     tokenizer=tok.spec), path)
 
 
+def test_a_last_pt_with_weight_averaging_loads_the_average(tmp_path):
+    """train.py evaluates the --ema average once it exists; eval and read score the same weights."""
+    tok = data.CharTokenizer(data.CHARSET36)
+    cfg = modellib.make_config("parseq", "T1", tok.vocab_size)
+    raw, average = modellib.build_model(cfg).state_dict(), modellib.build_model(cfg).state_dict()
+    for ema, want in ((None, raw), (average, average)):
+        torch.save(dict(model=raw, ema=ema, model_config=dataclasses.asdict(cfg), tokenizer=tok.spec),
+                   tmp_path / "last.pt")
+        net, _ = ocrscale.load_checkpoint(str(tmp_path / "last.pt"))
+        assert all(torch.equal(v, want[k]) for k, v in net.state_dict().items())
+
+
 class WritesFileWhenUnpickled:
     def __init__(self, path):
         self.path = path
