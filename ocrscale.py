@@ -584,14 +584,20 @@ def cmd_eval(args):
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     net.to(device)
     options = decode_options(net.cfg.arch, args.beam, args.refine_iters, args.beam_len_norm, args.ckpt)
-    sets = dict(spec.partition("=")[::2] for spec in args.test)
+    try:
+        sets = train.test_sets(args.test)
+    except ValueError as e:
+        raise UsageError(f"argument {e}") from None
     if args.benchmarks:
         found = [b for b in BENCHMARKS if os.path.isdir(os.path.join(args.benchmarks, b))]
         if not found:
             raise UsageError(f"argument --benchmarks: {args.benchmarks} holds none of {', '.join(BENCHMARKS)} "
                              "(shard folders: python data.py import-lmdb .../test/IC13_857 DIR/IC13_857)")
+        both = sorted(set(found) & sets.keys())
+        if both:
+            raise UsageError(f"argument --test: {', '.join(both)} is also a set of --benchmarks")
         sets.update((b, os.path.join(args.benchmarks, b)) for b in found)
-    if not sets or not all(sets) or not all(sets.values()):
+    if not sets:
         raise UsageError("give --test NAME=DIR (any number) or --benchmarks DIR")
     results = {}
     for name, path in sets.items():

@@ -112,6 +112,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)  # arch, size and the recipe: tokenizer_and_config
 
 
+def test_sets(specs):
+    """--test NAME=DIR arguments -> {name: dir}; a ValueError of one line for a malformed or repeated one."""
+    sets = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not (name and path) or name in sets:
+            raise ValueError(f"--test {spec}: " + (f"a second set named {name}" if name in sets else "takes NAME=DIR"))
+        sets[name] = path
+    return sets
+
+
 def get_lr(step, total_steps, args):
     """Learning rate at optimizer step `step`: linear (cosine for OneCycle) warm-up, then cosine decay."""
     warm = max(1, int(args.warmup * total_steps))
@@ -534,6 +545,10 @@ def write_result(run, stream, prog, row):  # result.json from the final metrics 
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        tests = test_sets(args.test)
+    except ValueError as e:
+        sys.exit(f"train.py: {e}")
     tok, cfg, init = tokenizer_and_config(args)  # and args.arch, args.size, the recipe
     run = setup(args, cfg, tok)
     stream = open_stream(run, "--train", ",".join(args.train), seed=args.seed, samples=args.samples, augment=args.augment)
@@ -550,11 +565,8 @@ def main(argv=None):
     if result is not None:
         return result
     run.streams = {"--val": open_stream(run, "--val", args.val, loop=False)}  # --test sets by name
-    for spec in args.test:
-        name, _, path = spec.partition("=")
-        if not (name and path):
-            sys.exit(f"train.py: --test {spec}: takes NAME=DIR")
-        run.streams[name] = open_stream(run, f"--test {spec}", path, loop=False)
+    for name, path in tests.items():
+        run.streams[name] = open_stream(run, f"--test {name}={path}", path, loop=False)
 
     torch.manual_seed(args.seed)
     model = modellib.build_model(cfg).to(run.device)

@@ -368,6 +368,12 @@ def test_read_recognises_rendered_words(tmp_path, capsys):
     shutil.copytree(tmp_path / "val", bench / "SVT")
     assert ocrscale.main(["eval", "--ckpt", ckpt, "--benchmarks", str(bench), "--json"]) == 0
     assert list(json.loads(capsys.readouterr().out)["sets"]) == ["SVT"]
+    for twice in (["--test", f"SVT={tmp_path / 'val'}", "--test", f"SVT={bench / 'SVT'}"],   # a set would replace one
+                  ["--test", f"SVT={tmp_path / 'val'}", "--benchmarks", str(bench)]):
+        with pytest.raises(SystemExit):
+            ocrscale.main(["eval", "--ckpt", ckpt, *twice])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("a second set named SVT" in err or "SVT is also a set of --benchmarks" in err)
 
 
 def labels_of(shard_dir):

@@ -416,6 +416,8 @@ def test_bad_paths_fail_before_training(shards, tmp_path):
         train.main(base_args(shards, tmp_path, "typo", "--val", str(tmp_path / "nowhere")))
     with pytest.raises(SystemExit, match="NAME=DIR"):
         train.main(base_args(shards, tmp_path, "typo", "--test", str(shards / "val")))
+    with pytest.raises(SystemExit, match="^train.py: --test a=.*: a second set named a$"):
+        train.main(base_args(shards, tmp_path, "typo", "--test", f"a={shards / 'val'}", "--test", f"a={shards / 'train'}"))
     with pytest.raises(SystemExit, match="holds only"):
         train.main(base_args(shards, tmp_path, "typo", "--samples", "5000"))
     with pytest.raises(SystemExit, match="^train.py: .*nowhere"):
