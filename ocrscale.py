@@ -266,8 +266,9 @@ def laws_section(arch, out, cfg, runs, root):
     # E(N) on the N ladder, E(D) on the D ladder, E(C) and the joint law on both: never other runs in `out`.
     metric, ladders = cfg["metric"], {axis: fit.load_runs(folders[axis]) for axis in folders}
     result = fit.fit_all(ladders["N"] + ladders["D"], metric=metric)
-    for axis in ("N", "D"):
-        result[axis] = fit.fit_all(ladders[axis], metric=metric)[axis]
+    for axis in ("N", "D"):  # a ladder of runs of different settings (e.g. some from an older train.py) is not pooled
+        result[axis] = fit.fit_all(ladders[axis], metric=metric).get(axis) or \
+            {"error": f"its runs differ in their settings: fit.py fits them apart ({out})"}
     target = "word error as a fraction" if metric == "error" else "val loss per character"
     commands = "\n".join(f"python fit.py {' '.join(paths)} --metric {metric}    # {axis}"
                          for axis, paths in (("N", folders["N"]), ("D", folders["D"]),
