@@ -1,32 +1,18 @@
-"""fit.py: scaling laws from run folders (or a table of points), with error bars, extrapolation checks and plots.
+"""fit.py: scaling laws from run folders or a CSV of points, with honest intervals, extrapolation checks and plots.
 
     python fit.py runs/                                   # E(N), E(D), E(C), the joint E(N, D), compute-optimal N, S
     python fit.py runs/ --where arch=parseq --metric loss --plot plots/ --json
     python fit.py tests/trocr_size_points.csv --holdout N=largest    # the paper's TrOCR-H check
 
 Rang et al. 2024 (arXiv 2401.00028) fit E = (X_c / X)^alpha per axis X in {N, D, C} by least squares in log-log
-space, word error E as a fraction. Here: read runs -> group -> per-axis OLS -> holdout and extrapolation -> joint law
--> table -> plots.
-- Runs: train.py's run folders (those with result.json unless --include-unfinished) or CSV rows (header: any of N, D,
-  C, samples; one of E (word error %), acc (word accuracy %), loss; optional label and fit group fields). Runs pool
-  only within a fit group (config.json "fit_group": arch, training sets, val set, tokenizer, --init, --set, image
-  size, eval setting; older runs and CSV rows: what they record); --where FIELD=VALUE picks one.
-- Per axis: E(N) from each run's final eval (--best: its best) on the ladder sharing (D, sample budget) with the most
-  distinct N, the median of a size's seeds; E(D) likewise; E(C) the lower envelope of every eval. Intervals: OLS t
-  (n-2 dof) below 8 points, else a percentile bootstrap over runs. Each axis is refitted without its largest 1 and 2
-  points to predict them; --holdout holds points out of every fit.
-- Joint: E = E_inf + A / N^alpha + B / D^beta (Chinchilla approach 3: summed Huber loss, delta 1e-3, on log E, from
-  a grid of starts), bootstrapped over runs; the compute-optimal N and S (samples seen) for C = c0 N^gamma S.
-Error >= 99.5% (a model that reads nothing) is never fitted. Not done here: training, IsoFLOP parabolas.
+space, E the word error as a fraction. Runs pool only within a fit group (train.py's "fit_group"; older runs and CSV
+rows: what they record). E(N), E(D): each run's final (--best: best) eval on the ladder with the most distinct X, the
+median of a size's seeds; E(C): the lower envelope of every eval. Intervals: OLS t below 8 points, else a bootstrap
+over runs; each axis is refitted without its largest 1 and 2 points to predict them. Joint: E = E_inf + A/N^alpha +
+B/D^beta by a Huber fit on log E (Chinchilla approach 3), and from it the compute-optimal N and samples seen.
+Error >= 99.5% (a model that reads nothing) is never fitted.
 """
-import argparse
-import collections
-import csv
-import json
-import math
-import os
-import sys
-import zlib
+import argparse, collections, csv, json, math, os, sys, zlib
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -41,28 +27,32 @@ GROUP = ("arch", "train", "val", "tokenizer", "init", "set", "img", "eval")  # t
 JOINT = ("einf", "A", "alpha", "B", "beta")
 BOUNDS = ([-np.inf, 1e-4, -np.inf, 1e-4, -np.inf], [np.inf, 10, np.inf, 10, np.inf])  # (a, alpha, b, beta, e)
 
-# ----------------------------------------------------------------------------- reading runs
 
+# ----------------------------------------------------------------------------- reading runs
 def _num(v):
-    """A float from a number or a numeric string; None if it is neither. Every input number is parsed here."""
+    """A float from a number or a numeric string, else None: every input number is parsed here."""
     try:
         return float(v)
     except (TypeError, ValueError):
         return None
 
+
 def _ok(v):
     return v is not None and math.isfinite(v) and v > 0
 
-def _make_run(name, config, evals, finished, malformed=0):
-    """A run dict; its evals keep the numbers fit.py reads. The sample budget: config "train_samples", else the
-    samples seen at the last eval to 2 significant figures (absorbs batch rounding)."""
-    evals = [{k: _num(e.get(k)) for k in ("samples", "flops", *METRICS.values())} for e in evals]
+
+def _make_run(name, config, lines, finished):
+    """A run dict from its config and metrics lines (those not a JSON object count as malformed). The sample budget:
+    config "train_samples", else the samples seen at the last eval to 2 significant figures (absorbs batch rounding)."""
+    evals = [{k: _num(e.get(k)) for k in ("samples", "flops", *METRICS.values())} for e in lines if isinstance(e, dict)]
     budget = _num(config.get("train_samples"))
     if budget is None and evals and _ok(evals[-1]["samples"]):
         budget = float(f"{evals[-1]['samples']:.2g}")
     return {"name": name, "config": config, "evals": evals, "finished": finished, "group": _fit_group(config),
-            "N": _num(config.get("N")), "D": _num(config.get("D")), "budget": budget, "malformed": malformed,
+            "N": _num(config.get("N")), "D": _num(config.get("D")), "budget": budget,
+            "malformed": len(lines) - len(evals),
             "skip": None if evals else "no evals in metrics.jsonl (still starting, or crashed before its first eval)"}
+
 
 def _read_run(folder):
     try:
@@ -72,31 +62,31 @@ def _read_run(folder):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         return dict(_make_run(folder, {}, [], False), skip=f"unreadable config.json ({e})")
-    evals, path = [], os.path.join(folder, "metrics.jsonl")
+    lines, path = [], os.path.join(folder, "metrics.jsonl")
     if os.path.exists(path):
-        with open(path, errors="replace") as f:  # undecodable bytes make a malformed line, counted below
+        with open(path, errors="replace") as f:  # undecodable bytes make a malformed line
             for line in filter(str.strip, f):
                 try:
-                    evals.append(json.loads(line))
+                    lines.append(json.loads(line))
                 except json.JSONDecodeError:  # e.g. the last line of a run killed mid-write
-                    evals.append(None)
-    good = [e for e in evals if isinstance(e, dict)]
-    return _make_run(folder, config, good, os.path.exists(os.path.join(folder, "result.json")), len(evals) - len(good))
+                    lines.append(None)
+    return _make_run(folder, config, lines, os.path.exists(os.path.join(folder, "result.json")))
+
 
 def _read_csv(path):
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
-            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}  # extra fields: key None
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}  # extras: key None
                     for row in csv.DictReader(f)]
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     cols = set(rows[0]) if rows else set()
-    if not rows or not cols & set(AXES) or not cols & {"E", "acc", "loss"}:
+    if not cols & set(AXES) or not cols & {"E", "acc", "loss"}:
         raise ValueError(f"{path}: needs a header with at least one of N, D, C and one of E (word error), acc "
                          f"(word accuracy), loss, and at least one row; found columns {sorted(cols) or 'none'}")
     for k in ("E", "acc"):
         values = [x for x in (_num(row.get(k)) for row in rows) if x is not None]
-        if len(values) > 1 and max(values) <= 1:  # a fit of fractions read as percent would be silently wrong
+        if len(values) > 1 and max(values) <= 1:  # fractions read as percent would fit a silently wrong law
             raise ValueError(f"{path}: column {k} is in percent; every value is at most 1, as fractions would be "
                              "(multiply them by 100)")
     runs = []
@@ -110,9 +100,11 @@ def _read_csv(path):
         runs.append(dict(run, skip=f"unreadable {', '.join(bad)}") if bad else run)
     return runs
 
+
 def _items(v):
     """train.py's list of --train or --set arguments, or a CSV cell, as one list of its comma-separated items."""
     return [s for s in ",".join(v if isinstance(v, list) else [str(v)] if v else []).split(",") if s]
+
 
 def _fit_group(config):
     """What a run shares with every run it may be pooled with: train.py's "fit_group", else what an older config.json
@@ -133,6 +125,7 @@ def _fit_group(config):
             "img": [model["img_h"], model["img_w"]] if "img_h" in model else config.get("img"),
             "eval": config.get("eval") if setting is None else f"{'beam' if arch == 'trocr' else 'refine'}={setting}"}
 
+
 def _show(field, value):
     """A fit group field as text, as group names show it and --where compares it."""
     if value in (None, {}, []):
@@ -142,6 +135,7 @@ def _show(field, value):
     if field == "set":
         return ",".join(f"{k}={v}" for k, v in value.items())
     return "x".join(map(str, value)) if field == "img" and isinstance(value, list) else str(value)
+
 
 def _matches(run, where):
     """--where KEY=VALUE on a fit group field (none matches null or empty, a path as given or made absolute, train and
@@ -161,6 +155,7 @@ def _matches(run, where):
             return False
     return True
 
+
 def _groups(runs):
     """[(name, fields, runs)] per distinct fit group, in the order first seen. A name shows only the fields in which
     the groups differ, long values cut in the middle ('' for a single group)."""
@@ -173,6 +168,7 @@ def _groups(runs):
     parts = [[f"{k}={_show(k, g.get(k))}" for k in differ] for g in groups]
     names = [" ".join(s if len(s) <= 48 else f"{s[:22]}...{s[-23:]}" for s in p) for p in parts]
     return list(zip(names, groups, members.values()))
+
 
 def load_runs(paths, where=None):
     """Run dicts (name, config, evals, finished, group, N, D, budget, malformed, skip) from run folders (searched
@@ -194,13 +190,18 @@ def load_runs(paths, where=None):
             raise FileNotFoundError(f"{p}: neither a folder of runs (config.json + metrics.jsonl) nor a .csv file")
     return [r for r in runs if _matches(r, {k: str(v) for k, v in where.items()})]
 
-# ----------------------------------------------------------------------------- points per axis
 
+# ----------------------------------------------------------------------------- per-axis law: OLS in log-log space
 def _pick_eval(run, key, best):
     """The eval a run stands for: its last one with the metric, or (best) the lowest; None if none has it."""
     evs = [e for e in run["evals"] if e[key] is not None]
     good = [e for e in evs if _ok(e[key])]
     return min(good, key=lambda e: e[key]) if best and good else evs[-1] if evs else None
+
+
+def _has_axis(run, axis):
+    return any(e["flops"] is not None for e in run["evals"]) if axis == "C" else run[axis] is not None
+
 
 def _observations(run, axis, key, best):
     """(n, 2) array of a run's (x, y) on an axis (C: every eval), or a string saying why it has none."""
@@ -215,6 +216,7 @@ def _observations(run, axis, key, best):
     ok = _ok(x) and _ok(y)
     return np.array([[x, y]]) if ok else f"{axis}={x}, {key}={y}: need finite positive values (log space)"
 
+
 def _reduce(axis, xy, pin):
     """Points to fit from raw observations: (x, y, pinned) with per-size medians (N, D) or the compute frontier (C)."""
     o = np.lexsort((xy[:, 1], xy[:, 0]))
@@ -227,16 +229,18 @@ def _reduce(axis, xy, pin):
     my = (y[first + (count - 1) // 2] + y[first + count // 2]) / 2  # median of each size's seeds
     return ux, my, my >= pin
 
-def _ladder(runs, axis):
-    """The runs on the best ladder for axis N (fixed D, budget) or D (fixed N, and a fixed budget or fixed epochs, as
-    train.py's --epochs plans it): most distinct values, then the larger fixed N or D, then fixed budget."""
+
+def _ladder(obs, axis):
+    """The (run, xy) on the best ladder for axis N (fixed D, budget) or D (fixed N, and a fixed budget or fixed epochs,
+    as train.py's --epochs plans it): most distinct values, then the larger fixed N or D, then fixed budget."""
     other, ladders = "D" if axis == "N" else "N", {}
-    for i, r in enumerate(runs):
-        ladders.setdefault((r[other], "budget", r["budget"]), []).append(i)
+    for r, xy in obs:
+        ladders.setdefault((r[other], "budget", r["budget"]), []).append((r, xy))
         if axis == "D" and r["budget"] and r["D"]:
-            ladders.setdefault((r[other], "epochs", round(r["budget"] / r["D"], 2)), []).append(i)
-    key = max(ladders, key=lambda k: (len({runs[i][axis] for i in ladders[k]}), k[0] or 0, k[1] == "budget"))
+            ladders.setdefault((r[other], "epochs", round(r["budget"] / r["D"], 2)), []).append((r, xy))
+    key = max(ladders, key=lambda k: (len({r[axis] for r, _ in ladders[k]}), k[0] or 0, k[1] == "budget"))
     return ladders[key], {other: key[0], key[1]: key[2]}
+
 
 def _holdout_specs(holdout, axes):
     """{axis: 'largest' | 'largest:K' | value} from --holdout's AXIS=SPEC items; no AXIS: every axis in `axes`."""
@@ -253,6 +257,7 @@ def _holdout_specs(holdout, axes):
         specs.update({a: spec for a in ([ax] if ax else AXES)})
     return specs
 
+
 def _holdout_cut(spec, x):
     """Points with x >= the returned value are held out of the fit (inf: none)."""
     if spec is None or not len(x):
@@ -262,7 +267,6 @@ def _holdout_cut(spec, x):
         return ux[-min(int(spec[8:] or 1), len(ux))]
     return _num(spec)
 
-# ----------------------------------------------------------------------------- per-axis law: OLS in log-log space
 
 def fit_power(x, y):
     """E = (k/x)^alpha by least squares on log E = alpha log k - alpha log x (r2 None for a flat series), and what
@@ -279,6 +283,7 @@ def fit_power(x, y):
     return {"alpha": float(-slope), "k": k, "r2": r2, "rmse": float(np.sqrt((res ** 2).mean())), "slope": float(slope),
             "intercept": float(intercept), "n": n, "s": s, "mean_logx": float(mx), "sxx": float(sxx)}
 
+
 def _t_intervals(f, level):
     """OLS t-intervals (n-2 dof) for alpha and, by the delta method on log k = mean log x - mean log E / slope, k."""
     t, b = stdtrit(f["n"] - 2, 0.5 + level / 2), np.float64(f["slope"])
@@ -289,6 +294,7 @@ def _t_intervals(f, level):
     half = t * f["s"] / math.sqrt(f["sxx"])
     return {"alpha": [f["alpha"] - half, f["alpha"] + half], "k": k_ci}
 
+
 def _line_interval(f, x, level, new):
     """Fitted E at x with its t-interval (n-2 dof): for the line (new=False) or for a new point (prediction)."""
     lx = np.log(np.asarray(x, float))
@@ -297,28 +303,32 @@ def _line_interval(f, x, level, new):
     mid = f["intercept"] + f["slope"] * lx
     return np.exp(mid), np.exp(mid - half), np.exp(mid + half)
 
-def _draws(n_units, o, name):
-    """o['n_boot'] resamples of n_units runs from the fit's own random stream (seed, fit name)."""
-    rng = np.random.default_rng([o["seed"], zlib.crc32(name.encode())])
-    return [rng.integers(0, n_units, n_units) for _ in range(o["n_boot"])]
 
 def _percentile_ci(samples, level):
     s = np.asarray(samples, float)
     s, q = s[np.isfinite(s)], 50 * (1 - level)
     return [float(np.percentile(s, q)), float(np.percentile(s, 100 - q))] if len(s) > 1 else None
 
-def _bootstrap(refits, names, level):
-    """Percentile intervals from bootstrap refits (parameter dicts, or why a draw was unusable): (kept, ci)."""
+
+def _bootstrap(refit, n_units, names, name, o):
+    """Percentile intervals of `names` over o["n_boot"] resamples of n_units runs, drawn from the fit's own random
+    stream (seed, fit name); refit(draw) gives a parameter dict, or why the draw is unusable. Returns (kept, ci)."""
+    rng = np.random.default_rng([o["seed"], zlib.crc32(name.encode())])
+    refits = [refit(d) for d in [rng.integers(0, n_units, n_units) for _ in range(o["n_boot"])]]
     kept = [p for p in refits if not isinstance(p, str)]
     dropped = dict(collections.Counter(p for p in refits if isinstance(p, str)))
-    return kept, dict({k: _percentile_ci([p[k] for p in kept], level) for k in names}, n_boot=len(kept),
+    return kept, dict({k: _percentile_ci([p[k] for p in kept], o["level"]) for k in names}, n_boot=len(kept),
                       dropped=dropped)
 
-def _resample(obs, draw, axis, cut, o):
-    """One bootstrap draw's points to fit: the runs in `draw` (all points of a run together) reduced, (x, E)."""
+
+def _refit_axis(obs, draw, axis, cut, o):
+    """One bootstrap refit on the runs in `draw` (all points of a run together), or why it cannot be fitted."""
     x, y, pinned = _reduce(axis, np.concatenate([obs[i][1] for i in draw]), o["pin"])
     keep = ~pinned & (x < cut)
-    return x[keep], y[keep] / o["scale"]
+    if len(np.unique(x[keep])) < 3:
+        return f"fewer than 3 distinct {axis}"
+    return fit_power(x[keep], y[keep] / o["scale"])
+
 
 def _predict(x, y, fitted, held, o):
     """Refit on the `fitted` points; observed vs predicted at the `held` ones, with the t prediction interval."""
@@ -326,6 +336,7 @@ def _predict(x, y, fitted, held, o):
     pred, lo, hi = (v * o["scale"] for v in _line_interval(f, x[held], o["level"], new=True))
     return {"x": x[held].tolist(), "measured": y[held].tolist(), "predicted": pred.tolist(), "lo": lo.tolist(),
             "hi": hi.tolist(), "rel_error": (pred / y[held] - 1).tolist()}
+
 
 def _support(axis, x, y, obs):
     """Which runs a point stands for: the seeds of a size (and their spread), or the run a frontier point is from."""
@@ -336,165 +347,147 @@ def _support(axis, x, y, obs):
     return {"runs": [r["name"] for r, _ in hits], "spread": [float(ys.min()), float(ys.max())],
             "unfinished": any(not r["finished"] for r, _ in hits)}
 
-def _has_axis(run, axis):
-    return any(e["flops"] is not None for e in run["evals"]) if axis == "C" else run[axis] is not None
 
 def _fit_axis(runs, axis, o):
-    key, scale = o["key"], o["scale"]
-    cand = [r for r in runs if _has_axis(r, axis)]
-    if not cand:
+    """E = (k/x)^alpha on one axis: the law, its intervals, points, warnings, holdout and extrapolation checks."""
+    obs = [(r, _observations(r, axis, o["key"], o["best"])) for r in runs if _has_axis(r, axis)]
+    if not obs:
         source = "'flops' in metrics.jsonl" if axis == "C" else f"config.json '{axis}'"
         return {"error": f"no run has {axis} ({source} or a CSV column '{axis}')"}
-    obs = [(r, _observations(r, axis, key, o["best"])) for r in cand]  # (run, its (x, y) array or why it has none)
     skipped = [f"{r['name']}: {xy}" for r, xy in obs if isinstance(xy, str)]
     obs, ladder = [(r, xy) for r, xy in obs if not isinstance(xy, str)], None
     if axis != "C" and obs:
-        idx, ladder = _ladder([r for r, _ in obs], axis)
-        if len(obs) > len(idx):
+        on, ladder = _ladder(obs, axis)
+        if len(on) < len(obs):
             fixed = ", ".join(f"{k}={v}" for k, v in ladder.items())
-            skipped.append(f"{len(obs) - len(idx)} run(s) off this ladder (fixed {fixed})")
-        obs = [obs[i] for i in idx]
+            skipped.append(f"{len(obs) - len(on)} run(s) off this ladder (fixed {fixed})")
+        obs = on
     out = {"ladder": ladder, "skipped": skipped, "n_runs": len(obs), "warnings": []}
     if not obs:
         return dict(out, error=f"{axis}: no usable runs")
     x, y, pinned = _reduce(axis, np.concatenate([xy for _, xy in obs]), o["pin"])
     cut = _holdout_cut(o["holdout"].get(axis), x[~pinned])
     use, held = ~pinned & (x < cut), ~pinned & (x >= cut)
-    ux = np.unique(x[use])
+    ux = np.unique(x[use])  # x is distinct after _reduce: one point per size, or per frontier step
     if len(ux) < 3:
         why = (f", {(~pinned).sum()} not pinned at >= {o['pin']}%" if pinned.any() else "") + \
               (", after the holdout" if cut < math.inf else "")
         return dict(out, error=f"{axis}: {use.sum()} usable point(s) ({len(x)} in all{why}); need at least 3 "
                                f"distinct {axis}")
-    f = fit_power(x[use], y[use] / scale)
+    f = fit_power(x[use], y[use] / o["scale"])
     if f["r2"] is None or np.any(np.diff(y[use]) >= 0):
         f["r2"] = None
         out["warnings"].append(f"{axis}: the fitted points are flat or do not fall monotonically: R2 undefined")
     grid, kept, ci = np.geomspace(x.min(), x.max(), 40), [], {"dropped": {}}
     if f["n"] >= SMALL_N:
-        refits = [fit_power(*xy) if len(np.unique(xy[0])) >= 3 else f"fewer than 3 distinct {axis}"
-                  for xy in (_resample(obs, d, axis, cut, o) for d in _draws(len(obs), o, axis))]
-        kept, ci = _bootstrap(refits, ("alpha", "k"), o["level"])
+        kept, ci = _bootstrap(lambda d: _refit_axis(obs, d, axis, cut, o), len(obs), ("alpha", "k"), axis, o)
     if len(kept) < 2:  # few points (or no usable draw): the OLS t-intervals
         ci = dict(_t_intervals(f, o["level"]), method=f"t ({f['n'] - 2} dof)", dropped=ci["dropped"])
         lo, hi = _line_interval(f, grid, o["level"], new=False)[1:]
     else:
         ci["method"], q = f"bootstrap over runs ({len(kept)} draws)", 50 * (1 - o["level"])
         lo, hi = np.percentile([np.exp(b["intercept"] + b["slope"] * np.log(grid)) for b in kept], [q, 100 - q], 0)
-    out.update({k: f[k] for k in ("alpha", "k", "r2", "rmse")}, n_points=int(use.sum()), ci=dict(ci, level=o["level"]),
-               band={"x": grid.tolist(), "lo": (lo * scale).tolist(), "hi": (hi * scale).tolist()},
-               holdout=_predict(x, y, use, held, o) if held.any() else None, extrapolation=[])
-    for k in (1, 2):  # refit without the largest k fitted points, predict them
-        if len(ux) - k >= 3:
-            fitted = use & (x < ux[-k])
-            out["extrapolation"].append(dict(_predict(x, y, fitted, use & ~fitted, o), held_out=k,
-                                             n_fitted=int(fitted.sum())))
-    pred = np.exp(f["intercept"] + f["slope"] * np.log(x)) * scale
-    out["points"] = [{"x": float(xi), "y": float(yi), "pinned": bool(pi), "held_out": bool(hi),
-                      "log_residual": float(np.log(yi / pr)), **_support(axis, xi, yi, obs)}
-                     for xi, yi, pi, hi, pr in zip(x, y, pinned, held, pred)]
-    return out
+    pred = np.exp(f["intercept"] + f["slope"] * np.log(x)) * o["scale"]
+    extrapolation = [dict(_predict(x, y, use & (x < ux[-k]), use & (x >= ux[-k]), o), held_out=k, n_fitted=len(ux) - k)
+                     for k in (1, 2) if len(ux) - k >= 3]  # refit without the largest k points, predict them
+    return dict(out, **{k: f[k] for k in ("alpha", "k", "r2", "rmse")}, n_points=int(use.sum()),
+                ci=dict(ci, level=o["level"]),
+                band={"x": grid.tolist(), "lo": (lo * o["scale"]).tolist(), "hi": (hi * o["scale"]).tolist()},
+                holdout=_predict(x, y, use, held, o) if held.any() else None, extrapolation=extrapolation,
+                points=[{"x": float(xi), "y": float(yi), "pinned": bool(p), "held_out": bool(h),
+                         "log_residual": float(np.log(yi / pr)), **_support(axis, xi, yi, obs)}
+                        for xi, yi, p, h, pr in zip(x, y, pinned, held, pred)])
+
 
 # ----------------------------------------------------------------------------- joint law and compute optimum
-
 def _log_terms(th, F):
     """log A/N^alpha, log B/D^beta, log E_inf per point, (n, 3), for th = (a, alpha, b, beta, e) = (log A, alpha,
     log B, beta, log E_inf) and F = (log N, log D) per point."""
     return np.column_stack([th[0] - th[1] * F[:, 0], th[2] - th[3] * F[:, 1], np.full(len(F), th[4])])
 
+
 def _log_residuals(th, F, ly):
     return np.logaddexp.reduce(_log_terms(th, F), axis=1) - ly
+
 
 def _log_jacobian(th, F, ly):
     Z = _log_terms(th, F)
     W = np.exp(Z - np.logaddexp.reduce(Z, axis=1, keepdims=True))  # d log E / d log term
     return np.column_stack([W[:, 0], -W[:, 0] * F[:, 0], W[:, 1], -W[:, 1] * F[:, 1], W[:, 2]])
 
-def _centred(th, mu, sign=-1):
-    """(a, alpha, b, beta, e) for log N and log D centred at mu (sign -1), or back from it (sign 1)."""
-    return th + sign * np.array([th[1] * mu[0], 0, th[3] * mu[1], 0, 0])
 
 def _huber_fit(F, ly, starts):
     """The joint law by least_squares with a Huber loss (its cost: the summed Huber loss, delta DELTA, of the log
-    residuals) from each start, log N and log D centred so that a and alpha (b and beta) decorrelate. Returns the best
-    fit's (a, alpha, b, beta, e), its loss, how many starts reached it, whether it converged."""
+    residuals) from each start th, with log N and log D centred at mu so that a and alpha (b and beta) decorrelate.
+    Returns the best fit's named parameters, loss, starts that reached it and convergence; and its th."""
     mu = F.mean(0)
-    fits = [least_squares(_log_residuals, _centred(s, mu), _log_jacobian, bounds=BOUNDS, method="dogbox", loss="huber",
-                          f_scale=DELTA, args=(F - mu, ly), xtol=1e-12, ftol=1e-12, gtol=1e-12) for s in starts]
+    fits = [least_squares(_log_residuals, s - [s[1] * mu[0], 0, s[3] * mu[1], 0, 0], _log_jacobian, bounds=BOUNDS,
+                          method="dogbox", loss="huber", f_scale=DELTA, args=(F - mu, ly), xtol=1e-12, ftol=1e-12,
+                          gtol=1e-12) for s in starts]
     best = min(fits, key=lambda f: f.cost)
-    reached = sum(f.cost <= best.cost * (1 + 1e-3) + 1e-12 for f in fits)
-    return _centred(best.x, mu, 1), float(best.cost), int(reached), bool(best.success)
+    th = best.x + [best.x[1] * mu[0], 0, best.x[3] * mu[1], 0, 0]  # back from centred log N, log D
+    named = dict(zip(JOINT, (math.exp(th[4]), math.exp(th[0]), float(th[1]), math.exp(th[2]), float(th[3]))))
+    reached = int(sum(f.cost <= best.cost * (1 + 1e-3) + 1e-12 for f in fits))
+    return dict(named, loss=float(best.cost), starts_at_best=reached, converged=bool(best.success)), th
 
-def _starts(F, ly):
-    """32 starts: exponents 0.25..2, each term half the mean E, E_inf 1% or 50% of the smallest E."""
-    (mN, mD), half = F.mean(0), ly.mean() + math.log(0.5)
-    return [np.array([a * mN + half, a, b * mD + half, b, ly.min() + math.log(e)])
-            for a in (0.25, 0.5, 1, 2) for b in (0.25, 0.5, 1, 2) for e in (0.01, 0.5)]
-
-def _named(th):
-    return dict(zip(JOINT, (math.exp(th[4]), math.exp(th[0]), float(th[1]), math.exp(th[2]), float(th[3]))))
-
-def _joint_law(p, N, D):
-    """E_inf + A / N^alpha + B / D^beta from the named parameters p."""
-    return p["einf"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"]
 
 def _refit_joint(F, ly, th):
     """One bootstrap refit from the full fit (E_inf lifted to >= 10% of the smallest E: a floor at ~0 has no
     gradient): the named parameters, or why the draw was dropped."""
     if min(len(np.unique(c)) for c in F.T) < 3 or len(np.unique(F, axis=0)) < len(th):
         return f"fewer than 3 distinct values per variable or {len(th)} distinct points"
-    fit = _huber_fit(F, ly, [np.r_[th[:4], max(th[4], ly.min() + math.log(0.1))]])
-    return _named(fit[0]) if fit[3] else "did not converge"
+    fit = _huber_fit(F, ly, [np.r_[th[:4], max(th[4], ly.min() + math.log(0.1))]])[0]
+    return fit if fit["converged"] else "did not converge"
 
-def _joint_rows(runs, o):
-    """One dict per usable run: N, D, E, name, samples seen S, C, S_assumed (no samples logged: S = D, one pass)."""
-    rows = []
+
+def _fit_joint(runs, o):
+    """E = E_inf + A/N^alpha + B/D^beta on every run with N and D (its picked eval), bootstrapped over runs."""
+    rows = []  # N, D, E, name, samples seen S, C, S_assumed (no samples logged: S = D, one pass)
     for r in runs:
         e = _pick_eval(r, o["key"], o["best"]) or dict.fromkeys((o["key"], "samples", "flops"))
         y, S, C = e[o["key"]], e["samples"], e["flops"]
         if _ok(r["N"]) and _ok(r["D"]) and _ok(y) and y < o["pin"]:
             rows.append(dict(N=r["N"], D=r["D"], E=y, name=r["name"], S=S if _ok(S) else r["D"],
                              C=C if _ok(C) else math.nan, S_assumed=not _ok(S)))
-    return rows
-
-def _fit_joint(runs, o):
-    rows = _joint_rows(runs, o)
     nN, nD = len({r["N"] for r in rows}), len({r["D"] for r in rows})
     if len(rows) < 7 or nN < 3 or nD < 3:  # 5 parameters: at least 2 degrees of freedom, 3 values per axis
         return {"error": f"joint E(N, D): needs >= 7 usable runs spanning >= 3 N and >= 3 D; has {len(rows)} runs "
                          f"with both, not pinned, {nN} N, {nD} D"}
     N, D, y, names = (np.array([r[k] for r in rows]) for k in ("N", "D", "E", "name"))
     held = (N >= _holdout_cut(o["holdout"].get("N"), N)) | (D >= _holdout_cut(o["holdout"].get("D"), D))
-    use = ~held
+    use, F_all = ~held, np.log(np.column_stack([N, D]))
     if use.sum() < 7:
         return {"error": f"joint E(N, D): {use.sum()} runs left after the holdout; need >= 7"}
-    F, ly = np.log(np.column_stack([N, D]))[use], np.log(y[use] / o["scale"])
-    starts = _starts(F, ly)
-    th, loss, reached, converged = _huber_fit(F, ly, starts)
-    p, pred = _named(th), np.exp(np.logaddexp.reduce(_log_terms(th, np.log(np.column_stack([N, D]))), axis=1))
-    boot, ci = _bootstrap([_refit_joint(F[d], ly[d], th) for d in _draws(len(ly), o, "joint")], JOINT, o["level"])
-    res = np.log(pred[use]) - ly
-    points = [{"N": float(a), "D": float(b), "y": float(c), "run": str(n), "held_out": bool(h),
-               "predicted": float(q * o["scale"])} for a, b, c, n, h, q in zip(N, D, y, names, held, pred)]
-    out = dict(p, r2=float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum()), rmse=float(np.sqrt((res**2).mean())),
-               loss=loss, starts=len(starts), starts_at_best=reached, converged=converged, n_points=int(use.sum()),
-               ci=dict(ci, level=o["level"], method=f"bootstrap over runs ({len(boot)} draws)"), points=points,
-               holdout=None, compute_optimal=_compute_optimal(p, boot, rows, o))
-    if held.any():
-        out["holdout"] = {"N": N[held].tolist(), "D": D[held].tolist(), "measured": y[held].tolist(),
-                          "predicted": (pred[held] * o["scale"]).tolist(),
-                          "rel_error": (pred[held] * o["scale"] / y[held] - 1).tolist()}
-    return out
+    F, ly, (mN, mD) = F_all[use], np.log(y[use] / o["scale"]), F_all[use].mean(0)
+    # 32 starts: exponents 0.25..2, each term half the mean E, E_inf 1% or 50% of the smallest E
+    half = ly.mean() + math.log(0.5)
+    starts = [np.array([a * mN + half, a, b * mD + half, b, ly.min() + math.log(e)])
+              for a in (0.25, 0.5, 1, 2) for b in (0.25, 0.5, 1, 2) for e in (0.01, 0.5)]
+    fit, th = _huber_fit(F, ly, starts)
+    boot, ci = _bootstrap(lambda d: _refit_joint(F[d], ly[d], th), len(ly), JOINT, "joint", o)
+    log_pred = np.logaddexp.reduce(_log_terms(th, F_all), axis=1)
+    pred, res = np.exp(log_pred) * o["scale"], log_pred[use] - ly
+    return dict(fit, r2=float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum()),
+                rmse=float(np.sqrt((res ** 2).mean())), starts=len(starts), n_points=int(use.sum()),
+                compute_optimal=_compute_optimal(fit, boot, rows, o),
+                ci=dict(ci, level=o["level"], method=f"bootstrap over runs ({len(boot)} draws)"),
+                points=[{"N": float(a), "D": float(b), "y": float(c), "run": str(n), "held_out": bool(h),
+                         "predicted": float(q)} for a, b, c, n, h, q in zip(N, D, y, names, held, pred)],
+                holdout={"N": N[held].tolist(), "D": D[held].tolist(), "measured": y[held].tolist(),
+                         "predicted": pred[held].tolist(), "rel_error": (pred[held] / y[held] - 1).tolist()}
+                if held.any() else None)
+
 
 def _optimum(p, fps, C):
-    """argmin over N of E_inf + A N^-alpha + B S^-beta subject to c0 N^gamma S = C (closed form)."""
+    """argmin over N of E_inf + A N^-alpha + B S^-beta subject to c0 N^gamma S = C (closed form): N, S, E."""
     a, b, g, c0 = p["alpha"], p["beta"], fps["gamma"], fps["c0"]
     if min(a, b, g, p["A"], p["B"]) <= 0:
         return math.nan, math.nan, math.nan
     with np.errstate(all="ignore"):  # extreme bootstrap draws overflow to inf/0: kept as such, not warned about
         N = (a * p["A"] / (b * g * p["B"]) * (np.float64(C) / c0) ** b) ** (1 / (a + g * b))
         S = C / (c0 * N ** g)
-        return N, S, _joint_law(p, N, S)
+        return N, S, p["einf"] + p["A"] / N ** a + p["B"] / S ** b
+
 
 def _compute_optimal(p, boot, rows, o):
     """N, S (samples seen) and E per FLOP budget (default the biggest run's C, x10, x100), C / S = c0 N^gamma."""
@@ -519,6 +512,7 @@ def _compute_optimal(p, boot, rows, o):
             "S_exponent": p["alpha"] / (p["alpha"] + g * p["beta"]), "convention": o["convention"],
             "multi_epoch": [f"{r['name']} ({r['S'] / r['D']:.3g} epochs)" for r in rows if r["S"] > r["D"] * 1.01],
             "samples_assumed": [r["name"] for r in rows if r["S_assumed"]]}
+
 
 def fit_all(points_or_runs, metric="error", holdout=None, n_boot=1000, seed=0, best=False, level=0.95, budgets=None,
             pinned=PINNED, include_unfinished=False):
@@ -563,13 +557,15 @@ def fit_all(points_or_runs, metric="error", holdout=None, n_boot=1000, seed=0, b
     out.update(fits[0] if len(fits) == 1 else {"groups": fits})  # runs of different setups: fitted apart, never pooled
     return dict(out, ok=any(fit["ok"] for fit in fits))
 
-# ----------------------------------------------------------------------------- output
 
+# ----------------------------------------------------------------------------- output
 def _ci(c, fmt="{:.4g}"):
     return f"[{fmt.format(c[0])}, {fmt.format(c[1])}]" if c else "[n/a]"
 
+
 def _r2(v):
     return f"{v:.4f}" if v is not None else "undef"
+
 
 def format_table(result):
     """A plain-text report of fit_all's result (stdout, and REPORT.md via ocrscale.py)."""
@@ -588,6 +584,7 @@ def format_table(result):
         L += _format_fit(fit, result["metric"])
     return "\n".join(L)
 
+
 def _format_fit(fit, metric):
     """format_table's lines for one fit group: the per-axis laws, their points and checks, the joint law."""
     u = "%" if metric in ("error", "test") else ""
@@ -595,10 +592,10 @@ def _format_fit(fit, metric):
     L = [f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} intervals: t (n-2 dof) below {SMALL_N} "
          f"points, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}{'alpha':>8} {'CI':<20}"
          f"{'R2(log)':>8}{'RMSE(log)':>10}  interval method"]
-    L += [f"{ax:<5}  not fitted: {r['error']}" if "error" in r else
+    L += [f"{ax:<5}  not fitted: {fit[ax]['error']}" if "error" in fit[ax] else
           f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
           f"{_ci(r['ci']['alpha']):<20}{_r2(r['r2']):>8}{r['rmse']:>10.4f}  {r['ci']['method']}"
-          for ax, r in ((ax, fit[ax]) for ax in AXES)]
+          for ax, r in fit.items() if ax in AXES]
     for ax, r in ((ax, fit[ax]) for ax in AXES):
         if "error" in r:
             L += [f"  {ax}: skipped {s}" for s in r.get("skipped", [])]
@@ -648,6 +645,7 @@ def _format_fit(fit, metric):
     return L + [f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, S {b['S']:.3g} "
                 f"{_ci(b['ci']['S'], '{:.3g}')}, predicted {metric} {b['E']:.4g}{u}" for b in co["budgets"]]
 
+
 def _log_ticks(axis, lo, hi):
     """Readable ticks on a log axis spanning lo..hi: 1-2-5 steps (decades when many, finer when few), at most 6,
     short plain labels and no minor labels (matplotlib's overlap on short ranges: '3x10^4 4x10^4')."""
@@ -660,6 +658,7 @@ def _log_ticks(axis, lo, hi):
     axis.set_major_locator(ticker.FixedLocator(t[::math.ceil(len(t) / 6)]))
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}".replace("e+0", "e").replace("e+", "e")))
     axis.set_minor_formatter(ticker.NullFormatter())
+
 
 def plot_all(result, out_dir):
     """Log-log PNGs per axis (points, fit, CI band) and of the joint fit (a curve per D), fit group i of several in
@@ -675,46 +674,42 @@ def plot_all(result, out_dir):
         raise ImportError("--plot needs matplotlib: pip install matplotlib") from e
     os.makedirs(out_dir, exist_ok=True)
     u = "%" if result["metric"] in ("error", "test") else ""
-    scale, figs, ylab = 100.0 if u else 1.0, [], f"{result['metric']} ({result['key']}{', ' + u if u else ''})"
-    names = {"N": "parameters N", "D": "training images D", "C": "training compute C (FLOPs)"}
-    styles = {"fitted": dict(c="C0", marker="o"), "held out": dict(c="C3", marker="*", s=120),
-              "pinned: not fitted": dict(c="grey", marker="x")}
-    for ax in [ax for ax in AXES if "error" not in result[ax]]:
+    scale, paths, ylab = 100.0 if u else 1.0, [], f"{result['metric']} ({result['key']}{', ' + u if u else ''})"
+    names = {"N": "parameters N", "D": "training images D", "C": "training compute C (FLOPs)", "joint": "parameters N"}
+    styles = {(False, False): ("fitted", dict(c="C0", marker="o")), (False, True): ("held out", dict(c="C3", marker="*",
+              s=120)), (True, False): ("pinned: not fitted", dict(c="grey", marker="x"))}  # by (pinned, held out)
+    for ax in [ax for ax in (*AXES, "joint") if "error" not in result[ax]]:
         r, (fig, a) = result[ax], plt.subplots(figsize=(5.5, 4))
-        kind = ["pinned: not fitted" if p["pinned"] else "held out" if p["held_out"] else "fitted" for p in r["points"]]
-        for label, style in styles.items():
-            ps = [p for p, k in zip(r["points"], kind) if k == label]
-            if ps:
-                a.scatter([p["x"] for p in ps], [p["y"] for p in ps], zorder=3, label=label, **style)
-        a.fill_between(r["band"]["x"], r["band"]["lo"], r["band"]["hi"], color="C0", alpha=0.2,
-                       label=f"{r['ci']['level']:.0%} CI ({r['ci']['method'].split(' (')[0]})")
-        xs = np.geomspace(r["band"]["x"][0], r["band"]["x"][-1], 100)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a fit may come out flat or rising
-            a.plot(xs, (r["k"] / xs) ** r["alpha"] * scale, "C0-", label=f"({r['k']:.3g}/{ax})^{r['alpha']:.3f}, "
-                                                                         f"R2 {_r2(r['r2'])}")
-        a.set(xscale="log", yscale="log", xlabel=names[ax], ylabel=ylab, title=f"{result['metric']} vs {ax}")
-        figs.append((fig, a, f"fit_{ax}.png"))
-    j = result["joint"]
-    if "error" not in j:
-        fig, a = plt.subplots(figsize=(5.5, 4))
-        Ns = np.geomspace(min(p["N"] for p in j["points"]), max(p["N"] for p in j["points"]), 100)
-        for i, D in enumerate(sorted({p["D"] for p in j["points"]})):
-            ps = [p for p in j["points"] if p["D"] == D]
-            a.scatter([p["N"] for p in ps], [p["y"] for p in ps], c=f"C{i % 10}",
-                      marker="*" if any(p["held_out"] for p in ps) else "o")
-            a.plot(Ns, _joint_law(j, Ns, D) * scale, f"C{i % 10}-", label=f"D={D:.3g}")
-        a.set(xscale="log", yscale="log", xlabel=names["N"], ylabel=ylab, title="joint fit E(N, D)")
-        figs.append((fig, a, "fit_joint.png"))
-    paths = []
-    for fig, a, name in figs:
+        if ax == "joint":  # the points and a curve per D
+            Ns = np.geomspace(min(p["N"] for p in r["points"]), max(p["N"] for p in r["points"]), 100)
+            for i, D in enumerate(sorted({p["D"] for p in r["points"]})):
+                ps = [p for p in r["points"] if p["D"] == D]
+                a.scatter([p["N"] for p in ps], [p["y"] for p in ps], c=f"C{i % 10}",
+                          marker="*" if any(p["held_out"] for p in ps) else "o")
+                a.plot(Ns, (r["einf"] + r["A"] / Ns ** r["alpha"] + r["B"] / D ** r["beta"]) * scale, f"C{i % 10}-",
+                       label=f"D={D:.3g}")
+        else:  # the points, the fit and its interval band
+            for kind, (label, style) in styles.items():
+                ps = [p for p in r["points"] if (p["pinned"], p["held_out"]) == kind]
+                if ps:
+                    a.scatter([p["x"] for p in ps], [p["y"] for p in ps], zorder=3, label=label, **style)
+            a.fill_between(r["band"]["x"], r["band"]["lo"], r["band"]["hi"], color="C0", alpha=0.2,
+                           label=f"{r['ci']['level']:.0%} CI ({r['ci']['method'].split(' (')[0]})")
+            xs = np.geomspace(r["band"]["x"][0], r["band"]["x"][-1], 100)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a fit may come out flat or rising
+                a.plot(xs, (r["k"] / xs) ** r["alpha"] * scale, "C0-",
+                       label=f"({r['k']:.3g}/{ax})^{r['alpha']:.3f}, R2 {_r2(r['r2'])}")
+        title = "joint fit E(N, D)" if ax == "joint" else f"{result['metric']} vs {ax}"
+        a.set(xscale="log", yscale="log", xlabel=names[ax], ylabel=ylab, title=title)
         _log_ticks(a.xaxis, *a.get_xlim())
         _log_ticks(a.yaxis, *a.get_ylim())
         a.legend(fontsize=8)
         fig.tight_layout()
-        paths.append(os.path.join(out_dir, name))
+        paths.append(os.path.join(out_dir, f"fit_{ax}.png"))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fit OCR scaling laws to run folders or a CSV of points.")
@@ -753,6 +748,7 @@ def main(argv=None):
     if not result["ok"]:
         print("fit.py: nothing could be fitted (see the messages above)", file=sys.stderr)
     return 0 if result["ok"] else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())
