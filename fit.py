@@ -1,16 +1,12 @@
-"""fit.py: scaling laws from run folders or a CSV of points, with honest intervals, extrapolation checks and plots.
+"""fit.py: the study's power laws from run folders or a CSV of points, with honest intervals, holdout and plots.
 
     python fit.py runs/                                   # E(N), E(D), E(C), the joint E(N, D), compute-optimal N, S
     python fit.py runs/ --where arch=parseq --metric loss --plot plots/ --json
     python fit.py tests/trocr_size_points.csv --holdout N=largest    # the paper's TrOCR-H check
 
-Rang et al. 2024 (arXiv 2401.00028) fit E = (X_c / X)^alpha per axis X in {N, D, C} by least squares in log-log
-space, E the word error as a fraction. Runs pool only within a fit group (train.py's "fit_group"; older runs and CSV
-rows: what they record). E(N), E(D): each run's final (--best: best) eval on the ladder with the most distinct X, the
-median of a size's seeds; E(C): the lower envelope of every eval. Intervals: OLS t below 8 points, else a bootstrap
-over runs; each axis is refitted without its largest 1 and 2 points to predict them. Joint: E = E_inf + A/N^alpha +
-B/D^beta by a Huber fit on log E (Chinchilla approach 3), and from it the compute-optimal N and samples seen.
-Error >= 99.5% (a model that reads nothing) is never fitted.
+Rang et al. 2024 (arXiv 2401.00028) fit E = (X_c / X)^alpha per axis X by least squares in log-log space, E the word
+error as a fraction. Here: read runs -> group them (runs pool only within a fit group) -> per-axis OLS with intervals
+-> holdout and extrapolation -> the joint law E = E_inf + A/N^alpha + B/D^beta and its compute optimum -> table, plots.
 """
 import argparse, collections, csv, json, math, os, sys, zlib
 
@@ -478,19 +474,9 @@ def _fit_joint(runs, o):
                 if held.any() else None)
 
 
-def _optimum(p, fps, C):
-    """argmin over N of E_inf + A N^-alpha + B S^-beta subject to c0 N^gamma S = C (closed form): N, S, E."""
-    a, b, g, c0 = p["alpha"], p["beta"], fps["gamma"], fps["c0"]
-    if min(a, b, g, p["A"], p["B"]) <= 0:
-        return math.nan, math.nan, math.nan
-    with np.errstate(all="ignore"):  # extreme bootstrap draws overflow to inf/0: kept as such, not warned about
-        N = (a * p["A"] / (b * g * p["B"]) * (np.float64(C) / c0) ** b) ** (1 / (a + g * b))
-        S = C / (c0 * N ** g)
-        return N, S, p["einf"] + p["A"] / N ** a + p["B"] / S ** b
-
-
 def _compute_optimal(p, boot, rows, o):
-    """N, S (samples seen) and E per FLOP budget (default the biggest run's C, x10, x100), C / S = c0 N^gamma."""
+    """N, S (samples seen) and E per FLOP budget (default the biggest run's C, x10, x100) for the fit p and each
+    bootstrap refit: the argmin of E_inf + A N^-alpha + B S^-beta subject to C = c0 N^gamma S (closed form)."""
     N, S, C = (np.array([r[k] for r in rows], float) for k in ("N", "S", "C"))
     have = np.isfinite(C)
     if not have.any():
@@ -501,13 +487,17 @@ def _compute_optimal(p, boot, rows, o):
         fps = {"c0": math.exp(lc0), "gamma": float(gamma), "source": f"power fit to C/samples of {have.sum()} runs"}
     else:
         fps = {"c0": math.exp(lf.mean() - lN.mean()), "gamma": 1.0, "source": "one model size: assumed ~ N"}
+    P = {k: np.array([q[k] for q in (p, *boot)]) for k in JOINT}  # the fit, then every bootstrap refit
+    a, b, g, c0 = P["alpha"], P["beta"], fps["gamma"], fps["c0"]
+    valid = (np.minimum.reduce([a, b, P["A"], P["B"]]) > 0) & (g > 0)
     opt = []
     for budget in o["budgets"] or [C[have].max() * m for m in (1, 10, 100)]:
-        n, s, e = _optimum(p, fps, budget)
-        bs = np.array([_optimum(b, fps, budget) for b in boot]).reshape(-1, 3)
-        opt.append({"C": budget, "N": n, "S": s, "E": e * o["scale"],
-                    "ci": {"N": _percentile_ci(bs[:, 0], o["level"]), "S": _percentile_ci(bs[:, 1], o["level"])}})
-    g = fps["gamma"]
+        with np.errstate(all="ignore"):  # extreme bootstrap draws overflow to inf/0: kept as such, not warned about
+            n = np.where(valid, (a * P["A"] / (b * g * P["B"]) * (budget / c0) ** b) ** (1 / (a + g * b)), np.nan)
+            s = budget / (c0 * n ** g)
+            e = P["einf"] + P["A"] / n ** a + P["B"] / s ** b
+        opt.append({"C": budget, "N": n[0], "S": s[0], "E": e[0] * o["scale"],
+                    "ci": {"N": _percentile_ci(n[1:], o["level"]), "S": _percentile_ci(s[1:], o["level"])}})
     return {"flops_per_sample": fps, "budgets": opt, "N_exponent": p["beta"] / (p["alpha"] + g * p["beta"]),
             "S_exponent": p["alpha"] / (p["alpha"] + g * p["beta"]), "convention": o["convention"],
             "multi_epoch": [f"{r['name']} ({r['S'] / r['D']:.3g} epochs)" for r in rows if r["S"] > r["D"] * 1.01],
@@ -588,15 +578,16 @@ def format_table(result):
 def _format_fit(fit, metric):
     """format_table's lines for one fit group: the per-axis laws, their points and checks, the joint law."""
     u = "%" if metric in ("error", "test") else ""
-    level = next((fit[a]["ci"]["level"] for a in AXES if "ci" in fit[a]), 0.95)
+    axes = [(ax, fit[ax]) for ax in AXES]
+    level = next((r["ci"]["level"] for _, r in axes if "ci" in r), 0.95)
     L = [f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} intervals: t (n-2 dof) below {SMALL_N} "
          f"points, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}{'alpha':>8} {'CI':<20}"
          f"{'R2(log)':>8}{'RMSE(log)':>10}  interval method"]
     L += [f"{ax:<5}  not fitted: {fit[ax]['error']}" if "error" in fit[ax] else
           f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
           f"{_ci(r['ci']['alpha']):<20}{_r2(r['r2']):>8}{r['rmse']:>10.4f}  {r['ci']['method']}"
-          for ax, r in fit.items() if ax in AXES]
-    for ax, r in ((ax, fit[ax]) for ax in AXES):
+          for ax, r in axes]
+    for ax, r in axes:
         if "error" in r:
             L += [f"  {ax}: skipped {s}" for s in r.get("skipped", [])]
             continue
@@ -715,21 +706,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Fit OCR scaling laws to run folders or a CSV of points.")
     add = p.add_argument
     add("paths", nargs="+", help="run folders (searched recursively) and/or CSV files")
-    add("--metric", choices=sorted(METRICS), default="error", help="error: val word error (the study's target); "
-        "loss: val loss per character; test: test error")
+    add("--metric", choices=sorted(METRICS), default="error", help="val word error (default), val loss, test error")
     add("--best", action="store_true", help="use each run's best eval instead of its final one (N, D)")
-    add("--where", action="append", default=[], metavar="KEY=VALUE", help="keep runs whose fit group field KEY (arch, "
-        "train, val, tokenizer, init, set, img, eval) is VALUE: none for null or empty, paths as given or absolute, "
-        "train=PATH any of the training sets, set=FIELD=VALUE any override, img=HxW e.g. 32x128, eval=beam=1; any "
-        "other KEY is a config.json key (dotted keys reach into 'model'); repeatable")
+    add("--where", action="append", default=[], metavar="KEY=VALUE", help="keep runs whose fit group field (arch, "
+        "train, val, tokenizer, init, set, img, eval; e.g. init=none, train=PATH, set=enc_width=96, img=32x128) or "
+        "config.json key (dotted into dicts) KEY is VALUE; repeatable")
     add("--holdout", action="append", default=[], metavar="AXIS=largest|largest:K|VALUE", help="fit AXIS without its "
         "largest (K) points or those >= VALUE and predict them (repeatable; a bare VALUE only when one axis is fitted)")
     add("--include-unfinished", action="store_true", help="also fit runs without result.json")
     add("--n-boot", type=int, default=1000, help="bootstrap resamples of every bootstrapped fit")
     add("--ci", type=float, default=0.95, help="confidence level, between 0 and 1")
     add("--seed", type=int, default=0, help="bootstrap seed (each fit derives its own stream from it)")
-    add("--budget", action="append", metavar="FLOPS", help="FLOP budget(s) for the compute-optimal N, S (default: "
-        "the biggest run's C, x10, x100)")
+    add("--budget", action="append", metavar="FLOPS", help="FLOP budget(s) for the compute optimum (default: the "
+        "biggest run's C, x10, x100)")
     add("--pinned", type=float, default=PINNED, help="word error %% at which a point counts as pinned")
     add("--json", action="store_true", help="print the result as JSON instead of the table")
     add("--plot", metavar="DIR", help="write log-log PNG plots here (needs matplotlib)")
