@@ -301,9 +301,8 @@ def _line_interval(f, x, level, new):
 
 
 def _percentile_ci(samples, level):
-    s = np.asarray(samples, float)
-    s, q = s[np.isfinite(s)], 50 * (1 - level)
-    return [float(np.percentile(s, q)), float(np.percentile(s, 100 - q))] if len(s) > 1 else None
+    s, q = np.asarray(samples, float), 50 * (1 - level)
+    return np.percentile(s[np.isfinite(s)], [q, 100 - q]).tolist() if np.isfinite(s).sum() > 1 else None
 
 
 def _bootstrap(refit, n_units, names, name, o):
@@ -642,10 +641,9 @@ def _log_ticks(axis, lo, hi):
     short plain labels and no minor labels (matplotlib's overlap on short ranges: '3x10^4 4x10^4')."""
     from matplotlib import ticker
     decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-    ticks = {steps: [m * 10.0 ** e for e in decades for m in steps if lo <= m * 10.0 ** e <= hi]
-             for steps in ((1, 2, 5), (1,), (1, 1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9))}
-    t = ticks[(1, 2, 5)] if 3 <= len(ticks[(1, 2, 5)]) <= 6 else ticks[(1,)] if len(ticks[(1, 2, 5)]) > 6 else \
-        ticks[(1, 1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)] or [lo, hi]
+    t125, t1, fine = ([m * 10.0 ** e for e in decades for m in steps if lo <= m * 10.0 ** e <= hi]
+                      for steps in ((1, 2, 5), (1,), (1, 1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)))
+    t = t125 if 3 <= len(t125) <= 6 else t1 if len(t125) > 6 else fine or [lo, hi]
     axis.set_major_locator(ticker.FixedLocator(t[::math.ceil(len(t) / 6)]))
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}".replace("e+0", "e").replace("e+", "e")))
     axis.set_minor_formatter(ticker.NullFormatter())
@@ -667,8 +665,9 @@ def plot_all(result, out_dir):
     u = "%" if result["metric"] in ("error", "test") else ""
     scale, paths, ylab = 100.0 if u else 1.0, [], f"{result['metric']} ({result['key']}{', ' + u if u else ''})"
     names = {"N": "parameters N", "D": "training images D", "C": "training compute C (FLOPs)", "joint": "parameters N"}
-    styles = {(False, False): ("fitted", dict(c="C0", marker="o")), (False, True): ("held out", dict(c="C3", marker="*",
-              s=120)), (True, False): ("pinned: not fitted", dict(c="grey", marker="x"))}  # by (pinned, held out)
+    styles = {(False, False): ("fitted", dict(c="C0", marker="o")),  # by (pinned, held out)
+              (False, True): ("held out", dict(c="C3", marker="*", s=120)),
+              (True, False): ("pinned: not fitted", dict(c="grey", marker="x"))}
     for ax in [ax for ax in (*AXES, "joint") if "error" not in result[ax]]:
         r, (fig, a) = result[ax], plt.subplots(figsize=(5.5, 4))
         if ax == "joint":  # the points and a curve per D
