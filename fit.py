@@ -582,7 +582,7 @@ def _format_fit(fit, metric):
     L = [f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} intervals: t (n-2 dof) below {SMALL_N} "
          f"points, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}{'alpha':>8} {'CI':<20}"
          f"{'R2(log)':>8}{'RMSE(log)':>10}  interval method"]
-    L += [f"{ax:<5}  not fitted: {fit[ax]['error']}" if "error" in fit[ax] else
+    L += [f"{ax:<5}  not fitted: {r['error']}" if "error" in r else
           f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
           f"{_ci(r['ci']['alpha']):<20}{_r2(r['r2']):>8}{r['rmse']:>10.4f}  {r['ci']['method']}"
           for ax, r in axes]
@@ -627,11 +627,9 @@ def _format_fit(fit, metric):
              f"{f['gamma']:.3f} ({f['source']}):\n    N_opt = [alpha A / (gamma beta B) (C / c0)^beta]^(1/(alpha + "
              f"gamma beta)) ~ C^{co['N_exponent']:.3f}, S_opt = C / (c0 N_opt^gamma) ~ C^{co['S_exponent']:.3f};\n"
              f"    the law is read with D = S (each sample a fresh image)\n    C convention: {co['convention']}")
-    if co["multi_epoch"]:
-        L.append(f"    runs trained for more than one epoch (D is not their samples seen): "
-                 f"{', '.join(co['multi_epoch'])}")
-    if co["samples_assumed"]:
-        L.append(f"    no 'samples' logged, one pass assumed (S = D): {', '.join(co['samples_assumed'])}")
+    L += [f"    {what}: {', '.join(runs)}" for what, runs in (
+          ("runs trained for more than one epoch (D is not their samples seen)", co["multi_epoch"]),
+          ("no 'samples' logged, one pass assumed (S = D)", co["samples_assumed"])) if runs]
     return L + [f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, S {b['S']:.3g} "
                 f"{_ci(b['ci']['S'], '{:.3g}')}, predicted {metric} {b['E']:.4g}{u}" for b in co["budgets"]]
 
