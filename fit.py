@@ -38,8 +38,7 @@ def _ok(v):
 
 
 def _make_run(name, config, lines, finished):
-    """A run dict from its config and metrics lines (those not a JSON object count as malformed). The sample budget:
-    config "train_samples", else the samples seen at the last eval to 2 significant figures (absorbs batch rounding)."""
+    """Its sample budget: "train_samples", else the last eval's samples to 2 significant figures (batch rounding)."""
     evals = [{k: _num(e.get(k)) for k in ("samples", "flops", *METRICS.values())} for e in lines if isinstance(e, dict)]
     budget = _num(config.get("train_samples"))
     if budget is None and evals and _ok(evals[-1]["samples"]):
@@ -153,8 +152,7 @@ def _matches(run, where):
 
 
 def _groups(runs):
-    """[(name, fields, runs)] per distinct fit group, in the order first seen. A name shows only the fields in which
-    the groups differ, long values cut in the middle ('' for a single group)."""
+    """[(name, fields, runs)] per fit group in the order first seen, named by the fields in which the groups differ."""
     members = {}
     for r in runs:
         members.setdefault(json.dumps(r["group"], sort_keys=True), []).append(r)
@@ -265,8 +263,7 @@ def _holdout_cut(spec, x):
 
 
 def fit_power(x, y):
-    """E = (k/x)^alpha by least squares on log E = alpha log k - alpha log x (r2 None for a flat series), and what
-    the t-intervals need."""
+    """E = (k/x)^alpha by least squares on log E = alpha log k - alpha log x (r2 None for a flat series)."""
     lx, ly = np.log(x), np.log(y)
     mx, sxx, n = lx.mean(), ((lx - lx.mean()) ** 2).sum(), len(lx)
     slope = ((lx - mx) * (ly - ly.mean())).sum() / sxx
@@ -412,9 +409,8 @@ def _log_jacobian(th, F, ly):
 
 
 def _huber_fit(F, ly, starts):
-    """The joint law by least_squares with a Huber loss (its cost: the summed Huber loss, delta DELTA, of the log
-    residuals) from each start th, with log N and log D centred at mu so that a and alpha (b and beta) decorrelate.
-    Returns the best fit's named parameters, loss, starts that reached it and convergence; and its th."""
+    """The joint law from each start th by least_squares (cost: the summed Huber loss of the log residuals), log N and
+    log D centred so that a and alpha (b and beta) decorrelate: (the best fit's named parameters and loss, its th)."""
     mu = F.mean(0)
     fits = [least_squares(_log_residuals, s - [s[1] * mu[0], 0, s[3] * mu[1], 0, 0], _log_jacobian, bounds=BOUNDS,
                           method="dogbox", loss="huber", f_scale=DELTA, args=(F - mu, ly), xtol=1e-12, ftol=1e-12,
@@ -648,8 +644,7 @@ def _log_ticks(axis, lo, hi):
 
 
 def plot_all(result, out_dir):
-    """Log-log PNGs per axis (points, fit, CI band) and of the joint fit (a curve per D), fit group i of several in
-    out_dir/group{i}; returns their paths."""
+    """Log-log PNGs per axis and of the joint law, fit group i of several in out_dir/group{i}; returns their paths."""
     if result.get("groups"):
         return [path for i, fit in enumerate(result["groups"], 1) for path in
                 plot_all(dict(fit, metric=result["metric"], key=result["key"]), os.path.join(out_dir, f"group{i}"))]
