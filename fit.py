@@ -23,7 +23,6 @@ GROUP = ("arch", "train", "val", "tokenizer", "init", "set", "img", "eval")  # t
 JOINT = ("einf", "A", "alpha", "B", "beta")
 BOUNDS = ([-np.inf, 1e-4, -np.inf, 1e-4, -np.inf], [np.inf, 10, np.inf, 10, np.inf])  # (a, alpha, b, beta, e)
 
-
 # ----------------------------------------------------------------------------- reading runs
 def _num(v):
     """A float from a number or a numeric string, else None: every input number is parsed here."""
@@ -32,10 +31,8 @@ def _num(v):
     except (TypeError, ValueError):
         return None
 
-
 def _ok(v):
     return v is not None and math.isfinite(v) and v > 0
-
 
 def _make_run(name, config, lines, finished):
     """Its sample budget: "train_samples", else the last eval's samples to 2 significant figures (batch rounding)."""
@@ -47,7 +44,6 @@ def _make_run(name, config, lines, finished):
             "N": _num(config.get("N")), "D": _num(config.get("D")), "budget": budget,
             "malformed": len(lines) - len(evals),
             "skip": None if evals else "no evals in metrics.jsonl (still starting, or crashed before its first eval)"}
-
 
 def _read_run(folder):
     try:
@@ -66,7 +62,6 @@ def _read_run(folder):
                 except json.JSONDecodeError:  # e.g. the last line of a run killed mid-write
                     lines.append(None)
     return _make_run(folder, config, lines, os.path.exists(os.path.join(folder, "result.json")))
-
 
 def _read_csv(path):
     try:
@@ -95,11 +90,9 @@ def _read_csv(path):
         runs.append(dict(run, skip=f"unreadable {', '.join(bad)}") if bad else run)
     return runs
 
-
 def _items(v):
     """train.py's list of --train or --set arguments, or a CSV cell, as one list of its comma-separated items."""
     return [s for s in ",".join(v if isinstance(v, list) else [str(v)] if v else []).split(",") if s]
-
 
 def _fit_group(config):
     """What a run shares with every run it may be pooled with: train.py's "fit_group", else what an older config.json
@@ -120,7 +113,6 @@ def _fit_group(config):
             "img": [model["img_h"], model["img_w"]] if "img_h" in model else config.get("img"),
             "eval": config.get("eval") if setting is None else f"{'beam' if arch == 'trocr' else 'refine'}={setting}"}
 
-
 def _show(field, value):
     """A fit group field as text, as group names show it and --where compares it."""
     if value in (None, {}, []):
@@ -130,7 +122,6 @@ def _show(field, value):
     if field == "set":
         return ",".join(f"{k}={v}" for k, v in value.items())
     return "x".join(map(str, value)) if field == "img" and isinstance(value, list) else str(value)
-
 
 def _matches(run, where):
     """--where KEY=VALUE on a fit group field (none matches null or empty, a path as given or made absolute, train and
@@ -150,7 +141,6 @@ def _matches(run, where):
             return False
     return True
 
-
 def _groups(runs):
     """[(name, fields, runs)] per fit group in the order first seen, named by the fields in which the groups differ."""
     members = {}
@@ -162,7 +152,6 @@ def _groups(runs):
     parts = [[f"{k}={_show(k, g.get(k))}" for k in differ] for g in groups]
     names = [" ".join(s if len(s) <= 48 else f"{s[:22]}...{s[-23:]}" for s in p) for p in parts]
     return list(zip(names, groups, members.values()))
-
 
 def load_runs(paths, where=None):
     """Run dicts (name, config, evals, finished, group, N, D, budget, malformed, skip) from run folders (searched
@@ -184,7 +173,6 @@ def load_runs(paths, where=None):
             raise FileNotFoundError(f"{p}: neither a folder of runs (config.json + metrics.jsonl) nor a .csv file")
     return [r for r in runs if _matches(r, {k: str(v) for k, v in where.items()})]
 
-
 # ----------------------------------------------------------------------------- per-axis law: OLS in log-log space
 def _pick_eval(run, key, best):
     """The eval a run stands for: its last one with the metric, or (best) the lowest; None if none has it."""
@@ -192,10 +180,8 @@ def _pick_eval(run, key, best):
     good = [e for e in evs if _ok(e[key])]
     return min(good, key=lambda e: e[key]) if best and good else evs[-1] if evs else None
 
-
 def _has_axis(run, axis):
     return any(e["flops"] is not None for e in run["evals"]) if axis == "C" else run[axis] is not None
-
 
 def _observations(run, axis, key, best):
     """(n, 2) array of a run's (x, y) on an axis (C: every eval), or a string saying why it has none."""
@@ -210,7 +196,6 @@ def _observations(run, axis, key, best):
     ok = _ok(x) and _ok(y)
     return np.array([[x, y]]) if ok else f"{axis}={x}, {key}={y}: need finite positive values (log space)"
 
-
 def _reduce(axis, xy, pin):
     """Points to fit from raw observations: (x, y, pinned) with per-size medians (N, D) or the compute frontier (C)."""
     o = np.lexsort((xy[:, 1], xy[:, 0]))
@@ -223,7 +208,6 @@ def _reduce(axis, xy, pin):
     my = (y[first + (count - 1) // 2] + y[first + count // 2]) / 2  # median of each size's seeds
     return ux, my, my >= pin
 
-
 def _ladder(obs, axis):
     """The (run, xy) on the best ladder for axis N (fixed D, budget) or D (fixed N, and a fixed budget or fixed epochs,
     as train.py's --epochs plans it): most distinct values, then the larger fixed N or D, then fixed budget."""
@@ -234,7 +218,6 @@ def _ladder(obs, axis):
             ladders.setdefault((r[other], "epochs", round(r["budget"] / r["D"], 2)), []).append((r, xy))
     key = max(ladders, key=lambda k: (len({r[axis] for r, _ in ladders[k]}), k[0] or 0, k[1] == "budget"))
     return ladders[key], {other: key[0], key[1]: key[2]}
-
 
 def _holdout_specs(holdout, axes):
     """{axis: 'largest' | 'largest:K' | value} from --holdout's AXIS=SPEC items; no AXIS: every axis in `axes`."""
@@ -251,7 +234,6 @@ def _holdout_specs(holdout, axes):
         specs.update({a: spec for a in ([ax] if ax else AXES)})
     return specs
 
-
 def _holdout_cut(spec, x):
     """Points with x >= the returned value are held out of the fit (inf: none)."""
     if spec is None or not len(x):
@@ -260,7 +242,6 @@ def _holdout_cut(spec, x):
         ux = np.unique(x)
         return ux[-min(int(spec[8:] or 1), len(ux))]
     return _num(spec)
-
 
 def fit_power(x, y):
     """E = (k/x)^alpha by least squares on log E = alpha log k - alpha log x (r2 None for a flat series)."""
@@ -276,7 +257,6 @@ def fit_power(x, y):
     return {"alpha": float(-slope), "k": k, "r2": r2, "rmse": float(np.sqrt((res ** 2).mean())), "slope": float(slope),
             "intercept": float(intercept), "n": n, "s": s, "mean_logx": float(mx), "sxx": float(sxx)}
 
-
 def _t_intervals(f, level):
     """OLS t-intervals (n-2 dof) for alpha and, by the delta method on log k = mean log x - mean log E / slope, k."""
     t, b = stdtrit(f["n"] - 2, 0.5 + level / 2), np.float64(f["slope"])
@@ -287,7 +267,6 @@ def _t_intervals(f, level):
     half = t * f["s"] / math.sqrt(f["sxx"])
     return {"alpha": [f["alpha"] - half, f["alpha"] + half], "k": k_ci}
 
-
 def _line_interval(f, x, level, new):
     """Fitted E at x with its t-interval (n-2 dof): for the line (new=False) or for a new point (prediction)."""
     lx = np.log(np.asarray(x, float))
@@ -296,11 +275,9 @@ def _line_interval(f, x, level, new):
     mid = f["intercept"] + f["slope"] * lx
     return np.exp(mid), np.exp(mid - half), np.exp(mid + half)
 
-
 def _percentile_ci(samples, level):
     s, q = np.asarray(samples, float), 50 * (1 - level)
     return np.percentile(s[np.isfinite(s)], [q, 100 - q]).tolist() if np.isfinite(s).sum() > 1 else None
-
 
 def _bootstrap(refit, n_units, names, name, o):
     """Percentile intervals of `names` over o["n_boot"] resamples of n_units runs, drawn from the fit's own random
@@ -312,7 +289,6 @@ def _bootstrap(refit, n_units, names, name, o):
     return kept, dict({k: _percentile_ci([p[k] for p in kept], o["level"]) for k in names}, n_boot=len(kept),
                       dropped=dropped)
 
-
 def _refit_axis(obs, draw, axis, cut, o):
     """One bootstrap refit on the runs in `draw` (all points of a run together), or why it cannot be fitted."""
     x, y, pinned = _reduce(axis, np.concatenate([obs[i][1] for i in draw]), o["pin"])
@@ -321,14 +297,12 @@ def _refit_axis(obs, draw, axis, cut, o):
         return f"fewer than 3 distinct {axis}"
     return fit_power(x[keep], y[keep] / o["scale"])
 
-
 def _predict(x, y, fitted, held, o):
     """Refit on the `fitted` points; observed vs predicted at the `held` ones, with the t prediction interval."""
     f = fit_power(x[fitted], y[fitted] / o["scale"])
     pred, lo, hi = (v * o["scale"] for v in _line_interval(f, x[held], o["level"], new=True))
     return {"x": x[held].tolist(), "measured": y[held].tolist(), "predicted": pred.tolist(), "lo": lo.tolist(),
             "hi": hi.tolist(), "rel_error": (pred / y[held] - 1).tolist()}
-
 
 def _support(axis, x, y, obs):
     """Which runs a point stands for: the seeds of a size (and their spread), or the run a frontier point is from."""
@@ -338,7 +312,6 @@ def _support(axis, x, y, obs):
     ys = np.concatenate([v for _, v in hits])
     return {"runs": [r["name"] for r, _ in hits], "spread": [float(ys.min()), float(ys.max())],
             "unfinished": any(not r["finished"] for r, _ in hits)}
-
 
 def _fit_axis(runs, axis, o):
     """E = (k/x)^alpha on one axis: the law, its intervals, points, warnings, holdout and extrapolation checks."""
@@ -390,23 +363,19 @@ def _fit_axis(runs, axis, o):
                          "log_residual": float(np.log(yi / pr)), **_support(axis, xi, yi, obs)}
                         for xi, yi, p, h, pr in zip(x, y, pinned, held, pred)])
 
-
 # ----------------------------------------------------------------------------- joint law and compute optimum
 def _log_terms(th, F):
     """log A/N^alpha, log B/D^beta, log E_inf per point, (n, 3), for th = (a, alpha, b, beta, e) = (log A, alpha,
     log B, beta, log E_inf) and F = (log N, log D) per point."""
     return np.column_stack([th[0] - th[1] * F[:, 0], th[2] - th[3] * F[:, 1], np.full(len(F), th[4])])
 
-
 def _log_residuals(th, F, ly):
     return np.logaddexp.reduce(_log_terms(th, F), axis=1) - ly
-
 
 def _log_jacobian(th, F, ly):
     Z = _log_terms(th, F)
     W = np.exp(Z - np.logaddexp.reduce(Z, axis=1, keepdims=True))  # d log E / d log term
     return np.column_stack([W[:, 0], -W[:, 0] * F[:, 0], W[:, 1], -W[:, 1] * F[:, 1], W[:, 2]])
-
 
 def _huber_fit(F, ly, starts):
     """The joint law from each start th by least_squares (cost: the summed Huber loss of the log residuals), log N and
@@ -421,7 +390,6 @@ def _huber_fit(F, ly, starts):
     reached = int(sum(f.cost <= best.cost * (1 + 1e-3) + 1e-12 for f in fits))
     return dict(named, loss=float(best.cost), starts_at_best=reached, converged=bool(best.success)), th
 
-
 def _refit_joint(F, ly, th):
     """One bootstrap refit from the full fit (E_inf lifted to >= 10% of the smallest E: a floor at ~0 has no
     gradient): the named parameters, or why the draw was dropped."""
@@ -429,7 +397,6 @@ def _refit_joint(F, ly, th):
         return f"fewer than 3 distinct values per variable or {len(th)} distinct points"
     fit = _huber_fit(F, ly, [np.r_[th[:4], max(th[4], ly.min() + math.log(0.1))]])[0]
     return fit if fit["converged"] else "did not converge"
-
 
 def _fit_joint(runs, o):
     """E = E_inf + A/N^alpha + B/D^beta on every run with N and D (its picked eval), bootstrapped over runs."""
@@ -468,7 +435,6 @@ def _fit_joint(runs, o):
                          "predicted": pred[held].tolist(), "rel_error": (pred[held] / y[held] - 1).tolist()}
                 if held.any() else None)
 
-
 def _compute_optimal(p, boot, rows, o):
     """N, S (samples seen) and E per FLOP budget (default the biggest run's C, x10, x100) for the fit p and each
     bootstrap refit: the argmin of E_inf + A N^-alpha + B S^-beta subject to C = c0 N^gamma S (closed form)."""
@@ -497,7 +463,6 @@ def _compute_optimal(p, boot, rows, o):
             "S_exponent": p["alpha"] / (p["alpha"] + g * p["beta"]), "convention": o["convention"],
             "multi_epoch": [f"{r['name']} ({r['S'] / r['D']:.3g} epochs)" for r in rows if r["S"] > r["D"] * 1.01],
             "samples_assumed": [r["name"] for r in rows if r["S_assumed"]]}
-
 
 def fit_all(points_or_runs, metric="error", holdout=None, n_boot=1000, seed=0, best=False, level=0.95, budgets=None,
             pinned=PINNED, include_unfinished=False):
@@ -542,15 +507,12 @@ def fit_all(points_or_runs, metric="error", holdout=None, n_boot=1000, seed=0, b
     out.update(fits[0] if len(fits) == 1 else {"groups": fits})  # runs of different setups: fitted apart, never pooled
     return dict(out, ok=any(fit["ok"] for fit in fits))
 
-
 # ----------------------------------------------------------------------------- output
 def _ci(c, fmt="{:.4g}"):
     return f"[{fmt.format(c[0])}, {fmt.format(c[1])}]" if c else "[n/a]"
 
-
 def _r2(v):
     return f"{v:.4f}" if v is not None else "undef"
-
 
 def format_table(result):
     """A plain-text report of fit_all's result (stdout, and REPORT.md via ocrscale.py)."""
@@ -568,7 +530,6 @@ def format_table(result):
         L += [f"\n=== group {i} of {len(fits)}: {fit['name']} ({fit['n_runs']} runs)"] * (len(fits) > 1)
         L += _format_fit(fit, result["metric"])
     return "\n".join(L)
-
 
 def _format_fit(fit, metric):
     """format_table's lines for one fit group: the per-axis laws, their points and checks, the joint law."""
@@ -629,7 +590,6 @@ def _format_fit(fit, metric):
     return L + [f"    C {b['C']:.3g}: N {b['N']:.3g} {_ci(b['ci']['N'], '{:.3g}')}, S {b['S']:.3g} "
                 f"{_ci(b['ci']['S'], '{:.3g}')}, predicted {metric} {b['E']:.4g}{u}" for b in co["budgets"]]
 
-
 def _log_ticks(axis, lo, hi):
     """Readable ticks on a log axis spanning lo..hi: 1-2-5 steps (decades when many, finer when few), at most 6,
     short plain labels and no minor labels (matplotlib's overlap on short ranges: '3x10^4 4x10^4')."""
@@ -641,7 +601,6 @@ def _log_ticks(axis, lo, hi):
     axis.set_major_locator(ticker.FixedLocator(t[::math.ceil(len(t) / 6)]))
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}".replace("e+0", "e").replace("e+", "e")))
     axis.set_minor_formatter(ticker.NullFormatter())
-
 
 def plot_all(result, out_dir):
     """Log-log PNGs per axis and of the joint law, fit group i of several in out_dir/group{i}; returns their paths."""
@@ -693,7 +652,6 @@ def plot_all(result, out_dir):
         plt.close(fig)
     return paths
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fit OCR scaling laws to run folders or a CSV of points.")
     add = p.add_argument
@@ -729,7 +687,6 @@ def main(argv=None):
     if not result["ok"]:
         print("fit.py: nothing could be fitted (see the messages above)", file=sys.stderr)
     return 0 if result["ok"] else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
