@@ -7,9 +7,8 @@
     python data.py stats data/real --charset real.txt             # counts, lengths, charset (-> --charset @FILE)
     python data.py spm data/real --vocab 512                      # SentencePiece BPE -> data/real/spm512.model
 
-Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention), each with a sidecar SHARD.tar.idx
-(label, image offset and size, tar header CRC-32 per sample), and DIR/index.json {"shards": {name: count}, "samples",
-"charset", "source", "drops"}.
+Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset's layout), each with a sidecar SHARD.tar.idx
+(per sample: label, image offset and size, tar header CRC-32), and DIR/index.json (shard counts, charset, drops).
 """
 import argparse, base64, contextlib, fcntl, fnmatch, functools, gc, glob, hashlib, http.client, io, json, os, random
 import re, resource, sys, tarfile, time, unicodedata, urllib.parse, zlib
@@ -31,13 +30,11 @@ MIX_CHUNK = 4096  # positions over which weighted sources take exactly their sha
 REMOTE_BLOCK = 64  # consecutive samples a URL source reads with one request (~200-400 KB of word images)
 
 
-def cpu_count():
-    """Cores this process may use (os.sched_getaffinity exists on Linux only)."""
+def cpu_count():  # os.sched_getaffinity exists on Linux only
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
-def write_json(obj, path, indent=None):
-    """Write atomically (a temporary file per process, then a rename): readers never see half a file."""
+def write_json(obj, path, indent=None):  # a temporary file per process, then a rename: readers never see half a file
     tmp = f'{path}.{os.getpid()}.tmp'
     Path(tmp).write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
@@ -66,9 +63,7 @@ def clean_label(label, charset=None, max_len=25, fold=True):
     if fold:
         label = label.encode('ascii', 'ignore').decode()
     if charset is not None:
-        if charset == charset.lower():
-            label = label.lower()
-        label = ''.join(c for c in label if c in charset)
+        label = ''.join(c for c in (label.lower() if charset == charset.lower() else label) if c in charset)
     if not label:
         return None, 'empty_label'
     return (None, 'too_long') if max_len is not None and len(label) > max_len else (label, None)
@@ -81,15 +76,9 @@ def _tar_header(name, size):
     return info.tobuf(tarfile.USTAR_FORMAT)
 
 
-def _stamp(path):
-    """[size, mtime in ns] from one stat: a shard rewritten after its sidecar or cache was made no longer matches."""
+def _stamp(path):  # a shard rewritten after its sidecar or cache was made no longer matches
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
-
-
-def _write_sidecar(path, samples):
-    size, mtime_ns = _stamp(path)
-    write_json({'bytes': size, 'mtime_ns': mtime_ns, 'samples': samples}, path + '.idx')
 
 
 class ShardWriter:
@@ -110,9 +99,8 @@ class ShardWriter:
         if self.f is None:
             self.path = os.path.join(self.out_dir, f'shard-{self.index:06d}.tar')
             self.f, self.samples, self.index = open(self.path + '.tmp', 'wb'), [], self.index + 1
-        header = _tar_header(f'{key}.{ext}', len(image_bytes))
+        header, label_bytes = _tar_header(f'{key}.{ext}', len(image_bytes)), label.encode('utf-8')
         self.samples.append([label, self.f.tell() + 512, len(image_bytes), zlib.crc32(header)])
-        label_bytes = label.encode('utf-8')
         self.f.write(header + image_bytes + bytes(-len(image_bytes) % 512)  # data fills whole 512-byte blocks
                      + _tar_header(f'{key}.txt', len(label_bytes)) + label_bytes + bytes(-len(label_bytes) % 512))
         self.charset.update(label)
@@ -120,9 +108,8 @@ class ShardWriter:
     def _finish(self):
         self.f.write(bytes(1024))  # end-of-archive: two zero blocks
         self.f.close()
-        _write_sidecar(self.path + '.tmp', self.samples)  # the renames keep the size and mtime it records
-        os.replace(self.path + '.tmp.idx', self.path + '.idx')
-        os.replace(self.path + '.tmp', self.path)
+        write_json({'stamp': _stamp(self.path + '.tmp'), 'samples': self.samples}, self.path + '.idx')
+        os.replace(self.path + '.tmp', self.path)  # keeps the size and mtime the sidecar records
         self.shards[os.path.basename(self.path)] = len(self.samples)
         self.f = None
 
@@ -169,13 +156,13 @@ def shard_index(path):
         except FileNotFoundError:
             raise FileNotFoundError(f'{path}.idx is missing: read the shard set once from a local copy (python data.py '
                                     'stats DIR writes the sidecars) and upload the .idx files with it') from None
-    with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged one
+    with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged or stale one
         idx = json.loads(Path(path + '.idx').read_text())
-        if [idx['bytes'], idx['mtime_ns']] == _stamp(path):
+        if idx['stamp'] == _stamp(path):
             return idx['samples']
     samples = scan_tar(path)
     with contextlib.suppress(OSError):  # a read-only data folder: scan again next time
-        _write_sidecar(path, samples)
+        write_json({'stamp': _stamp(path), 'samples': samples}, path + '.idx')
     return samples
 
 
@@ -208,7 +195,7 @@ def find_shards(pattern):
     indexes = {d: _read_index(d) for d in {os.path.dirname(p) for p in paths}}
     for folder, index in indexes.items():
         listed = fnmatch.filter(index.get('shards', {}), os.path.basename(pattern) if glob.has_magic(pattern) else '*')
-        missing = sorted(set(listed) - {os.path.basename(p) for p in paths if os.path.dirname(p) == folder})
+        missing = [name for name in listed if not os.path.exists(os.path.join(folder, name))]
         if missing:
             raise FileNotFoundError(f'{folder}/index.json lists {len(missing)} shard(s) that are not there: '
                                     f'{", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}')
@@ -225,7 +212,6 @@ def read_url(url, start=None, length=None, connections=None, redirects=5):
     per host in the dict `connections`; redirects followed; three tries on a dropped connection or a 5xx/429 answer),
     any other scheme through fsspec (s3://, gs://, ...)."""
     scheme, _, rest = url.partition('://')
-    headers = {} if start is None else {'Range': f'bytes={start}-{start + length - 1}'}
     if scheme not in ('http', 'https'):
         try:
             import fsspec
@@ -243,7 +229,7 @@ def read_url(url, start=None, length=None, connections=None, redirects=5):
         except IndexError:
             conn = (http.client.HTTPSConnection if scheme == 'https' else http.client.HTTPConnection)(host, timeout=60)
         try:
-            conn.request('GET', '/' + path, headers=headers)
+            conn.request('GET', '/' + path, headers={'Range': f'bytes={start}-{start + length - 1}'} if length else {})
             response = conn.getresponse()
             if start is not None and response.status == 200:  # the whole file follows: do not download it
                 conn.close()
@@ -285,9 +271,8 @@ ROW = np.dtype([('shard', '<i4'), ('offset', '<i8'), ('size', '<i4'), ('crc', '<
 
 def usable_index(pattern, settings, clean):
     """A source's shard paths, the base path of its usable-sample index (BASE.rows.npy: ROW, BASE.labels.npy: the
-    cleaned labels' UTF-8 bytes, BASE.json: counts and drops) and that json. Built once per shard set and `settings`
-    beside the shards (or in $OCRSCALE_CACHE, ~/.cache/ocrscale, for a remote or read-only folder) by the first
-    process under a file lock; the others wait and reuse it."""
+    cleaned labels' UTF-8 bytes, BASE.json: counts and drops) and that json. Built once per shard set and settings,
+    beside the shards (else in $OCRSCALE_CACHE or ~/.cache/ocrscale), by one process under a file lock."""
     shards = find_shards(pattern)
     paths = [p if is_url(p) else os.path.abspath(p) for p, _ in shards]
     stamps = [[p, n] + ([] if is_url(p) else _stamp(p)) for p, (_, n) in zip(paths, shards)]
@@ -324,9 +309,8 @@ def _build_usable_index(base, shards, clean):
         tables.append(np.array(rows, dtype=ROW))  # 32 bytes a row; a list of tuples holds ~10x that
     rows = np.concatenate(tables)
     for suffix, array in (('.rows.npy', rows), ('.labels.npy', np.frombuffer(b''.join(labels) or b'\0', np.uint8))):
-        tmp = f'{base}{suffix}.{os.getpid()}.tmp'
-        with open(tmp, 'wb') as f:
-            np.save(f, array)
+        tmp = f'{base}.{os.getpid()}.tmp{suffix}'
+        np.save(tmp, array)
         os.replace(tmp, base + suffix)
     write_json({'samples': len(rows), 'drops': {k: v for k, v in drops.items() if v}}, base + '.json')  # written last
 
@@ -429,15 +413,13 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, sources, img_h, img_w, batch_size, charset, max_len=25, rank=0, world_size=1, seed=0,
                  samples=None, augment=False, loop=True, fold=None, tokenizer=None, data_seed=0, block=None):
         sources = parse_sources(sources) if isinstance(sources, str) else [(s, float(w)) for s, w in sources]
-        if min(seed, data_seed) < 0:
-            raise ValueError(f'seeds are non-negative integers, got {min(seed, data_seed)}')
         weights = [w for _, w in sources]
-        if min(weights) <= 0:
-            raise ValueError(f'weights are positive numbers, got {sources}')
-        if tokenizer is not None:  # the tokenizer's own rules, unless given
-            charset = getattr(tokenizer, 'charset', None) if charset is None else charset
-            fold = tokenizer.fold if fold is None else fold
-        fold = True if fold is None else fold
+        if min(seed, data_seed) < 0 or min(weights) <= 0:
+            raise ValueError(f'weights are positive numbers and seeds non-negative integers, got seed={seed}, '
+                             f'data_seed={data_seed}, sources={sources}')
+        if charset is None and tokenizer is not None:  # the tokenizer's own rules, unless given
+            charset = getattr(tokenizer, 'charset', None)
+        fold = (tokenizer.fold if tokenizer else True) if fold is None else fold
         self.img_h, self.img_w, self.batch_size, self.charset, self.fold = img_h, img_w, batch_size, charset, fold
         self.max_len = max_len if tokenizer is None else min(max_len, tokenizer.max_len)
         self.rank, self.world_size, self.seed, self.augment, self.loop = rank, world_size, seed, augment, loop
@@ -446,15 +428,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                         tokenizer=hashlib.sha1(json.dumps(tokenizer.spec).encode()).hexdigest() if tokenizer else None)
         self.paths, self.bases, metas = zip(*(usable_index(pattern, settings, self._clean) for pattern in self.names))
         self.usable, self.drops = [m['samples'] for m in metas], Counter()
-        for pattern, meta in zip(self.names, metas):
+        self.sizes = list(self.usable) if samples is None else largest_remainder(samples, weights).tolist()
+        for pattern, meta, want in zip(self.names, metas, self.sizes):
             if meta['samples'] == 0:
                 raise ValueError(f'no usable sample in {pattern} (drops: {meta["drops"]}): check the '
                                  f'charset (fold={fold}) and max_len={self.max_len}')
+            if not 0 < want <= meta['samples']:
+                raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, which holds only '
+                                 f'{meta["samples"]}')
             self.drops.update(meta['drops'])
-        self.sizes = list(self.usable) if samples is None else largest_remainder(samples, weights).tolist()
-        for pattern, want, have in zip(self.names, self.sizes, self.usable):
-            if not 0 < want <= have:
-                raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, which holds only {have}')
         self.num_samples = sum(self.sizes)
         # at most 1/16 of a source, so that its order still changes every epoch
         self.blocks = [max(1, min(block or (REMOTE_BLOCK if is_url(name) else 1), n // 16))
@@ -492,9 +474,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.loop:
             chunk, slot = np.divmod(positions, MIX_CHUNK)
             src, draw = np.empty_like(positions), np.empty_like(positions)
-            for c in np.unique(chunk).tolist():
-                at = chunk == c
-                src[at], draw[at] = (a[slot[at]] for a in self._mix_chunk(c))
+            for c in np.unique(chunk).tolist():  # chunk c: the sources' quotas in a keyed order; a source's draws
+                mix = np.searchsorted(np.cumsum(self.quota),  # follow its positions, so its epochs are runs of them
+                                      permute(np.arange(MIX_CHUNK), MIX_CHUNK, (self.seed, 1, c)), side='right')
+                mix_draw = np.empty(MIX_CHUNK, np.int64)
+                for s, q in enumerate(self.quota.tolist()):
+                    mix_draw[mix == s] = c * q + np.arange(q)
+                src[chunk == c], draw[chunk == c] = mix[slot[chunk == c]], mix_draw[slot[chunk == c]]
             epoch, i = np.divmod(draw, np.asarray(self.sizes)[src])
             for s, e in set(zip(src.tolist(), epoch.tolist())):
                 at = (src == s) & (epoch == e)
@@ -508,16 +494,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                 at = src == s
                 i[at] = permute_blocks(i[at], self.usable[s], self.blocks[s], (self.data_seed, 3, s))
         return src, i
-
-    def _mix_chunk(self, c):
-        """Source and draw number of each of the MIX_CHUNK positions of chunk c: the sources' quotas in a keyed
-        order; a source's draws follow its positions, so its epochs are consecutive runs of its draws."""
-        src = np.searchsorted(np.cumsum(self.quota), permute(np.arange(MIX_CHUNK), MIX_CHUNK, (self.seed, 1, c)),
-                              side='right')
-        draw = np.empty(MIX_CHUNK, np.int64)
-        for s, q in enumerate(self.quota.tolist()):
-            draw[src == s] = c * q + np.arange(q)
-        return src, draw
 
     def _open(self):
         self._tables = [(np.load(b + '.rows.npy', mmap_mode='r'), np.load(b + '.labels.npy', mmap_mode='r'))
@@ -567,64 +543,57 @@ class ShardStream(torch.utils.data.IterableDataset):
                    for run in runs]
         for (s, ks, recs, path, base, _), data in zip(runs, fetched):
             data = data if isinstance(data, (bytes, str)) else data.result()
-            for k, rec in zip(ks.tolist(), recs):
-                rng = random.Random(f'{self.seed}:{positions[k]}') if self.augment else None  # the same in any layout
-                out[k] = data if isinstance(data, str) else self._sample(s, rec, data, base, path, rng)
+            for k, row in zip(ks.tolist(), recs):
+                start, size, label = int(row['offset']) - 512 - base, int(row['size']), int(row['label'])
+                chunk = data[start:start + 512 + size]  # the member's tar header and its image
+                if isinstance(data, str):
+                    out[k] = data
+                elif len(chunk) != 512 + size or zlib.crc32(chunk[:512]) != row['crc']:
+                    out[k] = f'{path} changed after it was indexed (' + (
+                        f'delete {self.bases[s]}.* to index it again)' if is_url(path) else 're-run to index it again)')
+                else:
+                    rng = random.Random(f'{self.seed}:{positions[k]}') if self.augment else None  # same in any layout
+                    try:
+                        out[k] = decode_image(chunk[512:], self.img_h, self.img_w, rng), bytes(
+                            self._tables[s][1][label:label + int(row['label_len'])]).decode('utf-8')
+                    except Exception:  # PIL raises many types on corrupt or truncated bytes
+                        out[k] = f'an undecodable image in {path}'
         return out
 
-    def _sample(self, s, row, data, base, path, rng):
-        """(image array, label) of index row `row` from the bytes `data` read at `base`, or why not."""
-        start, size = int(row['offset']) - 512 - base, int(row['size'])
-        chunk = data[start:start + 512 + size]  # the member's tar header and its image
-        if len(chunk) != 512 + size or zlib.crc32(chunk[:512]) != row['crc']:
-            return f'{path} changed after it was indexed (' + (f'delete {self.bases[s]}.* to index it again)'
-                                                               if is_url(path) else 're-run to index it again)')
-        try:
-            image = decode_image(chunk[512:], self.img_h, self.img_w, rng)
-        except Exception:  # PIL raises many types on corrupt or truncated bytes
-            return f'an undecodable image in {path}'
-        label = int(row['label'])
-        return image, bytes(self._tables[s][1][label:label + int(row['label_len'])]).decode('utf-8')
-
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, W = (info.id, info.num_workers) if info else (0, 1)
+        info, B = torch.utils.data.get_worker_info(), self.batch_size
         if self._tables is None or self._pid != os.getpid():  # a forked worker opens its own files and connections
             self._open()
-        try:
-            yield from self._batches(worker, W)
+        try:  # this worker's micro-batches (the DataLoader asks workers in turn)
+            for j in count(info.id if info else 0, info.num_workers if info else 1):
+                first = self.start + (j * self.world_size + self.rank) * B
+                if not self.loop and first >= self.num_samples:
+                    return
+                positions = np.arange(first, first + B if self.loop else min(first + B, self.num_samples))
+                images, labels, bad = [], [], 0
+                src, rows = self._locate(positions)
+                for s, got in zip(src.tolist(), self._read_batch(src, rows, positions.tolist())):
+                    self._recent[s].append(isinstance(got, str))
+                    if not isinstance(got, str):
+                        images.append(got[0])
+                        labels.append(got[1])
+                        continue
+                    bad, self._unreported = bad + 1, self._unreported + 1
+                    if time.monotonic() - self._warned_at >= 60:  # a line a minute at most
+                        print(f'data.py: warning: {self._unreported} unreadable sample(s) skipped and counted '
+                              f'(latest: {got})', file=sys.stderr)
+                        self._warned_at, self._unreported = time.monotonic(), 0
+                    if sum(self._recent[s]) > 500:  # from the start, or later: a server or filesystem gone
+                        yield f'{self.names[s]}: over half of 1,000 consecutive reads are unreadable (latest: {got})'
+                        return
+                stacked = np.stack(images) if images else np.zeros((0, self.img_h, self.img_w, 3), np.uint8)
+                yield torch.from_numpy(stacked), labels, bad
         finally:  # the last batch, the end of an evaluation pass, or a closed loader
             for fd in self._files.values():
                 os.close(fd)
             if self._requests:
                 self._requests.shutdown()
             self._tables = None
-
-    def _batches(self, worker, W):
-        B = self.batch_size
-        for j in count(worker, W):  # this worker's micro-batches (the DataLoader asks workers in turn)
-            first = self.start + (j * self.world_size + self.rank) * B
-            if not self.loop and first >= self.num_samples:
-                return
-            positions = np.arange(first, first + B if self.loop else min(first + B, self.num_samples))
-            images, labels, bad = [], [], 0
-            src, rows = self._locate(positions)
-            for s, got in zip(src.tolist(), self._read_batch(src, rows, positions.tolist())):
-                self._recent[s].append(isinstance(got, str))
-                if not isinstance(got, str):
-                    images.append(got[0])
-                    labels.append(got[1])
-                    continue
-                bad, self._unreported = bad + 1, self._unreported + 1
-                if time.monotonic() - self._warned_at >= 60:  # a line a minute at most
-                    print(f'data.py: warning: {self._unreported} unreadable sample(s) skipped and counted (latest: '
-                          f'{got})', file=sys.stderr)
-                    self._warned_at, self._unreported = time.monotonic(), 0
-                if sum(self._recent[s]) > 500:  # from the start, or later: a server or filesystem gone
-                    yield f'{self.names[s]}: over half of 1,000 consecutive reads are unreadable (latest: {got})'
-                    return
-            stacked = np.stack(images) if images else np.zeros((0, self.img_h, self.img_w, 3), np.uint8)
-            yield torch.from_numpy(stacked), labels, bad
 
 # ----------------------------------------------------------------------------- tokenizers
 
