@@ -957,12 +957,9 @@ def _synth_init(cfg):
 
 def _synth_shard(job):
     """Render and write shard i (samples start..start+count) -> (shards, charset)."""
-    i, start, count = job
-    c = _SYNTH
-    rng = random.Random(c['seed'] * 1000003 + i)
-    writer = ShardWriter(c['out_dir'], shard_size=count, start=i)
-    clean = c['style'] == 'clean'
-    fmt, ext, opts = ('PNG', 'png', {'compress_level': 1}) if clean else ('JPEG', 'jpg', {'quality': 90})
+    (i, start, count), c = job, _SYNTH
+    rng, writer = random.Random(c['seed'] * 1000003 + i), ShardWriter(c['out_dir'], shard_size=count, start=i)
+    fmt, ext, opts = ('PNG', 'png', {'compress_level': 1}) if c['style'] == 'clean' else ('JPEG', 'jpg', {'quality': 90})
     for t in range(count):
         text = rng.choice(c['words']) if c['words'] else ''.join(
             rng.choice(c['charset']) for _ in range(rng.randint(c['min_len'], c['max_len'])))
@@ -985,8 +982,8 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
     if isinstance(fonts, str):
         fonts = sorted(p for p in glob.glob(os.path.join(fonts, '**', '*'), recursive=True)
                        if p.lower().endswith(('.ttf', '.otf')))
-    # a font without a glyph draws a box or nothing, which would be labelled as the word
-    lacking = {f: missing_glyphs(f, ''.join(words) if words else charset) for f in fonts or []}
+    text = ''.join(words) if words else charset  # a font lacking a glyph draws a box or nothing: a wrong label
+    lacking = {f: missing_glyphs(f, text) for f in fonts or []}
     skipped = [f'{os.path.basename(f)} ({m[:10]!r})' for f, m in lacking.items() if m]
     if fonts is not None:
         fonts = [f for f in fonts if not lacking[f]]
@@ -1014,28 +1011,23 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
 def _check_sample(rec):
     """(where, image bytes or path, label) -> (bytes, ext, label) once the image decodes, or (None, reason, where)."""
     where, data, label = rec
-    if label is None:
-        return None, 'missing_label', where
     label = label.decode('utf-8', 'replace') if isinstance(label, bytes) else label  # LMDB labels are bytes
-    if not label.strip():
-        return None, 'empty_label', where
-    if '\t' in label:  # a label file's further column, not a word (training would remove the tab only)
-        return None, 'tab_in_label', where
     if isinstance(data, str):
         data = Path(data).read_bytes() if os.path.isfile(data) else None
-    if data is None:
-        return None, 'missing_image', where
+    reason = ('missing_label' if label is None else 'empty_label' if not label.strip() else
+              'tab_in_label' if '\t' in label else 'missing_image' if data is None else None)
+    if reason:  # a tab: a label file's further column, not a word (training would remove the tab only)
+        return None, reason, where
     try:
         img = Image.open(io.BytesIO(data))
-        fmt = img.format
         img.load()
     except Exception:
         return None, 'bad_image', where
-    if fmt not in ('PNG', 'JPEG'):  # other formats are stored as PNG
-        buf = io.BytesIO()
-        img.convert('RGB').save(buf, 'PNG')
-        return buf.getvalue(), 'png', label
-    return data, 'png' if fmt == 'PNG' else 'jpg', label
+    if img.format in ('PNG', 'JPEG'):
+        return data, 'png' if img.format == 'PNG' else 'jpg', label
+    buf = io.BytesIO()  # other formats are stored as PNG
+    img.convert('RGB').save(buf, 'PNG')
+    return buf.getvalue(), 'png', label
 
 
 def _import(records, out_dir, source, shard_size, workers, total=None, **extra):
@@ -1070,19 +1062,18 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
         raise FileNotFoundError(f'no data.mdb in {src} or its sub-folders')
     _check_empty(out_dir)
     with contextlib.ExitStack() as stack:  # closes the environments
-        envs = [stack.enter_context(lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False))
-                for db in dbs]
-        txns = {db: env.begin() for db, env in zip(dbs, envs)}
-        counts = {db: txn.get(b'num-samples') for db, txn in txns.items()}
-        for db, n in counts.items():
-            if n is None:
+        txns = {db: stack.enter_context(lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False))
+                .begin() for db in dbs}
+        for db, txn in txns.items():
+            if txn.get(b'num-samples') is None:
                 raise ValueError(f"{db}: no 'num-samples' key; not a scene-text LMDB")
-        refs = [(db, i) for db, n in counts.items() for i in range(1, int(n) + 1)]
+        counts = {db: int(txn.get(b'num-samples')) for db, txn in txns.items()}
+        refs = [(db, i) for db, n in counts.items() for i in range(1, n + 1)]
         random.Random(seed).shuffle(refs)
-        parts = {os.path.relpath(db, src): int(n) for db, n in counts.items()}
         records = ((f'{db} sample {i}', txns[db].get(b'image-%09d' % i), txns[db].get(b'label-%09d' % i))
                    for db, i in refs)
-        return _import(records, out_dir, os.path.abspath(src), shard_size, workers, len(refs), parts=parts)
+        return _import(records, out_dir, os.path.abspath(src), shard_size, workers, len(refs),
+                       parts={os.path.relpath(db, src): n for db, n in counts.items()})
 
 
 def label_file_lines(labels_file, sep='\t', encoding='utf-8'):
@@ -1111,7 +1102,7 @@ def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=Non
                                     f'label), it holds {", ".join(found[:5]) if found else "no .tsv or .txt file"}')
         labels_file = os.path.join(labels_file, found[0])
         print(f'labels file: {labels_file}')
-    root = root if root is not None else os.path.dirname(os.path.abspath(labels_file))
+    root = os.path.dirname(os.path.abspath(labels_file)) if root is None else root
     _check_empty(out_dir)
     lines = label_file_lines(labels_file, sep, encoding)
     random.Random(seed).shuffle(lines)
@@ -1128,9 +1119,7 @@ def _labels(pattern):
 
 def stats(pattern, charset_file=None):
     """Print a shard set's counts, label lengths, charset (labels in NFC, as training reads them) and drops."""
-    shards = find_shards(pattern)
-    index = _read_index(pattern)
-    lengths, chars = Counter(), Counter()
+    shards, index, lengths, chars = find_shards(pattern), _read_index(pattern), Counter(), Counter()
     for label in tqdm(_labels(pattern), total=sum(n for _, n in shards), desc='labels', leave=False):
         lengths[len(label)] += 1
         chars.update(unicodedata.normalize('NFC', label))
