@@ -291,7 +291,7 @@ def usable_index(pattern, settings, clean):
 
 
 def _build_usable_index(base, shards, clean):
-    tables, labels, drops, cleaned, n_bytes = [], [], Counter(), {}, 0
+    tables, labels, drops, cleaned = [], [], Counter(), {}
     for s, (path, listed) in enumerate(shards):
         samples, rows = shard_index(path), []
         drops['truncated_tar'] += max(0, listed - len(samples))
@@ -302,12 +302,11 @@ def _build_usable_index(base, shards, clean):
             if reason or offset is None:
                 drops[reason or 'missing_image'] += 1
                 continue
-            encoded = text.encode('utf-8')
-            rows.append((s, offset, size, crc, n_bytes, len(encoded)))
-            labels.append(encoded)
-            n_bytes += len(encoded)
+            labels.append(text.encode('utf-8'))
+            rows.append((s, offset, size, crc, 0, len(labels[-1])))
         tables.append(np.array(rows, dtype=ROW))  # 32 bytes a row; a list of tuples holds ~10x that
     rows = np.concatenate(tables)
+    rows['label'] = np.cumsum(rows['label_len']) - rows['label_len']
     for suffix, array in (('.rows.npy', rows), ('.labels.npy', np.frombuffer(b''.join(labels) or b'\0', np.uint8))):
         tmp = f'{base}.{os.getpid()}.tmp{suffix}'
         np.save(tmp, array)
@@ -353,31 +352,24 @@ def permute(x, n, key):
 
 # ----------------------------------------------------------------------------- decoding
 
-def augment_image(img, rng):
-    """A few geometric and photometric PIL ops at low magnitude, each applied with probability 1/4."""
-    if rng.random() < 0.25:  # slight rotation, corners filled with the top-left colour
-        img = img.rotate(rng.uniform(-4, 4), Image.BILINEAR, expand=True, fillcolor=img.getpixel((0, 0)))
-    if rng.random() < 0.25:  # crop up to 6% of each side
-        w, h = img.size
-        l, r, t, b = (int(rng.uniform(0, 0.06) * s) for s in (w, w, h, h))
-        img = img.crop((l, t, max(l + 1, w - r), max(t + 1, h - b)))
-    if rng.random() < 0.25:
-        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.6, 1.4))
-    if rng.random() < 0.25:
-        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
-    if rng.random() < 0.25:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
-    return img
-
-
 def decode_image(data, img_h, img_w, rng=None):
-    """Encoded image bytes -> uint8 array (img_h, img_w, 3): RGB, bicubic stretch, optional augmentation."""
+    """Encoded image bytes -> uint8 array (img_h, img_w, 3): RGB, bicubic stretch. With rng (random.Random): light
+    augmentation, a few geometric and photometric ops at low magnitude, each with probability 1/4."""
     img = Image.open(io.BytesIO(data))
     if rng is None and img.format == 'JPEG':
         img.draft('RGB', (img_w, img_h))  # decode JPEGs at a reduced scale that still covers the target
     img = img.convert('RGB')
-    if rng is not None:
-        img = augment_image(img, rng)
+    if rng and rng.random() < 0.25:  # slight rotation, corners filled with the top-left colour
+        img = img.rotate(rng.uniform(-4, 4), Image.BILINEAR, expand=True, fillcolor=img.getpixel((0, 0)))
+    if rng and rng.random() < 0.25:  # crop up to 6% of each side
+        w, h = img.size
+        l, r, t, b = (int(rng.uniform(0, 0.06) * s) for s in (w, w, h, h))
+        img = img.crop((l, t, max(l + 1, w - r), max(t + 1, h - b)))
+    for enhance, low, high in ((ImageEnhance.Contrast, 0.6, 1.4), (ImageEnhance.Brightness, 0.7, 1.3)):
+        if rng and rng.random() < 0.25:
+            img = enhance(img).enhance(rng.uniform(low, high))
+    if rng and rng.random() < 0.25:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
     return np.asarray(img.resize((img_w, img_h), Image.BICUBIC))
 
 
@@ -610,11 +602,10 @@ class _Tokenizer:
         """list[str] -> LongTensor (B, L+2) rows [BOS, t1..tn, EOS, PAD...], L = longest label in tokens (or
         `length`). Never truncates: a label longer than max_len (or length) tokens is a ValueError."""
         rows = [self.ids(t) for t in labels]
-        L = max((len(r) for r in rows), default=0)
-        limit = self.max_len if length is None else min(length, self.max_len)
+        L, limit = max(map(len, rows), default=0), self.max_len if length is None else min(length, self.max_len)
         if L > limit:
-            label = next(t for t, r in zip(labels, rows) if len(r) == L)
-            raise ValueError(f'label {label!r} has {L} tokens, more than max_len={limit} (labels are never cut)')
+            raise ValueError(f'label {labels[[len(r) for r in rows].index(L)]!r} has {L} tokens, more than '
+                             f'max_len={limit} (labels are never cut)')
         L = L if length is None else length
         return torch.tensor([[self.bos_id] + r + [self.eos_id] + [self.pad_id] * (L - len(r)) for r in rows],
                             dtype=torch.long).view(len(rows), L + 2)
@@ -786,9 +777,8 @@ class HFTokenizer(_Tokenizer):
                     best[e] = (best[s][0] + score, s, self._unk if i is None else i)
         out, e = [], len(w)
         while e:
-            out.append(best[e][2])
+            out.insert(0, best[e][2])
             e = best[e][1]
-        out.reverse()
         return [i for k, i in enumerate(out) if i is not None and not (i == self._unk and out[k - 1:k] == [i])]
 
     def _bpe(self, w):
@@ -838,12 +828,11 @@ def load_tokenizer(spec):
     """A tokenizer from its spec dict, or a CharTokenizer from a load_charset spec."""
     if isinstance(spec, str):
         return SPTokenizer(spec) if spec.endswith('.model') else CharTokenizer(load_charset(spec))
-    max_len = spec.get('max_len', 25)
-    if spec['type'] == 'char':
-        return CharTokenizer(spec['charset'], max_len)
     if spec['type'] == 'hf':
         return HFTokenizer(spec)
-    return SPTokenizer(base64.b64decode(spec['model']), max_len)
+    max_len = spec.get('max_len', 25)
+    return CharTokenizer(spec['charset'], max_len) if spec['type'] == 'char' else SPTokenizer(
+        base64.b64decode(spec['model']), max_len)
 
 # ----------------------------------------------------------------------------- metrics (paper §5)
 
