@@ -515,21 +515,18 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _read_batch(self, src, rows, positions):
         """[(image array, label) or why not] at each position. Rows of one shard that follow each other in the index
-        are read together: one read (their tar headers and images, with what lies between)."""
+        are read together: one read of their tar headers and images, with the gaps between (each under 64 KiB)."""
         out, runs = [None] * len(rows), []
         for s in np.unique(src).tolist():
             at = np.flatnonzero(src == s)
             at = at[np.argsort(rows[at], kind='stable')]  # this source's positions, in file order
             recs = self._tables[s][0][rows[at]]
-            row, shard, offset, size = rows[at].tolist(), *(recs[f].tolist() for f in ('shard', 'offset', 'size'))
-            first = 0
-            for j in range(1, len(at) + 1):
-                if j == len(at) or row[j] - row[j - 1] > 1 or shard[j] != shard[first] or \
-                        offset[j] - offset[first] >= 1 << 20:  # a run ends; long gaps are not read
-                    base = offset[first] - 512
-                    runs.append((s, at[first:j], recs[first:j], self.paths[s][shard[first]], base,
-                                 offset[j - 1] + size[j - 1] - base))
-                    first = j
+            ends = np.flatnonzero((np.diff(rows[at]) > 1) | (np.diff(recs['shard']) != 0)
+                                  | (np.diff(recs['offset']) - recs['size'][:-1] > 1 << 16)) + 1
+            for ks, run in zip(np.split(at, ends), np.split(recs, ends)):
+                base = int(run['offset'][0]) - 512
+                runs.append((s, ks, run, self.paths[s][int(run['shard'][0])], base,
+                             int(run['offset'][-1] + run['size'][-1]) - base))
         # requests to a URL source wait mostly on the network: a batch's requests go out together
         fetched = [self._requests.submit(self._fetch, *run[3:]) if is_url(run[3]) else self._fetch(*run[3:])
                    for run in runs]
