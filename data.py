@@ -945,7 +945,8 @@ def _synth_shard(job):
     """Render and write shard i (samples start..start+count) -> (shards, charset)."""
     (i, start, count), c = job, _SYNTH
     rng, writer = random.Random(c['seed'] * 1000003 + i), ShardWriter(c['out_dir'], shard_size=count, start=i)
-    fmt, ext, opts = ('PNG', 'png', {'compress_level': 1}) if c['style'] == 'clean' else ('JPEG', 'jpg', {'quality': 90})
+    clean = c['style'] == 'clean'
+    fmt, ext, opts = ('PNG', 'png', {'compress_level': 1}) if clean else ('JPEG', 'jpg', {'quality': 90})
     for t in range(count):
         text = rng.choice(c['words']) if c['words'] else ''.join(
             rng.choice(c['charset']) for _ in range(rng.randint(c['min_len'], c['max_len'])))
@@ -1153,39 +1154,34 @@ def main(argv=None):
     writers = [a, sub.add_parser('import-lmdb', help='import scene-text LMDBs (in a seeded random order)'),
                sub.add_parser('import-folder', help='import a label file (in a seeded random order)')]
     writers[1].add_argument('src', help='folder holding scene-text LMDBs (searched recursively)')
-    writers[2].add_argument('src', help='label file: lines relative/path<TAB>label')
+    writers[2].add_argument('labels_file', metavar='src', help='label file: lines relative/path<TAB>label')
     for a in writers:
-        a.add_argument('out', help='output folder')
+        a.add_argument('out_dir', metavar='out', help='output folder')
         a.add_argument('--shard-size', type=int, default=10000, help='samples per shard')
         a.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
     writers[2].add_argument('--root', help="folder the image paths are relative to (default: the label file's)")
     writers[2].add_argument('--sep', default='\t', help='what separates path and label (default: a tab)')
     writers[2].add_argument('--encoding', default='utf-8', help='of the label file (default utf-8; BOM skipped)')
     a = sub.add_parser('stats', help='counts, label lengths, charset and drops of a shard set')
-    a.add_argument('dir', help='shard folder or glob')
-    a.add_argument('--charset', metavar='FILE', help="write the set's charset to FILE, for --charset @FILE")
+    a.add_argument('pattern', metavar='dir', help='shard folder or glob')
+    a.add_argument('--charset', dest='charset_file', metavar='FILE', help="write the charset, for --charset @FILE")
     a = sub.add_parser('spm', help='train a SentencePiece BPE tokenizer on shard labels')
-    a.add_argument('dir', help='shard folder or glob')
+    a.add_argument('pattern', metavar='dir', help='shard folder or glob')
     a.add_argument('--vocab', type=int, required=True, help='SentencePiece pieces (ids = pieces + 3)')
     a.add_argument('--out', help='model path (default DIR/spmN.model)')
-    args = p.parse_args(argv)
+    args = vars(p.parse_args(argv))  # argument names are the functions' parameter names
+    cmd = args.pop('cmd')
     try:
-        if args.cmd == 'synth':
-            words = [w.strip() for w in open(args.words, encoding='utf-8') if w.strip()] if args.words else None
-            index = synth(args.out, args.n, args.seed, args.style, args.min_len, args.max_len,
-                          load_charset(args.charset), words, args.workers, args.shard_size, args.fonts)
-            print(f'{args.out}: {index["samples"]} images in {len(index["shards"])} shards')
-        elif args.cmd == 'import-lmdb':
-            import_lmdb(args.src, args.out, args.shard_size, args.workers)
-        elif args.cmd == 'import-folder':
-            import_folder(args.src, args.out, args.root, args.shard_size, args.workers, sep=args.sep,
-                          encoding=args.encoding)
-        elif args.cmd == 'stats':
-            stats(args.dir, args.charset)
-        elif args.cmd == 'spm':
-            train_spm(args.dir, args.vocab, args.out)
+        if cmd == 'synth':
+            args['charset'] = load_charset(args['charset'])
+            if args['words']:
+                args['words'] = [w.strip() for w in open(args['words'], encoding='utf-8') if w.strip()]
+        index = {'synth': synth, 'import-lmdb': import_lmdb, 'import-folder': import_folder, 'stats': stats,
+                 'spm': train_spm}[cmd](**args)
+        if cmd == 'synth':
+            print(f'{args["out_dir"]}: {index["samples"]} images in {len(index["shards"])} shards')
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: spm
-        sys.exit(f'data.py {args.cmd}: {e}')
+        sys.exit(f'data.py {cmd}: {e}')
 
 
 if __name__ == '__main__':
