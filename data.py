@@ -391,16 +391,14 @@ def _worker_init(_):
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Per-rank batches (uint8 images (B, H, W, 3), labels, number of unreadable samples skipped) from weighted
-    shard sets, in an order that depends on the global sample position and the seeds only.
-
-    Micro-batch j of rank r holds positions start + (j * world_size + r) * batch_size + [0, batch_size), so a step
-    trains the same positions in any layout and a resume needs only the position. Each MIX_CHUNK positions hold
+    """Per-rank batches (uint8 images (B, H, W, 3), labels, unreadable samples skipped) from weighted shard sets.
+    Micro-batch j of rank r holds global positions start + (j * world_size + r) * batch_size + [0, batch_size), so a
+    step trains the same positions in any layout and a resume needs only the position. Each MIX_CHUNK positions hold
     each source's share by weight; draw k of a source is image k mod n of its epoch k // n, a keyed permutation of
     its n images. samples: D images split over the sources by weight, each share a keyed subset (a smaller D: a
-    subset of a larger). block: consecutive stored samples kept together and read with one request (1 locally,
-    REMOTE_BLOCK for URLs). A sample whose tar header no longer matches the index, or whose image does not decode,
-    is skipped and counted."""
+    subset of a larger). block: consecutive stored samples kept together and read at once (1 locally, REMOTE_BLOCK
+    for URLs). A sample whose tar header no longer matches the index, or whose image does not decode, is skipped
+    and counted."""
 
     def __init__(self, sources, img_h, img_w, batch_size, charset, max_len=25, rank=0, world_size=1, seed=0,
                  samples=None, augment=False, loop=True, fold=None, tokenizer=None, data_seed=0, block=None):
@@ -710,11 +708,10 @@ def _pre_tokenize(spec, words):
 
 
 class HFTokenizer(_Tokenizer):
-    """A transformers folder's own tokenizer; spec {'type': 'hf', 'files': {name: text, or base64 for *.model},
-    'ids': transformers' id of each of our ids, 'max_len'} (model.py convert-trocr). Encodes to transformers' ids
-    (no special tokens) and decodes to its text (special tokens skipped, no leading/trailing space), from
-    tokenizer.json (Unigram, byte-level BPE), else a SentencePiece *.model in XLMRobertaTokenizer's layout, else
-    vocab.json + merges.txt (byte-level BPE). Text spelling an added token ('<mask>') is read as plain text."""
+    """A transformers folder's own tokenizer (model.py convert-trocr): spec {'type': 'hf', 'files': {name: text, or
+    base64 for *.model}, 'ids': transformers' id of each of our ids, 'max_len'}. Encodes to transformers' ids (no
+    special tokens; '<mask>' in text is plain text) and decodes to its text (special tokens skipped, stripped) with
+    tokenizer.json (Unigram, byte-level BPE), else an XLMRobertaTokenizer *.model, else vocab.json + merges.txt."""
     fold = False
 
     def __init__(self, spec):
@@ -779,20 +776,16 @@ class HFTokenizer(_Tokenizer):
         return [i for k, i in enumerate(out) if i is not None and not (i == self._unk and out[k - 1:k] == [i])]
 
     def _bpe(self, w):
-        """transformers' ids of one pre-tokenized word: the best-ranked adjacent pair merged, until none is."""
+        """transformers' ids of one pre-tokenized word: the best-ranked adjacent pair merged (the leftmost of equals,
+        as tokenizers' priority queue), until none is."""
         if self._whole and w in self._vocab:
             return [self._vocab[w]]
         parts = list(w)
         while len(parts) > 1:
-            pair = min(zip(parts, parts[1:]), key=lambda p: self._ranks.get(p, float('inf')))
-            if pair not in self._ranks:
+            rank, k = min((self._ranks.get(pair, float('inf')), k) for k, pair in enumerate(zip(parts, parts[1:])))
+            if rank == float('inf'):
                 break
-            merged, k = [], 0
-            while k < len(parts):  # every occurrence, left to right
-                n = 2 if tuple(parts[k:k + 2]) == pair else 1
-                merged.append(''.join(parts[k:k + n]))
-                k += n
-            parts = merged
+            parts[k:k + 2] = [parts[k] + parts[k + 1]]
         return [self._vocab[p] for p in parts if p in self._vocab]
 
     def ids(self, text):
@@ -844,9 +837,8 @@ def edit_distance(a, b):
 
 
 def score(preds, gts, charset=None, cased=False, punctuation=False):
-    """-> dict(n, correct, ned_sum, error %, ned % (= 1-NED)): exact matches and 1 - NED, NED = edit distance /
-    max(len(pred), len(gt)), compared as scoring_form(text, charset, cased, punctuation). An empty prediction reads
-    nothing: never correct for a non-empty label, even one that normalises to ''."""
+    """-> dict(n, correct, ned_sum, error %, ned % (= 1-NED)), NED = edit distance / max(len(pred), len(gt)), both
+    in scoring_form. An empty prediction reads nothing: never right for a non-empty label, even one scored as ''."""
     correct, ned_sum = 0, 0.0
     for pred, gt in zip(preds, gts, strict=True):
         p, g = (scoring_form(t, charset, cased, punctuation) for t in (pred, gt))
@@ -918,9 +910,9 @@ def render_word(text, rng, style='clean', fonts=None):
 
 
 def missing_glyphs(font_path, text):
-    """The characters of text that the font lacks (whitespace and invisible format characters aside): drawn
-    unshaped after an 'o' (which keeps a zero-width combining mark in the picture), they draw the .notdef box, as
-    U+FFFF does (no font maps it), or nothing. An unreadable font lacks them all."""
+    """The characters of text the font lacks (not whitespace or format characters; all if the font is unreadable):
+    drawn unshaped after an 'o' (which keeps a zero-width mark in the picture) they draw what U+FFFF draws (no font
+    maps it: the .notdef box), or nothing."""
     try:
         font = ImageFont.truetype(font_path, 24, layout_engine=ImageFont.Layout.BASIC)
     except OSError:
