@@ -323,13 +323,10 @@ def largest_remainder(total, weights):
 
 
 def permute_blocks(i, n, block, key):
-    """permute() of the blocks of `block` consecutive numbers in [0, n): a bijection of [0, n) that keeps each
+    """permute() of the blocks of `block` (<= n) consecutive numbers in [0, n): a bijection of [0, n) that keeps each
     block's numbers together and in order (a last, partial block stays last)."""
-    i = np.asarray(i, dtype=np.int64)
-    full = n // block * block
-    if full == 0:
-        return i
-    return np.where(i < full, permute(np.minimum(i, full - 1) // block, max(1, n // block), key) * block + i % block, i)
+    i, full = np.asarray(i, dtype=np.int64), n // block * block
+    return np.where(i < full, permute(np.minimum(i, full - 1) // block, n // block, key) * block + i % block, i)
 
 
 def permute(x, n, key):
@@ -464,11 +461,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.loop:
             chunk, slot = np.divmod(positions, MIX_CHUNK)
             src, draw = np.empty_like(positions), np.empty_like(positions)
-            for c in np.unique(chunk).tolist():  # chunk c: the sources' quotas in a keyed order; a source's draws
-                mix = np.searchsorted(np.cumsum(self.quota),  # follow its positions, so its epochs are runs of them
-                                      permute(np.arange(MIX_CHUNK), MIX_CHUNK, (self.seed, 1, c)), side='right')
+            for c in np.unique(chunk).tolist():  # chunk c holds the sources' quotas in a keyed order
+                order = permute(np.arange(MIX_CHUNK), MIX_CHUNK, (self.seed, 1, c))
+                mix = np.searchsorted(np.cumsum(self.quota), order, side='right')
                 mix_draw = np.empty(MIX_CHUNK, np.int64)
-                for s, q in enumerate(self.quota.tolist()):
+                for s, q in enumerate(self.quota.tolist()):  # a source's draws follow its positions: epochs are runs
                     mix_draw[mix == s] = c * q + np.arange(q)
                 src[chunk == c], draw[chunk == c] = mix[slot[chunk == c]], mix_draw[slot[chunk == c]]
             epoch, i = np.divmod(draw, np.asarray(self.sizes)[src])
