@@ -135,10 +135,9 @@ def scan_tar(path):
                 if (folder, stem) != key:  # a sample ends when the key changes
                     samples.append([None, None, 0, 0])
                     key = folder, stem
-                ext = ext.lower()
-                if ext == 'txt':
+                if ext.lower() == 'txt':
                     samples[-1][0] = tf.extractfile(m).read().decode('utf-8', 'replace')
-                elif ext in IMAGE_EXTS and samples[-1][1] is None:
+                elif ext.lower() in IMAGE_EXTS and samples[-1][1] is None:
                     raw.seek(m.offset_data - 512)  # the member's own header (after any long-name headers)
                     samples[-1][1:] = m.offset_data, m.size, zlib.crc32(raw.read(512))
     except (tarfile.TarError, EOFError, OSError):
