@@ -352,19 +352,21 @@ def decode_image(data, img_h, img_w, rng=None):
     """Encoded image bytes -> uint8 array (img_h, img_w, 3): RGB, bicubic stretch. With rng (random.Random): light
     augmentation, a few geometric and photometric ops at low magnitude, each with probability 1/4."""
     img = Image.open(io.BytesIO(data))
-    if rng is None and img.format == 'JPEG':
-        img.draft('RGB', (img_w, img_h))  # decode JPEGs at a reduced scale that still covers the target
+    if rng is None:
+        if img.format == 'JPEG':
+            img.draft('RGB', (img_w, img_h))  # decode JPEGs at a reduced scale that still covers the target
+        return np.asarray(img.convert('RGB').resize((img_w, img_h), Image.BICUBIC))
     img = img.convert('RGB')
-    if rng and rng.random() < 0.25:  # slight rotation, corners filled with the top-left colour
+    if rng.random() < 0.25:  # slight rotation, corners filled with the top-left colour
         img = img.rotate(rng.uniform(-4, 4), Image.BILINEAR, expand=True, fillcolor=img.getpixel((0, 0)))
-    if rng and rng.random() < 0.25:  # crop up to 6% of each side
+    if rng.random() < 0.25:  # crop up to 6% of each side
         w, h = img.size
         l, r, t, b = (int(rng.uniform(0, 0.06) * s) for s in (w, w, h, h))
         img = img.crop((l, t, max(l + 1, w - r), max(t + 1, h - b)))
     for enhance, low, high in ((ImageEnhance.Contrast, 0.6, 1.4), (ImageEnhance.Brightness, 0.7, 1.3)):
-        if rng and rng.random() < 0.25:
+        if rng.random() < 0.25:
             img = enhance(img).enhance(rng.uniform(low, high))
-    if rng and rng.random() < 0.25:
+    if rng.random() < 0.25:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
     return np.asarray(img.resize((img_w, img_h), Image.BICUBIC))
 
@@ -527,20 +529,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         for (s, ks, recs, path, base, _), data in zip(runs, fetched):
             data = data if isinstance(data, (bytes, str)) else data.result()
             for k, row in zip(ks.tolist(), recs):
+                if isinstance(data, str):  # the read failed: why
+                    out[k] = data
+                    continue
                 start, size, label = int(row['offset']) - 512 - base, int(row['size']), int(row['label'])
                 chunk = data[start:start + 512 + size]  # the member's tar header and its image
-                if isinstance(data, str):
-                    out[k] = data
-                elif len(chunk) != 512 + size or zlib.crc32(chunk[:512]) != row['crc']:
+                if len(chunk) != 512 + size or zlib.crc32(chunk[:512]) != row['crc']:
                     out[k] = f'{path} changed after it was indexed (' + (
                         f'delete {self.bases[s]}.* to index it again)' if is_url(path) else 're-run to index it again)')
-                else:
-                    rng = random.Random(f'{self.seed}:{positions[k]}') if self.augment else None  # same in any layout
-                    try:
-                        out[k] = decode_image(chunk[512:], self.img_h, self.img_w, rng), bytes(
-                            self._tables[s][1][label:label + int(row['label_len'])]).decode('utf-8')
-                    except Exception:  # PIL raises many types on corrupt or truncated bytes
-                        out[k] = f'an undecodable image in {path}'
+                    continue
+                rng = random.Random(f'{self.seed}:{positions[k]}') if self.augment else None  # the same in any layout
+                try:
+                    out[k] = decode_image(chunk[512:], self.img_h, self.img_w, rng), bytes(
+                        self._tables[s][1][label:label + int(row['label_len'])]).decode('utf-8')
+                except Exception:  # PIL raises many types on corrupt or truncated bytes
+                    out[k] = f'an undecodable image in {path}'
         return out
 
     def __iter__(self):
