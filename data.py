@@ -7,9 +7,8 @@
     python data.py stats data/real --charset real.txt             # counts, lengths, charset (-> --charset @FILE)
     python data.py spm data/real --vocab 512                      # SentencePiece BPE -> data/real/spm512.model
 
-Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset convention), each with a sidecar SHARD.tar.idx
-(label, image offset and size, tar header CRC-32 per sample), and DIR/index.json {"shards": {name: count}, "samples",
-"charset", "source", "drops"}.
+Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset's layout), each with a sidecar SHARD.tar.idx
+(per sample: label, image offset and size, tar header CRC-32), and DIR/index.json (shard counts, charset, drops).
 """
 import argparse, base64, contextlib, fcntl, fnmatch, functools, gc, glob, hashlib, http.client, io, json, os, random
 import re, resource, sys, tarfile, time, unicodedata, urllib.parse, zlib
@@ -31,13 +30,11 @@ MIX_CHUNK = 4096  # positions over which weighted sources take exactly their sha
 REMOTE_BLOCK = 64  # consecutive samples a URL source reads with one request (~200-400 KB of word images)
 
 
-def cpu_count():
-    """Cores this process may use (os.sched_getaffinity exists on Linux only)."""
+def cpu_count():  # os.sched_getaffinity exists on Linux only
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
-def write_json(obj, path, indent=None):
-    """Write atomically (a temporary file per process, then a rename): readers never see half a file."""
+def write_json(obj, path, indent=None):  # a temporary file per process, then a rename: readers never see half a file
     tmp = f'{path}.{os.getpid()}.tmp'
     Path(tmp).write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
@@ -66,9 +63,7 @@ def clean_label(label, charset=None, max_len=25, fold=True):
     if fold:
         label = label.encode('ascii', 'ignore').decode()
     if charset is not None:
-        if charset == charset.lower():
-            label = label.lower()
-        label = ''.join(c for c in label if c in charset)
+        label = ''.join(c for c in (label.lower() if charset == charset.lower() else label) if c in charset)
     if not label:
         return None, 'empty_label'
     return (None, 'too_long') if max_len is not None and len(label) > max_len else (label, None)
@@ -81,15 +76,9 @@ def _tar_header(name, size):
     return info.tobuf(tarfile.USTAR_FORMAT)
 
 
-def _stamp(path):
-    """[size, mtime in ns] from one stat: a shard rewritten after its sidecar or cache was made no longer matches."""
+def _stamp(path):  # a shard rewritten after its sidecar or cache was made no longer matches
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
-
-
-def _write_sidecar(path, samples):
-    size, mtime_ns = _stamp(path)
-    write_json({'bytes': size, 'mtime_ns': mtime_ns, 'samples': samples}, path + '.idx')
 
 
 class ShardWriter:
@@ -110,9 +99,8 @@ class ShardWriter:
         if self.f is None:
             self.path = os.path.join(self.out_dir, f'shard-{self.index:06d}.tar')
             self.f, self.samples, self.index = open(self.path + '.tmp', 'wb'), [], self.index + 1
-        header = _tar_header(f'{key}.{ext}', len(image_bytes))
+        header, label_bytes = _tar_header(f'{key}.{ext}', len(image_bytes)), label.encode('utf-8')
         self.samples.append([label, self.f.tell() + 512, len(image_bytes), zlib.crc32(header)])
-        label_bytes = label.encode('utf-8')
         self.f.write(header + image_bytes + bytes(-len(image_bytes) % 512)  # data fills whole 512-byte blocks
                      + _tar_header(f'{key}.txt', len(label_bytes)) + label_bytes + bytes(-len(label_bytes) % 512))
         self.charset.update(label)
@@ -120,9 +108,8 @@ class ShardWriter:
     def _finish(self):
         self.f.write(bytes(1024))  # end-of-archive: two zero blocks
         self.f.close()
-        _write_sidecar(self.path + '.tmp', self.samples)  # the renames keep the size and mtime it records
-        os.replace(self.path + '.tmp.idx', self.path + '.idx')
-        os.replace(self.path + '.tmp', self.path)
+        write_json({'stamp': _stamp(self.path + '.tmp'), 'samples': self.samples}, self.path + '.idx')
+        os.replace(self.path + '.tmp', self.path)  # keeps the size and mtime the sidecar records
         self.shards[os.path.basename(self.path)] = len(self.samples)
         self.f = None
 
@@ -148,10 +135,9 @@ def scan_tar(path):
                 if (folder, stem) != key:  # a sample ends when the key changes
                     samples.append([None, None, 0, 0])
                     key = folder, stem
-                ext = ext.lower()
-                if ext == 'txt':
+                if ext.lower() == 'txt':
                     samples[-1][0] = tf.extractfile(m).read().decode('utf-8', 'replace')
-                elif ext in IMAGE_EXTS and samples[-1][1] is None:
+                elif ext.lower() in IMAGE_EXTS and samples[-1][1] is None:
                     raw.seek(m.offset_data - 512)  # the member's own header (after any long-name headers)
                     samples[-1][1:] = m.offset_data, m.size, zlib.crc32(raw.read(512))
     except (tarfile.TarError, EOFError, OSError):
@@ -169,13 +155,13 @@ def shard_index(path):
         except FileNotFoundError:
             raise FileNotFoundError(f'{path}.idx is missing: read the shard set once from a local copy (python data.py '
                                     'stats DIR writes the sidecars) and upload the .idx files with it') from None
-    with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged one
+    with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged or stale one
         idx = json.loads(Path(path + '.idx').read_text())
-        if [idx['bytes'], idx['mtime_ns']] == _stamp(path):
+        if idx['stamp'] == _stamp(path):
             return idx['samples']
     samples = scan_tar(path)
     with contextlib.suppress(OSError):  # a read-only data folder: scan again next time
-        _write_sidecar(path, samples)
+        write_json({'stamp': _stamp(path), 'samples': samples}, path + '.idx')
     return samples
 
 
@@ -208,7 +194,7 @@ def find_shards(pattern):
     indexes = {d: _read_index(d) for d in {os.path.dirname(p) for p in paths}}
     for folder, index in indexes.items():
         listed = fnmatch.filter(index.get('shards', {}), os.path.basename(pattern) if glob.has_magic(pattern) else '*')
-        missing = sorted(set(listed) - {os.path.basename(p) for p in paths if os.path.dirname(p) == folder})
+        missing = [name for name in listed if not os.path.exists(os.path.join(folder, name))]
         if missing:
             raise FileNotFoundError(f'{folder}/index.json lists {len(missing)} shard(s) that are not there: '
                                     f'{", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}')
@@ -225,7 +211,6 @@ def read_url(url, start=None, length=None, connections=None, redirects=5):
     per host in the dict `connections`; redirects followed; three tries on a dropped connection or a 5xx/429 answer),
     any other scheme through fsspec (s3://, gs://, ...)."""
     scheme, _, rest = url.partition('://')
-    headers = {} if start is None else {'Range': f'bytes={start}-{start + length - 1}'}
     if scheme not in ('http', 'https'):
         try:
             import fsspec
@@ -243,7 +228,7 @@ def read_url(url, start=None, length=None, connections=None, redirects=5):
         except IndexError:
             conn = (http.client.HTTPSConnection if scheme == 'https' else http.client.HTTPConnection)(host, timeout=60)
         try:
-            conn.request('GET', '/' + path, headers=headers)
+            conn.request('GET', '/' + path, headers={'Range': f'bytes={start}-{start + length - 1}'} if length else {})
             response = conn.getresponse()
             if start is not None and response.status == 200:  # the whole file follows: do not download it
                 conn.close()
@@ -285,9 +270,8 @@ ROW = np.dtype([('shard', '<i4'), ('offset', '<i8'), ('size', '<i4'), ('crc', '<
 
 def usable_index(pattern, settings, clean):
     """A source's shard paths, the base path of its usable-sample index (BASE.rows.npy: ROW, BASE.labels.npy: the
-    cleaned labels' UTF-8 bytes, BASE.json: counts and drops) and that json. Built once per shard set and `settings`
-    beside the shards (or in $OCRSCALE_CACHE, ~/.cache/ocrscale, for a remote or read-only folder) by the first
-    process under a file lock; the others wait and reuse it."""
+    cleaned labels' UTF-8 bytes, BASE.json: counts and drops) and that json. Built once per shard set and settings,
+    beside the shards (else in $OCRSCALE_CACHE or ~/.cache/ocrscale), by one process under a file lock."""
     shards = find_shards(pattern)
     paths = [p if is_url(p) else os.path.abspath(p) for p, _ in shards]
     stamps = [[p, n] + ([] if is_url(p) else _stamp(p)) for p, (_, n) in zip(paths, shards)]
@@ -306,7 +290,7 @@ def usable_index(pattern, settings, clean):
 
 
 def _build_usable_index(base, shards, clean):
-    tables, labels, drops, cleaned, n_bytes = [], [], Counter(), {}, 0
+    tables, labels, drops, cleaned = [], [], Counter(), {}
     for s, (path, listed) in enumerate(shards):
         samples, rows = shard_index(path), []
         drops['truncated_tar'] += max(0, listed - len(samples))
@@ -317,16 +301,14 @@ def _build_usable_index(base, shards, clean):
             if reason or offset is None:
                 drops[reason or 'missing_image'] += 1
                 continue
-            encoded = text.encode('utf-8')
-            rows.append((s, offset, size, crc, n_bytes, len(encoded)))
-            labels.append(encoded)
-            n_bytes += len(encoded)
+            labels.append(text.encode('utf-8'))
+            rows.append((s, offset, size, crc, 0, len(labels[-1])))
         tables.append(np.array(rows, dtype=ROW))  # 32 bytes a row; a list of tuples holds ~10x that
     rows = np.concatenate(tables)
+    rows['label'] = np.cumsum(rows['label_len']) - rows['label_len']
     for suffix, array in (('.rows.npy', rows), ('.labels.npy', np.frombuffer(b''.join(labels) or b'\0', np.uint8))):
-        tmp = f'{base}{suffix}.{os.getpid()}.tmp'
-        with open(tmp, 'wb') as f:
-            np.save(f, array)
+        tmp = f'{base}.{os.getpid()}.tmp{suffix}'
+        np.save(tmp, array)
         os.replace(tmp, base + suffix)
     write_json({'samples': len(rows), 'drops': {k: v for k, v in drops.items() if v}}, base + '.json')  # written last
 
@@ -340,13 +322,10 @@ def largest_remainder(total, weights):
 
 
 def permute_blocks(i, n, block, key):
-    """permute() of the blocks of `block` consecutive numbers in [0, n): a bijection of [0, n) that keeps each
+    """permute() of the blocks of `block` (<= n) consecutive numbers in [0, n): a bijection of [0, n) that keeps each
     block's numbers together and in order (a last, partial block stays last)."""
-    i = np.asarray(i, dtype=np.int64)
-    full = n // block * block
-    if full == 0:
-        return i
-    return np.where(i < full, permute(np.minimum(i, full - 1) // block, max(1, n // block), key) * block + i % block, i)
+    i, full = np.asarray(i, dtype=np.int64), n // block * block
+    return np.where(i < full, permute(np.minimum(i, full - 1) // block, n // block, key) * block + i % block, i)
 
 
 def permute(x, n, key):
@@ -369,31 +348,26 @@ def permute(x, n, key):
 
 # ----------------------------------------------------------------------------- decoding
 
-def augment_image(img, rng):
-    """A few geometric and photometric PIL ops at low magnitude, each applied with probability 1/4."""
+def decode_image(data, img_h, img_w, rng=None):
+    """Encoded image bytes -> uint8 array (img_h, img_w, 3): RGB, bicubic stretch. With rng (random.Random): light
+    augmentation, a few geometric and photometric ops at low magnitude, each with probability 1/4."""
+    img = Image.open(io.BytesIO(data))
+    if rng is None:
+        if img.format == 'JPEG':
+            img.draft('RGB', (img_w, img_h))  # decode JPEGs at a reduced scale that still covers the target
+        return np.asarray(img.convert('RGB').resize((img_w, img_h), Image.BICUBIC))
+    img = img.convert('RGB')
     if rng.random() < 0.25:  # slight rotation, corners filled with the top-left colour
         img = img.rotate(rng.uniform(-4, 4), Image.BILINEAR, expand=True, fillcolor=img.getpixel((0, 0)))
     if rng.random() < 0.25:  # crop up to 6% of each side
         w, h = img.size
         l, r, t, b = (int(rng.uniform(0, 0.06) * s) for s in (w, w, h, h))
         img = img.crop((l, t, max(l + 1, w - r), max(t + 1, h - b)))
-    if rng.random() < 0.25:
-        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.6, 1.4))
-    if rng.random() < 0.25:
-        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
+    for enhance, low, high in ((ImageEnhance.Contrast, 0.6, 1.4), (ImageEnhance.Brightness, 0.7, 1.3)):
+        if rng.random() < 0.25:
+            img = enhance(img).enhance(rng.uniform(low, high))
     if rng.random() < 0.25:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
-    return img
-
-
-def decode_image(data, img_h, img_w, rng=None):
-    """Encoded image bytes -> uint8 array (img_h, img_w, 3): RGB, bicubic stretch, optional augmentation."""
-    img = Image.open(io.BytesIO(data))
-    if rng is None and img.format == 'JPEG':
-        img.draft('RGB', (img_w, img_h))  # decode JPEGs at a reduced scale that still covers the target
-    img = img.convert('RGB')
-    if rng is not None:
-        img = augment_image(img, rng)
     return np.asarray(img.resize((img_w, img_h), Image.BICUBIC))
 
 
@@ -415,29 +389,25 @@ def _worker_init(_):
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Per-rank batches (uint8 images (B, H, W, 3), labels, number of unreadable samples skipped) from weighted
-    shard sets, in an order that depends on the global sample position and the seeds only.
-
-    Micro-batch j of rank r holds positions start + (j * world_size + r) * batch_size + [0, batch_size), so a step
-    trains the same positions in any layout and a resume needs only the position. Each MIX_CHUNK positions hold
+    """Per-rank batches (uint8 images (B, H, W, 3), labels, unreadable samples skipped) from weighted shard sets.
+    Micro-batch j of rank r holds global positions start + (j * world_size + r) * batch_size + [0, batch_size), so a
+    step trains the same positions in any layout and a resume needs only the position. Each MIX_CHUNK positions hold
     each source's share by weight; draw k of a source is image k mod n of its epoch k // n, a keyed permutation of
     its n images. samples: D images split over the sources by weight, each share a keyed subset (a smaller D: a
-    subset of a larger). block: consecutive stored samples kept together and read with one request (1 locally,
-    REMOTE_BLOCK for URLs). A sample whose tar header no longer matches the index, or whose image does not decode,
-    is skipped and counted."""
+    subset of a larger). block: consecutive stored samples kept together and read at once (1 locally, REMOTE_BLOCK
+    for URLs). A sample whose tar header no longer matches the index, or whose image does not decode, is skipped
+    and counted."""
 
     def __init__(self, sources, img_h, img_w, batch_size, charset, max_len=25, rank=0, world_size=1, seed=0,
                  samples=None, augment=False, loop=True, fold=None, tokenizer=None, data_seed=0, block=None):
         sources = parse_sources(sources) if isinstance(sources, str) else [(s, float(w)) for s, w in sources]
-        if min(seed, data_seed) < 0:
-            raise ValueError(f'seeds are non-negative integers, got {min(seed, data_seed)}')
         weights = [w for _, w in sources]
-        if min(weights) <= 0:
-            raise ValueError(f'weights are positive numbers, got {sources}')
-        if tokenizer is not None:  # the tokenizer's own rules, unless given
-            charset = getattr(tokenizer, 'charset', None) if charset is None else charset
-            fold = tokenizer.fold if fold is None else fold
-        fold = True if fold is None else fold
+        if min(seed, data_seed) < 0 or min(weights) <= 0:
+            raise ValueError(f'weights are positive numbers and seeds non-negative integers, got seed={seed}, '
+                             f'data_seed={data_seed}, sources={sources}')
+        if charset is None and tokenizer is not None:  # the tokenizer's own rules, unless given
+            charset = getattr(tokenizer, 'charset', None)
+        fold = (tokenizer.fold if tokenizer else True) if fold is None else fold
         self.img_h, self.img_w, self.batch_size, self.charset, self.fold = img_h, img_w, batch_size, charset, fold
         self.max_len = max_len if tokenizer is None else min(max_len, tokenizer.max_len)
         self.rank, self.world_size, self.seed, self.augment, self.loop = rank, world_size, seed, augment, loop
@@ -446,15 +416,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                         tokenizer=hashlib.sha1(json.dumps(tokenizer.spec).encode()).hexdigest() if tokenizer else None)
         self.paths, self.bases, metas = zip(*(usable_index(pattern, settings, self._clean) for pattern in self.names))
         self.usable, self.drops = [m['samples'] for m in metas], Counter()
-        for pattern, meta in zip(self.names, metas):
+        self.sizes = list(self.usable) if samples is None else largest_remainder(samples, weights).tolist()
+        for pattern, meta, want in zip(self.names, metas, self.sizes):
             if meta['samples'] == 0:
                 raise ValueError(f'no usable sample in {pattern} (drops: {meta["drops"]}): check the '
                                  f'charset (fold={fold}) and max_len={self.max_len}')
+            if not 0 < want <= meta['samples']:
+                raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, which holds only '
+                                 f'{meta["samples"]}')
             self.drops.update(meta['drops'])
-        self.sizes = list(self.usable) if samples is None else largest_remainder(samples, weights).tolist()
-        for pattern, want, have in zip(self.names, self.sizes, self.usable):
-            if not 0 < want <= have:
-                raise ValueError(f'samples={samples} asks {want} usable images from {pattern}, which holds only {have}')
         self.num_samples = sum(self.sizes)
         # at most 1/16 of a source, so that its order still changes every epoch
         self.blocks = [max(1, min(block or (REMOTE_BLOCK if is_url(name) else 1), n // 16))
@@ -492,9 +462,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.loop:
             chunk, slot = np.divmod(positions, MIX_CHUNK)
             src, draw = np.empty_like(positions), np.empty_like(positions)
-            for c in np.unique(chunk).tolist():
-                at = chunk == c
-                src[at], draw[at] = (a[slot[at]] for a in self._mix_chunk(c))
+            for c in np.unique(chunk).tolist():  # chunk c holds the sources' quotas in a keyed order
+                order = permute(np.arange(MIX_CHUNK), MIX_CHUNK, (self.seed, 1, c))
+                mix = np.searchsorted(np.cumsum(self.quota), order, side='right')
+                mix_draw = np.empty(MIX_CHUNK, np.int64)
+                for s, q in enumerate(self.quota.tolist()):  # a source's draws follow its positions: epochs are runs
+                    mix_draw[mix == s] = c * q + np.arange(q)
+                src[chunk == c], draw[chunk == c] = mix[slot[chunk == c]], mix_draw[slot[chunk == c]]
             epoch, i = np.divmod(draw, np.asarray(self.sizes)[src])
             for s, e in set(zip(src.tolist(), epoch.tolist())):
                 at = (src == s) & (epoch == e)
@@ -508,16 +482,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                 at = src == s
                 i[at] = permute_blocks(i[at], self.usable[s], self.blocks[s], (self.data_seed, 3, s))
         return src, i
-
-    def _mix_chunk(self, c):
-        """Source and draw number of each of the MIX_CHUNK positions of chunk c: the sources' quotas in a keyed
-        order; a source's draws follow its positions, so its epochs are consecutive runs of its draws."""
-        src = np.searchsorted(np.cumsum(self.quota), permute(np.arange(MIX_CHUNK), MIX_CHUNK, (self.seed, 1, c)),
-                              side='right')
-        draw = np.empty(MIX_CHUNK, np.int64)
-        for s, q in enumerate(self.quota.tolist()):
-            draw[src == s] = c * q + np.arange(q)
-        return src, draw
 
     def _open(self):
         self._tables = [(np.load(b + '.rows.npy', mmap_mode='r'), np.load(b + '.labels.npy', mmap_mode='r'))
@@ -547,84 +511,75 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _read_batch(self, src, rows, positions):
         """[(image array, label) or why not] at each position. Rows of one shard that follow each other in the index
-        are read together: one read (their tar headers and images, with what lies between)."""
+        are read together: one read of their tar headers and images, with the gaps between (each under 64 KiB)."""
         out, runs = [None] * len(rows), []
         for s in np.unique(src).tolist():
             at = np.flatnonzero(src == s)
             at = at[np.argsort(rows[at], kind='stable')]  # this source's positions, in file order
             recs = self._tables[s][0][rows[at]]
-            row, shard, offset, size = rows[at].tolist(), *(recs[f].tolist() for f in ('shard', 'offset', 'size'))
-            first = 0
-            for j in range(1, len(at) + 1):
-                if j == len(at) or row[j] - row[j - 1] > 1 or shard[j] != shard[first] or \
-                        offset[j] - offset[first] >= 1 << 20:  # a run ends; long gaps are not read
-                    base = offset[first] - 512
-                    runs.append((s, at[first:j], recs[first:j], self.paths[s][shard[first]], base,
-                                 offset[j - 1] + size[j - 1] - base))
-                    first = j
+            ends = np.flatnonzero((np.diff(rows[at]) > 1) | (np.diff(recs['shard']) != 0)
+                                  | (np.diff(recs['offset']) - recs['size'][:-1] > 1 << 16)) + 1
+            for ks, run in zip(np.split(at, ends), np.split(recs, ends)):
+                base = int(run['offset'][0]) - 512
+                runs.append((s, ks, run, self.paths[s][int(run['shard'][0])], base,
+                             int(run['offset'][-1] + run['size'][-1]) - base))
         # requests to a URL source wait mostly on the network: a batch's requests go out together
         fetched = [self._requests.submit(self._fetch, *run[3:]) if is_url(run[3]) else self._fetch(*run[3:])
                    for run in runs]
         for (s, ks, recs, path, base, _), data in zip(runs, fetched):
             data = data if isinstance(data, (bytes, str)) else data.result()
-            for k, rec in zip(ks.tolist(), recs):
+            for k, row in zip(ks.tolist(), recs):
+                if isinstance(data, str):  # the read failed: why
+                    out[k] = data
+                    continue
+                start, size, label = int(row['offset']) - 512 - base, int(row['size']), int(row['label'])
+                chunk = data[start:start + 512 + size]  # the member's tar header and its image
+                if len(chunk) != 512 + size or zlib.crc32(chunk[:512]) != row['crc']:
+                    out[k] = f'{path} changed after it was indexed (' + (
+                        f'delete {self.bases[s]}.* to index it again)' if is_url(path) else 're-run to index it again)')
+                    continue
                 rng = random.Random(f'{self.seed}:{positions[k]}') if self.augment else None  # the same in any layout
-                out[k] = data if isinstance(data, str) else self._sample(s, rec, data, base, path, rng)
+                try:
+                    out[k] = decode_image(chunk[512:], self.img_h, self.img_w, rng), bytes(
+                        self._tables[s][1][label:label + int(row['label_len'])]).decode('utf-8')
+                except Exception:  # PIL raises many types on corrupt or truncated bytes
+                    out[k] = f'an undecodable image in {path}'
         return out
 
-    def _sample(self, s, row, data, base, path, rng):
-        """(image array, label) of index row `row` from the bytes `data` read at `base`, or why not."""
-        start, size = int(row['offset']) - 512 - base, int(row['size'])
-        chunk = data[start:start + 512 + size]  # the member's tar header and its image
-        if len(chunk) != 512 + size or zlib.crc32(chunk[:512]) != row['crc']:
-            return f'{path} changed after it was indexed (' + (f'delete {self.bases[s]}.* to index it again)'
-                                                               if is_url(path) else 're-run to index it again)')
-        try:
-            image = decode_image(chunk[512:], self.img_h, self.img_w, rng)
-        except Exception:  # PIL raises many types on corrupt or truncated bytes
-            return f'an undecodable image in {path}'
-        label = int(row['label'])
-        return image, bytes(self._tables[s][1][label:label + int(row['label_len'])]).decode('utf-8')
-
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, W = (info.id, info.num_workers) if info else (0, 1)
+        info, B = torch.utils.data.get_worker_info(), self.batch_size
         if self._tables is None or self._pid != os.getpid():  # a forked worker opens its own files and connections
             self._open()
-        try:
-            yield from self._batches(worker, W)
+        try:  # this worker's micro-batches (the DataLoader asks workers in turn)
+            for j in count(info.id if info else 0, info.num_workers if info else 1):
+                first = self.start + (j * self.world_size + self.rank) * B
+                if not self.loop and first >= self.num_samples:
+                    return
+                positions = np.arange(first, first + B if self.loop else min(first + B, self.num_samples))
+                images, labels, bad = [], [], 0
+                src, rows = self._locate(positions)
+                for s, got in zip(src.tolist(), self._read_batch(src, rows, positions.tolist())):
+                    self._recent[s].append(isinstance(got, str))
+                    if not isinstance(got, str):
+                        images.append(got[0])
+                        labels.append(got[1])
+                        continue
+                    bad, self._unreported = bad + 1, self._unreported + 1
+                    if time.monotonic() - self._warned_at >= 60:  # a line a minute at most
+                        print(f'data.py: warning: {self._unreported} unreadable sample(s) skipped and counted '
+                              f'(latest: {got})', file=sys.stderr)
+                        self._warned_at, self._unreported = time.monotonic(), 0
+                    if sum(self._recent[s]) > 500:  # from the start, or later: a server or filesystem gone
+                        yield f'{self.names[s]}: over half of 1,000 consecutive reads are unreadable (latest: {got})'
+                        return
+                stacked = np.stack(images) if images else np.zeros((0, self.img_h, self.img_w, 3), np.uint8)
+                yield torch.from_numpy(stacked), labels, bad
         finally:  # the last batch, the end of an evaluation pass, or a closed loader
             for fd in self._files.values():
                 os.close(fd)
             if self._requests:
                 self._requests.shutdown()
             self._tables = None
-
-    def _batches(self, worker, W):
-        B = self.batch_size
-        for j in count(worker, W):  # this worker's micro-batches (the DataLoader asks workers in turn)
-            first = self.start + (j * self.world_size + self.rank) * B
-            if not self.loop and first >= self.num_samples:
-                return
-            positions = np.arange(first, first + B if self.loop else min(first + B, self.num_samples))
-            images, labels, bad = [], [], 0
-            src, rows = self._locate(positions)
-            for s, got in zip(src.tolist(), self._read_batch(src, rows, positions.tolist())):
-                self._recent[s].append(isinstance(got, str))
-                if not isinstance(got, str):
-                    images.append(got[0])
-                    labels.append(got[1])
-                    continue
-                bad, self._unreported = bad + 1, self._unreported + 1
-                if time.monotonic() - self._warned_at >= 60:  # a line a minute at most
-                    print(f'data.py: warning: {self._unreported} unreadable sample(s) skipped and counted (latest: '
-                          f'{got})', file=sys.stderr)
-                    self._warned_at, self._unreported = time.monotonic(), 0
-                if sum(self._recent[s]) > 500:  # from the start, or later: a server or filesystem gone
-                    yield f'{self.names[s]}: over half of 1,000 consecutive reads are unreadable (latest: {got})'
-                    return
-            stacked = np.stack(images) if images else np.zeros((0, self.img_h, self.img_w, 3), np.uint8)
-            yield torch.from_numpy(stacked), labels, bad
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -641,11 +596,10 @@ class _Tokenizer:
         """list[str] -> LongTensor (B, L+2) rows [BOS, t1..tn, EOS, PAD...], L = longest label in tokens (or
         `length`). Never truncates: a label longer than max_len (or length) tokens is a ValueError."""
         rows = [self.ids(t) for t in labels]
-        L = max((len(r) for r in rows), default=0)
-        limit = self.max_len if length is None else min(length, self.max_len)
+        L, limit = max(map(len, rows), default=0), self.max_len if length is None else min(length, self.max_len)
         if L > limit:
-            label = next(t for t, r in zip(labels, rows) if len(r) == L)
-            raise ValueError(f'label {label!r} has {L} tokens, more than max_len={limit} (labels are never cut)')
+            raise ValueError(f'label {labels[[len(r) for r in rows].index(L)]!r} has {L} tokens, more than '
+                             f'max_len={limit} (labels are never cut)')
         L = L if length is None else length
         return torch.tensor([[self.bos_id] + r + [self.eos_id] + [self.pad_id] * (L - len(r)) for r in rows],
                             dtype=torch.long).view(len(rows), L + 2)
@@ -753,11 +707,10 @@ def _pre_tokenize(spec, words):
 
 
 class HFTokenizer(_Tokenizer):
-    """A transformers folder's own tokenizer; spec {'type': 'hf', 'files': {name: text, or base64 for *.model},
-    'ids': transformers' id of each of our ids, 'max_len'} (model.py convert-trocr). Encodes to transformers' ids
-    (no special tokens) and decodes to its text (special tokens skipped, no leading/trailing space), from
-    tokenizer.json (Unigram, byte-level BPE), else a SentencePiece *.model in XLMRobertaTokenizer's layout, else
-    vocab.json + merges.txt (byte-level BPE). Text spelling an added token ('<mask>') is read as plain text."""
+    """A transformers folder's own tokenizer (model.py convert-trocr): spec {'type': 'hf', 'files': {name: text, or
+    base64 for *.model}, 'ids': transformers' id of each of our ids, 'max_len'}. Encodes to transformers' ids (no
+    special tokens; '<mask>' in text is plain text) and decodes to its text (special tokens skipped, stripped) with
+    tokenizer.json (Unigram, byte-level BPE), else an XLMRobertaTokenizer *.model, else vocab.json + merges.txt."""
     fold = False
 
     def __init__(self, spec):
@@ -817,26 +770,21 @@ class HFTokenizer(_Tokenizer):
                     best[e] = (best[s][0] + score, s, self._unk if i is None else i)
         out, e = [], len(w)
         while e:
-            out.append(best[e][2])
+            out.insert(0, best[e][2])
             e = best[e][1]
-        out.reverse()
         return [i for k, i in enumerate(out) if i is not None and not (i == self._unk and out[k - 1:k] == [i])]
 
     def _bpe(self, w):
-        """transformers' ids of one pre-tokenized word: the best-ranked adjacent pair merged, until none is."""
+        """transformers' ids of one pre-tokenized word: the best-ranked adjacent pair merged (the leftmost of equals,
+        as tokenizers' priority queue), until none is."""
         if self._whole and w in self._vocab:
             return [self._vocab[w]]
         parts = list(w)
         while len(parts) > 1:
-            pair = min(zip(parts, parts[1:]), key=lambda p: self._ranks.get(p, float('inf')))
-            if pair not in self._ranks:
+            rank, k = min((self._ranks.get(pair, float('inf')), k) for k, pair in enumerate(zip(parts, parts[1:])))
+            if rank == float('inf'):
                 break
-            merged, k = [], 0
-            while k < len(parts):  # every occurrence, left to right
-                n = 2 if tuple(parts[k:k + 2]) == pair else 1
-                merged.append(''.join(parts[k:k + n]))
-                k += n
-            parts = merged
+            parts[k:k + 2] = [parts[k] + parts[k + 1]]
         return [self._vocab[p] for p in parts if p in self._vocab]
 
     def ids(self, text):
@@ -869,12 +817,11 @@ def load_tokenizer(spec):
     """A tokenizer from its spec dict, or a CharTokenizer from a load_charset spec."""
     if isinstance(spec, str):
         return SPTokenizer(spec) if spec.endswith('.model') else CharTokenizer(load_charset(spec))
-    max_len = spec.get('max_len', 25)
-    if spec['type'] == 'char':
-        return CharTokenizer(spec['charset'], max_len)
     if spec['type'] == 'hf':
         return HFTokenizer(spec)
-    return SPTokenizer(base64.b64decode(spec['model']), max_len)
+    max_len = spec.get('max_len', 25)
+    return CharTokenizer(spec['charset'], max_len) if spec['type'] == 'char' else SPTokenizer(
+        base64.b64decode(spec['model']), max_len)
 
 # ----------------------------------------------------------------------------- metrics (paper §5)
 
@@ -889,9 +836,8 @@ def edit_distance(a, b):
 
 
 def score(preds, gts, charset=None, cased=False, punctuation=False):
-    """-> dict(n, correct, ned_sum, error %, ned % (= 1-NED)): exact matches and 1 - NED, NED = edit distance /
-    max(len(pred), len(gt)), compared as scoring_form(text, charset, cased, punctuation). An empty prediction reads
-    nothing: never correct for a non-empty label, even one that normalises to ''."""
+    """-> dict(n, correct, ned_sum, error %, ned % (= 1-NED)), NED = edit distance / max(len(pred), len(gt)), both
+    in scoring_form. An empty prediction reads nothing: never right for a non-empty label, even one scored as ''."""
     correct, ned_sum = 0, 0.0
     for pred, gt in zip(preds, gts, strict=True):
         p, g = (scoring_form(t, charset, cased, punctuation) for t in (pred, gt))
@@ -963,9 +909,9 @@ def render_word(text, rng, style='clean', fonts=None):
 
 
 def missing_glyphs(font_path, text):
-    """The characters of text that the font lacks (whitespace and invisible format characters aside): drawn
-    unshaped after an 'o' (which keeps a zero-width combining mark in the picture), they draw the .notdef box, as
-    U+FFFF does (no font maps it), or nothing. An unreadable font lacks them all."""
+    """The characters of text the font lacks (not whitespace or format characters; all if the font is unreadable):
+    drawn unshaped after an 'o' (which keeps a zero-width mark in the picture) they draw what U+FFFF draws (no font
+    maps it: the .notdef box), or nothing."""
     try:
         font = ImageFont.truetype(font_path, 24, layout_engine=ImageFont.Layout.BASIC)
     except OSError:
@@ -988,10 +934,8 @@ def _synth_init(cfg):
 
 def _synth_shard(job):
     """Render and write shard i (samples start..start+count) -> (shards, charset)."""
-    i, start, count = job
-    c = _SYNTH
-    rng = random.Random(c['seed'] * 1000003 + i)
-    writer = ShardWriter(c['out_dir'], shard_size=count, start=i)
+    (i, start, count), c = job, _SYNTH
+    rng, writer = random.Random(c['seed'] * 1000003 + i), ShardWriter(c['out_dir'], shard_size=count, start=i)
     clean = c['style'] == 'clean'
     fmt, ext, opts = ('PNG', 'png', {'compress_level': 1}) if clean else ('JPEG', 'jpg', {'quality': 90})
     for t in range(count):
@@ -1016,8 +960,8 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
     if isinstance(fonts, str):
         fonts = sorted(p for p in glob.glob(os.path.join(fonts, '**', '*'), recursive=True)
                        if p.lower().endswith(('.ttf', '.otf')))
-    # a font without a glyph draws a box or nothing, which would be labelled as the word
-    lacking = {f: missing_glyphs(f, ''.join(words) if words else charset) for f in fonts or []}
+    text = ''.join(words) if words else charset  # a font lacking a glyph draws a box or nothing: a wrong label
+    lacking = {f: missing_glyphs(f, text) for f in fonts or []}
     skipped = [f'{os.path.basename(f)} ({m[:10]!r})' for f, m in lacking.items() if m]
     if fonts is not None:
         fonts = [f for f in fonts if not lacking[f]]
@@ -1045,28 +989,23 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
 def _check_sample(rec):
     """(where, image bytes or path, label) -> (bytes, ext, label) once the image decodes, or (None, reason, where)."""
     where, data, label = rec
-    if label is None:
-        return None, 'missing_label', where
     label = label.decode('utf-8', 'replace') if isinstance(label, bytes) else label  # LMDB labels are bytes
-    if not label.strip():
-        return None, 'empty_label', where
-    if '\t' in label:  # a label file's further column, not a word (training would remove the tab only)
-        return None, 'tab_in_label', where
     if isinstance(data, str):
         data = Path(data).read_bytes() if os.path.isfile(data) else None
-    if data is None:
-        return None, 'missing_image', where
+    reason = ('missing_label' if label is None else 'empty_label' if not label.strip() else
+              'tab_in_label' if '\t' in label else 'missing_image' if data is None else None)
+    if reason:  # a tab: a label file's further column, not a word (training would remove the tab only)
+        return None, reason, where
     try:
         img = Image.open(io.BytesIO(data))
-        fmt = img.format
         img.load()
     except Exception:
         return None, 'bad_image', where
-    if fmt not in ('PNG', 'JPEG'):  # other formats are stored as PNG
-        buf = io.BytesIO()
-        img.convert('RGB').save(buf, 'PNG')
-        return buf.getvalue(), 'png', label
-    return data, 'png' if fmt == 'PNG' else 'jpg', label
+    if img.format in ('PNG', 'JPEG'):
+        return data, 'png' if img.format == 'PNG' else 'jpg', label
+    buf = io.BytesIO()  # other formats are stored as PNG
+    img.convert('RGB').save(buf, 'PNG')
+    return buf.getvalue(), 'png', label
 
 
 def _import(records, out_dir, source, shard_size, workers, total=None, **extra):
@@ -1101,19 +1040,18 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
         raise FileNotFoundError(f'no data.mdb in {src} or its sub-folders')
     _check_empty(out_dir)
     with contextlib.ExitStack() as stack:  # closes the environments
-        envs = [stack.enter_context(lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False))
-                for db in dbs]
-        txns = {db: env.begin() for db, env in zip(dbs, envs)}
-        counts = {db: txn.get(b'num-samples') for db, txn in txns.items()}
-        for db, n in counts.items():
-            if n is None:
+        txns = {db: stack.enter_context(lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False))
+                .begin() for db in dbs}
+        for db, txn in txns.items():
+            if txn.get(b'num-samples') is None:
                 raise ValueError(f"{db}: no 'num-samples' key; not a scene-text LMDB")
-        refs = [(db, i) for db, n in counts.items() for i in range(1, int(n) + 1)]
+        counts = {db: int(txn.get(b'num-samples')) for db, txn in txns.items()}
+        refs = [(db, i) for db, n in counts.items() for i in range(1, n + 1)]
         random.Random(seed).shuffle(refs)
-        parts = {os.path.relpath(db, src): int(n) for db, n in counts.items()}
         records = ((f'{db} sample {i}', txns[db].get(b'image-%09d' % i), txns[db].get(b'label-%09d' % i))
                    for db, i in refs)
-        return _import(records, out_dir, os.path.abspath(src), shard_size, workers, len(refs), parts=parts)
+        return _import(records, out_dir, os.path.abspath(src), shard_size, workers, len(refs),
+                       parts={os.path.relpath(db, src): n for db, n in counts.items()})
 
 
 def label_file_lines(labels_file, sep='\t', encoding='utf-8'):
@@ -1142,7 +1080,7 @@ def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=Non
                                     f'label), it holds {", ".join(found[:5]) if found else "no .tsv or .txt file"}')
         labels_file = os.path.join(labels_file, found[0])
         print(f'labels file: {labels_file}')
-    root = root if root is not None else os.path.dirname(os.path.abspath(labels_file))
+    root = os.path.dirname(os.path.abspath(labels_file)) if root is None else root
     _check_empty(out_dir)
     lines = label_file_lines(labels_file, sep, encoding)
     random.Random(seed).shuffle(lines)
@@ -1159,9 +1097,7 @@ def _labels(pattern):
 
 def stats(pattern, charset_file=None):
     """Print a shard set's counts, label lengths, charset (labels in NFC, as training reads them) and drops."""
-    shards = find_shards(pattern)
-    index = _read_index(pattern)
-    lengths, chars = Counter(), Counter()
+    shards, index, lengths, chars = find_shards(pattern), _read_index(pattern), Counter(), Counter()
     for label in tqdm(_labels(pattern), total=sum(n for _, n in shards), desc='labels', leave=False):
         lengths[len(label)] += 1
         chars.update(unicodedata.normalize('NFC', label))
@@ -1209,39 +1145,34 @@ def main(argv=None):
     writers = [a, sub.add_parser('import-lmdb', help='import scene-text LMDBs (in a seeded random order)'),
                sub.add_parser('import-folder', help='import a label file (in a seeded random order)')]
     writers[1].add_argument('src', help='folder holding scene-text LMDBs (searched recursively)')
-    writers[2].add_argument('src', help='label file: lines relative/path<TAB>label')
+    writers[2].add_argument('labels_file', metavar='src', help='label file: lines relative/path<TAB>label')
     for a in writers:
-        a.add_argument('out', help='output folder')
+        a.add_argument('out_dir', metavar='out', help='output folder')
         a.add_argument('--shard-size', type=int, default=10000, help='samples per shard')
         a.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
     writers[2].add_argument('--root', help="folder the image paths are relative to (default: the label file's)")
     writers[2].add_argument('--sep', default='\t', help='what separates path and label (default: a tab)')
     writers[2].add_argument('--encoding', default='utf-8', help='of the label file (default utf-8; BOM skipped)')
     a = sub.add_parser('stats', help='counts, label lengths, charset and drops of a shard set')
-    a.add_argument('dir', help='shard folder or glob')
-    a.add_argument('--charset', metavar='FILE', help="write the set's charset to FILE, for --charset @FILE")
+    a.add_argument('pattern', metavar='dir', help='shard folder or glob')
+    a.add_argument('--charset', dest='charset_file', metavar='FILE', help="write the charset, for --charset @FILE")
     a = sub.add_parser('spm', help='train a SentencePiece BPE tokenizer on shard labels')
-    a.add_argument('dir', help='shard folder or glob')
+    a.add_argument('pattern', metavar='dir', help='shard folder or glob')
     a.add_argument('--vocab', type=int, required=True, help='SentencePiece pieces (ids = pieces + 3)')
     a.add_argument('--out', help='model path (default DIR/spmN.model)')
-    args = p.parse_args(argv)
+    args = vars(p.parse_args(argv))  # argument names are the functions' parameter names
+    cmd = args.pop('cmd')
     try:
-        if args.cmd == 'synth':
-            words = [w.strip() for w in open(args.words, encoding='utf-8') if w.strip()] if args.words else None
-            index = synth(args.out, args.n, args.seed, args.style, args.min_len, args.max_len,
-                          load_charset(args.charset), words, args.workers, args.shard_size, args.fonts)
-            print(f'{args.out}: {index["samples"]} images in {len(index["shards"])} shards')
-        elif args.cmd == 'import-lmdb':
-            import_lmdb(args.src, args.out, args.shard_size, args.workers)
-        elif args.cmd == 'import-folder':
-            import_folder(args.src, args.out, args.root, args.shard_size, args.workers, sep=args.sep,
-                          encoding=args.encoding)
-        elif args.cmd == 'stats':
-            stats(args.dir, args.charset)
-        elif args.cmd == 'spm':
-            train_spm(args.dir, args.vocab, args.out)
+        if cmd == 'synth':
+            args['charset'] = load_charset(args['charset'])
+            if args['words']:
+                args['words'] = [w.strip() for w in open(args['words'], encoding='utf-8') if w.strip()]
+        index = {'synth': synth, 'import-lmdb': import_lmdb, 'import-folder': import_folder, 'stats': stats,
+                 'spm': train_spm}[cmd](**args)
+        if cmd == 'synth':
+            print(f'{args["out_dir"]}: {index["samples"]} images in {len(index["shards"])} shards')
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: spm
-        sys.exit(f'data.py {args.cmd}: {e}')
+        sys.exit(f'data.py {cmd}: {e}')
 
 
 if __name__ == '__main__':
