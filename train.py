@@ -10,7 +10,8 @@ Writes runs/NAME/: config.json (N, D = usable images, the run's identity), metri
 epochs, C, val loss and error), last.pt, best.pt (lowest val error), result.json. Any split of a global batch over
 processes and micro-batches trains the same model; re-running a command resumes it exactly, under any layout.
 """
-import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, pickle, re, signal, subprocess, sys, time, types
+import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, pickle, re, signal, subprocess, sys, time
+import types
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ RECIPES = {("trocr", "S"): dict(batch=1024, lr=4e-4), ("trocr", "B"): dict(batch
 TINY_LR = {"T1": 3e-3, "T2": 3e-3, "T3": 2.5e-3, "T4": 2e-3, "T5": 1.8e-3, "T6": 1.5e-3, "T7": 1.2e-3}
 DEFAULTS = dict(batch=64, lr=2e-3, weight_decay=0.05, schedule="cosine", warmup=0.05, clip=1.0)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-# not in a run's identity: what a resume may change (layout, cadences, output), what it holds resolved (tokenizer, train_samples)
+# not in a run's identity: what a resume may change (layout, cadences, output), what it holds resolved (tokenizer)
 NOT_IDENTITY = ("micro_batch", "workers", "threads", "device", "save_every", "eval_every", "max_bad_steps", "name",
                 "runs", "resume", "tag", "bar_position", "quiet", "charset", "spm", "epochs")
 TRAIN_ONLY = ("dropout", "attn_dropout", "act_dropout", "pos_std", "init_std")  # a size's fields that shape no tensor
@@ -102,8 +103,7 @@ def test_sets(specs):
     return sets
 
 
-def get_lr(step, total_steps, args):
-    """Linear warm-up (OneCycle: cosine from lr / 25, as torch's OneCycleLR), then cosine decay (to lr / 25e4)."""
+def get_lr(step, total_steps, args):  # linear warm-up (OneCycle: cosine, from lr/25), cosine decay (to lr/25e4)
     warm = max(1, int(args.warmup * total_steps))
     lo, end = (args.lr / 25, args.lr / 25e4) if args.schedule == "onecycle" else (0.0, 0.0)
     if step >= warm:
@@ -122,8 +122,7 @@ def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}; make_co
     return overrides
 
 
-def read_checkpoint(path):
-    """(checkpoint, model config, tokenizer), loaded weights-only (a file never runs code); else a one-line ValueError."""
+def read_checkpoint(path):  # (checkpoint, model config, tokenizer), weights-only (runs no code); else a ValueError
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or {"model", "model_config", "tokenizer"} - ckpt.keys():
@@ -167,8 +166,7 @@ def tokenizer_and_config(args):
     return tok, cfg, ckpt
 
 
-def setup(args, cfg, tok):
-    """The run: processes (as torchrun sets them), device, threads, precision, batch split; main adds the rest."""
+def setup(args, cfg, tok):  # the run: processes (torchrun's), device, threads, precision, batch split; main adds more
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -184,7 +182,7 @@ def setup(args, cfg, tok):
     accum = args.batch // (micro * world) if micro else 0
     if accum < 1 or accum * micro * world != args.batch:
         sys.exit(f"--batch {args.batch} must be a multiple of micro-batch {micro} x {world} processes")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16 if use_cuda else None}.get(args.dtype)
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, auto=torch.bfloat16 if use_cuda else None).get(args.dtype)
     return types.SimpleNamespace(args=args, cfg=cfg, tok=tok, rank=rank, world=world, master=rank == 0, device=device,
                                  use_cuda=use_cuda, micro=micro, accum=accum, dtype=dtype, N=modellib.count_params(cfg),
                                  autocast=torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
@@ -192,8 +190,7 @@ def setup(args, cfg, tok):
                                  peak=peak_flops(device), ema=None)
 
 
-def open_stream(run, flag, sources, **options):
-    """A data.ShardStream, checked now on every rank (not after hours of training); else one line."""
+def open_stream(run, flag, sources, **options):  # checked now on every rank, not after hours of training
     try:
         return data.ShardStream(sources, run.cfg.img_h, run.cfg.img_w, run.micro, None, max_len=run.cfg.max_len,
                                 rank=run.rank, world_size=run.world, tokenizer=run.tok, block=run.args.read_block,
@@ -285,8 +282,7 @@ def peak_flops(device):  # the dense 16-bit peak of a known GPU, else None (no M
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def atomic_save(obj, path):
-    """Every file of a run folder is written so (bytes as they are, else torch.save): a kill leaves old or new."""
+def atomic_save(obj, path):  # every file of a run folder (bytes as they are, else torch.save): a kill leaves old or new
     with open(path + ".tmp", "wb") as f:
         f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
         f.flush()
@@ -330,8 +326,7 @@ def evaluate(net, tok, stream, decode_options, workers, device, autocast, cased=
                 unreadable=int(unreadable), confidence=100 * confidence / words, label_length=characters / words)
 
 
-def resume(run):
-    """last.pt into the run; every rank's RNG state under the same process count, else a seed from the step."""
+def resume(run):  # last.pt; each rank's RNG state under the same process count, else a seed from the step
     try:
         ckpt = torch.load(run.last, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
     except Exception as e:  # numpy RNG states (pickle), a damaged or cut file (torch's RuntimeError, EOFError)
@@ -361,8 +356,8 @@ def train_step(run, batches, lr, save_vote):
     for group in optimizer.param_groups:
         group["lr"] = lr
     stats = torch.zeros(6, dtype=torch.float64, device=run.device)  # loss sum, tokens, FLOPs, save vote, unreadable, stop
-    stats[3] = save_vote  # fills, not host-to-device copies that would wait for the last step's kernels
-    stats[5] = stop_signal is not None  # summed over ranks: any rank signalled, all stop after this step
+    # fills, not host-to-device copies that would wait for the last step's kernels; any rank's stop stops all
+    stats[3], stats[5] = save_vote, stop_signal is not None
     for micro_step in range(run.accum):
         t0 = time.time()
         images, labels, unreadable = next(batches)  # unreadable samples were left out: a batch may be smaller
@@ -405,11 +400,8 @@ def train_step(run, batches, lr, save_vote):
                              "holds the last good state; lower --lr, raise --warmup or use --dtype bf16/fp32")
     if bad or not tokens:
         return False, save_vote, stop
-    prog.step += 1
-    prog.samples += args.batch
-    prog.wall_s = time.time() - run.start
-    prog.loss_sum += loss_sum
-    prog.tokens += tokens
+    prog.step, prog.samples, prog.wall_s = prog.step + 1, prog.samples + args.batch, time.time() - run.start
+    prog.loss_sum, prog.tokens = prog.loss_sum + loss_sum, prog.tokens + tokens
     if args.ema > 0 and prog.step >= args.ema_start * run.total_steps:
         run.ema = run.ema or copy.deepcopy(run.model)
         with torch.no_grad():
@@ -450,8 +442,7 @@ def log_eval(run, lr, final):
     return row
 
 
-def save_checkpoint(run):
-    """last.pt, with every rank's RNG state (every rank calls this); the data order follows from prog.position."""
+def save_checkpoint(run):  # last.pt with every rank's RNG state (every rank calls this); the data order: prog.position
     ranks = [[torch.get_rng_state(), *([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])]]
     if dist.is_initialized():
         ranks = ranks * dist.get_world_size()
@@ -513,8 +504,7 @@ def main(argv=None):
     short_hash = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:6]
     size = args.size or os.path.splitext(os.path.basename(args.init))[0]  # a model of no --size: the checkpoint's name
     run.name = args.name or f"{args.arch}-{size}-d{args.samples or 'all'}-s{args.seed}-{short_hash}"
-    run.dir = os.path.join(args.runs, run.name)
-    run.last = os.path.join(run.dir, "last.pt")
+    run.dir, run.last = os.path.join(args.runs, run.name), os.path.join(args.runs, run.name, "last.pt")
     result = check_run_dir(run, identity)  # another run there: one line and exit
     if result is not None:
         return result
@@ -524,14 +514,12 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     run.model = model = modellib.build_model(cfg).to(run.device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos" not in n)]
-    run.optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
-                                       dict(params=no_decay, weight_decay=0.0)],
-                                      lr=args.lr, betas=tuple(float(b) for b in args.betas.split(",")), fused=run.use_cuda)
+    groups = [dict(params=[p for n, p in model.named_parameters() if (p.dim() >= 2 and "pos" not in n) == decays],
+                   weight_decay=args.weight_decay if decays else 0.0) for decays in (True, False)]  # matrices decay
+    betas = tuple(map(float, args.betas.split(",")))
+    run.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=betas, fused=run.use_cuda)
     run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
-    # where the run stands, saved in last.pt; position: the global sample position of the next step's data;
-    # loss_sum / tokens since the last eval: the next row's train loss
+    # saved in last.pt; position: the global sample position of the next step; loss_sum / tokens: since the last eval
     run.prog = prog = types.SimpleNamespace(step=0, samples=0, position=0, flops=0.0, wall_s=0.0, bad_steps=0,
                                             unreadable=0, best_error=math.inf, best_loss=math.inf, best_step=None,
                                             loss_sum=0.0, tokens=0.0)
