@@ -206,9 +206,8 @@ def source(path):  # a data folder or file as one string in any working director
 def run_identity(args, cfg, tok, D, train_samples, dtype):
     """The resolved config minus NOT_IDENTITY, as JSON (paths absolute, model and tokenizer as built, D in usable
     images); and fit.py's group, what the points of one fit share."""
-    spec = json.dumps(tok.spec, sort_keys=True)
-    tokenizer = f"char:{tok.charset}" if tok.spec["type"] == "char" else \
-        f"{tok.spec['type']}:{hashlib.sha1(spec.encode()).hexdigest()[:12]}"
+    digest = hashlib.sha1(json.dumps(tok.spec, sort_keys=True).encode()).hexdigest()[:12]
+    tokenizer = f"char:{tok.charset}" if tok.spec["type"] == "char" else f"{tok.spec['type']}:{digest}"
     group = dict(arch=args.arch, train=[[source(p), w] for p, w in data.parse_sources(",".join(args.train))],
                  val=source(args.val), tokenizer=tokenizer, init=args.init and source(args.init),
                  set=config_overrides(args.set), img=[cfg.img_h, cfg.img_w],
