@@ -10,8 +10,8 @@ Writes runs/NAME/: config.json (N, D = usable images, the run's identity), metri
 epochs, C, val loss and error), last.pt, best.pt (lowest val error), result.json. Any split of a global batch over
 processes and micro-batches trains the same model; re-running a command resumes it exactly, under any layout.
 """
-import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, pickle, re, signal, subprocess, sys, time
-import types
+import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, pickle, re
+import signal, subprocess, sys, time, types
 
 import torch
 import torch.distributed as dist
@@ -166,7 +166,7 @@ def tokenizer_and_config(args):
     return tok, cfg, ckpt
 
 
-def setup(args, cfg, tok):  # the run: processes (torchrun's), device, threads, precision, batch split; main adds more
+def setup(args, cfg, tok):  # the run: processes (torchrun's env), device, threads, precision, batch split; main adds more
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
