@@ -6,29 +6,12 @@
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...
     python train.py ... --init runs/NAME/best.pt --charset @greek.txt --name greek      # fine-tune onto a new charset
 
-Writes runs/NAME/: config.json (arguments, N, D = usable images, drops, FLOPs convention, the run's identity),
-metrics.jsonl (a line per eval: samples seen, epochs, C, val loss and error), last.pt (every --save-every and every
-tenth of the run), best.pt (lowest val error, ties to lower val loss), result.json (written last). A step's loss is its
-token losses summed over micro-batches and ranks / its token count: any split of a batch trains the same model.
-Re-running a command resumes it exactly, also under another process count or --workers (the data order depends only
-on the global batch and the seed); a finished run is not redone; a run name that holds another run is an error.
-SIGTERM or Ctrl-C: the current step ends, last.pt is written, the exit status is 128 + the signal; a second exits at once.
-Not here: data preparation (data.py), fitting laws (fit.py), sweeps (ocrscale.py).
+Writes runs/NAME/: config.json (N, D = usable images, the run's identity), metrics.jsonl (a row per eval: samples,
+epochs, C, val loss and error), last.pt, best.pt (lowest val error), result.json. Any split of a global batch over
+processes and micro-batches trains the same model; re-running a command resumes it exactly, under any layout.
 """
-import argparse
-import contextlib
-import copy
-import dataclasses
-import hashlib
-import json
-import math
-import os
-import pickle
-import signal
-import subprocess
-import sys
-import time
-import types
+import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, pickle, re
+import signal, subprocess, sys, time, types
 
 import torch
 import torch.distributed as dist
@@ -38,20 +21,18 @@ from tqdm import tqdm
 import data
 import model as modellib
 
-# Per-size recipes: paper §4 for the study's sizes (PARSeq lr 7e-4 scaled by batch/256 in its code base, we keep
-# it fixed at the study's batch); the tiny sizes' lr from a CPU probe (lr falls with width).
-RECIPES = {
-    ("trocr", "S"): dict(batch=1024, lr=4e-4), ("trocr", "B"): dict(batch=256, lr=1e-4),
-    ("trocr", "L"): dict(batch=128, lr=4e-5), ("trocr", "H"): dict(batch=128, lr=4e-5),
-    **{("parseq", s): dict(batch=1024, lr=7e-4, weight_decay=0.0, schedule="onecycle", warmup=0.075, clip=20.0)
-       for s in "SBLH"},
-}
+# Per-size recipes: paper §4 for the study's sizes (PARSeq's lr 7e-4 kept at the study's batch, not scaled by
+# batch/256 as in its code base); the tiny sizes' lr from a CPU probe (lr falls with width).
+RECIPES = {("trocr", "S"): dict(batch=1024, lr=4e-4), ("trocr", "B"): dict(batch=256, lr=1e-4),
+           **{("trocr", s): dict(batch=128, lr=4e-5) for s in "LH"},
+           **{("parseq", s): dict(batch=1024, lr=7e-4, weight_decay=0.0, schedule="onecycle", warmup=0.075, clip=20.0)
+              for s in "SBLH"}}
 TINY_LR = {"T1": 3e-3, "T2": 3e-3, "T3": 2.5e-3, "T4": 2e-3, "T5": 1.8e-3, "T6": 1.5e-3, "T7": 1.2e-3}
 DEFAULTS = dict(batch=64, lr=2e-3, weight_decay=0.05, schedule="cosine", warmup=0.05, clip=1.0)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-# may change when a run is resumed: the layout of processes, workers and micro-batches, cadences, output
+# not in a run's identity: what a resume may change (layout, cadences, output), what it holds resolved (tokenizer)
 NOT_IDENTITY = ("micro_batch", "workers", "threads", "device", "save_every", "eval_every", "max_bad_steps", "name",
-                "runs", "resume", "tag", "bar_position", "quiet")
+                "runs", "resume", "tag", "bar_position", "quiet", "charset", "spm", "epochs")
 TRAIN_ONLY = ("dropout", "attn_dropout", "act_dropout", "pos_std", "init_std")  # a size's fields that shape no tensor
 VOCAB = ("tok_emb.weight", "text_emb.weight", "head.weight", "head.bias")  # rows by token id (head: V - 2 rows)
 FLOPS_CONVENTION = ("C = sum over optimizer steps of train_flops_per_sample(cfg, padded label length of each micro-batch) "
@@ -65,48 +46,47 @@ def save_interval(text):  # --save-every: '15m' (minutes of wall time) or a numb
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=["trocr", "parseq"], default=None, help="default parseq (--init: the checkpoint's)")
-    p.add_argument("--size", default=None, help="S|B|L|H (the study) or T1..T7 (tiny, CPU); default T4 (--init: below)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a model config field, e.g. img_w=128")
-    p.add_argument("--train", action="append", required=True, metavar="DIR[:WEIGHT]", help="shards: folder, glob or URL")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", choices=["trocr", "parseq"], help="default parseq (--init: its own)")
+    p.add_argument("--size", help="S|B|L|H (the study) or T1..T7 (tiny, CPU); default T4 (--init: its own)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a model config field: img_w=128")
+    p.add_argument("--train", action="append", required=True, metavar="DIR[:WEIGHT]", help="shards: folder, glob, URL")
     p.add_argument("--val", required=True, metavar="DIR", help="validation shards (a folder or URL)")
     p.add_argument("--test", action="append", default=[], metavar="NAME=DIR", help="test sets, evaluated at the end")
-    p.add_argument("--read-block", type=int, default=None, help="samples read together (default 1 local, 64 URLs)")
-    p.add_argument("--charset", default=None, help="36 (default), 94, the characters or @FILE (UTF-8); --init: a new vocab")
-    p.add_argument("--spm", default=None, help="SentencePiece model file (python data.py spm ...) instead of chars")
-    p.add_argument("--samples", type=int, default=None, help="D: use only the first D usable training images (default all)")
+    p.add_argument("--read-block", type=int, help="samples read together (default 1 local, 64 URLs)")
+    p.add_argument("--charset", help="36 (default), 94, the characters or @FILE (UTF-8); --init: a new vocab")
+    p.add_argument("--spm", help="SentencePiece model file (python data.py spm ...) instead of chars")
+    p.add_argument("--samples", type=int, help="D: use only the first D usable training images (default all)")
     p.add_argument("--epochs", type=float, default=20, help="passes over D when --train-samples is not given")
-    p.add_argument("--train-samples", type=int, default=None, help="samples to train on in total")
-    p.add_argument("--batch", type=int, default=None, help="global batch (all processes, all micro-steps)")
-    p.add_argument("--micro-batch", type=int, default=None, help="per-process batch per micro-step")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--train-samples", type=int, help="samples to train on in total")
+    p.add_argument("--batch", type=int, help="global batch (all processes, all micro-steps)")
+    p.add_argument("--micro-batch", type=int, help="per-process batch per micro-step")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
     p.add_argument("--betas", default="0.9,0.98")
-    p.add_argument("--schedule", choices=["cosine", "onecycle"], default=None)
-    p.add_argument("--warmup", type=float, default=None, help="warm-up as a fraction of training")
-    p.add_argument("--clip", type=float, default=None, help="gradient norm clip (0 = off)")
+    p.add_argument("--schedule", choices=["cosine", "onecycle"])
+    p.add_argument("--warmup", type=float, help="warm-up as a fraction of training")
+    p.add_argument("--clip", type=float, help="gradient norm clip (0 = off)")
     p.add_argument("--ema", type=float, default=0.0, help="weight-averaging decay (0 = off), e.g. 0.999")
     p.add_argument("--ema-start", type=float, default=0.75, help="start averaging after this fraction (PARSeq: 0.75)")
     p.add_argument("--augment", action="store_true", help="light geometric/photometric augmentation")
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every this many samples (default: 10 evals)")
-    p.add_argument("--save-every", type=save_interval, default="15m", help="write last.pt every 15m (minutes) or N samples")
+    p.add_argument("--eval-every", type=int, help="evaluate every this many samples (default: 10 evals)")
+    p.add_argument("--save-every", type=save_interval, default="15m", help="last.pt every 15m (minutes) or N samples")
     p.add_argument("--beam", type=int, default=1, help="TrOCR beam width at evaluation")
     p.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=True, help="TrOCR: score / length")
     p.add_argument("--refine-iters", type=int, default=1, help="PARSeq cloze refinement passes at evaluation")
-    p.add_argument("--init", default=None, help="fine-tune this checkpoint's model (--set may change it) and "
-                   "tokenizer; recipe: the size's whose fields it has, else the defaults (converted)")
+    p.add_argument("--init", help="fine-tune this checkpoint's model (--set may change it) and tokenizer")
     p.add_argument("--resume", action="store_true", help="insist on resuming (re-running a run name always resumes)")
-    p.add_argument("--name", default=None, help="run name (default: ARCH-SIZE-dD-sSEED-HASH, HASH: of the run's identity)")
+    p.add_argument("--name", help="run name (default: ARCH-SIZE-dD-sSEED-HASH, HASH: of the run's identity)")
     p.add_argument("--runs", default="runs", help="root folder of run folders")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on GPU, else fp32")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 GPU, fp32 CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (labels then pad to max_len)")
-    p.add_argument("--workers", type=int, default=None, help="data loader workers per process (default: 0 CPU, 6 GPU)")
+    p.add_argument("--workers", type=int, help="data loader workers per process (default: 0 CPU, 6 GPU)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="non-finite losses to skip before stopping")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: 1 tiny, else cores / procs)")
-    p.add_argument("--tag", default=None, help="free-form label saved in config.json (fit.py --where tag=...)")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: 1 tiny, else cores / procs)")
+    p.add_argument("--tag", help="free-form label saved in config.json (fit.py --where tag=...)")
     p.add_argument("--bar-position", type=int, default=0, help="tqdm line, when several runs share a terminal")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)  # arch, size and the recipe: tokenizer_and_config
@@ -123,10 +103,9 @@ def test_sets(specs):
     return sets
 
 
-def get_lr(step, total_steps, args):
-    """Learning rate at optimizer step `step`: linear (cosine for OneCycle) warm-up, then cosine decay."""
+def get_lr(step, total_steps, args):  # linear warm-up (OneCycle: cosine, from lr/25), cosine decay (to lr/25e4)
     warm = max(1, int(args.warmup * total_steps))
-    lo, end = (args.lr / 25, args.lr / 25e4) if args.schedule == "onecycle" else (0.0, 0.0)  # torch's OneCycleLR
+    lo, end = (args.lr / 25, args.lr / 25e4) if args.schedule == "onecycle" else (0.0, 0.0)
     if step >= warm:
         return end + (args.lr - end) * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm)))) / 2
     if args.schedule == "onecycle":
@@ -143,9 +122,7 @@ def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}; make_co
     return overrides
 
 
-def read_checkpoint(path):
-    """(checkpoint, model config, tokenizer) of what train.py or model.py convert-* wrote, loaded weights-only (a
-    file never runs code); anything else is a ValueError of one line."""
+def read_checkpoint(path):  # (checkpoint, model config, tokenizer), weights-only (runs no code); else a ValueError
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or {"model", "model_config", "tokenizer"} - ckpt.keys():
@@ -158,17 +135,17 @@ def read_checkpoint(path):
 
 
 def tokenizer_and_config(args):
-    """(tokenizer, model config, the --init checkpoint or None); fills in --arch, --size (with --init: the size whose
-    fields the checkpoint's model has, --set's aside, else None) and the recipe. --charset/--spm: a new vocabulary."""
-    overrides, ckpt = config_overrides(args.set), None
+    """(tokenizer, model config, --init checkpoint or None); fills in --arch, --size (--init: the size whose fields its
+    model has, --set's aside, else None) and the recipe."""
+    overrides, size = config_overrides(args.set), None
     if args.init and not os.path.exists(args.init):
         sys.exit(f"train.py: --init {args.init}: no such checkpoint")
     try:
-        if args.init:
-            try:
-                ckpt, cfg, tok = read_checkpoint(args.init)
-            except ValueError as e:
-                sys.exit(f"train.py: --init {e}")
+        ckpt, cfg, tok = read_checkpoint(args.init) if args.init else (None, None, None)
+    except ValueError as e:
+        sys.exit(f"train.py: --init {e}")
+    try:
+        if ckpt:
             cfg = dataclasses.replace(cfg, **overrides)
             size = next((s for s, fields in modellib.SIZES[cfg.arch].items() if all(
                 k in overrides or k in TRAIN_ONLY or getattr(cfg, k) == v for k, v in fields.items())), None)
@@ -184,24 +161,19 @@ def tokenizer_and_config(args):
         tok = data.load_tokenizer({**tok.spec, "max_len": cfg.max_len})  # the stream skips longer labels
     except (KeyError, TypeError, ValueError, OSError) as e:
         sys.exit(f"train.py: {e}")
-    recipe = {**DEFAULTS, **({"lr": TINY_LR[args.size]} if args.size in TINY_LR else {}),
-              **RECIPES.get((args.arch, args.size), {})}
+    recipe = {**DEFAULTS, "lr": TINY_LR.get(args.size, DEFAULTS["lr"]), **RECIPES.get((args.arch, args.size), {})}
     vars(args).update({key: value for key, value in recipe.items() if getattr(args, key) is None})
     return tok, cfg, ckpt
 
 
-def setup(args, cfg, tok):
-    """The run: processes (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE), device, threads, precision, workers and
-    micro-batches; main adds D, total_steps, name, dir, last (last.pt's path) and streams (--val, then --test's)."""
+def setup(args, cfg, tok):  # the run: processes (torchrun's env), device, threads, precision, batch split; main adds more
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        # tiny sizes: one thread. On 2 cores a second thread gives -5% to +11% alone (PARSeq-T1/T4/T6, TrOCR-T4), and
-        # loses 75-97% beside another such run (their threads spin waiting for each other): tests/bench_train.py --threads
+    else:  # tiny sizes: one thread, the fastest on 2 cores alone or beside another run (tests/bench_train.py --threads)
         torch.set_num_threads(args.threads or (1 if args.size in TINY_LR else
                                                max(1, data.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
     if world > 1 and not dist.is_initialized():
@@ -210,16 +182,15 @@ def setup(args, cfg, tok):
     accum = args.batch // (micro * world) if micro else 0
     if accum < 1 or accum * micro * world != args.batch:
         sys.exit(f"--batch {args.batch} must be a multiple of micro-batch {micro} x {world} processes")
-    dtype = {"auto": torch.bfloat16 if use_cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16,
-             "fp32": None}[args.dtype]
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, auto=torch.bfloat16 if use_cuda else None).get(args.dtype)
     return types.SimpleNamespace(args=args, cfg=cfg, tok=tok, rank=rank, world=world, master=rank == 0, device=device,
-                                 use_cuda=use_cuda, micro=micro, accum=accum, dtype=dtype,
+                                 use_cuda=use_cuda, micro=micro, accum=accum, dtype=dtype, N=modellib.count_params(cfg),
                                  autocast=torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
-                                 workers=args.workers if args.workers is not None else (6 if use_cuda else 0))
+                                 workers=args.workers if args.workers is not None else (6 if use_cuda else 0),
+                                 peak=peak_flops(device), ema=None)
 
 
-def open_stream(run, flag, sources, **options):
-    """A data.ShardStream, opened and checked now on every rank (not after hours of training); else one line."""
+def open_stream(run, flag, sources, **options):  # checked now on every rank, not after hours of training
     try:
         return data.ShardStream(sources, run.cfg.img_h, run.cfg.img_w, run.micro, None, max_len=run.cfg.max_len,
                                 rank=run.rank, world_size=run.world, tokenizer=run.tok, block=run.args.read_block,
@@ -233,19 +204,24 @@ def source(path):  # a data folder or file as one string in any working director
 
 
 def run_identity(args, cfg, tok, D, train_samples, dtype):
-    """What makes a run this run, as JSON values: the resolved config minus NOT_IDENTITY (data paths absolute, the
-    model config and tokenizer as built, D in usable images); and fit.py's group, what the points of one fit share."""
-    spec = json.dumps(tok.spec, sort_keys=True)
-    tokenizer = f"char:{tok.charset}" if tok.spec["type"] == "char" else \
-        f"{tok.spec['type']}:{hashlib.sha1(spec.encode()).hexdigest()[:12]}"
+    """The resolved config minus NOT_IDENTITY, as JSON (paths absolute, model and tokenizer as built, D in usable
+    images); and fit.py's group, what the points of one fit share."""
+    digest = hashlib.sha1(json.dumps(tok.spec, sort_keys=True).encode()).hexdigest()[:12]
+    tokenizer = f"char:{tok.charset}" if tok.spec["type"] == "char" else f"{tok.spec['type']}:{digest}"
     group = dict(arch=args.arch, train=[[source(p), w] for p, w in data.parse_sources(",".join(args.train))],
                  val=source(args.val), tokenizer=tokenizer, init=args.init and source(args.init),
                  set=config_overrides(args.set), img=[cfg.img_h, cfg.img_w],
                  eval=f"beam={args.beam}" if args.arch == "trocr" else f"refine={args.refine_iters}")
-    identity = {k: v for k, v in vars(args).items() if k not in NOT_IDENTITY + ("charset", "spm", "epochs")}
+    identity = {k: v for k, v in vars(args).items() if k not in NOT_IDENTITY}
     identity.update(group, test=[[n, source(p)] for n, _, p in (t.partition("=") for t in args.test)], D=D,
                     model=dataclasses.asdict(cfg), train_samples=train_samples, dtype=str(dtype or "fp32"))
     return json.loads(json.dumps(identity)), group
+
+
+def read_json(path):  # None where there is no such file
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
 
 
 def brief(value):  # a config value in a one-line message; paths differ in their ends
@@ -254,37 +230,28 @@ def brief(value):  # a config value in a one-line message; paths differ in their
 
 
 def check_run_dir(run, identity):
-    """result.json when run.dir holds this run finished, else None; one line and exit when it holds a run of another
-    identity: never resume onto other data or settings, never report another run as this one's result."""
-    config_path, result_path = os.path.join(run.dir, "config.json"), os.path.join(run.dir, "result.json")
-    if not os.path.exists(config_path):
+    """The result when run.dir holds this run finished, else None; one line and exit when it holds another run."""
+    config, result = (read_json(os.path.join(run.dir, name)) for name in ("config.json", "result.json"))
+    if config is None:
         return None
-    with open(config_path) as f:
-        was = json.load(f).get("identity", {})
+    was = config.get("identity", {})
     differ = [k for k in sorted(identity.keys() | was.keys()) if identity.get(k) != was.get(k)]
     if differ:
         changes = "; ".join(f"{k} {brief(was.get(k))} -> {brief(identity.get(k))}" for k in differ)
         sys.exit(f"train.py: {run.dir} holds another run ({changes}): choose another --name, or delete the folder to "
                  "start over")
-    if not os.path.exists(result_path):
-        return None
-    with open(result_path) as f:
-        result = json.load(f)
-    if run.master:
+    if result is not None and run.master:
         print(f"{run.name}: already finished (val error {result['val_error']:.2f}%), not redone")
     return result
 
 
 def tensor_groups(names):  # 'encoder.blocks.0.norm1.bias' -> 'encoder.blocks', in order, once each
-    parts = [name.split(".") for name in names]
-    groups = (".".join(p[:next((i for i, part in enumerate(p) if part.isdigit()), len(p))]) for p in parts)
-    return ", ".join(dict.fromkeys(g.removesuffix(".weight").removesuffix(".bias") for g in groups)) or "none"
+    return ", ".join(dict.fromkeys(re.sub(r"\.\d+\..*|\.(weight|bias)$", "", name) for name in names)) or "none"
 
 
 def load_init(raw_model, tok, ckpt, path):
-    """--init: each checkpoint tensor into the model's of the same name and shape (positions of a longer max_len: their
-    first rows); under a new vocabulary, VOCAB's rows of tokens both share (by text; EOS, BOS, PAD by role), the others
-    fresh. One line and exit when under 90% of its tensors load, else one line saying what was loaded."""
+    """--init: each tensor into the model's of the same name and shape; under a new vocabulary, VOCAB's rows of the
+    tokens both share (EOS, BOS, PAD by role). One line and exit when under 90% of its tensors load."""
     old_tok, state, loaded, remapped = data.load_tokenizer(ckpt["tokenizer"]), raw_model.state_dict(), [], []
     V, old_V = tok.vocab_size, old_tok.vocab_size
     old_ids = {text: i + 1 for i, text in enumerate(old_tok.tokens)}  # ids: 0 EOS, 1..V-3 text, V-2 BOS, V-1 PAD
@@ -310,37 +277,19 @@ def load_init(raw_model, tok, ckpt, path):
 
 
 def peak_flops(device):  # the dense 16-bit peak of a known GPU, else None (no MFU)
-    return next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def git_commit():
-    with contextlib.suppress(OSError):  # no git: None
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True).stdout.strip() or None
-
-
-def atomic_save(obj, path):
-    """Every file of a run folder is written this way: obj (bytes as they are, anything else with torch.save) to
-    path.tmp, flushed to disk, renamed over path, the folder flushed: a kill leaves the old file or the new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+def atomic_save(obj, path):  # every file of a run folder (bytes as they are, else torch.save): a kill leaves old or new
+    with open(path + ".tmp", "wb") as f:
         f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the new name is on disk too
     os.fsync(folder)
     os.close(folder)
-
-
-def log_row(path, row):
-    """metrics.jsonl rewritten with its rows of earlier steps, then `row`: a run killed after an eval but before its
-    checkpoint logs that eval again when resumed, and replaces the row (and a torn line) then."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < row["step"]]
-    atomic_save("".join(rows + [json.dumps(row) + "\n"]).encode(), path)
 
 
 stop_signal = None  # set by the first SIGTERM/SIGINT: the loop saves last.pt after the current step and exits
@@ -354,10 +303,8 @@ def request_stop(signum, frame):
     stop_signal = signum
 
 
-@torch.no_grad()
 def evaluate(net, tok, stream, decode_options, workers, device, autocast, cased=False, punctuation=False):
-    """Loss per token, word error and 1-NED (data.score: cased, punctuation), mean confidence and label length on one
-    pass over an evaluation stream, exact across ranks (sums are all-reduced). ocrscale.py eval calls it too."""
+    """Loss per token, word error, 1-NED, mean confidence and label length of a stream, exact across ranks."""
     net.eval()
     sums = torch.zeros(8, dtype=torch.float64, device=device)  # loss, tokens, correct, words, 1-NED, unreadable,
     for images, labels, unreadable in stream.loader(workers):  # confidence and label characters summed
@@ -378,113 +325,104 @@ def evaluate(net, tok, stream, decode_options, workers, device, autocast, cased=
                 unreadable=int(unreadable), confidence=100 * confidence / words, label_length=characters / words)
 
 
-def resume(run, state, path):
-    """last.pt into state; every rank's RNG state under the same process count, else a seed from the step."""
+def resume(run):  # last.pt; each rank's RNG state under the same process count, else a seed from the step
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+        ckpt = torch.load(run.last, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
     except Exception as e:  # numpy RNG states (pickle), a damaged or cut file (torch's RuntimeError, EOFError)
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        sys.exit(f"train.py: cannot resume from {path} ({why}); move it away to start over")
-    state.model.load_state_dict(ckpt["model"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scaler.load_state_dict(ckpt["scaler"])
+        sys.exit(f"train.py: cannot resume from {run.last} ({why}); move it away to start over")
+    for key in ("model", "optimizer", "scaler"):
+        getattr(run, key).load_state_dict(ckpt[key])
     if ckpt["ema"] is not None:
-        state.ema = copy.deepcopy(state.model)
-        state.ema.load_state_dict(ckpt["ema"])
-    vars(state.prog).update({k: ckpt[k] for k in vars(state.prog)})
+        run.ema = copy.deepcopy(run.model)
+        run.ema.load_state_dict(ckpt["ema"])
+    vars(run.prog).update({k: ckpt[k] for k in vars(run.prog)})
     if len(ckpt["rng"]) == run.world:
         torch.set_rng_state(ckpt["rng"][run.rank][0])
         if run.use_cuda and ckpt["rng"][run.rank][1:]:  # this process's GPU
             torch.cuda.set_rng_state(ckpt["rng"][run.rank][1])
     else:  # another process count: per-rank RNG streams cannot carry over
-        torch.manual_seed(run.args.seed * 1000003 + state.prog.step * run.world + run.rank)
+        torch.manual_seed(run.args.seed * 1000003 + run.prog.step * run.world + run.rank)
     if run.master:
-        print(f"{run.name}: resuming at step {state.prog.step} ({state.prog.samples:,} samples, {len(ckpt['rng'])} -> "
+        print(f"{run.name}: resuming at step {run.prog.step} ({run.prog.samples:,} samples, {len(ckpt['rng'])} -> "
               f"{run.world} processes)")
 
 
-def train_step(run, state, batches, meter, lr, save_vote):
-    """One optimizer step of run.accum micro-batches per process, skipped when no sample was readable or the loss or
-    gradients are not finite. Returns the all-reduced save vote and stop signal, and whether the step was taken."""
-    args, model, optimizer, scaler, prog = run.args, state.model, state.optimizer, state.scaler, state.prog
+def train_step(run, batches, lr, save_vote):
+    """One optimizer step, skipped when no sample was readable or the loss or gradients are not finite. Returns
+    whether it was taken, and the all-reduced save vote and stop signal."""
+    args, prog, optimizer, scaler = run.args, run.prog, run.optimizer, run.scaler
     for group in optimizer.param_groups:
         group["lr"] = lr
     stats = torch.zeros(6, dtype=torch.float64, device=run.device)  # loss sum, tokens, FLOPs, save vote, unreadable, stop
-    stats[3] = save_vote  # a fill, not a host-to-device copy that would wait for the last step's kernels
-    stats[5] = stop_signal is not None  # summed over ranks: any rank signalled, all stop after this step
+    # fills, not host-to-device copies that would wait for the last step's kernels; any rank's stop stops all
+    stats[3], stats[5] = save_vote, stop_signal is not None
     for micro_step in range(run.accum):
         t0 = time.time()
         images, labels, unreadable = next(batches)  # unreadable samples were left out: a batch may be smaller
-        meter.wait += time.time() - t0
+        run.wait += time.time() - t0
         tokens = run.tok.encode(labels, length=run.cfg.max_len if args.compile else None)  # compile: one static shape
         images, tokens = data.normalize(images.to(run.device, non_blocking=True)), tokens.to(run.device, non_blocking=True)
-        stats[4] += unreadable
         if run.world > 1:  # sync gradients only on the last micro-step
-            state.net.require_backward_grad_sync = micro_step == run.accum - 1
+            run.net.require_backward_grad_sync = micro_step == run.accum - 1
         with run.autocast:
-            loss_sum, n = state.net(images, tokens)  # summed over this micro-batch's tokens
+            loss_sum, n = run.net(images, tokens)  # summed over this micro-batch's tokens
         scaler.scale(loss_sum / args.batch).backward()  # /batch keeps fp16 gradients in range; rescaled below
         stats[:2] += torch.stack([loss_sum.detach(), n]).double()
         stats[2] += modellib.train_flops_per_sample(run.cfg, dec_len=tokens.shape[1] - 2) * len(images)  # padded length
+        stats[4] += unreadable
     if run.world > 1:
         dist.all_reduce(stats)
     # DDP averaged the gradients over ranks; scale them to d(all token losses of the step) / (its token count)
     scaler.unscale_(optimizer)
-    torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None],
+    torch._foreach_mul_([p.grad for p in run.model.parameters() if p.grad is not None],
                         (run.world * args.batch / stats[1].clamp_min(1)).float())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip or math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.clip or math.inf)
     loss_sum, tokens, flops, save_vote, unreadable, stop, grad_norm = torch.cat([stats, grad_norm.double().view(1)]).tolist()
     stop = (stop_signal or signal.SIGTERM) if stop else 0  # the signal this rank got; SIGTERM stands for another's
     prog.flops += flops
     prog.position += args.batch  # a skipped step's data is not read again
     prog.unreadable += int(unreadable)
-    meter.flops += flops
     # With fp16 the scaler itself skips steps with inf gradients (and lowers its scale): those are not bad steps.
     bad = not math.isfinite(loss_sum) or not (math.isfinite(grad_norm) or scaler.is_enabled())
-    if tokens == 0 or bad:  # tokens == 0: every sample of the step was unreadable (counted)
-        optimizer.zero_grad(set_to_none=True)
-        if bad:
-            scaler.update()  # fp16: closes this step's unscale_ and lowers the scale
-            prog.bad_steps += 1
-            if run.master:
-                tqdm.write(f"{run.name}: non-finite loss or gradients at step {prog.step} (skipped, "
-                           f"{prog.bad_steps}/{args.max_bad_steps})")
-            if prog.bad_steps >= args.max_bad_steps:
-                raise SystemExit(f"{run.name}: {prog.bad_steps} non-finite losses or gradients; stopping. {run.last} "
-                                 "holds the last good state; lower --lr, raise --warmup or use --dtype bf16/fp32")
-        return save_vote, stop, False
-    scaler.step(optimizer)
+    if tokens and not bad:  # tokens == 0: every sample of the step was unreadable (counted)
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    prog.step += 1
-    prog.samples += args.batch
-    prog.wall_s = time.time() - meter.start
-    prog.loss_sum += loss_sum
-    prog.tokens += tokens
-    meter.samples += args.batch
+    if bad:
+        prog.bad_steps += 1
+        if run.master:
+            tqdm.write(f"{run.name}: non-finite loss or gradients at step {prog.step} (skipped, "
+                       f"{prog.bad_steps}/{args.max_bad_steps})")
+        if prog.bad_steps >= args.max_bad_steps:
+            raise SystemExit(f"{run.name}: {prog.bad_steps} non-finite losses or gradients; stopping. {run.last} "
+                             "holds the last good state; lower --lr, raise --warmup or use --dtype bf16/fp32")
+    if bad or not tokens:
+        return False, save_vote, stop
+    prog.step, prog.samples, prog.wall_s = prog.step + 1, prog.samples + args.batch, time.time() - run.start
+    prog.loss_sum, prog.tokens = prog.loss_sum + loss_sum, prog.tokens + tokens
     if args.ema > 0 and prog.step >= args.ema_start * run.total_steps:
-        state.ema = state.ema or copy.deepcopy(model)
+        run.ema = run.ema or copy.deepcopy(run.model)
         with torch.no_grad():
-            torch._foreach_lerp_(list(state.ema.parameters()), list(model.parameters()), 1 - args.ema)
-    return save_vote, stop, True
+            torch._foreach_lerp_(list(run.ema.parameters()), list(run.model.parameters()), 1 - args.ema)
+    return True, save_vote, stop
 
 
-def log_eval(run, state, meter, lr, final):
-    """This step's metrics row: training since the last eval, --val (and the --test sets when final). Appended to
-    metrics.jsonl; the weights of a new best val error (ties: lower val loss) kept in best.pt. Returns the row."""
-    prog, net, elapsed, peak = state.prog, state.ema or state.model, time.time() - meter.window, peak_flops(run.device)
+def log_eval(run, lr, final):
+    """metrics.jsonl's row of this step (the --test sets when final); best.pt at a new best val error, then loss."""
+    prog, args, net, (since, samples, flops) = run.prog, run.args, run.ema or run.model, run.window
+    elapsed = time.time() - since
     row = dict(step=prog.step, samples=prog.samples, epochs=prog.samples / run.D, flops=prog.flops,
                wall_s=round(prog.wall_s, 2), gpu_hours=prog.wall_s * run.world / 3600 if run.use_cuda else None, lr=lr,
-               train_loss=prog.loss_sum / prog.tokens, samples_per_s=meter.samples / elapsed,
-               data_wait=meter.wait / elapsed, unreadable=prog.unreadable, final=final,
-               mfu=meter.flops / elapsed / (peak * run.world) if peak and run.dtype else None)
-    options = dict(beam=run.args.beam, len_norm=run.args.beam_len_norm) if run.args.arch == "trocr" else \
-        dict(refine_iters=run.args.refine_iters)
+               train_loss=prog.loss_sum / prog.tokens, samples_per_s=(prog.samples - samples) / elapsed,
+               data_wait=run.wait / elapsed, unreadable=prog.unreadable, final=final,
+               mfu=(prog.flops - flops) / elapsed / (run.peak * run.world) if run.peak and run.dtype else None)
+    options = dict(beam=args.beam, len_norm=args.beam_len_norm) if args.arch == "trocr" else \
+        dict(refine_iters=args.refine_iters)
     scores = {name: evaluate(net, run.tok, stream, options, run.workers, run.device, run.autocast)
               for name, stream in run.streams.items() if name == "--val" or final}
     val = scores.pop("--val")
-    row.update(val_loss=val["loss"], val_error=val["error"], val_ned=val["ned"], val_n=val["n"],
-               val_unreadable=val["unreadable"])
+    row.update({f"val_{k}": val[k] for k in ("loss", "error", "ned", "n", "unreadable")})
     if scores:
         row["tests"] = {name: {k: r[k] for k in ("error", "ned", "n", "unreadable")} for name, r in scores.items()}
         row["test_error"] = data.weighted_average(row["tests"])
@@ -494,33 +432,38 @@ def log_eval(run, state, meter, lr, final):
             atomic_save(dict(model=net.state_dict(), model_config=dataclasses.asdict(run.cfg), tokenizer=run.tok.spec,
                              step=row["step"], val_error=val["error"], val_loss=val["loss"]),
                         os.path.join(run.dir, "best.pt"))
-    if run.master:
-        log_row(os.path.join(run.dir, "metrics.jsonl"), row)
-    prog.loss_sum, prog.tokens = 0.0, 0.0
-    meter.window, meter.wait, meter.samples, meter.flops = time.time(), 0.0, 0, 0.0
+    if run.master:  # the rows of earlier steps, then this one: an eval logged again after a resume replaces its row
+        path, rows = os.path.join(run.dir, "metrics.jsonl"), []
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < row["step"]]
+        atomic_save("".join(rows + [json.dumps(row) + "\n"]).encode(), path)
+    prog.loss_sum, prog.tokens, run.wait, run.window = 0.0, 0.0, 0.0, (time.time(), prog.samples, prog.flops)
     return row
 
 
-def save_checkpoint(run, state):
-    """last.pt: the full state, with every rank's RNG state (gathered: every rank calls this). Only torch's global
-    RNG drives training (dropout, PARSeq orders); the data order is a function of prog.position and the seed."""
+def save_checkpoint(run):  # last.pt with every rank's RNG state (every rank calls this); the data order: prog.position
     ranks = [[torch.get_rng_state(), *([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])]]
     if dist.is_initialized():
         ranks = ranks * dist.get_world_size()
         dist.all_gather_object(ranks, ranks[0])
     if run.master:
-        atomic_save(dict(model=state.model.state_dict(), optimizer=state.optimizer.state_dict(),
-                         scaler=state.scaler.state_dict(), ema=state.ema.state_dict() if state.ema else None,
-                         **vars(state.prog), rng=ranks, model_config=dataclasses.asdict(run.cfg), tokenizer=run.tok.spec,
+        atomic_save(dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+                         scaler=run.scaler.state_dict(), ema=run.ema.state_dict() if run.ema else None,
+                         **vars(run.prog), rng=ranks, model_config=dataclasses.asdict(run.cfg), tokenizer=run.tok.spec,
                          args=vars(run.args)), run.last)
+    run.saved = time.time()
 
 
 def write_config(run, stream, identity, fit_group):  # config.json, and the run's start-up line
-    args, cfg, (total, non_embed) = run.args, run.cfg, modellib.count_params(run.cfg)
+    args, cfg, (total, non_embed) = run.args, run.cfg, run.N
+    commit = None
+    with contextlib.suppress(OSError):  # no git: None
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True).stdout.strip() or None
     config = dict(vars(args), name=run.name, model=dataclasses.asdict(cfg), N=total, N_nonembed=non_embed, D=run.D,
                   drops=stream.drops, flops_per_sample=modellib.train_flops_per_sample(cfg),
                   flops_convention=FLOPS_CONVENTION, train_samples=run.total_steps * args.batch, tokenizer=run.tok.spec,
-                  git_commit=git_commit(), world_size=run.world, global_batch=args.batch, micro_batch=run.micro,
+                  git_commit=commit, world_size=run.world, global_batch=args.batch, micro_batch=run.micro,
                   accum=run.accum, identity=identity, fit_group=fit_group)
     atomic_save(json.dumps(config, indent=1).encode(), os.path.join(run.dir, "config.json"))
     drops = ", ".join(f"{k} {v:,}" for k, v in stream.drops.items()) or "none"
@@ -529,10 +472,11 @@ def write_config(run, stream, identity, fit_group):  # config.json, and the run'
           f"{str(run.dtype or 'fp32').replace('torch.', '')}, {torch.get_num_threads() if not run.use_cuda else '-'} threads")
 
 
-def write_result(run, stream, prog, row):  # result.json from the final metrics row, and the run's last line
+def write_result(run, stream, row):  # result.json from the final metrics row, and the run's last line
+    prog = run.prog
     drops = {k: v for k, v in dict(stream.drops, unreadable=prog.unreadable).items() if v}
-    result = dict(name=run.name, N=modellib.count_params(run.cfg)[0], D=run.D, C=prog.flops, epochs=prog.samples / run.D,
-                  drops=drops, best_step=prog.best_step, **{k: row.get(k) for k in (
+    result = dict(name=run.name, N=run.N[0], D=run.D, C=prog.flops, epochs=prog.samples / run.D, drops=drops,
+                  best_step=prog.best_step, **{k: row.get(k) for k in (
                       "step", "samples", "wall_s", "val_loss", "val_error", "val_ned", "tests", "test_error")})
     if run.master:
         atomic_save(json.dumps(result, indent=1).encode(), os.path.join(run.dir, "result.json"))
@@ -559,29 +503,27 @@ def main(argv=None):
     short_hash = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:6]
     size = args.size or os.path.splitext(os.path.basename(args.init))[0]  # a model of no --size: the checkpoint's name
     run.name = args.name or f"{args.arch}-{size}-d{args.samples or 'all'}-s{args.seed}-{short_hash}"
-    run.dir = os.path.join(args.runs, run.name)
-    run.last = os.path.join(run.dir, "last.pt")
+    run.dir, run.last = os.path.join(args.runs, run.name), os.path.join(args.runs, run.name, "last.pt")
     result = check_run_dir(run, identity)  # another run there: one line and exit
     if result is not None:
         return result
-    run.streams = {"--val": open_stream(run, "--val", args.val, loop=False)}  # --test sets by name
+    run.streams = {"--val": open_stream(run, "--val", args.val, loop=False)}  # then the --test sets by name
     for name, path in tests.items():
         run.streams[name] = open_stream(run, f"--test {name}={path}", path, loop=False)
 
     torch.manual_seed(args.seed)
-    model = modellib.build_model(cfg).to(run.device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos" not in n)]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)],
-                                  lr=args.lr, betas=tuple(float(b) for b in args.betas.split(",")), fused=run.use_cuda)
-    # prog: where the run stands, saved in last.pt; position: the global sample position of the next step's data;
-    # loss_sum / tokens since the last eval: the next row's train loss
-    prog = types.SimpleNamespace(step=0, samples=0, position=0, flops=0.0, wall_s=0.0, bad_steps=0, unreadable=0,
-                                 best_error=math.inf, best_loss=math.inf, best_step=None, loss_sum=0.0, tokens=0.0)
-    state = types.SimpleNamespace(model=model, net=model, optimizer=optimizer, ema=None, prog=prog,
-                                  scaler=torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16))
+    run.model = model = modellib.build_model(cfg).to(run.device)
+    groups = [dict(params=[p for n, p in model.named_parameters() if (p.dim() >= 2 and "pos" not in n) == decays],
+                   weight_decay=args.weight_decay if decays else 0.0) for decays in (True, False)]  # matrices decay
+    betas = tuple(map(float, args.betas.split(",")))
+    run.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=betas, fused=run.use_cuda)
+    run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
+    # saved in last.pt; position: the global sample position of the next step; loss_sum / tokens: since the last eval
+    run.prog = prog = types.SimpleNamespace(step=0, samples=0, position=0, flops=0.0, wall_s=0.0, bad_steps=0,
+                                            unreadable=0, best_error=math.inf, best_loss=math.inf, best_step=None,
+                                            loss_sum=0.0, tokens=0.0)
     if os.path.exists(run.last):  # any layout of processes, workers and micro-batches continues exactly
-        resume(run, state, run.last)
+        resume(run)
     elif args.resume:
         sys.exit(f"--resume: no checkpoint at {run.last}")
     elif args.init:
@@ -592,47 +534,43 @@ def main(argv=None):
     if run.master:
         os.makedirs(run.dir, exist_ok=True)
         write_config(run, stream, identity, fit_group)
-    state.net = torch.compile(model) if args.compile else model
+    run.net = torch.compile(model) if args.compile else model
     if run.world > 1:
-        state.net = DDP(state.net, device_ids=[run.device.index] if run.use_cuda else None)
+        run.net = DDP(run.net, device_ids=[run.device.index] if run.use_cuda else None)
 
-    # --- the loop
+    # --- the loop. run.start: the origin of prog.wall_s; run.window: (time, samples, FLOPs) at the last eval
     batches = iter(stream.loader(run.workers, start=prog.position, pin_memory=run.use_cuda))
-    bar = tqdm(total=run.total_steps * args.batch, initial=prog.samples, unit="img", desc=run.name, dynamic_ncols=True,
-               disable=not run.master or args.quiet, position=args.bar_position, leave=True)
-    # meter: the origin of prog.wall_s, the time of the last save; throughput since the last eval (or the start)
     now = time.time()
-    meter = types.SimpleNamespace(start=now - prog.wall_s, saved=now, window=now, wait=0.0, samples=0, flops=0.0)
+    run.start, run.saved, run.window, run.wait = now - prog.wall_s, now, (now, prog.samples, prog.flops), 0.0
     eval_every = max(1, (args.eval_every or train_samples // 10) // args.batch)  # in optimizer steps
     tenth = max(1, run.total_steps // 10)  # last.pt also every tenth of the run: a stop loses at most a tenth
     save_minutes, save_samples = args.save_every
     if prog.step >= run.total_steps:  # resumed from the checkpoint written after the final eval
         with open(os.path.join(run.dir, "metrics.jsonl")) as f:
             row = json.loads(f.readlines()[-1])
-    while prog.step < run.total_steps:
-        lr = get_lr(prog.step, run.total_steps, args)
-        vote = run.master and save_minutes is not None and time.time() - meter.saved >= 60 * save_minutes
-        save_vote, stop, stepped = train_step(run, state, batches, meter, lr, vote)
-        if not stepped:
-            continue
-        bar.update(args.batch)
-        final = prog.step == run.total_steps
-        if prog.step % eval_every == 0 or final:
-            row = log_eval(run, state, meter, lr, final)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", img_s=f"{row['samples_per_s']:.0f}",
-                            val_err=f"{row['val_error']:.1f}%")
-        if save_vote or final or stop or prog.step % tenth == 0 or \
-                save_samples and prog.samples // save_samples > (prog.samples - args.batch) // save_samples:
-            save_checkpoint(run, state)
-            meter.saved = time.time()
-        if stop and not final:
-            bar.close()
-            if run.master:
-                print(f"{run.name}: stopped by {signal.Signals(int(stop)).name} after step {prog.step:,}; {run.last} "
-                      "holds it (the same command resumes)", file=sys.stderr)
-            raise SystemExit(128 + int(stop))
-    bar.close()
-    result = write_result(run, stream, prog, row)
+    with tqdm(total=run.total_steps * args.batch, initial=prog.samples, unit="img", desc=run.name, dynamic_ncols=True,
+              disable=not run.master or args.quiet, position=args.bar_position, leave=True) as bar:
+        while prog.step < run.total_steps:
+            lr = get_lr(prog.step, run.total_steps, args)
+            vote = run.master and save_minutes is not None and time.time() - run.saved >= 60 * save_minutes
+            stepped, save_vote, stop = train_step(run, batches, lr, vote)
+            if not stepped:
+                continue
+            bar.update(args.batch)
+            final = prog.step == run.total_steps
+            if prog.step % eval_every == 0 or final:
+                row = log_eval(run, lr, final)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", img_s=f"{row['samples_per_s']:.0f}",
+                                val_err=f"{row['val_error']:.1f}%")
+            if save_vote or final or stop or prog.step % tenth == 0 or \
+                    save_samples and prog.samples // save_samples > (prog.samples - args.batch) // save_samples:
+                save_checkpoint(run)
+            if stop and not final:
+                if run.master:
+                    tqdm.write(f"{run.name}: stopped by {signal.Signals(int(stop)).name} after step {prog.step:,}; "
+                               f"{run.last} holds it (the same command resumes)", file=sys.stderr)
+                raise SystemExit(128 + int(stop))
+    result = write_result(run, stream, row)
     if dist.is_initialized():
         dist.barrier()
     return result

@@ -65,7 +65,7 @@ class Killed(Exception):
 def save_then_die(*args, **kwargs):
     """train.save_checkpoint, then the process 'dies': a kill right after the checkpoint of step 4."""
     REAL_SAVE_CHECKPOINT(*args, **kwargs)
-    if args[1].prog.step == 4:  # args[1]: the training state
+    if args[0].prog.step == 4:  # args[0]: the run
         raise Killed
 
 
