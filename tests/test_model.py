@@ -628,7 +628,8 @@ def trocr_with_eos_ramp(tf, folder, eos_scale):
     hf.save_pretrained(folder)
     (folder / 'vocab.json').write_text(json.dumps({f'<{i}>': i for i in range(14)}))   # the converter needs a tokenizer
     (folder / 'merges.txt').write_text('#version: 0.2\n')
-    return hf.eval(), *M.trocr_from_transformers(folder)[:2]
+    m, spec, _ = M.trocr_from_transformers(folder)
+    return hf.eval(), m, spec['ids']
 
 
 @pytest.mark.parametrize('eos_scale', [0.5, 1.0, 2.0])
