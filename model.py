@@ -14,7 +14,7 @@ TrOCR: ViT encoder (CLS; DeiT's distillation token too) + the original post-LN d
 beam decoding with a KV cache. PARSeq: ViT encoder (no CLS) + a two-stream decoder trained by permutation language
 modelling; AR (cached) or NAR decoding, then cloze refinement passes over all position queries.
 """
-import argparse, base64, json, math, os, pickle, string, sys
+import argparse, base64, itertools, json, math, os, pickle, string, sys
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from types import SimpleNamespace
@@ -299,15 +299,19 @@ def num_orders(cfg, L):
 
 
 def sample_orders(L, n, mirrored=True, key_len=None, device=None):
-    """n PLM orders (n, L+2) over positions 0..L+1 (0 = [B] first, L+1 = EOS): the forward order, the reverse one with
-    EOS first (paper §4), then random orders (each followed by its mirror) ending in EOS. A random order ranks
-    key_len >= L uniform draws made on `device` and keeps the first L: no host sync, and padding keeps the order of
-    the real positions. (Unlike the original for L < 5, random orders may repeat.)"""
+    """n PLM orders (n, L+2) over positions 0..L+1 (0 = [B] first, L+1 = EOS), made on `device` without host syncs:
+    the forward order, the reverse one with EOS first (paper §4), then random orders (each followed by its mirror)
+    ending in EOS. For L < 5, as the original, these are drawn without replacement from the permutations (one of each
+    mirror pair), so no order repeats; else each ranks key_len >= L uniform draws and keeps the first L, so padding
+    keeps the order of the real positions (under --compile labels pad to max_len: distinct over the padded positions)."""
     fwd = torch.arange(L + 2, device=device)
-    orders = [fwd[None], torch.cat([fwd[:1], fwd[1:].flip(0)])[None]][:n]
-    if n > 2:
-        keys = torch.rand((n - 2) // (1 + mirrored), max(key_len or L, L), device=device)[:, :L]
-        perms = keys.argsort(-1) + 1
+    orders, k = [fwd[None], torch.cat([fwd[:1], fwd[1:].flip(0)])[None]][:n], (n - 2) // (1 + mirrored)
+    if k > 0:
+        if L < 5:  # permutations come in lexicographic order: the first, the forward one, is left out
+            pool = [p for p in itertools.permutations(range(1, L + 1)) if p[0] < p[-1] or not mirrored][1:]
+            perms = torch.tensor(pool, device=device)[torch.randperm(len(pool), device=device)[:k]]
+        else:
+            perms = torch.rand(k, max(key_len or L, L), device=device)[:, :L].argsort(-1) + 1
         if mirrored:
             perms = torch.stack([perms, perms.flip(-1)], 1).flatten(0, 1)
         orders.append(torch.cat([fwd[:1].expand(len(perms), 1), perms, fwd[-1:].expand(len(perms), 1)], 1))
@@ -379,8 +383,8 @@ class PARSeq(Recognizer):
 
     def loss(self, images, tokens):
         """PLM loss: (sum of token cross-entropies over num_orders(cfg, L) orders, token count); EOS is a target in the
-        first two only. Eval uses the two fixed orders (no RNG). Extra padding changes nothing while the order count
-        stays the same (always in eval, L >= 3 in training), dropout aside."""
+        first two only. Eval uses the two fixed orders (no RNG). Extra padding changes nothing in eval, nor in training
+        while L >= 5 (the same orders), dropout aside."""
         mem_kv, ctx_tok, tgt, L = self.memory_kv(images), tokens[:, :-1], tokens[:, 1:], tokens.shape[1] - 2
         ctx, queries = self.embed(ctx_tok), self.pos_queries[:, :L + 1].expand(len(tokens), -1, -1)
         keep = ((ctx_tok != self.pad) & (ctx_tok != self.eos))[:, None, None, :]  # padded context is never seen
