@@ -121,27 +121,24 @@ class Block(nn.Module):  # pre-LN ViT block
 
 
 class ViT(nn.Module):
-    """Conv patch embedding, learned absolute positions, optional CLS (+distillation), pre-LN blocks, final LayerNorm."""
+    """Conv patch embedding, learned absolute positions, optional CLS (+distillation), pre-LN blocks, final norm."""
 
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.img_h % cfg.patch_h == 0 and cfg.img_w % cfg.patch_w == 0, 'image size must be a multiple of the patch'
+        assert cfg.img_h % cfg.patch_h == 0 and cfg.img_w % cfg.patch_w == 0, 'image size: a multiple of the patch'
         d = cfg.enc_width
         self.patch = nn.Conv2d(cfg.in_chans, d, (cfg.patch_h, cfg.patch_w), (cfg.patch_h, cfg.patch_w))
         self.cls = nn.Parameter(torch.zeros(1, int(cfg.cls_token), d)) if cfg.cls_token else None
         self.pos = nn.Parameter(torch.zeros(1, num_patches(cfg) + cfg.cls_token, d))
-        self.blocks = nn.ModuleList(Block(d, cfg.enc_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.enc_eps)
-                                    for _ in range(cfg.enc_depth))
+        self.blocks = nn.Sequential(*(Block(d, cfg.enc_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.enc_eps)
+                                      for _ in range(cfg.enc_depth)))
         self.norm = nn.LayerNorm(d, eps=cfg.enc_eps)
 
     def forward(self, images):
         x = self.patch(images).flatten(2).transpose(1, 2)  # (B, T_e, d)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1)
-        x = x + self.pos
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self.norm(self.blocks(x + self.pos))
 
 
 def num_patches(cfg):
@@ -149,9 +146,8 @@ def num_patches(cfg):
 
 
 def init_weights(model, cfg):
-    """Biases 0, LayerNorms 1, the rest truncated normal. Tiny sizes (init_std 0, what the CPU ladder learns fastest
-    with): std 1/sqrt(fan_in), positions pos_std, cut at 2 std. Study sizes as timm's ViT, transformers' TrOCR and
-    strhub's PARSeq: std init_std, positions pos_std, cut at +-2 (in effect uncut); the models apply what differs."""
+    """Biases 0, LayerNorms 1, the rest truncated normal: tiny sizes (init_std 0) std 1/sqrt(fan_in) cut at 2 std, as
+    the CPU ladder learns fastest; study sizes std init_std cut at +-2 (in effect uncut), as the originals."""
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if isinstance(module, nn.LayerNorm) or name == 'bias':
@@ -240,14 +236,12 @@ class TrOCR(Recognizer):
 
     @torch.no_grad()
     def decode(self, images, max_len=None, beam=1, len_norm=True):
-        """Greedy decoding (beam=1) or beam_search, with a KV cache; logits scored in float32 (as transformers does).
-        conf = product of the chosen tokens' probabilities, EOS included."""
+        """Greedy (beam=1) or beam search with a KV cache, scored in float32; conf = product of token probabilities."""
         steps, mem_kv = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1, self.memory_kv(images)
         tok = torch.full((len(images), 1), self.start, dtype=torch.long, device=images.device)
-        return self.greedy(tok, mem_kv, steps) if beam == 1 else self.beam_search(tok, mem_kv, steps, beam, len_norm)
-
-    def greedy(self, tok, mem_kv, steps):  # ends when every row has an EOS
-        ids, probs, caches = tok[:, :0], [], [{} for _ in self.layers]
+        if beam > 1:
+            return self.beam_search(tok, mem_kv, steps, beam, len_norm)
+        ids, probs, caches = tok[:, :0], [], [{} for _ in self.layers]   # greedy: until every row has an EOS
         for t in range(steps):
             p, tok = self.decoder(tok, mem_kv, start=t, caches=caches)[:, -1].float().softmax(-1).max(-1, keepdim=True)
             ids, probs = torch.cat([ids, tok], 1), probs + [p]
@@ -263,7 +257,7 @@ class TrOCR(Recognizer):
         (B, _), C, dev, inf = tok.shape, self.pad - 1, tok.device, float('inf')
         mem_kv = [(k.repeat_interleave(beam, 0), v.repeat_interleave(beam, 0)) for k, v in mem_kv]
         tok, caches = tok.repeat_interleave(beam, 0), [{} for _ in self.layers]
-        live = torch.tensor([0.0] + [-inf] * (beam - 1), device=dev).repeat(B, 1)  # the starts are identical: expand one
+        live = torch.tensor([0.0] + [-inf] * (beam - 1), device=dev).repeat(B, 1)  # identical starts: expand one
         live_ids = fin_ids = torch.full((B, beam, steps), self.pad, device=dev)
         fin_rank, fin_sum = torch.full_like(live, -inf), torch.full_like(live, -inf)
         for t in range(steps):
@@ -303,7 +297,7 @@ def sample_orders(L, n, mirrored=True, key_len=None, device=None):
     the forward order, the reverse one with EOS first (paper §4), then random orders (each followed by its mirror)
     ending in EOS. For L < 5, as the original, these are drawn without replacement from the permutations (one of each
     mirror pair), so no order repeats; else each ranks key_len >= L uniform draws and keeps the first L, so padding
-    keeps the order of the real positions (under --compile labels pad to max_len: distinct over the padded positions)."""
+    keeps the order of the real positions (under --compile, labels padded to max_len: distinct over padded ones)."""
     fwd = torch.arange(L + 2, device=device)
     orders, k = [fwd[None], torch.cat([fwd[:1], fwd[1:].flip(0)])[None]][:n], (n - 2) // (1 + mirrored)
     if k > 0:
@@ -319,13 +313,10 @@ def sample_orders(L, n, mirrored=True, key_len=None, device=None):
 
 
 def order_masks(orders):
-    """(query, content) masks (..., L+1, L+1), True = may attend, for orders (..., L+2) over positions 0..L+1. Query i
-    predicts position i+1 from the context slots 0..L that come strictly before it in the order (never its own slot,
-    always [B]); content slot i sees itself and the slots before it."""
+    """(query, content) masks (..., L+1, L+1), True = may attend, for orders (..., L+2). Query i predicts position i+1
+    from the context slots 0..L strictly before it in the order ([B] always); content slot i sees itself and those."""
     rank = orders.argsort(-1)                                  # rank[p] = step at which position p is predicted
-    qmask = rank[..., None, :-1] < rank[..., 1:, None]
-    cmask = rank[..., None, :-1] <= rank[..., :-1, None]
-    return qmask, cmask
+    return rank[..., None, :-1] < rank[..., 1:, None], rank[..., None, :-1] <= rank[..., :-1, None]
 
 
 class PARSeqLayer(nn.Module):  # two streams: position queries and content attend to the content, the image, MLP
@@ -364,14 +355,14 @@ class PARSeq(Recognizer):
         self.layers = nn.ModuleList(PARSeqLayer(cfg) for _ in range(cfg.dec_depth))
         self.norm, self.head = nn.LayerNorm(d, eps=cfg.dec_eps), nn.Linear(d, V - 2)
         init_weights(self, cfg)
-        if cfg.init_std:   # strhub: nn.MultiheadAttention's own init for the stacked q, k, v (Xavier-uniform over 3d x d)
-            for attn in [m for layer in self.layers for m in (layer.self_attn, layer.cross_attn)]:
-                nn.init.uniform_(attn.q.weight, -math.sqrt(1.5 / d), math.sqrt(1.5 / d))
-                nn.init.uniform_(attn.kv.weight, -math.sqrt(1.5 / d), math.sqrt(1.5 / d))
+        if cfg.init_std:   # strhub: nn.MultiheadAttention's init for the stacked q, k, v (Xavier-uniform over 3d x d)
+            for layer in self.layers:
+                for proj in (layer.self_attn.q, layer.self_attn.kv, layer.cross_attn.q, layer.cross_attn.kv):
+                    nn.init.uniform_(proj.weight, -math.sqrt(1.5 / d), math.sqrt(1.5 / d))
             self.encoder.patch.reset_parameters()   # and PyTorch's default for the patch convolution
 
     def embed(self, tokens, start=0):
-        """Context slots: slot 0 = sqrt(d)*emb([B]) without position, slot j>=1 = sqrt(d)*emb(tok) + pos_queries[j-1]."""
+        """Context slots: slot 0 = sqrt(d)*emb([B]) (no position), slot j >= 1: sqrt(d)*emb(tok) + pos_queries[j-1]."""
         x = self.text_emb(tokens) * math.sqrt(self.cfg.dec_width)
         pos = torch.cat([torch.zeros_like(self.pos_queries[:, :1]), self.pos_queries], 1)
         return x + pos[:, start:start + tokens.shape[1]]
@@ -438,8 +429,7 @@ _TROCR = dict(arch='trocr', img_h=384, img_w=384, patch_h=16, patch_w=16, cls_to
 _PARSEQ = dict(arch='parseq', img_h=32, img_w=128, patch_h=4, patch_w=8, cls_token=0, qkv_bias=True,
                attn_dropout=0.1, act_dropout=0.1, dec_eps=1e-5)
 # the CPU ladder T1..T7: widths and depths spaced for a size law on a laptop
-_TINY = dict(img_h=16, img_w=64, patch_h=16, patch_w=4, dropout=0.0, pos_std=0.5, init_std=0, dec_depth=1, qkv_bias=True)
-_TINY_SHAPES = [(16, 1), (24, 2), (32, 2), (48, 2), (64, 3), (96, 3), (128, 4)]   # (width, encoder depth)
+_TINY = dict(img_h=16, img_w=64, patch_h=16, patch_w=4, dropout=0.0, pos_std=0.5, init_std=0)   # qkv_bias, dec_depth 1
 
 
 SIZES = {
@@ -467,9 +457,9 @@ SIZES = {
     },
 }
 for _arch in SIZES:
-    SIZES[_arch].update({f'T{i + 1}': dict(_TINY, arch=_arch, cls_token=int(_arch == 'trocr'), enc_width=w, enc_depth=depth,
-                                           enc_heads=max(1, w // 32), dec_width=w, dec_heads=max(1, w // 32))
-                         for i, (w, depth) in enumerate(_TINY_SHAPES)})
+    SIZES[_arch].update({f'T{i + 1}': dict(_TINY, arch=_arch, cls_token=int(_arch == 'trocr'), enc_width=w, dec_width=w,
+                                           enc_depth=depth, enc_heads=max(1, w // 32), dec_heads=max(1, w // 32))
+                         for i, (w, depth) in enumerate(zip((16, 24, 32, 48, 64, 96, 128), (1, 2, 2, 2, 3, 3, 4)))})
 
 PAPER_PARAMS = {  # paper §3: (text) quoted, (fig) read off figures
     'trocr': {'S': 43.09e6, 'B': 282.5e6, 'L': 505.6e6, 'H': 1.037e9},
@@ -483,7 +473,7 @@ BASIS = {  # where each study size's shape comes from (printed in the size table
 
 def make_config(arch, size, vocab_size, **overrides):
     if size not in SIZES.get(arch, {}):
-        raise KeyError(f'unknown model {arch}-{size}; choose arch from {list(SIZES)} and size from {list(SIZES["trocr"])}')
+        raise KeyError(f'unknown model {arch}-{size}; arch is one of {list(SIZES)}, size one of {list(SIZES["trocr"])}')
     bad, valid = set(overrides) - {f.name for f in fields(ModelConfig)}, sorted(f.name for f in fields(ModelConfig))
     if bad:
         raise TypeError(f'unknown config field(s) {sorted(bad)}; valid: {valid}')
@@ -497,8 +487,8 @@ def build_model(cfg):
 # ----------------------------------------------------------------------------- parameters, FLOPs, size table
 
 def count_params(cfg):
-    """(total, non_embedding) parameters of build_model(cfg), built on the meta device (no memory; milliseconds even
-    at 1B). non_embedding leaves out the token embedding and every position embedding (the head is counted)."""
+    """(total, non_embedding) parameters of build_model(cfg) built on the meta device; the second leaves out the token
+    embedding and every position embedding (the head is counted)."""
     with torch.device('meta'):
         sizes = {name: p.numel() for name, p in build_model(cfg).named_parameters()}
     embeddings = ('tok_emb.weight', 'text_emb.weight', 'pos_emb', 'pos_queries', 'encoder.pos')
@@ -523,7 +513,7 @@ def _flops_parts(cfg, dec_len=None):
 
 
 def forward_flops(cfg, dec_len=None):
-    """Forward FLOPs per image: encoder + one teacher-forced decoder pass (PARSeq: one order) over dec_len + 1 tokens."""
+    """Forward FLOPs per image: the encoder + one teacher-forced decoder pass (PARSeq: one order) of dec_len + 1."""
     return float(sum(_flops_parts(cfg, dec_len)))
 
 
@@ -569,14 +559,20 @@ class _DataUnpickler(pickle.Unpickler):
 
 
 def load_weights(path):
-    """torch.load(weights_only=True), or _DataUnpickler for files that pickle other objects too (Lightning .ckpt)."""
+    """A .safetensors file, else torch.load(weights_only=True), or _DataUnpickler for files that pickle other objects
+    too (Lightning .ckpt)."""
     data_only = SimpleNamespace(Unpickler=_DataUnpickler, load=lambda f, **kw: _DataUnpickler(f, **kw).load(),
                                 __name__='data_only')
     try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path)
         try:
             return torch.load(path, map_location='cpu', weights_only=True)
         except pickle.UnpicklingError:
             return torch.load(path, map_location='cpu', weights_only=False, pickle_module=data_only)
+    except ImportError:
+        raise SystemExit(f'reading {path} needs the safetensors package: pip install safetensors')
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise SystemExit(f'{path}: cannot read it as a torch checkpoint ({str(e).splitlines()[0][:100]})')
 
@@ -599,15 +595,15 @@ def _load_converted(cfg, state, source):  # tensors our model does not have (a p
 
 
 # transformers' names -> ours, in order; q, k, v stay apart until stacked. '.gamma', '.beta': older LayerNorm names
-_HF_NAMES = [('.gamma', '.weight'), ('.beta', '.bias'), ('decoder.model.decoder.', ''), ('encoder.encoder.layer.',
-             'encoder.blocks.'), ('encoder.embeddings.patch_embeddings.projection.', 'encoder.patch.'),
-             ('encoder.layernorm.', 'encoder.norm.'), ('attention.attention.query.', 'attn.q.'),
+_HF_NAMES = [('.gamma', '.weight'), ('.beta', '.bias'), ('decoder.model.decoder.', ''),
+             ('encoder.encoder.layer.', 'encoder.blocks.'), ('encoder.embeddings.patch_embeddings.projection.',
+             'encoder.patch.'), ('encoder.layernorm.', 'encoder.norm.'), ('attention.attention.query.', 'attn.q.'),
              ('attention.attention.key.', 'attn.k.'), ('attention.attention.value.', 'attn.v.'),
              ('attention.output.dense.', 'attn.proj.'), ('intermediate.dense.', 'mlp.0.'), ('output.dense.', 'mlp.2.'),
              ('layernorm_before.', 'norm1.'), ('layernorm_after.', 'norm2.'), ('layernorm_embedding.', 'emb_norm.'),
-             ('self_attn_layer_norm.', 'norm1.'), ('encoder_attn_layer_norm.', 'norm2.'), ('final_layer_norm.', 'norm3.'),
-             ('encoder_attn.', 'cross_attn.'), ('q_proj.', 'q.'), ('k_proj.', 'k.'), ('v_proj.', 'v.'),
-             ('out_proj.', 'proj.'), ('fc1.', 'mlp.0.'), ('fc2.', 'mlp.2.')]
+             ('self_attn_layer_norm.', 'norm1.'), ('encoder_attn_layer_norm.', 'norm2.'), ('fc1.', 'mlp.0.'),
+             ('final_layer_norm.', 'norm3.'), ('encoder_attn.', 'cross_attn.'), ('q_proj.', 'q.'), ('k_proj.', 'k.'),
+             ('v_proj.', 'v.'), ('out_proj.', 'proj.'), ('fc2.', 'mlp.2.')]
 _HF_TOKENIZER_FILES = ('tokenizer.json', 'vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json')
 
 
@@ -619,10 +615,9 @@ def _sinusoids(first, n, d):
 
 
 def trocr_from_transformers(hf_dir):
-    """(model, tokenizer spec, --check reference) from a VisionEncoderDecoderModel folder: a ViT or DeiT encoder (every
-    published TrOCR folder) + TrOCRForCausalLM with learned or sinusoidal positions. The spec carries the folder's
-    tokenizer files (SentencePiece models in base64) and ids[i] = transformers' id of our id i; its <s> becomes our
-    BOS (no input: the decoder starts from EOS) and, like PAD, is never predicted."""
+    """(model, tokenizer spec, --check reference) from a VisionEncoderDecoderModel folder: ViT or DeiT encoder +
+    TrOCRForCausalLM (learned or sinusoidal positions). The spec holds the folder's tokenizer files and ids[i] =
+    transformers' id of our id i; its <s> is our BOS (no input: the decoder starts from EOS), never predicted."""
     try:
         hc = json.load(open(os.path.join(hf_dir, 'config.json')))
         e, d = hc['encoder'], hc['decoder']
@@ -646,17 +641,10 @@ def trocr_from_transformers(hf_dir):
         dec_mlp_ratio=d['decoder_ffn_dim'] / d['d_model'], max_len=d['max_position_embeddings'] - 1, vocab_size=V,
         dropout=d['dropout'], attn_dropout=d['attention_dropout'], act_dropout=d['activation_dropout'],
         emb_scale=d['scale_embedding'], emb_norm=d['layernorm_embedding'], dec_act=d['activation_function'])
-    safe, pickled = os.path.join(hf_dir, 'model.safetensors'), os.path.join(hf_dir, 'pytorch_model.bin')
-    if os.path.exists(safe):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise SystemExit(f'reading {safe} needs the safetensors package: pip install safetensors')
-        sd = _renamed(load_file(safe), _HF_NAMES)
-    elif os.path.exists(pickled):
-        sd = _renamed(load_weights(pickled), _HF_NAMES)
-    else:
+    weights = [os.path.join(hf_dir, n) for n in ('model.safetensors', 'pytorch_model.bin')]
+    if not any(map(os.path.exists, weights)):
         raise SystemExit(f'{hf_dir}: no model.safetensors or pytorch_model.bin (merge a sharded checkpoint first)')
+    sd = _renamed(load_weights(next(filter(os.path.exists, weights))), _HF_NAMES)
     try:
         emb, out_proj = sd['embed_tokens.weight'], sd.get('decoder.output_projection.weight')
         cfg.tie_head = out_proj is None or torch.equal(out_proj, emb)
@@ -718,10 +706,9 @@ STRHUB_CHARSET = string.digits + string.ascii_lowercase + string.ascii_uppercase
 
 
 def parseq_from_strhub(path):
-    """(model, tokenizer spec, --check reference) from a released PARSeq checkpoint: a torch.hub state_dict (keys with
-    a 'model.' prefix, or none in older files) or a Lightning .ckpt (state_dict + hyper_parameters). Without
-    hyper-parameters the shapes give the config: heads = width/64 in the encoder and width/32 in the decoder (every
-    released model), max_len = len(pos_queries) - 1, the image 32x128 if pos_embed's length fits it, else square."""
+    """(model, tokenizer spec, --check reference) from a torch.hub state_dict (keys with a 'model.' prefix, or none in
+    older files) or a Lightning .ckpt. Without hyper-parameters, as every released model: heads = width/64 (encoder),
+    width/32 (decoder), max_len = len(pos_queries) - 1, the image 32x128 if pos_embed's length fits, else square."""
     ckpt = load_weights(path)
     sd, hp = (ckpt.get('state_dict', ckpt), ckpt.get('hyper_parameters') or {}) if isinstance(ckpt, dict) else ({}, {})
     sd = {k.removeprefix('model.'): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
