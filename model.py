@@ -53,8 +53,7 @@ class ModelConfig:
     init_std: float = 0.02        # init std of other weights; 0 = 1/sqrt(fan_in) (tiny widths learn far faster)
     perm_num: int = 6             # PARSeq: permutations per batch, mirrors included
     perm_mirrored: bool = True
-    # where the released TrOCR decoders differ from one another (trocr-small: scaled embeddings, ReLU)
-    emb_scale: bool = False       # token embeddings times sqrt(dec_width)
+    emb_scale: bool = False       # token embeddings times sqrt(dec_width) (these four: where released TrOCRs differ)
     emb_norm: bool = True         # LayerNorm on the embeddings (after adding positions)
     dec_act: str = 'gelu'         # 'gelu' | 'relu' (decoder MLP; both archs)
     tie_head: bool = False        # output projection = token embedding
@@ -434,9 +433,8 @@ _TINY = dict(img_h=16, img_w=64, patch_h=16, patch_w=4, dropout=0.0, pos_std=0.5
 
 SIZES = {
     'trocr': {
-        # S (guess): DeiT-S/16 encoder (qkv bias) + a MiniLM-width decoder (384, heads of 64) in TrOCR-Small's style
-        # (ReLU, scaled embeddings); the study's 43.09M leaves ~21M for the decoder, i.e. 9 layers (the original
-        # TrOCR-S decoder, 6 x 256, would total only 28M with a char vocabulary).
+        # S (guess): DeiT-S/16 (qkv bias) + a 384-wide decoder in TrOCR-Small's style (ReLU, scaled embeddings); the
+        # study's 43.09M leaves ~21M for it: 9 layers (TrOCR-S's own, 6 x 256, would total 28M with a char vocabulary)
         'S': dict(_TROCR, enc_width=384, enc_depth=12, enc_heads=6, qkv_bias=True,
                   dec_width=384, dec_depth=9, dec_heads=6, dec_act='relu', emb_scale=True),
         # B, L: original TrOCR-Base/Large (ViT-B/16, ViT-L/16 at 384 + 12x1024 decoder) with a char vocabulary
@@ -450,8 +448,7 @@ SIZES = {
         'S': dict(_PARSEQ, enc_width=384, enc_depth=12, enc_heads=6, dec_width=384, dec_depth=1, dec_heads=12),
         # B, H (guesses): ViT-B / ViT-H encoders at 32x128; two decoder layers make up the published ~104M / 682M.
         'B': dict(_PARSEQ, enc_width=768, enc_depth=12, enc_heads=12, dec_width=768, dec_depth=2, dec_heads=24),
-        # L (guess, unpublished): the ViT-L encoder, as TrOCR-L; ~336M sits near the geometric mean of B and H (266M),
-        # so the four sizes are roughly evenly spaced in log N for the size law.
+        # L (guess, unpublished): ViT-L, as TrOCR-L; ~336M, near B and H's geometric mean: evenly spaced in log N
         'L': dict(_PARSEQ, enc_width=1024, enc_depth=24, enc_heads=16, dec_width=1024, dec_depth=2, dec_heads=32),
         'H': dict(_PARSEQ, enc_width=1280, enc_depth=32, enc_heads=16, dec_width=1280, dec_depth=2, dec_heads=40),
     },
@@ -724,10 +721,10 @@ def parseq_from_strhub(path):
                                           (side * patch_h, side * patch_w))
     depth = lambda prefix: 1 + max(int(k.split('.')[2]) for k in sd if k.startswith(prefix))  # noqa: E731
     cfg = make_config('parseq', 'S', V, img_h=img_h, img_w=img_w, patch_h=patch_h, patch_w=patch_w, enc_width=e,
-                      enc_depth=depth('encoder.blocks.'), enc_heads=hp.get('enc_num_heads', e // 64),
-                      mlp_ratio=len(sd['encoder.blocks.0.mlp.fc1.weight']) / e, dec_width=d,
+                      enc_depth=depth('encoder.blocks.'), enc_heads=hp.get('enc_num_heads', e // 64), dec_width=d,
+                      mlp_ratio=len(sd['encoder.blocks.0.mlp.fc1.weight']) / e, max_len=len(sd['pos_queries'][0]) - 1,
                       dec_depth=depth('decoder.layers.'), dec_heads=hp.get('dec_num_heads', d // 32),
-                      dec_mlp_ratio=len(sd['decoder.layers.0.linear1.weight']) / d, max_len=sd['pos_queries'].shape[1] - 1)
+                      dec_mlp_ratio=len(sd['decoder.layers.0.linear1.weight']) / d)
     ours = _renamed(sd, _STRHUB_NAMES)
     for key in [k for k in ours if '.in_proj_' in k]:
         prefix, kind = key.split('.in_proj_')
@@ -787,8 +784,8 @@ def convert_main(argv):
     convert = trocr_from_transformers if args.command == 'convert-trocr' else parseq_from_strhub
     model, spec, reference = convert(args.source)
     c = model.cfg
-    torch.save(dict(model=model.state_dict(), model_config=asdict(c), tokenizer=spec, source=os.path.abspath(args.source)),
-               args.out)
+    torch.save(dict(model=model.state_dict(), model_config=asdict(c), tokenizer=spec,
+                    source=os.path.abspath(args.source)), args.out)
     print(f'{args.out}: {c.arch}, {count_params(c)[0] / 1e6:.2f}M params, {c.img_h}x{c.img_w} images, {c.vocab_size} '
           f'ids, max_len {c.max_len}')
     if args.check:
