@@ -539,11 +539,9 @@ def print_table(vocab_size=97):
 
 class _Opaque(dict):
     """Stands for every class a checkpoint names beyond tensors and plain containers (Lightning's hyper-parameter
-    dict, callback states): built from nothing, keeping only dict items, so no code from the file runs."""
+    dict, callback states): built from nothing (dict.__new__ ignores arguments), keeping only dict items, so no code
+    from the file runs."""
     __init__ = __setstate__ = lambda self, *args, **kwargs: None
-
-    def __new__(cls, *args, **kwargs):
-        return dict.__new__(cls)
 
 
 class _DataUnpickler(pickle.Unpickler):
