@@ -462,10 +462,7 @@ PAPER_PARAMS = {  # paper §3: (text) quoted, (fig) read off figures
     'trocr': {'S': 43.09e6, 'B': 282.5e6, 'L': 505.6e6, 'H': 1.037e9},
     'parseq': {'S': 22.51e6, 'B': 104e6, 'L': None, 'H': 682e6},
 }
-BASIS = {  # where each study size's shape comes from (printed in the size table)
-    'trocr': {'S': 'guess', 'B': 'TrOCR-B (ViT for BEiT)', 'L': 'TrOCR-L (ViT for BEiT)', 'H': 'guess'},
-    'parseq': {'S': 'original PARSeq-S', 'B': 'guess', 'L': 'guess', 'H': 'guess'},
-}
+BASIS = {'trocr': {'B': 'TrOCR-B (ViT for BEiT)', 'L': 'TrOCR-L (ViT for BEiT)'}, 'parseq': {'S': 'original PARSeq-S'}}
 
 
 def make_config(arch, size, vocab_size, **overrides):
@@ -528,11 +525,11 @@ def print_table(vocab_size=97):
     for arch in SIZES:
         for size in SIZES[arch]:
             c, paper = make_config(arch, size, vocab_size), PAPER_PARAMS[arch].get(size)
-            n = count_params(c)[0]
-            print(f'{arch:7}{size:5}{f"{c.enc_depth}/{c.enc_width}/{c.enc_heads}":>14}'
-                  f'{f"{c.dec_depth}/{c.dec_width}/{c.dec_heads}":>13}{f"{c.img_h}x{c.img_w}/{c.patch_h}x{c.patch_w}":>15}'
-                  f'{fmt(n):>10}{fmt(paper) if paper else "-":>10}{f"{100 * (n / paper - 1):+.1f}%" if paper else "":>7}'
-                  f'{forward_flops(c) / 1e9:>9.4g}  {BASIS[arch].get(size, "CPU ladder")}')
+            n, basis = count_params(c)[0], BASIS[arch].get(size, 'CPU ladder' if size[0] == 'T' else 'guess')
+            enc, dec = f'{c.enc_depth}/{c.enc_width}/{c.enc_heads}', f'{c.dec_depth}/{c.dec_width}/{c.dec_heads}'
+            print(f'{arch:7}{size:5}{enc:>14}{dec:>13}{f"{c.img_h}x{c.img_w}/{c.patch_h}x{c.patch_w}":>15}{fmt(n):>10}'
+                  f'{fmt(paper) if paper else "-":>10}{f"{100 * (n / paper - 1):+.1f}%" if paper else "":>7}'
+                  f'{forward_flops(c) / 1e9:>9.4g}  {basis}')
 
 
 # ----------------------------------------------------------------------------- released checkpoints -> ours
