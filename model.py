@@ -124,7 +124,7 @@ class ViT(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.img_h % cfg.patch_h == 0 and cfg.img_w % cfg.patch_w == 0, 'image size: a multiple of the patch'
+        assert cfg.img_h % cfg.patch_h == 0 and cfg.img_w % cfg.patch_w == 0, 'image size must be a multiple of the patch'
         d = cfg.enc_width
         self.patch = nn.Conv2d(cfg.in_chans, d, (cfg.patch_h, cfg.patch_w), (cfg.patch_h, cfg.patch_w))
         self.cls = nn.Parameter(torch.zeros(1, int(cfg.cls_token), d)) if cfg.cls_token else None
@@ -192,8 +192,8 @@ class TrOCRLayer(nn.Module):
         super().__init__()
         d = cfg.dec_width
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d, eps=cfg.dec_eps) for _ in range(3))
-        self.self_attn, self.cross_attn = (Attention(d, cfg.dec_heads, kv_dim=kv_dim, dropout=cfg.attn_dropout)
-                                           for kv_dim in (None, cfg.enc_width))
+        self.self_attn = Attention(d, cfg.dec_heads, dropout=cfg.attn_dropout)
+        self.cross_attn = Attention(d, cfg.dec_heads, kv_dim=cfg.enc_width, dropout=cfg.attn_dropout)
         self.mlp = MLP(d, cfg.dec_mlp_ratio, cfg.dec_act, cfg.act_dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -323,8 +323,8 @@ class PARSeqLayer(nn.Module):  # two streams: position queries and content atten
         super().__init__()
         d = cfg.dec_width
         self.norm_q, self.norm_c, self.norm1, self.norm2 = (nn.LayerNorm(d, eps=cfg.dec_eps) for _ in range(4))
-        self.self_attn, self.cross_attn = (Attention(d, cfg.dec_heads, kv_dim=kv_dim, dropout=cfg.attn_dropout)
-                                           for kv_dim in (d, cfg.enc_width))
+        self.self_attn = Attention(d, cfg.dec_heads, kv_dim=d, dropout=cfg.attn_dropout)
+        self.cross_attn = Attention(d, cfg.dec_heads, kv_dim=cfg.enc_width, dropout=cfg.attn_dropout)
         self.mlp = MLP(d, cfg.dec_mlp_ratio, cfg.dec_act, cfg.act_dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
