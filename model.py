@@ -300,9 +300,9 @@ def sample_orders(L, n, mirrored=True, key_len=None, device=None):
     fwd = torch.arange(L + 2, device=device)
     orders, k = [fwd[None], torch.cat([fwd[:1], fwd[1:].flip(0)])[None]][:n], (n - 2) // (1 + mirrored)
     if k > 0:
-        if L < 5:  # permutations come in lexicographic order: the first, the forward one, is left out
+        if L < 5:  # lexicographic: the first permutation, the forward one, is left out; an async copy: no sync
             pool = [p for p in itertools.permutations(range(1, L + 1)) if p[0] < p[-1] or not mirrored][1:]
-            perms = torch.tensor(pool, device=device)[torch.randperm(len(pool), device=device)[:k]]
+            perms = torch.tensor(pool).to(device, non_blocking=True)[torch.randperm(len(pool), device=device)[:k]]
         else:
             perms = torch.rand(k, max(key_len or L, L), device=device)[:, :L].argsort(-1) + 1
         if mirrored:
