@@ -10,20 +10,13 @@ ViT, TrOCR and PARSeq in one file, at the sizes of Rang et al. (arXiv 2401.00028
     ids, conf = model.decode(images)                   # TrOCR: beam=k, len_norm; PARSeq: ar=False, refine_iters=k
 
 Token ids (shared with data.py): 0 = EOS, 1..V-3 text tokens, V-2 = BOS, V-1 = PAD. Heads predict V-2 classes.
-- TrOCR: ViT encoder (CLS, DeiT's distillation token too) + the original post-LN decoder, which starts from EOS;
-  greedy or beam decoding with a KV cache.
-- PARSeq: ViT encoder (no CLS) + two-stream decoder trained by permutation language modelling; AR (cached) or
-  NAR decoding followed by cloze refinement passes over all position queries.
+TrOCR: ViT encoder (CLS; DeiT's distillation token too) + the original post-LN decoder, started from EOS; greedy or
+beam decoding with a KV cache. PARSeq: ViT encoder (no CLS) + a two-stream decoder trained by permutation language
+modelling; AR (cached) or NAR decoding, then cloze refinement passes over all position queries.
 """
-import argparse
-import base64
-import json
-import math
-import os
-import pickle
-import string
-import sys
+import argparse, base64, itertools, json, math, os, pickle, string, sys
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -60,8 +53,7 @@ class ModelConfig:
     init_std: float = 0.02        # init std of other weights; 0 = 1/sqrt(fan_in) (tiny widths learn far faster)
     perm_num: int = 6             # PARSeq: permutations per batch, mirrors included
     perm_mirrored: bool = True
-    # where the released TrOCR decoders differ from one another (trocr-small: scaled embeddings, ReLU)
-    emb_scale: bool = False       # token embeddings times sqrt(dec_width)
+    emb_scale: bool = False       # token embeddings times sqrt(dec_width) (these four: where released TrOCRs differ)
     emb_norm: bool = True         # LayerNorm on the embeddings (after adding positions)
     dec_act: str = 'gelu'         # 'gelu' | 'relu' (decoder MLP; both archs)
     tie_head: bool = False        # output projection = token embedding
@@ -80,19 +72,16 @@ class Attention(nn.Module):
         if self.fused:
             self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         else:
-            self.q = nn.Linear(dim, dim, bias=bias)
-            self.kv = nn.Linear(kv_dim, 2 * dim, bias=bias)
+            self.q, self.kv = nn.Linear(dim, dim, bias=bias), nn.Linear(kv_dim, 2 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim)
 
     def split(self, t):  # (B, T, C) -> (B, heads, T, head_dim)
         return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def project_kv(self, ctx):
-        k, v = self.kv(ctx).chunk(2, dim=-1)
-        return self.split(k), self.split(v)
+        return tuple(map(self.split, self.kv(ctx).chunk(2, dim=-1)))
 
-    def forward(self, x, kv=None, mask=None, causal=False, cache=None):
-        # mask: bool, True = may attend, broadcastable to (B, heads, Tq, Tk)
+    def forward(self, x, kv=None, mask=None, causal=False, cache=None):  # mask: True = may attend, (B, h, Tq, Tk)
         if self.fused:
             q, k, v = map(self.split, self.qkv(x).chunk(3, dim=-1))
             if cache is not None:
@@ -101,7 +90,7 @@ class Attention(nn.Module):
             q = self.split(self.q(x))
             k, v = kv if isinstance(kv, tuple) else self.project_kv(kv)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, heads, Tq, hd)
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).flatten(2))
 
 
@@ -123,8 +112,7 @@ class Block(nn.Module):  # pre-LN ViT block
     def __init__(self, dim, heads, mlp_ratio, qkv_bias, eps):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads, bias=qkv_bias)
-        self.mlp = MLP(dim, mlp_ratio)
+        self.attn, self.mlp = Attention(dim, heads, bias=qkv_bias), MLP(dim, mlp_ratio)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -132,7 +120,7 @@ class Block(nn.Module):  # pre-LN ViT block
 
 
 class ViT(nn.Module):
-    """Conv patch embedding, learned absolute positions, optional CLS (+distillation), pre-LN blocks, final LayerNorm."""
+    """Conv patch embedding, learned absolute positions, optional CLS (+distillation), pre-LN blocks, final norm."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -141,18 +129,15 @@ class ViT(nn.Module):
         self.patch = nn.Conv2d(cfg.in_chans, d, (cfg.patch_h, cfg.patch_w), (cfg.patch_h, cfg.patch_w))
         self.cls = nn.Parameter(torch.zeros(1, int(cfg.cls_token), d)) if cfg.cls_token else None
         self.pos = nn.Parameter(torch.zeros(1, num_patches(cfg) + cfg.cls_token, d))
-        self.blocks = nn.ModuleList(Block(d, cfg.enc_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.enc_eps)
-                                    for _ in range(cfg.enc_depth))
+        self.blocks = nn.Sequential(*(Block(d, cfg.enc_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.enc_eps)
+                                      for _ in range(cfg.enc_depth)))
         self.norm = nn.LayerNorm(d, eps=cfg.enc_eps)
 
     def forward(self, images):
         x = self.patch(images).flatten(2).transpose(1, 2)  # (B, T_e, d)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1)
-        x = x + self.pos
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self.norm(self.blocks(x + self.pos))
 
 
 def num_patches(cfg):
@@ -160,18 +145,16 @@ def num_patches(cfg):
 
 
 def init_weights(model, cfg):
-    """By module type, in parameter order; biases 0, LayerNorms 1. Tiny sizes (init_std 0: what the CPU ladder learns
-    fastest with): weights and embeddings std 1/sqrt(fan_in), positions pos_std, both cut at 2 std. Study sizes as
-    the originals (timm's ViT, transformers' TrOCR, strhub's PARSeq): weights, embeddings, positions and CLS std
-    init_std, positions pos_std, cut at +-2 (so in effect uncut); the models then apply what differs."""
+    """Biases 0, LayerNorms 1, the rest truncated normal: tiny sizes (init_std 0) std 1/sqrt(fan_in) cut at 2 std, as
+    the CPU ladder learns fastest; study sizes std init_std cut at +-2 (in effect uncut), as the originals."""
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if isinstance(module, nn.LayerNorm) or name == 'bias':
                 nn.init.constant_(p, float(isinstance(module, nn.LayerNorm) and name == 'weight'))
-                continue
-            std = cfg.pos_std if name in ('pos', 'pos_emb', 'pos_queries') else cfg.init_std or p[0].numel() ** -0.5
-            cut = 2 * std if cfg.init_std == 0 else 2
-            nn.init.trunc_normal_(p, std=std, a=-cut, b=cut)
+            else:
+                std = cfg.pos_std if name in ('pos', 'pos_emb', 'pos_queries') else cfg.init_std or p[0].numel() ** -0.5
+                cut = 2 * std if cfg.init_std == 0 else 2
+                nn.init.trunc_normal_(p, std=std, a=-cut, b=cut)
 
 
 def finish(ids, probs, eos=0, pad=-1):
@@ -182,7 +165,7 @@ def finish(ids, probs, eos=0, pad=-1):
 
 
 class Recognizer(nn.Module):
-    """What TrOCR and PARSeq share: the ViT encoder, token ids, cross-attention keys/values, forward = loss."""
+    """What TrOCR and PARSeq share: the ViT encoder, token ids, cross-attention keys/values, the summed loss."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -193,6 +176,10 @@ class Recognizer(nn.Module):
     def memory_kv(self, images):  # cross-attention keys/values of every layer: computed once per image
         memory = self.encoder(images)
         return [layer.cross_attn.project_kv(memory) for layer in self.layers]
+
+    def token_loss(self, logits, tgt):  # (summed cross-entropy, token count); PAD is never a target
+        total = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=self.pad, reduction='sum')
+        return total, (tgt != self.pad).sum()
 
     def forward(self, images, tokens):  # so that DDP/compile wrappers can call model(images, tokens)
         return self.loss(images, tokens)
@@ -244,21 +231,16 @@ class TrOCR(Recognizer):
 
     def loss(self, images, tokens):
         inputs = F.pad(tokens[:, 1:-1], (1, 0), value=self.start)
-        logits = self.decoder(inputs, self.memory_kv(images)).float()
-        tgt = tokens[:, 1:]
-        total = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=self.pad, reduction='sum')
-        return total, (tgt != self.pad).sum()
+        return self.token_loss(self.decoder(inputs, self.memory_kv(images)), tokens[:, 1:])
 
     @torch.no_grad()
     def decode(self, images, max_len=None, beam=1, len_norm=True):
-        """Greedy decoding (beam=1) or beam_search, with a KV cache; logits scored in float32 (as transformers does).
-        conf = product of the chosen tokens' probabilities, EOS included."""
+        """Greedy (beam=1) or beam search with a KV cache, scored in float32; conf = product of token probabilities."""
         steps, mem_kv = min(max_len or self.cfg.max_len, self.cfg.max_len) + 1, self.memory_kv(images)
         tok = torch.full((len(images), 1), self.start, dtype=torch.long, device=images.device)
-        return self.greedy(tok, mem_kv, steps) if beam == 1 else self.beam_search(tok, mem_kv, steps, beam, len_norm)
-
-    def greedy(self, tok, mem_kv, steps):  # ends when every row has an EOS
-        ids, probs, caches = tok[:, :0], [], [{} for _ in self.layers]
+        if beam > 1:
+            return self.beam_search(tok, mem_kv, steps, beam, len_norm)
+        ids, probs, caches = tok[:, :0], [], [{} for _ in self.layers]   # greedy: until every row has an EOS
         for t in range(steps):
             p, tok = self.decoder(tok, mem_kv, start=t, caches=caches)[:, -1].float().softmax(-1).max(-1, keepdim=True)
             ids, probs = torch.cat([ids, tok], 1), probs + [p]
@@ -267,15 +249,14 @@ class TrOCR(Recognizer):
         return finish(ids, torch.cat(probs, 1), self.eos, self.pad)
 
     def beam_search(self, tok, mem_kv, steps, beam, len_norm):
-        """transformers' generate(num_beams=beam, early_stopping="never", length_penalty=float(len_norm)): each
-        step takes the best 2*beam continuations of the `beam` live hypotheses; those of the first `beam` that end
-        (EOS or the last step) join the row's `beam` best finished ones, ranked by summed log-prob / tokens incl. EOS
-        (len_norm) or by the sum; the best `beam` of the others stay live. Stops once no row's best live sum (/ steps
-        with len_norm) beats its worst finished score: an exact bound, as each further token lowers the sum."""
+        """transformers' generate(num_beams=beam, early_stopping="never", length_penalty=float(len_norm)): of the best
+        2*beam continuations, those among the first `beam` that end (EOS or the last step) join the `beam` best finished
+        ones, ranked by log-prob sum / tokens incl. EOS (len_norm) or the sum; the best `beam` others stay live. Stops
+        once no row's best live sum (/ steps with len_norm) beats its worst finished score (exact: sums only fall)."""
         (B, _), C, dev, inf = tok.shape, self.pad - 1, tok.device, float('inf')
         mem_kv = [(k.repeat_interleave(beam, 0), v.repeat_interleave(beam, 0)) for k, v in mem_kv]
         tok, caches = tok.repeat_interleave(beam, 0), [{} for _ in self.layers]
-        live = torch.tensor([0.0] + [-inf] * (beam - 1), device=dev).repeat(B, 1)  # the starts are identical: expand one
+        live = torch.tensor([0.0] + [-inf] * (beam - 1), device=dev).repeat(B, 1)  # identical starts: expand one
         live_ids = fin_ids = torch.full((B, beam, steps), self.pad, device=dev)
         fin_rank, fin_sum = torch.full_like(live, -inf), torch.full_like(live, -inf)
         for t in range(steps):
@@ -306,21 +287,24 @@ def num_orders(cfg, L):
     fewer when L! is smaller, mirrors included; L = 1: the forward order alone); 1 for TrOCR."""
     if cfg.arch != 'parseq' or L <= 1:
         return 1
-    if cfg.perm_mirrored:
-        return 2 * max(1, min(cfg.perm_num // 2, math.factorial(L) // 2))
-    return max(1, min(cfg.perm_num, math.factorial(L)))
+    k = 1 + cfg.perm_mirrored   # orders come in mirror pairs
+    return k * max(1, min(cfg.perm_num // k, math.factorial(L) // k))
 
 
 def sample_orders(L, n, mirrored=True, key_len=None, device=None):
-    """n PLM orders (n, L+2) over positions 0..L+1 (0 = [B] first, L+1 = EOS): the forward order, the reverse one with
-    EOS first (paper §4), then random orders (each followed by its mirror) ending in EOS. A random order ranks
-    key_len >= L uniform draws made on `device` and keeps the first L: no host sync, and padding keeps the order of
-    the real positions. (Unlike the original for L < 5, random orders may repeat.)"""
+    """n PLM orders (n, L+2) over positions 0..L+1 (0 = [B] first, L+1 = EOS), made on `device` without host syncs:
+    the forward order, the reverse one with EOS first (paper §4), then random orders (each followed by its mirror)
+    ending in EOS. For L < 5, as the original, these are drawn without replacement from the permutations (one of each
+    mirror pair), so no order repeats; else each ranks key_len >= L uniform draws and keeps the first L, so padding
+    keeps the order of the real positions (under --compile, labels padded to max_len: distinct over padded ones)."""
     fwd = torch.arange(L + 2, device=device)
-    orders = [fwd[None], torch.cat([fwd[:1], fwd[1:].flip(0)])[None]][:n]
-    if n > 2:
-        keys = torch.rand((n - 2) // (1 + mirrored), max(key_len or L, L), device=device)[:, :L]
-        perms = keys.argsort(-1) + 1
+    orders, k = [fwd[None], torch.cat([fwd[:1], fwd[1:].flip(0)])[None]][:n], (n - 2) // (1 + mirrored)
+    if k > 0:
+        if L < 5:  # lexicographic: the first permutation, the forward one, is left out; an async copy: no sync
+            pool = [p for p in itertools.permutations(range(1, L + 1)) if p[0] < p[-1] or not mirrored][1:]
+            perms = torch.tensor(pool).to(device, non_blocking=True)[torch.randperm(len(pool), device=device)[:k]]
+        else:
+            perms = torch.rand(k, max(key_len or L, L), device=device)[:, :L].argsort(-1) + 1
         if mirrored:
             perms = torch.stack([perms, perms.flip(-1)], 1).flatten(0, 1)
         orders.append(torch.cat([fwd[:1].expand(len(perms), 1), perms, fwd[-1:].expand(len(perms), 1)], 1))
@@ -328,13 +312,10 @@ def sample_orders(L, n, mirrored=True, key_len=None, device=None):
 
 
 def order_masks(orders):
-    """(query, content) masks (..., L+1, L+1), True = may attend, for orders (..., L+2) over positions 0..L+1. Query i
-    predicts position i+1 from the context slots 0..L that come strictly before it in the order (never its own slot,
-    always [B]); content slot i sees itself and the slots before it."""
+    """(query, content) masks (..., L+1, L+1), True = may attend, for orders (..., L+2). Query i predicts position i+1
+    from the context slots 0..L strictly before it in the order ([B] always); content slot i sees itself and those."""
     rank = orders.argsort(-1)                                  # rank[p] = step at which position p is predicted
-    qmask = rank[..., None, :-1] < rank[..., 1:, None]
-    cmask = rank[..., None, :-1] <= rank[..., :-1, None]
-    return qmask, cmask
+    return rank[..., None, :-1] < rank[..., 1:, None], rank[..., None, :-1] <= rank[..., :-1, None]
 
 
 class PARSeqLayer(nn.Module):  # two streams: position queries and content attend to the content, the image, MLP
@@ -371,17 +352,16 @@ class PARSeq(Recognizer):
         self.pos_queries = nn.Parameter(torch.zeros(1, cfg.max_len + 1, d))
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(PARSeqLayer(cfg) for _ in range(cfg.dec_depth))
-        self.norm = nn.LayerNorm(d, eps=cfg.dec_eps)
-        self.head = nn.Linear(d, V - 2)
+        self.norm, self.head = nn.LayerNorm(d, eps=cfg.dec_eps), nn.Linear(d, V - 2)
         init_weights(self, cfg)
-        if cfg.init_std:   # strhub: nn.MultiheadAttention's own init for the stacked q, k, v (Xavier-uniform over 3d x d)
-            for attn in [m for layer in self.layers for m in (layer.self_attn, layer.cross_attn)]:
-                nn.init.uniform_(attn.q.weight, -math.sqrt(1.5 / d), math.sqrt(1.5 / d))
-                nn.init.uniform_(attn.kv.weight, -math.sqrt(1.5 / d), math.sqrt(1.5 / d))
+        if cfg.init_std:   # strhub: nn.MultiheadAttention's init for the stacked q, k, v (Xavier-uniform over 3d x d)
+            for layer in self.layers:
+                for proj in (layer.self_attn.q, layer.self_attn.kv, layer.cross_attn.q, layer.cross_attn.kv):
+                    nn.init.uniform_(proj.weight, -math.sqrt(1.5 / d), math.sqrt(1.5 / d))
             self.encoder.patch.reset_parameters()   # and PyTorch's default for the patch convolution
 
     def embed(self, tokens, start=0):
-        """Context slots: slot 0 = sqrt(d)*emb([B]) without position, slot j>=1 = sqrt(d)*emb(tok) + pos_queries[j-1]."""
+        """Context slots: slot 0 = sqrt(d)*emb([B]) (no position), slot j >= 1: sqrt(d)*emb(tok) + pos_queries[j-1]."""
         x = self.text_emb(tokens) * math.sqrt(self.cfg.dec_width)
         pos = torch.cat([torch.zeros_like(self.pos_queries[:, :1]), self.pos_queries], 1)
         return x + pos[:, start:start + tokens.shape[1]]
@@ -393,26 +373,18 @@ class PARSeq(Recognizer):
 
     def loss(self, images, tokens):
         """PLM loss: (sum of token cross-entropies over num_orders(cfg, L) orders, token count); EOS is a target in the
-        first two only. Eval uses the two fixed orders (no RNG). Extra padding changes nothing while the order count
-        stays the same (always in eval, L >= 3 in training), dropout aside."""
-        mem_kv = self.memory_kv(images)
-        ctx_tok, tgt = tokens[:, :-1], tokens[:, 1:]                       # (B, L+1) each
-        L = tokens.shape[1] - 2
-        ctx = self.embed(ctx_tok)
-        queries = self.pos_queries[:, :L + 1].expand(len(tokens), -1, -1)
+        first two only. Eval uses the two fixed orders (no RNG). Extra padding changes nothing in eval, nor in training
+        while L >= 5 (the same orders), dropout aside."""
+        mem_kv, ctx_tok, tgt, L = self.memory_kv(images), tokens[:, :-1], tokens[:, 1:], tokens.shape[1] - 2
+        ctx, queries = self.embed(ctx_tok), self.pos_queries[:, :L + 1].expand(len(tokens), -1, -1)
         keep = ((ctx_tok != self.pad) & (ctx_tok != self.eos))[:, None, None, :]  # padded context is never seen
         n_orders = num_orders(self.cfg, L) if self.training else 2
         orders = sample_orders(L, n_orders, self.cfg.perm_mirrored, self.cfg.max_len, tokens.device)
-        qmasks, cmasks = order_masks(orders)
-        total, n = 0.0, 0
-        for i in range(n_orders):
-            if i == 2:
-                tgt = tgt.masked_fill(tgt == self.eos, self.pad)
-            # input dropout drawn afresh for every order (a mask per sample and order), as the original does
-            logits = self.run(self.drop(ctx), self.drop(queries), mem_kv, qmasks[i] & keep, cmasks[i] & keep).float()
-            total = total + F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=self.pad, reduction='sum')
-            n = n + (tgt != self.pad).sum()
-        return total, n
+        (qmasks, cmasks), no_eos = order_masks(orders), tgt.masked_fill(tgt == self.eos, self.pad)
+        # input dropout drawn afresh for every order (a mask per sample and order), as the original does
+        losses = [self.token_loss(self.run(self.drop(ctx), self.drop(queries), mem_kv, qm & keep, cm & keep),
+                                  tgt if i < 2 else no_eos) for i, (qm, cm) in enumerate(zip(qmasks, cmasks))]
+        return sum(total for total, _ in losses), sum(n for _, n in losses)
 
     @torch.no_grad()
     def decode(self, images, max_len=None, ar=True, refine_iters=1):
@@ -455,21 +427,14 @@ _TROCR = dict(arch='trocr', img_h=384, img_w=384, patch_h=16, patch_w=16, cls_to
 # the original PARSeq decoder: dropout 0.1 on inputs, attention and MLP; LayerNorm eps 1e-5
 _PARSEQ = dict(arch='parseq', img_h=32, img_w=128, patch_h=4, patch_w=8, cls_token=0, qkv_bias=True,
                attn_dropout=0.1, act_dropout=0.1, dec_eps=1e-5)
-_TINY = dict(img_h=16, img_w=64, patch_h=16, patch_w=4, dropout=0.0, pos_std=0.5, init_std=0, dec_depth=1)
-
-
-def _tiny(arch, i):
-    w, depth = (16, 24, 32, 48, 64, 96, 128)[i], (1, 2, 2, 2, 3, 3, 4)[i]   # spaced for a CPU ladder
-    h = max(1, w // 32)
-    return dict(arch=arch, cls_token=int(arch == 'trocr'), qkv_bias=True, **_TINY,
-                enc_width=w, enc_depth=depth, enc_heads=h, dec_width=w, dec_heads=h)
+# the CPU ladder T1..T7: widths and depths spaced for a size law on a laptop
+_TINY = dict(img_h=16, img_w=64, patch_h=16, patch_w=4, dropout=0.0, pos_std=0.5, init_std=0)   # qkv_bias, dec_depth 1
 
 
 SIZES = {
     'trocr': {
-        # S (guess): DeiT-S/16 encoder (qkv bias) + a MiniLM-width decoder (384, heads of 64) in TrOCR-Small's style
-        # (ReLU, scaled embeddings); the study's 43.09M leaves ~21M for the decoder, i.e. 9 layers (the original
-        # TrOCR-S decoder, 6 x 256, would total only 28M with a char vocabulary).
+        # S (guess): DeiT-S/16 (qkv bias) + a 384-wide decoder in TrOCR-Small's style (ReLU, scaled embeddings); the
+        # study's 43.09M leaves ~21M for it: 9 layers (TrOCR-S's own, 6 x 256, would total 28M with a char vocabulary)
         'S': dict(_TROCR, enc_width=384, enc_depth=12, enc_heads=6, qkv_bias=True,
                   dec_width=384, dec_depth=9, dec_heads=6, dec_act='relu', emb_scale=True),
         # B, L: original TrOCR-Base/Large (ViT-B/16, ViT-L/16 at 384 + 12x1024 decoder) with a char vocabulary
@@ -483,32 +448,29 @@ SIZES = {
         'S': dict(_PARSEQ, enc_width=384, enc_depth=12, enc_heads=6, dec_width=384, dec_depth=1, dec_heads=12),
         # B, H (guesses): ViT-B / ViT-H encoders at 32x128; two decoder layers make up the published ~104M / 682M.
         'B': dict(_PARSEQ, enc_width=768, enc_depth=12, enc_heads=12, dec_width=768, dec_depth=2, dec_heads=24),
-        # L (guess, unpublished): the ViT-L encoder, as TrOCR-L; ~336M sits near the geometric mean of B and H (266M),
-        # so the four sizes are roughly evenly spaced in log N for the size law.
+        # L (guess, unpublished): ViT-L, as TrOCR-L; ~336M, near B and H's geometric mean: evenly spaced in log N
         'L': dict(_PARSEQ, enc_width=1024, enc_depth=24, enc_heads=16, dec_width=1024, dec_depth=2, dec_heads=32),
         'H': dict(_PARSEQ, enc_width=1280, enc_depth=32, enc_heads=16, dec_width=1280, dec_depth=2, dec_heads=40),
     },
 }
 for _arch in SIZES:
-    SIZES[_arch].update({f'T{i + 1}': _tiny(_arch, i) for i in range(7)})
+    SIZES[_arch].update({f'T{i + 1}': dict(_TINY, arch=_arch, cls_token=int(_arch == 'trocr'), enc_width=w, dec_width=w,
+                                           enc_depth=depth, enc_heads=max(1, w // 32), dec_heads=max(1, w // 32))
+                         for i, (w, depth) in enumerate(zip((16, 24, 32, 48, 64, 96, 128), (1, 2, 2, 2, 3, 3, 4)))})
 
 PAPER_PARAMS = {  # paper §3: (text) quoted, (fig) read off figures
     'trocr': {'S': 43.09e6, 'B': 282.5e6, 'L': 505.6e6, 'H': 1.037e9},
     'parseq': {'S': 22.51e6, 'B': 104e6, 'L': None, 'H': 682e6},
 }
-BASIS = {  # where each study size's shape comes from (printed in the size table)
-    'trocr': {'S': 'guess', 'B': 'TrOCR-B (ViT for BEiT)', 'L': 'TrOCR-L (ViT for BEiT)', 'H': 'guess'},
-    'parseq': {'S': 'original PARSeq-S', 'B': 'guess', 'L': 'guess', 'H': 'guess'},
-}
+BASIS = {'trocr': {'B': 'TrOCR-B (ViT for BEiT)', 'L': 'TrOCR-L (ViT for BEiT)'}, 'parseq': {'S': 'original PARSeq-S'}}
 
 
 def make_config(arch, size, vocab_size, **overrides):
-    if arch not in SIZES or size not in SIZES[arch]:
-        raise KeyError(f'unknown model {arch}-{size}; choose arch from {list(SIZES)} and size from {list(SIZES["trocr"])}')
-    names = {f.name for f in fields(ModelConfig)}
-    bad = set(overrides) - names
+    if size not in SIZES.get(arch, {}):
+        raise KeyError(f'unknown model {arch}-{size}; arch is one of {list(SIZES)}, size one of {list(SIZES["trocr"])}')
+    bad, valid = set(overrides) - {f.name for f in fields(ModelConfig)}, sorted(f.name for f in fields(ModelConfig))
     if bad:
-        raise TypeError(f'unknown config field(s) {sorted(bad)}; valid: {sorted(names)}')
+        raise TypeError(f'unknown config field(s) {sorted(bad)}; valid: {valid}')
     return ModelConfig(**{**SIZES[arch][size], 'vocab_size': vocab_size, **overrides})
 
 
@@ -516,36 +478,15 @@ def build_model(cfg):
     return {'trocr': TrOCR, 'parseq': PARSeq}[cfg.arch](cfg)
 
 
-# ----------------------------------------------------------------------------- parameters and FLOPs
-
-def _lin(i, o, bias=True):
-    return i * o + o * bias
-
-
-def _attn(d, kv_dim=None, bias=True):  # fused qkv or q + kv, then the output projection (always biased)
-    return _lin(d, d, bias) + _lin(kv_dim or d, 2 * d, bias) + _lin(d, d)
-
-
-def _mlp(d, ratio):
-    return _lin(d, int(d * ratio)) + _lin(int(d * ratio), d)
-
+# ----------------------------------------------------------------------------- parameters, FLOPs, size table
 
 def count_params(cfg):
-    """(total, non_embedding) computed from the config; equals sum(p.numel()) of build_model(cfg).
-    non_embedding leaves out the token embedding and every position embedding (the head is counted)."""
-    d, e, V = cfg.dec_width, cfg.enc_width, cfg.vocab_size
-    T_e = num_patches(cfg) + cfg.cls_token
-    enc = (_lin(cfg.in_chans * cfg.patch_h * cfg.patch_w, e) + e * cfg.cls_token + T_e * e + 2 * e
-           + cfg.enc_depth * (4 * e + _attn(e, bias=cfg.qkv_bias) + _mlp(e, cfg.mlp_ratio)))
-    emb = V * d + (cfg.max_len + 1) * d + T_e * e
-    if cfg.arch == 'trocr':   # 3 norms, self-attn, cross-attn, MLP per layer; embedding/final norms; head
-        layer = 6 * d + _attn(d) + _attn(d, e) + _mlp(d, cfg.dec_mlp_ratio)
-        dec = (V * d + (cfg.max_len + 1) * d + cfg.dec_depth * layer + 2 * d * cfg.emb_norm
-               + (not cfg.tie_head) * d * (V - 2))
-    else:                     # 4 norms, two attentions, MLP per layer; untied head over V-2 classes
-        layer = 8 * d + _attn(d, d) + _attn(d, e) + _mlp(d, cfg.dec_mlp_ratio)
-        dec = V * d + (cfg.max_len + 1) * d + cfg.dec_depth * layer + 2 * d + _lin(d, V - 2)
-    return enc + dec, enc + dec - emb
+    """(total, non_embedding) parameters of build_model(cfg) built on the meta device; the second leaves out the token
+    embedding and every position embedding (the head is counted)."""
+    with torch.device('meta'):
+        sizes = {name: p.numel() for name, p in build_model(cfg).named_parameters()}
+    embeddings = ('tok_emb.weight', 'text_emb.weight', 'pos_emb', 'pos_queries', 'encoder.pos')
+    return sum(sizes.values()), sum(n for name, n in sizes.items() if name not in embeddings)
 
 
 def _flops_parts(cfg, dec_len=None):
@@ -560,15 +501,13 @@ def _flops_parts(cfg, dec_len=None):
     xkv = cfg.dec_depth * 2 * T_e * 2 * e * d     # cross-attention K/V of the image tokens, once per image
     kv = 2 * T_d * 2 * d * d                      # self-attention K/V of the T_d decoder inputs
     stream = 2 * T_d * (4 * d * d + 2 * d * h_d) + 4 * d * T_d * (T_d + T_e)  # q,o (self, cross), MLP, scores
-    if cfg.arch == 'trocr':
-        dec = cfg.dec_depth * (kv + stream)
-    else:  # query stream every layer, content stream every layer but the last
-        dec = cfg.dec_depth * (kv + stream) + (cfg.dec_depth - 1) * stream
+    # PARSeq: the query stream in every layer, the content stream in every layer but the last
+    dec = cfg.dec_depth * (kv + stream) + (cfg.arch == 'parseq') * (cfg.dec_depth - 1) * stream
     return enc, xkv, dec + 2 * d * C * T_d
 
 
 def forward_flops(cfg, dec_len=None):
-    """Forward FLOPs per image: encoder + one teacher-forced decoder pass (PARSeq: one order) over dec_len + 1 tokens."""
+    """Forward FLOPs per image: the encoder + one teacher-forced decoder pass (PARSeq: one order) of dec_len + 1."""
     return float(sum(_flops_parts(cfg, dec_len)))
 
 
@@ -579,8 +518,6 @@ def train_flops_per_sample(cfg, dec_len=None):
     return 3.0 * (enc + xkv + dec * num_orders(cfg, dec_len or cfg.max_len))
 
 
-# ----------------------------------------------------------------------------- size table
-
 def print_table(vocab_size=97):
     fmt = lambda n: f'{n / 1e3:.1f}k' if n < 1e6 else f'{n / 1e6:.2f}M' if n < 1e9 else f'{n / 1e9:.3f}B'  # noqa: E731
     print(f'{"arch":7}{"size":5}{"enc L/d/h":>14}{"dec L/d/h":>13}{"image/patch":>15}{"params":>10}'
@@ -588,22 +525,20 @@ def print_table(vocab_size=97):
     for arch in SIZES:
         for size in SIZES[arch]:
             c, paper = make_config(arch, size, vocab_size), PAPER_PARAMS[arch].get(size)
-            n = count_params(c)[0]
-            print(f'{arch:7}{size:5}{f"{c.enc_depth}/{c.enc_width}/{c.enc_heads}":>14}'
-                  f'{f"{c.dec_depth}/{c.dec_width}/{c.dec_heads}":>13}{f"{c.img_h}x{c.img_w}/{c.patch_h}x{c.patch_w}":>15}'
-                  f'{fmt(n):>10}{fmt(paper) if paper else "-":>10}{f"{100 * (n / paper - 1):+.1f}%" if paper else "":>7}'
-                  f'{forward_flops(c) / 1e9:>9.4g}  {BASIS[arch].get(size, "CPU ladder")}')
+            n, basis = count_params(c)[0], BASIS[arch].get(size, 'CPU ladder' if size[0] == 'T' else 'guess')
+            enc, dec = f'{c.enc_depth}/{c.enc_width}/{c.enc_heads}', f'{c.dec_depth}/{c.dec_width}/{c.dec_heads}'
+            print(f'{arch:7}{size:5}{enc:>14}{dec:>13}{f"{c.img_h}x{c.img_w}/{c.patch_h}x{c.patch_w}":>15}{fmt(n):>10}'
+                  f'{fmt(paper) if paper else "-":>10}{f"{100 * (n / paper - 1):+.1f}%" if paper else "":>7}'
+                  f'{forward_flops(c) / 1e9:>9.4g}  {basis}')
 
 
 # ----------------------------------------------------------------------------- released checkpoints -> ours
 
 class _Opaque(dict):
     """Stands for every class a checkpoint names beyond tensors and plain containers (Lightning's hyper-parameter
-    dict, callback states, anything else): built from nothing, keeping only dict items, so no code from the file runs."""
+    dict, callback states): built from nothing (dict.__new__ ignores arguments), keeping only dict items, so no code
+    from the file runs."""
     __init__ = __setstate__ = lambda self, *args, **kwargs: None
-
-    def __new__(cls, *args, **kwargs):
-        return dict.__new__(cls)
 
 
 class _DataUnpickler(pickle.Unpickler):
@@ -616,45 +551,52 @@ class _DataUnpickler(pickle.Unpickler):
 
 
 def load_weights(path):
-    """A checkpoint file through torch.load(weights_only=True), or, for files that also pickle other objects
-    (Lightning .ckpt), through an unpickler that rebuilds only tensors and plain containers."""
+    """A .safetensors file, else torch.load(weights_only=True), or _DataUnpickler for files that pickle other objects
+    too (Lightning .ckpt)."""
+    data_only = SimpleNamespace(Unpickler=_DataUnpickler, load=lambda f, **kw: _DataUnpickler(f, **kw).load(),
+                                __name__='data_only')
     try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path)
         try:
             return torch.load(path, map_location='cpu', weights_only=True)
         except pickle.UnpicklingError:
-            data_only = SimpleNamespace(Unpickler=_DataUnpickler, load=lambda f, **kw: _DataUnpickler(f, **kw).load(),
-                                      __name__='data_only')
             return torch.load(path, map_location='cpu', weights_only=False, pickle_module=data_only)
+    except ImportError:
+        raise SystemExit(f'reading {path} needs the safetensors package: pip install safetensors')
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise SystemExit(f'{path}: cannot read it as a torch checkpoint ({str(e).splitlines()[0][:100]})')
 
 
-def _load_converted(cfg, state, source):
+def _renamed(sd, names):
+    """sd with each (theirs, ours) fragment of names replaced in every key, in order."""
+    for theirs, ours in names:
+        sd = {key.replace(theirs, ours): value for key, value in sd.items()}
+    return sd
+
+
+def _load_converted(cfg, state, source):  # tensors our model does not have (a pooler, ...) are left out
     model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise SystemExit(f'{source}: weights do not fit the inferred {cfg.arch} model (missing {missing[:3]}, '
-                         f'unexpected {unexpected[:3]})')
+    missing = [k for k, v in model.state_dict().items() if k not in state or state[k].shape != v.shape]
+    if missing:
+        raise SystemExit(f'{source}: weights do not fit the inferred {cfg.arch} model (missing {missing[:3]} or '
+                         'of another shape)')
+    model.load_state_dict({k: state[k] for k in model.state_dict()})
     return model.eval()
 
 
-def _hf_pairs(cfg):
-    """(our parameter prefix, transformers prefixes stacked into it) for every linear/conv/norm layer."""
-    enc = [('attn.qkv.', 'attention.attention.query. attention.attention.key. attention.attention.value.'),
-           ('attn.proj.', 'attention.output.dense.'), ('norm1.', 'layernorm_before.'), ('norm2.', 'layernorm_after.'),
-           ('mlp.0.', 'intermediate.dense.'), ('mlp.2.', 'output.dense.')]
-    dec = [('self_attn.qkv.', 'self_attn.q_proj. self_attn.k_proj. self_attn.v_proj.'), ('mlp.0.', 'fc1.'),
-           ('self_attn.proj.', 'self_attn.out_proj.'), ('norm1.', 'self_attn_layer_norm.'), ('mlp.2.', 'fc2.'),
-           ('cross_attn.q.', 'encoder_attn.q_proj.'), ('cross_attn.kv.', 'encoder_attn.k_proj. encoder_attn.v_proj.'),
-           ('cross_attn.proj.', 'encoder_attn.out_proj.'), ('norm2.', 'encoder_attn_layer_norm.'),
-           ('norm3.', 'final_layer_norm.')]
-    D = 'decoder.model.decoder.'
-    return ([('encoder.patch.', ['encoder.embeddings.patch_embeddings.projection.']),
-             ('encoder.norm.', ['encoder.layernorm.']), ('emb_norm.', [D + 'layernorm_embedding.'])]
-            + [(f'encoder.blocks.{i}.{o}', [f'encoder.encoder.layer.{i}.{t}' for t in ts.split()])
-               for i in range(cfg.enc_depth) for o, ts in enc]
-            + [(f'layers.{i}.{o}', [f'{D}layers.{i}.{t}' for t in ts.split()])
-               for i in range(cfg.dec_depth) for o, ts in dec])
+# transformers' names -> ours, in order; q, k, v stay apart until stacked. '.gamma', '.beta': older LayerNorm names
+_HF_NAMES = [('.gamma', '.weight'), ('.beta', '.bias'), ('decoder.model.decoder.', ''),
+             ('encoder.encoder.layer.', 'encoder.blocks.'), ('encoder.embeddings.patch_embeddings.projection.',
+             'encoder.patch.'), ('encoder.layernorm.', 'encoder.norm.'), ('attention.attention.query.', 'attn.q.'),
+             ('attention.attention.key.', 'attn.k.'), ('attention.attention.value.', 'attn.v.'),
+             ('attention.output.dense.', 'attn.proj.'), ('intermediate.dense.', 'mlp.0.'), ('output.dense.', 'mlp.2.'),
+             ('layernorm_before.', 'norm1.'), ('layernorm_after.', 'norm2.'), ('layernorm_embedding.', 'emb_norm.'),
+             ('self_attn_layer_norm.', 'norm1.'), ('encoder_attn_layer_norm.', 'norm2.'), ('fc1.', 'mlp.0.'),
+             ('final_layer_norm.', 'norm3.'), ('encoder_attn.', 'cross_attn.'), ('q_proj.', 'q.'), ('k_proj.', 'k.'),
+             ('v_proj.', 'v.'), ('out_proj.', 'proj.'), ('fc2.', 'mlp.2.')]
+_HF_TOKENIZER_FILES = ('tokenizer.json', 'vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json')
 
 
 def _sinusoids(first, n, d):
@@ -664,25 +606,10 @@ def _sinusoids(first, n, d):
     return F.pad(torch.cat([angle.sin(), angle.cos()], 1), (0, d % 2))[None]
 
 
-def _hf_tokenizer(hf_dir, hf_id, max_len):
-    """The folder's own tokenizer files, carried inside the checkpoint for data.py (spec type 'hf'); ids[i] is
-    transformers' id of our id i."""
-    files = {n: open(os.path.join(hf_dir, n), encoding='utf-8').read() for n in
-             ('tokenizer.json', 'vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json')
-             if os.path.exists(os.path.join(hf_dir, n))}
-    files |= {n: base64.b64encode(open(os.path.join(hf_dir, n), 'rb').read()).decode()
-              for n in os.listdir(hf_dir) if n.endswith('.model')}
-    if 'tokenizer.json' not in files and not {'vocab.json', 'merges.txt'} <= files.keys() and \
-            not any(n.endswith('.model') for n in files):
-        raise SystemExit(f'{hf_dir}: no tokenizer.json, vocab.json + merges.txt or SentencePiece .model: save the '
-                         'processor into the folder too (TrOCRProcessor.save_pretrained)')
-    return {'type': 'hf', 'files': files, 'ids': hf_id, 'max_len': max_len}
-
-
 def trocr_from_transformers(hf_dir):
-    """(model, hf_id, tokenizer spec) from a VisionEncoderDecoderModel folder: a ViT or DeiT encoder (every published
-    TrOCR folder) + TrOCRForCausalLM with learned or sinusoidal positions. hf_id[i] = transformers' id of our id i.
-    transformers' <s> becomes our BOS (no input: the decoder starts from EOS) and, like PAD, is never predicted."""
+    """(model, tokenizer spec, --check reference) from a VisionEncoderDecoderModel folder: ViT or DeiT encoder +
+    TrOCRForCausalLM (learned or sinusoidal positions). The spec holds the folder's tokenizer files and ids[i] =
+    transformers' id of our id i; its <s> is our BOS (no input: the decoder starts from EOS), never predicted."""
     try:
         hc = json.load(open(os.path.join(hf_dir, 'config.json')))
         e, d = hc['encoder'], hc['decoder']
@@ -691,11 +618,10 @@ def trocr_from_transformers(hf_dir):
     if e.get('model_type') not in ('vit', 'deit') or d.get('model_type') != 'trocr' or e.get('hidden_act') != 'gelu':
         raise SystemExit(f"{hf_dir}: a {e.get('model_type')} ({e.get('hidden_act')}) encoder with a "
                          f"{d.get('model_type')} decoder: only ViT or DeiT (GELU) encoders with a TrOCR decoder convert")
-    V, eos, pad = d['vocab_size'], d['eos_token_id'], d['pad_token_id']
+    V, eos, pad, bos = d['vocab_size'], d['eos_token_id'], d['pad_token_id'], d['bos_token_id']
     start = next(i for i in (hc.get('decoder_start_token_id'), d.get('decoder_start_token_id'), eos) if i is not None)
     if start != eos:   # every released TrOCR starts from </s>
         raise SystemExit(f'{hf_dir}: decoder_start_token_id {start} is not the EOS id {eos}: not a TrOCR as released')
-    bos = d['bos_token_id']
     hf_id = [eos] + [i for i in range(V) if i not in (eos, pad, bos)] + [bos, pad]
     (img_h, img_w), (patch_h, patch_w) = ((v, v) if isinstance(v, int) else v for v in (e['image_size'], e['patch_size']))
     cfg = ModelConfig(
@@ -707,77 +633,63 @@ def trocr_from_transformers(hf_dir):
         dec_mlp_ratio=d['decoder_ffn_dim'] / d['d_model'], max_len=d['max_position_embeddings'] - 1, vocab_size=V,
         dropout=d['dropout'], attn_dropout=d['attention_dropout'], act_dropout=d['activation_dropout'],
         emb_scale=d['scale_embedding'], emb_norm=d['layernorm_embedding'], dec_act=d['activation_function'])
-    safe, pickled = os.path.join(hf_dir, 'model.safetensors'), os.path.join(hf_dir, 'pytorch_model.bin')
-    if os.path.exists(safe):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise SystemExit(f'reading {safe} needs the safetensors package: pip install safetensors')
-        sd = load_file(safe)
-    elif os.path.exists(pickled):
-        sd = load_weights(pickled)
-    else:
+    weights = [os.path.join(hf_dir, n) for n in ('model.safetensors', 'pytorch_model.bin')]
+    if not any(map(os.path.exists, weights)):
         raise SystemExit(f'{hf_dir}: no model.safetensors or pytorch_model.bin (merge a sharded checkpoint first)')
-    sd = {k.replace('.gamma', '.weight').replace('.beta', '.bias'): v for k, v in sd.items()}  # older LayerNorm names
-    D = 'decoder.model.decoder.'
+    sd = _renamed(load_weights(next(filter(os.path.exists, weights))), _HF_NAMES)
     try:
-        emb, out_proj = sd[D + 'embed_tokens.weight'], sd.get('decoder.output_projection.weight')
+        emb, out_proj = sd['embed_tokens.weight'], sd.get('decoder.output_projection.weight')
         cfg.tie_head = out_proj is None or torch.equal(out_proj, emb)
-        ours = {o + p: torch.cat([sd[t + p] for t in ts]) for o, ts in _hf_pairs(cfg) for p in ('weight', 'bias')
-                if ts[0] + p in sd}
-        ours['encoder.cls'] = torch.cat([sd['encoder.embeddings.' + k] for k in
-                                         ('cls_token', 'distillation_token')[:cfg.cls_token]], 1)
-        ours['encoder.pos'] = sd['encoder.embeddings.position_embeddings']
+        sd['tok_emb.weight'], sd['head.weight'] = emb[hf_id], (emb if cfg.tie_head else out_proj)[hf_id[:V - 2]]
+        sd['encoder.cls'] = torch.cat([sd['encoder.embeddings.' + k] for k in
+                                       ('cls_token', 'distillation_token')[:cfg.cls_token]], 1)
+        sd['encoder.pos'] = sd['encoder.embeddings.position_embeddings']
         if d.get('use_learned_position_embeddings', True):
-            ours['pos_emb'] = sd[D + 'embed_positions.weight'][None, 2:cfg.max_len + 3]   # offset 2 there
+            sd['pos_emb'] = sd['embed_positions.weight'][None, 2:cfg.max_len + 3]   # offset 2 there
         else:  # positions count from pad + 1 there; the fixed table goes into our learned slot
-            ours['pos_emb'] = _sinusoids(pad + 1, cfg.max_len + 1, cfg.dec_width)
+            sd['pos_emb'] = _sinusoids(pad + 1, cfg.max_len + 1, cfg.dec_width)
+        for k in [k for k in sd if '.k.' in k]:   # stacked as ours: self-attention q, k, v; cross-attention k, v
+            parts = [k, k.replace('.k.', '.v.')] if 'cross_attn' in k else [k.replace('.k.', f'.{p}.') for p in 'qkv']
+            sd[k.replace('.k.', '.kv.' if len(parts) == 2 else '.qkv.')] = torch.cat([sd[p] for p in parts])
     except KeyError as err:
         raise SystemExit(f'{hf_dir}: no weight {err} (the weights do not match the config.json of a TrOCR folder)')
-    ours['tok_emb.weight'] = emb[hf_id]
-    if not cfg.tie_head:
-        ours['head.weight'] = out_proj[hf_id[:V - 2]]
     if 'enc_to_dec_proj.weight' in sd:   # fold transformers' encoder -> decoder width projection into K/V
         P, b = sd['enc_to_dec_proj.weight'].double(), sd['enc_to_dec_proj.bias'].double()
         for i in range(cfg.dec_depth):
             w, c = f'layers.{i}.cross_attn.kv.weight', f'layers.{i}.cross_attn.kv.bias'
-            ours[w], ours[c] = (ours[w].double() @ P).float(), (ours[w].double() @ b + ours[c].double()).float()
-    return _load_converted(cfg, ours, hf_dir), hf_id, _hf_tokenizer(hf_dir, hf_id, cfg.max_len)
+            sd[w], sd[c] = (sd[w].double() @ P).float(), (sd[w].double() @ b + sd[c].double()).float()
+    model = _load_converted(cfg, sd, hf_dir)
+    files = {n: open(os.path.join(hf_dir, n), encoding='utf-8').read() if n in _HF_TOKENIZER_FILES else
+             base64.b64encode(open(os.path.join(hf_dir, n), 'rb').read()).decode()
+             for n in sorted(os.listdir(hf_dir)) if n in _HF_TOKENIZER_FILES or n.endswith('.model')}
+    if not ('tokenizer.json' in files or {'vocab.json', 'merges.txt'} <= files.keys() or
+            any(n.endswith('.model') for n in files)):
+        raise SystemExit(f'{hf_dir}: no tokenizer.json, vocab.json + merges.txt or SentencePiece .model: save the '
+                         'processor into the folder too (TrOCRProcessor.save_pretrained)')
+    spec = {'type': 'hf', 'files': files, 'ids': hf_id, 'max_len': cfg.max_len}
+    return model, spec, partial(_transformers_reference, hf_dir, hf_id)
 
 
-def _upto_eos(row, eos):
-    return row[:(row + [eos]).index(eos)]
-
-
-def check_trocr(model, hf_dir, hf_id):
-    """(max logit difference, greedy strings identical) against transformers' own model: teacher-forced logits on
-    random images and tokens, and greedy decoding against its generate (<s> and <pad>, never ours, suppressed)."""
+def _transformers_reference(hf_dir, hf_id, model, images, tokens):
+    """transformers' own model: teacher-forced logits and greedy generate's ids (<s> and <pad> suppressed), in ours."""
     try:
         from transformers import VisionEncoderDecoderModel
     except ImportError:
         raise SystemExit('--check needs transformers: pip install transformers')
-    ref, cfg = VisionEncoderDecoderModel.from_pretrained(hf_dir).float().eval(), model.cfg
+    ref = VisionEncoderDecoderModel.from_pretrained(hf_dir).float().eval()
     positions = ref.decoder.model.decoder.embed_positions
     if getattr(positions, 'weights', None) is not None and positions.weights.is_meta:
         # from_pretrained leaves the sinusoid table on the meta device: rebuild it at its full length
-        positions.weights = positions.get_embedding(len(positions.weights), cfg.dec_width, positions.padding_idx)
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(2, cfg.in_chans, cfg.img_h, cfg.img_w, generator=g) * 2 - 1
-    tokens = torch.randint(0, cfg.vocab_size - 2, (2, min(12, cfg.max_len) + 1), generator=g)
-    tokens[:, 0] = model.start
-    with torch.no_grad():
-        ours = model.decoder(tokens, model.memory_kv(images))
-        theirs = ref(pixel_values=images, decoder_input_ids=torch.tensor(hf_id)[tokens]).logits[..., hf_id[:-2]]
-        ids, _ = model.decode(images)
-        gen = ref.generate(pixel_values=images, max_new_tokens=cfg.max_len + 1, num_beams=1, do_sample=False,
-                           decoder_start_token_id=hf_id[0], eos_token_id=hf_id[0], pad_token_id=hf_id[-1],
-                           suppress_tokens=hf_id[-2:])
-    same = all(_upto_eos([hf_id[t] for t in a.tolist()], hf_id[0]) == _upto_eos(b.tolist()[1:], hf_id[0])
-               for a, b in zip(ids, gen))
-    return (ours - theirs).abs().max().item(), same
+        positions.weights = positions.get_embedding(len(positions.weights), model.cfg.dec_width, positions.padding_idx)
+    gen = ref.generate(pixel_values=images, max_new_tokens=model.cfg.max_len + 1, num_beams=1, do_sample=False,
+                       decoder_start_token_id=hf_id[0], eos_token_id=hf_id[0], pad_token_id=hf_id[-1],
+                       suppress_tokens=hf_id[-2:])
+    ours_of = {h: i for i, h in enumerate(hf_id)}
+    return (ref(pixel_values=images, decoder_input_ids=torch.tensor(hf_id)[tokens]).logits[..., hf_id[:-2]],
+            [[ours_of[t] for t in row[1:]] for row in gen.tolist()])
 
 
-# strhub's renames to ours, applied in order; its decoder attention's in_proj (q, k, v stacked) is split into q and kv
+# strhub's names -> ours, in order; its decoder attention's in_proj (q, k, v stacked) is split into q and kv
 _STRHUB_NAMES = [('encoder.pos_embed', 'encoder.pos'), ('encoder.patch_embed.proj', 'encoder.patch'),
                  ('.mlp.fc1.', '.mlp.0.'), ('.mlp.fc2.', '.mlp.2.'), ('.linear1.', '.mlp.0.'), ('.linear2.', '.mlp.2.'),
                  ('.out_proj.', '.proj.'), ('decoder.layers.', 'layers.'), ('decoder.norm.', 'norm.'),
@@ -786,10 +698,9 @@ STRHUB_CHARSET = string.digits + string.ascii_lowercase + string.ascii_uppercase
 
 
 def parseq_from_strhub(path):
-    """(model, charset, strhub state_dict) from a released PARSeq checkpoint: a torch.hub state_dict (keys with a
-    'model.' prefix, or none in older files) or a Lightning .ckpt (state_dict + hyper_parameters). Without
-    hyper-parameters the shapes give the config: heads = width/64 in the encoder and width/32 in the decoder (every
-    released model), max_len = len(pos_queries) - 1, the image 32x128 if pos_embed's length fits it, else square."""
+    """(model, tokenizer spec, --check reference) from a torch.hub state_dict (keys with a 'model.' prefix, or none in
+    older files) or a Lightning .ckpt. Without hyper-parameters, as every released model: heads = width/64 (encoder),
+    width/32 (decoder), max_len = len(pos_queries) - 1, the image 32x128 if pos_embed's length fits, else square."""
     ckpt = load_weights(path)
     sd, hp = (ckpt.get('state_dict', ckpt), ckpt.get('hyper_parameters') or {}) if isinstance(ckpt, dict) else ({}, {})
     sd = {k.removeprefix('model.'): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -805,48 +716,53 @@ def parseq_from_strhub(path):
                                           (side * patch_h, side * patch_w))
     depth = lambda prefix: 1 + max(int(k.split('.')[2]) for k in sd if k.startswith(prefix))  # noqa: E731
     cfg = make_config('parseq', 'S', V, img_h=img_h, img_w=img_w, patch_h=patch_h, patch_w=patch_w, enc_width=e,
-                      enc_depth=depth('encoder.blocks.'), enc_heads=hp.get('enc_num_heads', e // 64),
-                      mlp_ratio=len(sd['encoder.blocks.0.mlp.fc1.weight']) / e, dec_width=d,
+                      enc_depth=depth('encoder.blocks.'), enc_heads=hp.get('enc_num_heads', e // 64), dec_width=d,
+                      mlp_ratio=len(sd['encoder.blocks.0.mlp.fc1.weight']) / e, max_len=len(sd['pos_queries'][0]) - 1,
                       dec_depth=depth('decoder.layers.'), dec_heads=hp.get('dec_num_heads', d // 32),
-                      dec_mlp_ratio=len(sd['decoder.layers.0.linear1.weight']) / d, max_len=sd['pos_queries'].shape[1] - 1)
-    ours = {}
-    for key, value in sd.items():
-        for theirs, mine in _STRHUB_NAMES:
-            key = key.replace(theirs, mine)
-        if '.in_proj_' in key:
-            prefix, kind = key.split('.in_proj_')
-            ours[f'{prefix}.q.{kind}'], ours[f'{prefix}.kv.{kind}'] = value[:d], value[d:]
-        else:
-            ours[key] = value
-    return _load_converted(cfg, ours, path), charset, sd
+                      dec_mlp_ratio=len(sd['decoder.layers.0.linear1.weight']) / d)
+    ours = _renamed(sd, _STRHUB_NAMES)
+    for key in [k for k in ours if '.in_proj_' in k]:
+        prefix, kind = key.split('.in_proj_')
+        ours[f'{prefix}.q.{kind}'], ours[f'{prefix}.kv.{kind}'] = ours[key][:d], ours[key][d:]
+    spec = {'type': 'char', 'charset': charset, 'max_len': cfg.max_len}
+    return _load_converted(cfg, ours, path), spec, partial(_strhub_reference, charset, sd)
 
 
-def check_parseq(model, charset, sd):
-    """(max logit difference, decoded strings identical) against strhub's PARSeq (ore-strhub): forward-order
-    teacher-forced logits, and AR decoding with one refinement pass."""
+def _strhub_reference(charset, sd, model, images, tokens):
+    """strhub's PARSeq (ore-strhub): forward-order teacher-forced logits, and AR decoding with one refinement pass."""
     try:
         from strhub.models.parseq.system import PARSeq as StrhubPARSeq
     except ImportError as err:
         raise SystemExit(f'--check needs strhub and timm (pip install ore-strhub timm): {err}')
     c = model.cfg
     ref = StrhubPARSeq(charset, charset, c.max_len, 1, 0.0, 0.0, 0.0, [c.img_h, c.img_w], [c.patch_h, c.patch_w],
-                       c.enc_width, c.enc_heads, int(c.mlp_ratio), c.enc_depth, c.dec_heads, int(c.dec_mlp_ratio), c.dec_depth,
-                       c.perm_num, True, c.perm_mirrored, True, 1, c.dropout)
+                       c.enc_width, c.enc_heads, int(c.mlp_ratio), c.enc_depth, c.dec_heads, int(c.dec_mlp_ratio),
+                       c.dec_depth, c.perm_num, True, c.perm_mirrored, True, 1, c.dropout)
     ref.load_state_dict(sd)
     ref.eval()
-    g = torch.Generator().manual_seed(0)
+    blocked = torch.full((tokens.shape[1], tokens.shape[1]), float('-inf')).triu(1)   # additive causal mask
+    logits = ref.head(ref.decode(tokens, ref.encode(images), blocked, tgt_query_mask=blocked))
+    return logits, ref(images).argmax(-1).tolist()
+
+
+def _upto_eos(row, eos=0):
+    return row[:(row + [eos]).index(eos)]
+
+
+def check_converted(model, reference):
+    """(max logit difference, decoded strings identical) against the original code on random images and tokens:
+    reference(model, images, tokens) gives its teacher-forced logits and decoded ids, both in our ids."""
+    c, g = model.cfg, torch.Generator().manual_seed(0)
     images = torch.rand(4, c.in_chans, c.img_h, c.img_w, generator=g) * 2 - 1
     tokens = torch.randint(1, c.vocab_size - 2, (4, min(12, c.max_len) + 1), generator=g)
-    tokens[:, 0] = model.bos
+    tokens[:, 0] = model.eos if c.arch == 'trocr' else model.bos   # each decoder's first input
     causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril()
     with torch.no_grad():
-        ours = model.run(model.embed(tokens), model.pos_queries[:, :tokens.shape[1]].expand(4, -1, -1),
-                         model.memory_kv(images), causal, causal)
-        blocked = torch.zeros(causal.shape).masked_fill(~causal, float('-inf'))
-        theirs = ref.head(ref.decode(tokens, ref.encode(images), blocked, tgt_query_mask=blocked))
+        (theirs, ref_ids), mem_kv = reference(model, images, tokens), model.memory_kv(images)
+        ours = model.decoder(tokens, mem_kv) if c.arch == 'trocr' else model.run(
+            model.embed(tokens), model.pos_queries[:, :tokens.shape[1]].expand(4, -1, -1), mem_kv, causal, causal)
         ids, _ = model.decode(images)
-        ref_ids = ref(images).argmax(-1)
-    same = all(_upto_eos(a.tolist(), model.eos) == _upto_eos(b.tolist(), model.eos) for a, b in zip(ids, ref_ids))
+    same = all(_upto_eos(a) == _upto_eos(b) for a, b in zip(ids.tolist(), ref_ids))
     return (ours - theirs).abs().max().item(), same
 
 
@@ -857,21 +773,18 @@ def convert_main(argv):
     ap.add_argument('source', help='convert-trocr: a transformers VisionEncoderDecoderModel folder with its tokenizer '
                     'files; convert-parseq: a released PARSeq .pt (torch.hub) or .ckpt (Lightning) file')
     ap.add_argument('out', help='checkpoint to write (.pt)')
-    ap.add_argument('--check', action='store_true', help='compare logits with the original code (transformers / '
-                    'strhub); exit 1 above 1e-4')
+    ap.add_argument('--check', action='store_true', help='compare logits and decoded strings with the original code '
+                    '(transformers / strhub); exit 1 above 1e-4 or if any string differs')
     args = ap.parse_args(argv)
-    if args.command == 'convert-trocr':
-        model, hf_id, spec = trocr_from_transformers(args.source)
-    else:
-        model, charset, sd = parseq_from_strhub(args.source)
-        spec = {'type': 'char', 'charset': charset, 'max_len': model.cfg.max_len}
+    convert = trocr_from_transformers if args.command == 'convert-trocr' else parseq_from_strhub
+    model, spec, reference = convert(args.source)
     c = model.cfg
-    torch.save(dict(model=model.state_dict(), model_config=asdict(c), tokenizer=spec, source=os.path.abspath(args.source)),
-               args.out)
+    torch.save(dict(model=model.state_dict(), model_config=asdict(c), tokenizer=spec,
+                    source=os.path.abspath(args.source)), args.out)
     print(f'{args.out}: {c.arch}, {count_params(c)[0] / 1e6:.2f}M params, {c.img_h}x{c.img_w} images, {c.vocab_size} '
           f'ids, max_len {c.max_len}')
     if args.check:
-        diff, same = check_trocr(model, args.source, hf_id) if c.arch == 'trocr' else check_parseq(model, charset, sd)
+        diff, same = check_converted(model, reference)
         print(f'max |logits - {"transformers" if c.arch == "trocr" else "strhub"}| = {diff:.3g}; decoded strings '
               f'identical: {same}')
         sys.exit(int(diff > 1e-4 or not same))

@@ -4,6 +4,7 @@ padding and torch.compile, sizes, FLOPs, the transformers TrOCR converter, overf
     python -m pytest -q tests/test_model.py
 """
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -190,6 +191,20 @@ def test_permutation_masks():
             assert orders[1].tolist() == [0, L + 1] + list(range(L, 0, -1))
             qmask, _ = order_masks(orders[1])
             assert qmask[L].tolist() == [True] + [False] * L
+
+
+def test_plm_orders_distinct_for_short_labels():
+    """L < 5: random orders drawn without replacement (one of each mirror pair), as the original's; for L = 3 the six
+    orders are all 3! orders of the characters."""
+    for L in (3, 4):
+        for mirrored in (True, False):
+            for seed in range(20):
+                torch.manual_seed(seed)
+                orders = sample_orders(L, 6, mirrored, key_len=8).tolist()
+                assert len(set(map(tuple, orders))) == 6, (L, mirrored, orders)
+                if L == 3 and mirrored:
+                    chars = {tuple(p for p in order if 0 < p <= L) for order in orders}
+                    assert chars == set(itertools.permutations(range(1, 4)))
 
 
 def test_parseq_eos_rule_and_token_sums():
@@ -628,7 +643,8 @@ def trocr_with_eos_ramp(tf, folder, eos_scale):
     hf.save_pretrained(folder)
     (folder / 'vocab.json').write_text(json.dumps({f'<{i}>': i for i in range(14)}))   # the converter needs a tokenizer
     (folder / 'merges.txt').write_text('#version: 0.2\n')
-    return hf.eval(), *M.trocr_from_transformers(folder)[:2]
+    m, spec, _ = M.trocr_from_transformers(folder)
+    return hf.eval(), m, spec['ids']
 
 
 @pytest.mark.parametrize('eos_scale', [0.5, 1.0, 2.0])
