@@ -40,13 +40,15 @@ DEMO = dict(n_train=50_000, n_val=1_000, n_test=1_000, n_sizes=["T2", "T3", "T4"
 QUICK = dict(n_train=4_000, n_val=200, n_test=200, n_sizes=["T1", "T2", "T3"], n_train_samples=3_000,
              d_size="T2", d_values=[500, 1_000, 2_000], d_train_samples=3_000, seeds=[0],
              metric="loss")  # too short to leave the 100%-error plateau: fit val loss per character instead
-# The mix and pretraining findings. "Real" = data.py's 'varied' style with Pillow's built-in font (sizes, colours,
-# gradients, rotation, blur, noise: the same images on every machine), scarce, with its own test set; "synthetic" =
-# the demo's clean style, plentiful. Every run is tested on the real-style test set.
+# The mix and pretraining findings. "Real": data.py's 'varied' style in Pillow's built-in font (the same images on
+# every machine), scarce, with the test set of every run; "synthetic": the demo's clean style, plentiful.
 STUDY = dict(size="T5", train_samples=100_000, n_real=3_000, n_real_val=1_000, n_real_test=1_000, n_shapes=20_000,
              ratios=[1, 3, 10], seeds=[0, 1])
 QUICK_STUDY = dict(size="T2", train_samples=3_000, n_real=500, n_real_val=200, n_real_test=200, n_shapes=1_000,
                    ratios=[1, 3, 10], seeds=[0])
+# the study's six benchmarks as PARSeq's release names their folders, then Union14M-Benchmark's subsets
+BENCHMARKS = ("IC13_857", "IIIT5k", "SVT", "CUTE80", "IC15_1811", "SVTP", "artistic", "contextless", "curve",
+              "general", "multi_oriented", "multi_words", "salient")
 
 
 def render_sets(root, cfg, study_cfg, workers):
@@ -94,7 +96,6 @@ def render_shapes(out_dir, n, seed):
 
 
 def with_common(runs, common, out):
-    """Each (name, tag, argv) with the arguments all its runs share; every run trains in OUT/NAME on one thread."""
     return [(name, tag, common + argv + ["--runs", out, "--threads", "1", "--name", name, "--tag", tag])
             for name, tag, argv in runs]
 
@@ -152,8 +153,7 @@ def lock_folder(folder):
 
 
 def train_one(argv, slots, keep_fds):
-    """One run as its own train.py process, on a free progress-bar line taken from the `slots` queue."""
-    slot = slots.get()
+    slot = slots.get()  # a free progress-bar line
     try:
         return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--bar-position", str(slot)],
                               stdout=subprocess.PIPE, text=True, pass_fds=keep_fds)
@@ -162,7 +162,6 @@ def train_one(argv, slots, keep_fds):
 
 
 def run_all(runs, jobs, out, keep_fds):
-    """Train the runs `jobs` at a time; returns the names of those that failed."""
     if not runs:
         return []
     print(f"training {len(runs)} runs ({jobs} at a time) into {out}", flush=True)
@@ -182,9 +181,8 @@ def run_all(runs, jobs, out, keep_fds):
 
 
 def cmd_demo(args):
-    """Train the runs of --study, then write OUT/REPORT.md: a sentence per finding, then a section per study; exit
-    code 1 when a run failed. With all, the ladders train in OUT/laws, the rest in OUT/studies (fit.py pools a
-    folder's runs)."""
+    """Train the runs of --study, then write OUT/REPORT.md: a sentence per finding, a section per study; 1 when a run
+    failed. With all, the ladders train in OUT/laws, the rest in OUT/studies (fit.py pools all runs in a folder)."""
     seeds = {"seeds": args.seeds} if args.seeds else {}
     laws_cfg, cfg = dict(QUICK if args.quick else DEMO, **seeds), dict(QUICK_STUDY if args.quick else STUDY, **seeds)
     studies = ["n", "mix", "pretrain"] if args.study == "all" else [args.study]
@@ -253,33 +251,29 @@ def laws_section(arch, out, cfg, runs, root):
     for axis in ("N", "D"):  # a ladder of runs of different settings (e.g. some from an older train.py) is not pooled
         result[axis] = fit.fit_all(ladders[axis], metric=metric).get(axis) or \
             {"error": f"its runs differ in their settings: fit.py fits them apart ({out})"}
-    target = "word error as a fraction" if metric == "error" else "val loss per character"
+    target = "word error" if metric == "error" else "val loss per character"
     commands = "\n".join(f"python fit.py {' '.join(paths)} --metric {metric}    # {axis}" for axis, paths in
                          (("N", folders["N"]), ("D", folders["D"]), ("C and joint", folders["N"] + folders["D"])))
-    text.append(f"### Fitted laws\n\nE = (X_c / X)^alpha with E the {target}, fitted on exactly the runs in the "
+    text.append(f"### Fitted laws\n\nE = (X_c / X)^alpha with E the "
+                f"{'word error as a fraction' if metric == 'error' else target}, fitted on exactly the runs in the "
                 f"tables above (N on the N ladder, D on the D ladder, C and the joint law on both). Reproduce with:\n\n"
                 f"```\n{commands}\n```\n\n```\n{fit.format_table(result)}\n```\n")
     try:
         text += [f"![{os.path.basename(p)}]({os.path.relpath(p, root)})\n" for p in fit.plot_all(result, out)]
     except ImportError as e:
         text.append(f"(no plots: {e})\n")
-    return "\n".join(text), laws_findings(result, metric)
-
-
-def laws_findings(result, metric):
-    """One sentence each on the N and D laws, from the fit the report shows."""
-    out, target = [], "word error" if metric == "error" else "val loss per character"
+    findings = []  # one sentence each on the N and D laws, from the fit the report shows
     for axis, what, study in (("N", "model size N", "0.223 for TrOCR, 0.018 for PARSeq"),
                               ("D", "training images D", "0.327 for TrOCR")):
         r = result[axis]
         if "error" in r:
-            out.append(f"The {axis} law: not fitted ({r['error']}).")
+            findings.append(f"The {axis} law: not fitted ({r['error']}).")
             continue
         r2 = "undefined: flat or non-monotone" if r["r2"] is None else format(r["r2"], ".3f")
-        out.append(f"The {axis} law: the miniature {'reproduced' if r['alpha'] > 0 else 'did not reproduce'} the "
-                   f"study's direction: {target} {'falls' if r['alpha'] > 0 else 'does not fall'} with {what}: "
-                   f"power-law alpha {r['alpha']:.3f} (R² {r2}; the study: {study}).")
-    return out
+        findings.append(f"The {axis} law: the miniature {'reproduced' if r['alpha'] > 0 else 'did not reproduce'} "
+                        f"the study's direction: {target} {'falls' if r['alpha'] > 0 else 'does not fall'} with "
+                        f"{what}: power-law alpha {r['alpha']:.3f} (R² {r2}; the study: {study}).")
+    return "\n".join(text), findings
 
 
 def arm_result(runs_dir, arch, arm, cfg):
@@ -334,7 +328,6 @@ def mix_section(arch, out, cfg, root):
 
 
 def plot_mix(out_dir, means, per_seed, ratios):
-    """OUT_DIR/mix.png: test error against the synthetic:real ratio (a dot per seed), the single sources as lines."""
     from matplotlib.figure import Figure  # optional; a Figure without pyplot needs no GUI backend and no closing
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
@@ -395,16 +388,14 @@ def count_list(text):
 
 def size_list(text):
     if not set(text.split(",")) <= set(modellib.SIZES["parseq"]):
-        raise argparse.ArgumentTypeError(f"{text!r}: give some of {','.join(modellib.SIZES['parseq'])} separated by "
-                                         "commas, no spaces")
+        raise argparse.ArgumentTypeError(f"{text!r}: give some of {','.join(modellib.SIZES['parseq'])}, no spaces")
     return text.split(",")
 
 
 def seed_list(text):
     seeds = text.split(",")
     if not all(s.isdecimal() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
-        raise argparse.ArgumentTypeError(f"{text!r}: give distinct non-negative integers separated by commas, "
-                                         "e.g. 0,1,2")
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct non-negative integers, e.g. 0,1,2")
     return [int(s) for s in seeds]
 
 
@@ -467,14 +458,12 @@ def cmd_sweep(args):
             total_flops, total = total_flops + flops, total + gpu_hours
             table.append(f"{size:>5} {n:>12,} {d:>12,} {seen:>13,} {flops:>10.3g} {gpu_hours:>9.4g} "
                          f"{gpu_hours / world:>8.3g}")
-            launcher = f"torchrun --nproc_per_node={args.gpus}"
-            if args.nodes > 1:  # a rendezvous id per run, so back-to-back runs never join a stale one
-                launcher += (f" --nnodes={args.nodes} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 "
-                             f"--rdzv-id={name}")
+            nodes = (f" --nnodes={args.nodes} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id={name}"
+                     if args.nodes > 1 else "")  # a rendezvous id per run, so back-to-back runs never join a stale one
             command = shlex.join(["train.py", "--arch", args.arch, "--size", size, "--charset", args.charset,
                                   "--samples", str(d), "--train-samples", str(seen), *data_args, "--name", name])
-            lines.append(f"# N={n:,} D={d:,} FLOPs={flops:.4g} GPU-hours={gpu_hours:.4g}\n"
-                         f'{launcher} {command} || echo "sweep: {name} failed (exit $?)" >&2')
+            lines.append(f"# N={n:,} D={d:,} FLOPs={flops:.4g} GPU-hours={gpu_hours:.4g}\ntorchrun "
+                         f'--nproc_per_node={args.gpus}{nodes} {command} || echo "sweep: {name} failed (exit $?)" >&2')
     refusal = f"{', '.join(refused)}: the recipe's batch does not split over {world} GPUs (train.py would stop)"
     if not names:
         raise UsageError(f"no run to write: {refusal}")
@@ -511,11 +500,6 @@ def load_checkpoint(path):
     except (ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit their own config
         raise UsageError(f"argument --ckpt: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     return net.eval(), tok
-
-
-# the study's six benchmarks as PARSeq's release names their folders, then Union14M-Benchmark's subsets
-BENCHMARKS = ("IC13_857", "IIIT5k", "SVT", "CUTE80", "IC15_1811", "SVTP", "artistic", "contextless", "curve",
-              "general", "multi_oriented", "multi_words", "salient")
 
 
 def decode_options(arch, beam, refine_iters, len_norm, ckpt_path):
@@ -569,25 +553,6 @@ def cmd_eval(args):
           f"{out['weighted_ned']:>8.2f}")
 
 
-def collect_images(paths, encoding="utf-8"):
-    """[(image path, label or None)] from image files, folders and label files (path<TAB>label, relative to it)."""
-    items = []
-    for path in paths:
-        if os.path.isdir(path):
-            items += [(os.path.join(path, f), None) for f in sorted(os.listdir(path))
-                      if f.lower().endswith(tuple("." + e for e in data.IMAGE_EXTS))]
-        elif path.lower().endswith((".tsv", ".txt")):
-            try:
-                lines = data.label_file_lines(path, encoding=encoding)
-            except (OSError, ValueError) as e:
-                raise UsageError(f"argument images: cannot read the label file: {e}") from None
-            items += [(os.path.join(os.path.dirname(path), image), label if has_tab else None)
-                      for _, image, has_tab, label in lines]
-        else:
-            items.append((path, None))
-    return items
-
-
 @torch.no_grad()
 def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None, batch=64, max_len=None):
     """([(path, text, confidence)] of the readable images, the checkpoint's tokenizer), decoding at most max_len
@@ -612,7 +577,20 @@ def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None, b
 
 def cmd_read(args):
     """Each image's text and confidence (and the accuracy on labelled ones); exit code 1 if one was unreadable."""
-    items = collect_images(args.images, args.encoding)
+    items = []  # (image path, label or None) from image files, folders and label files (path<TAB>label, relative to it)
+    for path in args.images:
+        if os.path.isdir(path):
+            items += [(os.path.join(path, f), None) for f in sorted(os.listdir(path))
+                      if f.lower().endswith(tuple("." + e for e in data.IMAGE_EXTS))]
+        elif path.lower().endswith((".tsv", ".txt")):
+            try:
+                lines = data.label_file_lines(path, encoding=args.encoding)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"argument images: cannot read the label file: {e}") from None
+            items += [(os.path.join(os.path.dirname(path), image), label if has_tab else None)
+                      for _, image, has_tab, label in lines]
+        else:
+            items.append((path, None))
     if not items:
         raise UsageError("argument images: no image files in " + " ".join(args.images))
     results, tok = read_images(args.ckpt, [p for p, _ in items], args.beam, args.refine_iters, args.beam_len_norm,
