@@ -95,28 +95,26 @@ def render_shapes(out_dir, n, seed):
     return data.write_index(out_dir, writer.close(), writer.charset, f"shapes seed={seed}", {})
 
 
-def with_common(runs, common, out):
-    return [(name, tag, common + argv + ["--runs", out, "--threads", "1", "--name", name, "--tag", tag])
-            for name, tag, argv in runs]
-
-
 def demo_runs(arch, out, cfg, data_root):
-    """(name, tag, argv) of every run of the N and D ladders."""
+    """(name, tag, argv) of every run of the N and D ladders; train_one adds the name and tag to the argv."""
+    path = functools.partial(os.path.join, data_root)
+    common = ["--arch", arch, "--train", path("train"), "--val", path("val"), "--test", f"synth={path('test')}",
+              "--runs", out, "--threads", "1"]
     runs = []
     for seed in cfg["seeds"]:
-        runs += [(f"{arch}-N-{size}-s{seed}", "N", ["--size", size, "--seed", str(seed),
+        runs += [(f"{arch}-N-{size}-s{seed}", "N", common + ["--size", size, "--seed", str(seed),
                   "--train-samples", str(cfg["n_train_samples"])]) for size in cfg["n_sizes"]]
-        runs += [(f"{arch}-D-{d}-s{seed}", "D", ["--size", cfg["d_size"], "--seed", str(seed), "--samples", str(d),
-                  "--train-samples", str(cfg["d_train_samples"])]) for d in cfg["d_values"]]
-    path = functools.partial(os.path.join, data_root)
-    return with_common(runs, ["--arch", arch, "--train", path("train"), "--val", path("val"),
-                              "--test", f"synth={path('test')}"], out)
+        runs += [(f"{arch}-D-{d}-s{seed}", "D", common + ["--size", cfg["d_size"], "--seed", str(seed), "--samples",
+                  str(d), "--train-samples", str(cfg["d_train_samples"])]) for d in cfg["d_values"]]
+    return runs
 
 
 def study_runs(arch, out, cfg, data_root, studies):
     """(name, tag, argv) of the runs `studies` ('mix', 'pretrain') need, in two phases: the fine-tuning runs,
     which start from a pretraining run's best.pt, come second. The synthetic-only arm is that pretraining run."""
     path = functools.partial(os.path.join, data_root)
+    common = ["--arch", arch, "--size", cfg["size"], "--train-samples", str(cfg["train_samples"]),
+              "--test", f"real={path('real-test')}", "--runs", out, "--threads", "1"]
     real, both = ["--train", path("real-train"), "--val", path("real-val")], {"mix", "pretrain"}
     arms = [("real", real, both), ("synth", ["--train", path("train"), "--val", path("val")], both),
             *((f"mix{r}", ["--train", f"{path('train')}:{r}", "--train", f"{path('real-train')}:1",
@@ -124,14 +122,12 @@ def study_runs(arch, out, cfg, data_root, studies):
             ("shapes", ["--train", path("shapes-train"), "--val", path("shapes-val")], {"pretrain"})]
     first, second = [], []
     for seed in cfg["seeds"]:
-        first += [(f"{arch}-{arm}-s{seed}", arm, argv + ["--seed", str(seed)]) for arm, argv, used in arms
+        first += [(f"{arch}-{arm}-s{seed}", arm, common + argv + ["--seed", str(seed)]) for arm, argv, used in arms
                   if used & set(studies)]
         if "pretrain" in studies:
-            second += [(f"{arch}-ft-{pre}-s{seed}", f"ft-{pre}", real + ["--seed", str(seed), "--init",
+            second += [(f"{arch}-ft-{pre}-s{seed}", f"ft-{pre}", common + real + ["--seed", str(seed), "--init",
                         os.path.join(out, f"{arch}-{pre}-s{seed}", "best.pt")]) for pre in ("synth", "shapes")]
-    common = ["--arch", arch, "--size", cfg["size"], "--train-samples", str(cfg["train_samples"]),
-              "--test", f"real={path('real-test')}"]
-    return [with_common(phase, common, out) for phase in (first, second)]
+    return first, second
 
 
 def lock_folder(folder):
@@ -142,21 +138,20 @@ def lock_folder(folder):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
-        raise UsageError(f"{folder} is in use by another demo (pid {pid}, or the training runs it started); "
-                         f"wait for it to finish or choose another --out/--data") from None
+        with f:
+            f.seek(0)
+            raise UsageError(f"{folder} is in use by another demo (pid {f.read().strip() or '?'}, or the training runs "
+                             "it started); wait for it to finish or choose another --out/--data") from None
     f.truncate(0)
     print(os.getpid(), file=f, flush=True)
     return f
 
 
-def train_one(argv, slots, keep_fds):
+def train_one(name, tag, argv, slots, keep_fds):
     slot = slots.get()  # a free progress-bar line
     try:
-        return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--bar-position", str(slot)],
-                              stdout=subprocess.PIPE, text=True, pass_fds=keep_fds)
+        return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--name", name, "--tag", tag,
+                               "--bar-position", str(slot)], stdout=subprocess.PIPE, text=True, pass_fds=keep_fds)
     finally:
         slots.put(slot)
 
@@ -169,7 +164,7 @@ def run_all(runs, jobs, out, keep_fds):
     for slot in range(jobs):
         slots.put(slot)
     with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(train_one, argv, slots, keep_fds): name for name, _, argv in runs}
+        futures = {pool.submit(train_one, name, tag, argv, slots, keep_fds): name for name, tag, argv in runs}
         for done, future in enumerate(as_completed(futures), 1):
             proc = future.result()
             summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
