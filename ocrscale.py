@@ -178,6 +178,9 @@ def run_all(runs, jobs, out, keep_fds):
 def cmd_demo(args):
     """Train the runs of --study, then write OUT/REPORT.md: a sentence per finding, a section per study; 1 when a run
     failed. With all, the ladders train in OUT/laws, the rest in OUT/studies (fit.py pools all runs in a folder)."""
+    suffix = ("" if args.study == "n" else f"-{args.study}") + ("-trocr" if args.arch == "trocr" else "")
+    args.out = args.out or os.path.join("runs", "demo" + suffix + ("-quick" if args.quick else ""))
+    args.data = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
     seeds = {"seeds": args.seeds} if args.seeds else {}
     laws_cfg, cfg = dict(QUICK if args.quick else DEMO, **seeds), dict(QUICK_STUDY if args.quick else STUDY, **seeds)
     studies = ["n", "mix", "pretrain"] if args.study == "all" else [args.study]
@@ -434,6 +437,7 @@ def cmd_sweep(args):
     except ValueError as e:
         raise UsageError(f"argument --charset: {e}") from None
     world = args.gpus * args.nodes
+    args.train = args.train or ["data/train"]  # not the parser's default: a default list would be appended to
     data_args = [*(a for t in args.train for a in ("--train", t)), "--val", args.val,
                  *(a for t in args.test for a in ("--test", t))]
     names, lines, refused, total_flops, total = [], [], [], 0, 0
@@ -648,16 +652,11 @@ def main(argv=None):
     for a in (e, r):
         a.add_argument("--ckpt", required=True, help="a run's best.pt or last.pt, or model.py convert-* output")
         a.add_argument("--beam", type=bounded(int, 1, 64), help="TrOCR beam width")
-        a.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, help="TrOCR: score / length (default)")
+        a.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction,
+                       help="rank TrOCR's final beam by score / length (default: on, as fairseq)")
         a.add_argument("--refine-iters", type=bounded(int, 0, 16), help="PARSeq cloze refinement passes")
         a.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.cmd == "demo":
-        suffix = ("" if args.study == "n" else f"-{args.study}") + ("-trocr" if args.arch == "trocr" else "")
-        args.out = args.out or os.path.join("runs", "demo" + suffix + ("-quick" if args.quick else ""))
-        args.data = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
-    if args.cmd == "sweep":
-        args.train = args.train or ["data/train"]  # a default list would be appended to
     try:
         return dict(demo=cmd_demo, sweep=cmd_sweep, eval=cmd_eval, read=cmd_read)[args.cmd](args) or 0
     except UsageError as e:
