@@ -176,7 +176,7 @@ def run_all(runs, jobs, out, keep_fds):
 
 
 def cmd_demo(args):
-    """Train the runs of --study, then write OUT/REPORT.md: a sentence per finding, a section per study; 1 when a run
+    """Train the runs of --study, write OUT/REPORT.md (a sentence per finding, a section per study), return 1 if a run
     failed. With all, the ladders train in OUT/laws, the rest in OUT/studies (fit.py pools all runs in a folder)."""
     suffix = ("" if args.study == "n" else f"-{args.study}") + ("-trocr" if args.arch == "trocr" else "")
     args.out = args.out or os.path.join("runs", "demo" + suffix + ("-quick" if args.quick else ""))
@@ -240,9 +240,9 @@ def laws_section(arch, out, cfg, runs, root):
             r = json.loads(Path(path).read_text())
             rows.append([name, f"{r['N']:,}", f"{r['D']:,}", f"{r['samples']:,}", f"{r['val_error']:.2f}",
                          "None" if r.get("test_error") is None else f"{r['test_error']:.2f}", f"{r['wall_s']:.0f}"])
-        text.append(f"### {axis} ladder\n\n" + markdown_table(["run", "N (params)", "D (unique images)", "samples seen",
-                                                              "val word error %", "test word error %", "train s"],
-                                                             rows))
+        text.append(f"### {axis} ladder\n\n" + markdown_table(
+            ["run", "N (params)", "D (unique images)", "samples seen", "val word error %", "test word error %",
+             "train s"], rows))
     # E(N) on the N ladder, E(D) on the D ladder, E(C) and the joint law on both: never other runs in `out`.
     metric, ladders = cfg["metric"], {axis: fit.load_runs(folders[axis]) for axis in folders}
     result = fit.fit_all(ladders["N"] + ladders["D"], metric=metric)
