@@ -8,36 +8,18 @@
     python ocrscale.py read --ckpt runs/demo/parseq-N-T6-s0/best.pt word1.png word2.png [--json]
     python ocrscale.py eval --ckpt runs/NAME/best.pt --test IIIT5k=data/test/IIIT5k [--benchmarks DIR] [--json]
 
-The demo trains every run as its own `python train.py` process (--jobs at a time, default 2, one thread each);
-re-running it after a kill (rendering included) skips finished runs and resumes the others. A lock file in --out
-and --data refuses a second demo on the same folders. REPORT.md's laws are fitted by fit.py on exactly the runs its
-tables list (word error in the 36-char setting; val loss per character for --quick).
+The demo trains every run as its own `python train.py` process (--jobs at a time, one thread each); re-running it
+after a kill (rendering included) skips finished runs and resumes the others; a lock file in --out and --data refuses
+a second demo on the same folders. REPORT.md's laws are fitted by fit.py on exactly the runs its tables list.
 """
-import argparse
-import contextlib
-import functools
-import io
-import json
-import math
-import os
-import queue
-import random
-import shlex
-import shutil
-import statistics
-import subprocess
-import sys
-import time
+import argparse, contextlib, fcntl, functools, io, json, math, os, queue, random, shlex, shutil, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import data
-import fit
-import model as modellib
-import train
+import data, fit, model as modellib, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,48 +33,54 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-# The miniature study: 16x64 images of random 2-6 character strings over 36 characters.
-DEMO = dict(n_train=50_000, n_val=1_000, n_test=1_000,
-            n_sizes=["T2", "T3", "T4", "T5", "T6"],      # N ladder, all on the full D
-            n_train_samples=100_000,                      # samples seen by every N-ladder run
-            d_size="T5", d_values=[1_500, 3_000, 6_000, 12_000],  # D ladder: unique-image caps, nested
-            d_train_samples=100_000, seeds=[0], metric="error")
+# The miniature study: 16x64 images of random 2-6 character strings over 36 characters. The N ladder trains each
+# size on all n_train images, the D ladder one size on nested caps of unique images; *_train_samples: samples seen.
+DEMO = dict(n_train=50_000, n_val=1_000, n_test=1_000, n_sizes=["T2", "T3", "T4", "T5", "T6"], n_train_samples=100_000,
+            d_size="T5", d_values=[1_500, 3_000, 6_000, 12_000], d_train_samples=100_000, seeds=[0], metric="error")
 QUICK = dict(n_train=4_000, n_val=200, n_test=200, n_sizes=["T1", "T2", "T3"], n_train_samples=3_000,
              d_size="T2", d_values=[500, 1_000, 2_000], d_train_samples=3_000, seeds=[0],
              metric="loss")  # too short to leave the 100%-error plateau: fit val loss per character instead
-# The mix and pretraining findings. "Real" = data.py's 'varied' style with Pillow's built-in font (sizes, colours,
-# gradients, rotation, blur, noise: the same images on every machine), scarce, with its own test set; "synthetic" =
-# the demo's clean style, plentiful. Every run is tested on the real-style test set.
+# The mix and pretraining findings. "Real": data.py's 'varied' style in Pillow's built-in font (the same images on
+# every machine), scarce, with the test set of every run; "synthetic": the demo's clean style, plentiful.
 STUDY = dict(size="T5", train_samples=100_000, n_real=3_000, n_real_val=1_000, n_real_test=1_000, n_shapes=20_000,
              ratios=[1, 3, 10], seeds=[0, 1])
 QUICK_STUDY = dict(size="T2", train_samples=3_000, n_real=500, n_real_val=200, n_real_test=200, n_shapes=1_000,
                    ratios=[1, 3, 10], seeds=[0])
+# the study's six benchmarks as PARSeq's release names their folders, then Union14M-Benchmark's subsets
+BENCHMARKS = ("IC13_857", "IIIT5k", "SVT", "CUTE80", "IC15_1811", "SVTP", "artistic", "contextless", "curve",
+              "general", "multi_oriented", "multi_words", "salient")
 
 
-def render_split(out, n, style, seed, workers):
-    """One split of n images ('clean'/'varied' words or 'shapes') from its own seed, kept if already there. It is
-    rendered into a sibling OUT.partial folder and renamed when complete, so a killed render is redone, never half-used."""
-    if os.path.exists(os.path.join(out, "index.json")):
-        return
-    if os.path.isdir(out):  # no index.json: shards of an unfinished split are removed, other files refused
-        if any(not f.endswith((".tar", ".tmp", ".idx")) for f in os.listdir(out)):
+def render_sets(root, cfg, study_cfg, workers):
+    """The clean train/val/test sets and, with study_cfg, the real-style and shapes sets, each from its own seed and
+    kept if there. A split renders into SPLIT.partial, renamed when complete: a killed render is redone, never used."""
+    sizes = dict(cfg, **(study_cfg or {}))
+    splits = [("train", "n_train", "clean", 0), ("val", "n_val", "clean", 1), ("test", "n_test", "clean", 2)]
+    if study_cfg:
+        splits += [("real-train", "n_real", "varied", 10), ("real-val", "n_real_val", "varied", 11),
+                   ("real-test", "n_real_test", "varied", 12), ("shapes-train", "n_shapes", "shapes", 20),
+                   ("shapes-val", "n_real_val", "shapes", 21)]
+    for name, size, style, seed in splits:
+        out, partial, n = os.path.join(root, name), os.path.join(root, name + ".partial"), sizes[size]
+        if os.path.exists(os.path.join(out, "index.json")):
+            continue
+        if os.path.isdir(out) and any(not f.endswith((".tar", ".tmp", ".idx")) for f in os.listdir(out)):
             raise UsageError(f"--data: {out} holds files but no index.json; move it away or choose another --data")
-        shutil.rmtree(out)
-    partial = out + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    print(f"rendering {n:,} {style} images -> {out}", flush=True)
-    if style == "shapes":
-        render_shapes(partial, n, seed)
-    else:
-        data.synth(partial, n, seed=seed, style=style, min_len=2, max_len=6, charset=data.CHARSET36, workers=workers)
-    os.rename(partial, out)
+        for unfinished in (out, partial):  # shards of an unfinished split (no index.json)
+            shutil.rmtree(unfinished, ignore_errors=True)
+        print(f"rendering {n:,} {style} images -> {out}", flush=True)
+        if style == "shapes":
+            render_shapes(partial, n, seed)
+        else:
+            data.synth(partial, n, seed=seed, style=style, min_len=2, max_len=6, charset=data.CHARSET36,
+                       workers=workers)
+        os.rename(partial, out)
 
 
 def render_shapes(out_dir, n, seed):
     """The unrelated pretraining task (the miniature's ImageNet): 1-6 ellipses and boxes on a coloured 128x32
     canvas, labelled with how many there are. A label over the same charset, so --init loads without remapping."""
-    rng = random.Random(seed)
-    writer = data.ShardWriter(out_dir, shard_size=n)
+    rng, writer = random.Random(seed), data.ShardWriter(out_dir, shard_size=n)
     for i in range(n):
         img = Image.new("RGB", (128, 32), tuple(rng.randint(0, 255) for _ in range(3)))
         draw, count = ImageDraw.Draw(img), rng.randint(1, 6)
@@ -107,94 +95,76 @@ def render_shapes(out_dir, n, seed):
     return data.write_index(out_dir, writer.close(), writer.charset, f"shapes seed={seed}", {})
 
 
-def render_sets(root, cfg, study_cfg, workers):
-    """The clean synthetic train/val/test sets and, with study_cfg, the real-style sets and the shapes task."""
-    splits = [("train", cfg["n_train"], "clean", 0), ("val", cfg["n_val"], "clean", 1), ("test", cfg["n_test"], "clean", 2)]
-    if study_cfg:
-        splits += [("real-train", study_cfg["n_real"], "varied", 10), ("real-val", study_cfg["n_real_val"], "varied", 11),
-                   ("real-test", study_cfg["n_real_test"], "varied", 12),
-                   ("shapes-train", study_cfg["n_shapes"], "shapes", 20), ("shapes-val", study_cfg["n_real_val"], "shapes", 21)]
-    for name, n, style, seed in splits:
-        render_split(os.path.join(root, name), n, style, seed, workers)
-
-
-def with_common(runs, common, out):
-    """Each (name, tag, argv) with the arguments all its runs share; every run trains in OUT/NAME on one thread."""
-    return [(name, tag, common + argv + ["--runs", out, "--threads", "1", "--name", name, "--tag", tag])
-            for name, tag, argv in runs]
-
-
 def demo_runs(arch, out, cfg, data_root):
-    """(name, tag, argv) of every run of the N and D ladders."""
+    """(name, tag, argv) of every run of the N and D ladders; train_one adds the name and tag to the argv."""
+    path = functools.partial(os.path.join, data_root)
+    common = ["--arch", arch, "--train", path("train"), "--val", path("val"), "--test", f"synth={path('test')}",
+              "--runs", out, "--threads", "1"]
     runs = []
     for seed in cfg["seeds"]:
-        runs += [(f"{arch}-N-{size}-s{seed}", "N", ["--size", size, "--seed", str(seed),
+        runs += [(f"{arch}-N-{size}-s{seed}", "N", common + ["--size", size, "--seed", str(seed),
                   "--train-samples", str(cfg["n_train_samples"])]) for size in cfg["n_sizes"]]
-        runs += [(f"{arch}-D-{d}-s{seed}", "D", ["--size", cfg["d_size"], "--seed", str(seed), "--samples", str(d),
-                  "--train-samples", str(cfg["d_train_samples"])]) for d in cfg["d_values"]]
-    path = functools.partial(os.path.join, data_root)
-    return with_common(runs, ["--arch", arch, "--train", path("train"), "--val", path("val"),
-                              "--test", f"synth={path('test')}"], out)
+        runs += [(f"{arch}-D-{d}-s{seed}", "D", common + ["--size", cfg["d_size"], "--seed", str(seed), "--samples",
+                  str(d), "--train-samples", str(cfg["d_train_samples"])]) for d in cfg["d_values"]]
+    return runs
 
 
 def study_runs(arch, out, cfg, data_root, studies):
     """(name, tag, argv) of the runs `studies` ('mix', 'pretrain') need, in two phases: the fine-tuning runs,
-    which start from a pretraining run's checkpoint, come second. The synthetic-only arm is that pretraining run."""
+    which start from a pretraining run's best.pt, come second. The synthetic-only arm is that pretraining run."""
     path = functools.partial(os.path.join, data_root)
-    real = ["--train", path("real-train"), "--val", path("real-val")]
-    arms = [("real", real, {"mix", "pretrain"}), ("synth", ["--train", path("train"), "--val", path("val")], {"mix", "pretrain"})]
-    arms += [(f"mix{r}", ["--train", f"{path('train')}:{r}", "--train", f"{path('real-train')}:1", "--val", path("real-val")],
-              {"mix"}) for r in cfg["ratios"]]  # weights: the share of samples drawn from each set
-    arms.append(("shapes", ["--train", path("shapes-train"), "--val", path("shapes-val")], {"pretrain"}))
+    common = ["--arch", arch, "--size", cfg["size"], "--train-samples", str(cfg["train_samples"]),
+              "--test", f"real={path('real-test')}", "--runs", out, "--threads", "1"]
+    real, both = ["--train", path("real-train"), "--val", path("real-val")], {"mix", "pretrain"}
+    arms = [("real", real, both), ("synth", ["--train", path("train"), "--val", path("val")], both),
+            *((f"mix{r}", ["--train", f"{path('train')}:{r}", "--train", f"{path('real-train')}:1",
+                           "--val", path("real-val")], {"mix"}) for r in cfg["ratios"]),  # weights: shares of samples
+            ("shapes", ["--train", path("shapes-train"), "--val", path("shapes-val")], {"pretrain"})]
     first, second = [], []
     for seed in cfg["seeds"]:
-        first += [(f"{arch}-{arm}-s{seed}", arm, argv + ["--seed", str(seed)]) for arm, argv, used in arms
+        first += [(f"{arch}-{arm}-s{seed}", arm, common + argv + ["--seed", str(seed)]) for arm, argv, used in arms
                   if used & set(studies)]
         if "pretrain" in studies:
-            second += [(f"{arch}-ft-{pre}-s{seed}", f"ft-{pre}", real + ["--seed", str(seed), "--init",
+            second += [(f"{arch}-ft-{pre}-s{seed}", f"ft-{pre}", common + real + ["--seed", str(seed), "--init",
                         os.path.join(out, f"{arch}-{pre}-s{seed}", "best.pt")]) for pre in ("synth", "shapes")]
-    common = ["--arch", arch, "--size", cfg["size"], "--train-samples", str(cfg["train_samples"]),
-              "--test", f"real={path('real-test')}"]
-    return [with_common(phase, common, out) for phase in (first, second)]
+    return first, second
 
 
 def lock_folder(folder):
     """Hold FOLDER/.ocrscale.lock (with our PID in it) until the returned file is closed. The lock belongs to the
     open file, which the training processes inherit: the OS drops it when the demo and its runs have all exited."""
-    import fcntl  # Unix only: imported here so that sweep and read work anywhere
     os.makedirs(folder, exist_ok=True)
     f = open(os.path.join(folder, ".ocrscale.lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
-        raise UsageError(f"{folder} is in use by another demo (pid {pid}, or the training runs it started); "
-                         f"wait for it to finish or choose another --out/--data") from None
+        with f:
+            f.seek(0)
+            raise UsageError(f"{folder} is in use by another demo (pid {f.read().strip() or '?'}, or the training runs "
+                             "it started); wait for it to finish or choose another --out/--data") from None
     f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+    print(os.getpid(), file=f, flush=True)
     return f
 
 
-def train_one(argv, slots, keep_fds):
-    """One run as its own train.py process, on a free progress-bar line taken from the `slots` queue."""
-    slot = slots.get()
+def train_one(name, tag, argv, slots, keep_fds):
+    slot = slots.get()  # a free progress-bar line
     try:
-        return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--bar-position", str(slot)],
-                              stdout=subprocess.PIPE, text=True, pass_fds=keep_fds)
+        return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--name", name, "--tag", tag,
+                               "--bar-position", str(slot)], stdout=subprocess.PIPE, text=True, pass_fds=keep_fds)
     finally:
         slots.put(slot)
 
 
-def run_all(runs, jobs, keep_fds=()):
-    """Train the runs `jobs` at a time; returns the names of those that failed."""
+def run_all(runs, jobs, out, keep_fds):
+    if not runs:
+        return []
+    print(f"training {len(runs)} runs ({jobs} at a time) into {out}", flush=True)
     started, failed, slots = time.time(), set(), queue.Queue()
     for slot in range(jobs):
         slots.put(slot)
     with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(train_one, argv, slots, keep_fds): name for name, _, argv in runs}
+        futures = {pool.submit(train_one, name, tag, argv, slots, keep_fds): name for name, tag, argv in runs}
         for done, future in enumerate(as_completed(futures), 1):
             proc = future.result()
             summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
@@ -206,49 +176,48 @@ def run_all(runs, jobs, keep_fds=()):
 
 
 def cmd_demo(args):
-    """Train the runs of --study (n: the N and D ladders; mix; pretrain; all: each), then write OUT/REPORT.md: a
-    sentence per finding, then a section per study. With all, the ladders train in OUT/laws and the other runs in
-    OUT/studies (fit.py reads every run under a folder). Returns 1 when a run failed or was skipped, else 0."""
+    """Train the runs of --study, write OUT/REPORT.md (a sentence per finding, a section per study), return 1 if a run
+    failed. With all, the ladders train in OUT/laws, the rest in OUT/studies (fit.py pools all runs in a folder)."""
+    suffix = ("" if args.study == "n" else f"-{args.study}") + ("-trocr" if args.arch == "trocr" else "")
+    args.out = args.out or os.path.join("runs", "demo" + suffix + ("-quick" if args.quick else ""))
+    args.data = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
     seeds = {"seeds": args.seeds} if args.seeds else {}
     laws_cfg, cfg = dict(QUICK if args.quick else DEMO, **seeds), dict(QUICK_STUDY if args.quick else STUDY, **seeds)
     studies = ["n", "mix", "pretrain"] if args.study == "all" else [args.study]
-    laws_out, study_out = ((os.path.join(args.out, "laws"), os.path.join(args.out, "studies")) if args.study == "all"
-                           else (args.out, args.out))
+    laws_out, study_out = (os.path.join(args.out, f) if args.study == "all" else args.out for f in ("laws", "studies"))
     laws_runs = demo_runs(args.arch, laws_out, laws_cfg, args.data) if "n" in studies else []
     first, second = study_runs(args.arch, study_out, cfg, args.data, studies)
-    t0, failed = time.time(), []
+    t0 = time.time()
     with contextlib.ExitStack() as stack:
         lock_fds = tuple(stack.enter_context(lock_folder(f)).fileno()  # inherited by the runs
                          for f in dict.fromkeys(map(os.path.realpath, [args.out, args.data])))
         render_sets(args.data, laws_cfg, None if studies == ["n"] else cfg, args.jobs)
-        for phase in (laws_runs + first, second):
-            skipped = [name for name, _, argv in phase if "--init" in argv and not os.path.exists(  # unfinished pretraining
-                os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json"))]
-            if skipped:
-                print(f"skipping {', '.join(skipped)}: their pretraining did not finish", flush=True)
-            ready = [run for run in phase if run[0] not in skipped]
-            if ready:
-                print(f"training {len(ready)} runs ({args.jobs} at a time) into {args.out}", flush=True)
-                failed += run_all(ready, args.jobs, lock_fds)
-            failed += skipped
-    sections = []
-    if "n" in studies:
-        sections.append(laws_section(args.arch, laws_out, laws_cfg, laws_runs, args.out))
+        failed = run_all(laws_runs + first, args.jobs, args.out, lock_fds)
+        skipped = [name for name, _, argv in second  # fine-tuning runs whose pretraining run did not finish
+                   if not os.path.exists(os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json"))]
+        if skipped:
+            print(f"skipping {', '.join(skipped)}: their pretraining did not finish", flush=True)
+        failed += run_all([run for run in second if run[0] not in skipped], args.jobs, args.out, lock_fds) + skipped
+    sections = [laws_section(args.arch, laws_out, laws_cfg, laws_runs, args.out)] if "n" in studies else []
     if "mix" in studies:
         sections.append(mix_section(args.arch, study_out, cfg, args.out))
     if "pretrain" in studies:
         sections.append(pretrain_section(args.arch, study_out, cfg))
     findings = [finding for _, found in sections for finding in found]
     report = os.path.join(args.out, "REPORT.md")
-    with open(report, "w") as f:
-        f.write(f"# The OCR scaling study's findings in miniature ({args.arch}, {time.time() - t0:.0f}s; runs finished "
-                "by an earlier call are not retrained)\n\n"
-                + ("--quick: runs far too short to show the findings; a smoke test of the pipeline.\n\n" if args.quick else "")
-                + "".join(f"- {finding}\n" for finding in findings)
-                + (f"\n**Failed runs** (re-run the same command to resume them): {', '.join(failed)}\n" if failed else "")
-                + "\n" + "\n".join(text for text, _ in sections))
+    quick = "--quick: runs far too short to show the findings; a smoke test of the pipeline.\n\n" if args.quick else ""
+    Path(report).write_text(
+        f"# The OCR scaling study's findings in miniature ({args.arch}, {time.time() - t0:.0f}s; runs finished by an "
+        f"earlier call are not retrained)\n\n{quick}" + "".join(f"- {finding}\n" for finding in findings)
+        + (f"\n**Failed runs** (re-run the same command to resume them): {', '.join(failed)}\n" if failed else "")
+        + "\n" + "\n".join(text for text, _ in sections))
     print("\n".join(findings) + f"\nwrote {report} ({time.time() - t0:.0f}s in all)")
     return 1 if failed else 0
+
+
+def markdown_table(header, rows):
+    return "\n".join([f"| {' | '.join(header)} |", "|---" * len(header) + "|",
+                      *(f"| {' | '.join(row)} |" for row in rows)]) + "\n"
 
 
 def laws_section(arch, out, cfg, runs, root):
@@ -261,92 +230,78 @@ def laws_section(arch, out, cfg, runs, root):
     folders = {}
     for axis in ("N", "D"):
         names = [name for name, tag, _ in runs if tag == axis]
-        text.append(ladder_table(out, names, axis))
         folders[axis] = [os.path.join(out, n) for n in names if os.path.isdir(os.path.join(out, n))]
+        rows = []
+        for name in names:
+            path = os.path.join(out, name, "result.json")
+            if not os.path.exists(path):
+                rows.append([name, "(not finished)"])
+                continue
+            r = json.loads(Path(path).read_text())
+            rows.append([name, f"{r['N']:,}", f"{r['D']:,}", f"{r['samples']:,}", f"{r['val_error']:.2f}",
+                         "None" if r.get("test_error") is None else f"{r['test_error']:.2f}", f"{r['wall_s']:.0f}"])
+        text.append(f"### {axis} ladder\n\n" + markdown_table(
+            ["run", "N (params)", "D (unique images)", "samples seen", "val word error %", "test word error %",
+             "train s"], rows))
     # E(N) on the N ladder, E(D) on the D ladder, E(C) and the joint law on both: never other runs in `out`.
     metric, ladders = cfg["metric"], {axis: fit.load_runs(folders[axis]) for axis in folders}
     result = fit.fit_all(ladders["N"] + ladders["D"], metric=metric)
     for axis in ("N", "D"):  # a ladder of runs of different settings (e.g. some from an older train.py) is not pooled
         result[axis] = fit.fit_all(ladders[axis], metric=metric).get(axis) or \
             {"error": f"its runs differ in their settings: fit.py fits them apart ({out})"}
-    target = "word error as a fraction" if metric == "error" else "val loss per character"
-    commands = "\n".join(f"python fit.py {' '.join(paths)} --metric {metric}    # {axis}"
-                         for axis, paths in (("N", folders["N"]), ("D", folders["D"]),
-                                             ("C and joint", folders["N"] + folders["D"])))
-    text.append(f"### Fitted laws\n\nE = (X_c / X)^alpha with E the {target}, fitted on exactly the runs in the tables "
-                f"above (N on the N ladder, D on the D ladder, C and the joint law on both). Reproduce with:\n\n"
+    target = "word error" if metric == "error" else "val loss per character"
+    commands = "\n".join(f"python fit.py {' '.join(paths)} --metric {metric}    # {axis}" for axis, paths in
+                         (("N", folders["N"]), ("D", folders["D"]), ("C and joint", folders["N"] + folders["D"])))
+    text.append(f"### Fitted laws\n\nE = (X_c / X)^alpha with E the "
+                f"{'word error as a fraction' if metric == 'error' else target}, fitted on exactly the runs in the "
+                f"tables above (N on the N ladder, D on the D ladder, C and the joint law on both). Reproduce with:\n\n"
                 f"```\n{commands}\n```\n\n```\n{fit.format_table(result)}\n```\n")
     try:
         text += [f"![{os.path.basename(p)}]({os.path.relpath(p, root)})\n" for p in fit.plot_all(result, out)]
     except ImportError as e:
         text.append(f"(no plots: {e})\n")
-    return "\n".join(text), laws_findings(result, metric)
-
-
-def ladder_table(runs_dir, names, axis):
-    rows = [f"| run | N (params) | D (unique images) | samples seen | val word error % | test word error % | train s |",
-            "|---|---|---|---|---|---|---|"]
-    for name in names:
-        path = os.path.join(runs_dir, name, "result.json")
-        if not os.path.exists(path):
-            rows.append(f"| {name} | (not finished) | | | | | |")
-            continue
-        with open(path) as f:
-            r = json.load(f)
-        rows.append(f"| {name} | {r['N']:,} | {r['D']:,} | {r['samples']:,} | {r['val_error']:.2f} | "
-                    f"{r['test_error'] if r.get('test_error') is None else format(r['test_error'], '.2f')} | {r['wall_s']:.0f} |")
-    return f"### {axis} ladder\n\n" + "\n".join(rows) + "\n"
-
-
-def laws_findings(result, metric):
-    """One sentence each on the N and D laws, from the fit the report shows."""
-    out = []
+    findings = []  # one sentence each on the N and D laws, from the fit the report shows
     for axis, what, study in (("N", "model size N", "0.223 for TrOCR, 0.018 for PARSeq"),
                               ("D", "training images D", "0.327 for TrOCR")):
         r = result[axis]
         if "error" in r:
-            out.append(f"The {axis} law: not fitted ({r['error']}).")
+            findings.append(f"The {axis} law: not fitted ({r['error']}).")
             continue
-        verdict = "reproduced" if r["alpha"] > 0 else "did not reproduce"
-        target = "word error" if metric == "error" else "val loss per character"
-        out.append(f"The {axis} law: the miniature {verdict} the study's direction: {target} "
-                   f"{'falls' if r['alpha'] > 0 else 'does not fall'} with {what}: power-law alpha {r['alpha']:.3f} "
-                   f"(R² {'undefined: flat or non-monotone' if r['r2'] is None else format(r['r2'], '.3f')}; the study: {study}).")
-    return out
+        r2 = "undefined: flat or non-monotone" if r["r2"] is None else format(r["r2"], ".3f")
+        findings.append(f"The {axis} law: the miniature {'reproduced' if r['alpha'] > 0 else 'did not reproduce'} "
+                        f"the study's direction: {target} {'falls' if r['alpha'] > 0 else 'does not fall'} with "
+                        f"{what}: power-law alpha {r['alpha']:.3f} (R² {r2}; the study: {study}).")
+    return "\n".join(text), findings
 
 
 def arm_result(runs_dir, arch, arm, cfg):
-    """One arm's finished runs: ({seed: word error % on the real-style test set}, their mean or None, the table
-    cells 'per seed | mean (seeds lo-hi)')."""
-    errors = {}
-    for seed in cfg["seeds"]:
-        path = os.path.join(runs_dir, f"{arch}-{arm}-s{seed}", "result.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                errors[seed] = json.load(f)["tests"]["real"]["error"]
+    """([real-style test word error % per finished seed], their mean or None, table cells) of one arm's runs."""
+    paths = [os.path.join(runs_dir, f"{arch}-{arm}-s{seed}", "result.json") for seed in cfg["seeds"]]
+    errors = [json.loads(Path(p).read_text())["tests"]["real"]["error"] for p in paths if os.path.exists(p)]
     if not errors:
-        return errors, None, " | (not finished)"
-    values, mean = list(errors.values()), statistics.mean(errors.values())
-    spread = f" (seeds {min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
-    return errors, mean, f"{', '.join(f'{e:.1f}' for e in values)} | {mean:.1f}{spread}"
+        return errors, None, ["(not finished)"]
+    mean = sum(errors) / len(errors)
+    spread = f" (seeds {min(errors):.1f}-{max(errors):.1f})" if len(errors) > 1 else ""
+    return errors, mean, [", ".join(f"{e:.1f}" for e in errors), f"{mean:.1f}{spread}"]
 
 
 def than(x, y):
     """'12.3 points better than' for error x against error y."""
-    return f"{abs(x - y):.1f} points {'better' if x < y else 'worse'} than" if round(x, 1) != round(y, 1) else "level with"
+    level = round(x, 1) == round(y, 1)
+    return "level with" if level else f"{abs(x - y):.1f} points {'better' if x < y else 'worse'} than"
 
 
 def mix_section(arch, out, cfg, root):
     """(markdown: the table, the plot linked from `root`; [whether the study's mix finding reproduced])."""
-    arms = [("real", "0 (real only)", 0)] + [(f"mix{r}", f"{r}:1", r) for r in cfg["ratios"]] + [("synth", "synthetic only", None)]
-    rows = ["| synthetic:real | word error % per seed | mean % |", "|---|---|---|"]
-    means, per_seed = {}, {}
-    for arm, label, ratio in arms:
+    rows, means, per_seed = [], {}, {}
+    for arm, label, ratio in [("real", "0 (real only)", 0), *((f"mix{r}", f"{r}:1", r) for r in cfg["ratios"]),
+                              ("synth", "synthetic only", None)]:
         per_seed[ratio], means[ratio], cells = arm_result(out, arch, arm, cfg)
-        rows.append(f"| {label} | {cells} |")
-    text = (f"## The synthetic:real mix\n\n{arch}-{cfg['size']}, {cfg['train_samples']:,} samples per run, drawn from "
-            f"{cfg['n_real']:,} real-style training images and the synthetic set at each ratio; word error "
-            f"on {cfg['n_real_test']:,} real-style test images; seeds {cfg['seeds']}.\n\n" + "\n".join(rows) + "\n")
+        rows.append([label, *cells])
+    text = (f"## The synthetic:real mix\n\n{arch}-{cfg['size']}, {cfg['train_samples']:,} samples per run, drawn "
+            f"from {cfg['n_real']:,} real-style training images and the synthetic set at each ratio; word error "
+            f"on {cfg['n_real_test']:,} real-style test images; seeds {cfg['seeds']}.\n\n"
+            + markdown_table(["synthetic:real", "word error % per seed", "mean %"], rows))
     mixed = {r: m for r, m in means.items() if r and m is not None}  # not 0 (real only), not None (synthetic only)
     if not mixed or means[0] is None or means[None] is None:
         return text, ["The synthetic:real mix: runs unfinished, no verdict."]
@@ -356,7 +311,7 @@ def mix_section(arch, out, cfg, root):
                f"word error against {means[0]:.1f}% for real only and {means[None]:.1f}% for synthetic only, "
                f"{than(mixed[best], alone)} the better single source")
     runner = min((r for r in mixed if r != best), key=mixed.get, default=None)
-    if runner and min(per_seed[runner].values()) <= max(per_seed[best].values()):  # noise: say so
+    if runner and min(per_seed[runner]) <= max(per_seed[best]):  # noise: say so
         finding += (f"; the runner-up ({runner}:1, {mixed[runner]:.1f}%) overlaps it within the seed spread: "
                     f"the two are not told apart at this scale")
     most = max(mixed)
@@ -365,55 +320,47 @@ def mix_section(arch, out, cfg, root):
                     f"points worse than the best, as in the study")
     try:
         text += f"\n![mix]({os.path.relpath(plot_mix(out, means, per_seed, sorted(mixed)), root)})\n"
-    except ImportError as e:
-        text += f"\n(no plot: {e})\n"
+    except ImportError:
+        text += "\n(no plot: plots need matplotlib: pip install matplotlib)\n"
     return text, [finding + "."]
 
 
 def plot_mix(out_dir, means, per_seed, ratios):
-    """OUT_DIR/mix.png: test error against the synthetic:real ratio (a dot per seed), the single sources as lines."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("plots need matplotlib: pip install matplotlib") from e
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    from matplotlib.figure import Figure  # optional; a Figure without pyplot needs no GUI backend and no closing
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.plot(ratios, [means[r] for r in ratios], "o-", label="real + synthetic")
-    seeds = [(r, e) for r in ratios for e in per_seed[r].values()]
-    ax.plot([r for r, _ in seeds], [e for _, e in seeds], ".", color="C0", alpha=0.4, label="one seed")
+    ax.plot([r for r in ratios for _ in per_seed[r]], [e for r in ratios for e in per_seed[r]], ".", color="C0",
+            alpha=0.4, label="one seed")
     ax.axhline(means[0], color="C1", ls="--", label="real only")
     ax.axhline(means[None], color="C2", ls=":", label="synthetic only")
-    ax.set_xscale("log")
+    ax.set(xscale="log", xlim=(min(ratios) / 1.6, max(ratios) * 1.6), xlabel="synthetic : real images sampled",
+           ylabel="word error on the real-style test set (%)")
     ax.set_xticks(ratios, [f"{r}:1" for r in ratios])
     ax.minorticks_off()  # no minor tick labels to overlap
-    ax.set_xlim(min(ratios) / 1.6, max(ratios) * 1.6)
-    ax.set(xlabel="synthetic : real images sampled", ylabel="word error on the real-style test set (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out_dir, "mix.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    fig.savefig(os.path.join(out_dir, "mix.png"), dpi=120)
+    return os.path.join(out_dir, "mix.png")
 
 
 def pretrain_section(arch, out, cfg):
     """(markdown: the table; [whether the study's pretraining finding reproduced])."""
-    arms = [("real", "from scratch", "none", "real-style"), ("ft-synth", "synthetic, then real", "synthetic", "real-style"),
-            ("ft-shapes", "unrelated, then real", "counting shapes", "real-style"),
-            ("synth", "synthetic, not fine-tuned", "synthetic", "none"),
-            ("shapes", "unrelated, not fine-tuned", "counting shapes", "none")]
-    rows = ["| arm | pretraining | fine-tuning | word error % per seed | mean % |", "|---|---|---|---|---|"]
-    means = {}
-    for arm, label, pre, ft in arms:
+    rows, means = [], {}
+    for arm, label, pre, ft in (("real", "from scratch", "none", "real-style"),
+                                ("ft-synth", "synthetic, then real", "synthetic", "real-style"),
+                                ("ft-shapes", "unrelated, then real", "counting shapes", "real-style"),
+                                ("synth", "synthetic, not fine-tuned", "synthetic", "none"),
+                                ("shapes", "unrelated, not fine-tuned", "counting shapes", "none")):
         _, means[arm], cells = arm_result(out, arch, arm, cfg)
-        rows.append(f"| {label} | {pre} | {ft} | {cells} |")
+        rows.append([label, pre, ft, *cells])
     n = f"{cfg['train_samples']:,}"
     text = (f"## Pretraining, then fine-tuning on real\n\n{arch}-{cfg['size']}: {n} samples on the synthetic set "
             f"or on an unrelated task (counting 1-6 coloured shapes), then {n} samples on the {cfg['n_real']:,} "
             f"real-style images from that checkpoint (`train.py --init`); from scratch = the same {n} samples on real "
-            f"only. The last two rows are the pretrained checkpoints before fine-tuning. Word "
-            f"error on the real-style test set; seeds {cfg['seeds']}.\n\n" + "\n".join(rows) + "\n")
+            f"only. The last two rows are the pretrained checkpoints before fine-tuning. Word error on the "
+            f"real-style test set; seeds {cfg['seeds']}.\n\n"
+            + markdown_table(["arm", "pretraining", "fine-tuning", "word error % per seed", "mean %"], rows))
     scratch, task, other = means["real"], means["ft-synth"], means["ft-shapes"]
     if None in (scratch, task, other):
         return text, ["Pretraining: runs unfinished, no verdict."]
@@ -428,7 +375,8 @@ def count_list(text):
     """'300k,1M,2.5e6' -> [300_000, 1_000_000, 2_500_000]."""
     scales = {"k": 1e3, "m": 1e6, "b": 1e9}
     try:
-        counts = [float(c[:-1]) * scales[c[-1].lower()] if c[-1:].lower() in scales else float(c) for c in text.split(",")]
+        counts = [float(c[:-1]) * scales[c[-1].lower()] if c[-1:].lower() in scales else float(c)
+                  for c in text.split(",")]
     except ValueError:
         counts = [0]
     if not all(1 <= c < 1e15 for c in counts):  # also refuses nan and inf
@@ -437,39 +385,31 @@ def count_list(text):
 
 
 def size_list(text):
-    sizes, valid = text.split(","), list(modellib.SIZES["parseq"])
-    wrong = [s for s in sizes if s not in valid]
-    if wrong:
-        raise argparse.ArgumentTypeError(f"{wrong[0]!r} is not a model size; give some of {','.join(valid)} "
-                                         f"separated by commas, no spaces")
-    return sizes
+    if not set(text.split(",")) <= set(modellib.SIZES["parseq"]):
+        raise argparse.ArgumentTypeError(f"{text!r}: give some of {','.join(modellib.SIZES['parseq'])}, no spaces")
+    return text.split(",")
 
 
 def seed_list(text):
-    try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
-        raise argparse.ArgumentTypeError(f"{text!r}: give distinct non-negative integers separated by commas, "
-                                         f"e.g. 0,1,2")
-    return seeds
+    seeds = text.split(",")
+    if not all(s.isdecimal() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct non-negative integers, e.g. 0,1,2")
+    return [int(s) for s in seeds]
 
 
-def bounded(kind, low, high, text):
-    """An int or float from the command line, within [low, high] (nan refused)."""
-    try:
-        value = kind(text)
-    except ValueError:
-        value = math.nan
-    if not low <= value <= high:
-        what = "a whole number" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"{text!r}: give {what} " + (f"of at least {low:g}" if high == math.inf
-                                                                         else f"from {low:g} to {high:g}"))
-    return value
-
-
-at_least_one = functools.partial(bounded, int, 1, math.inf)
+def bounded(kind, low, high=math.inf):
+    """An argparse type: an int or float within [low, high] (nan refused)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:
+            what = "a whole number" if kind is int else "a number"
+            limits = f"of at least {low:g}" if high == math.inf else f"from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what} {limits}")
+        return value
+    return parse
 
 
 def check_samples(sources, samples):
@@ -490,13 +430,14 @@ def check_samples(sources, samples):
 
 
 def cmd_sweep(args):
-    """Print the plan of every (size, D) point and write its script: a command per run whose recipe splits over the
-    GPUs (a failed run is reported and the script goes on to the next), the fit, and the runs left without a result."""
+    """Print the plan of every (size, D) point and write its script: a command per run (a failed one is reported and
+    the next one runs), the fit, and the runs left without a result."""
     try:
         vocab = data.CharTokenizer(data.load_charset(args.charset)).vocab_size
     except ValueError as e:
         raise UsageError(f"argument --charset: {e}") from None
-    world, peak = args.gpus * args.nodes, train.PEAK_FLOPS[args.gpu]
+    world = args.gpus * args.nodes
+    args.train = args.train or ["data/train"]  # not the parser's default: a default list would be appended to
     data_args = [*(a for t in args.train for a in ("--train", t)), "--val", args.val,
                  *(a for t in args.test for a in ("--test", t))]
     names, lines, refused, total_flops, total = [], [], [], 0, 0
@@ -511,25 +452,25 @@ def cmd_sweep(args):
         for d in args.samples:
             name, seen = f"{args.arch}-{size}-d{d}", int(args.epochs * d)
             flops = modellib.train_flops_per_sample(cfg) * seen
-            gpu_hours = flops / (peak * args.mfu) / 3600
+            gpu_hours = flops / (train.PEAK_FLOPS[args.gpu] * args.mfu) / 3600
             names.append(name)
             total_flops, total = total_flops + flops, total + gpu_hours
-            table.append(f"{size:>5} {n:>12,} {d:>12,} {seen:>13,} {flops:>10.3g} {gpu_hours:>9.4g} {gpu_hours / world:>8.3g}")
-            launcher = f"torchrun --nproc_per_node={args.gpus}"
-            if args.nodes > 1:  # a rendezvous id per run, so back-to-back runs never join a stale one
-                launcher += f" --nnodes={args.nodes} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id={name}"
+            table.append(f"{size:>5} {n:>12,} {d:>12,} {seen:>13,} {flops:>10.3g} {gpu_hours:>9.4g} "
+                         f"{gpu_hours / world:>8.3g}")
+            nodes = (f" --nnodes={args.nodes} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 --rdzv-id={name}"
+                     if args.nodes > 1 else "")  # a rendezvous id per run, so back-to-back runs never join a stale one
             command = shlex.join(["train.py", "--arch", args.arch, "--size", size, "--charset", args.charset,
                                   "--samples", str(d), "--train-samples", str(seen), *data_args, "--name", name])
-            lines.append(f"# N={n:,} D={d:,} FLOPs={flops:.4g} GPU-hours={gpu_hours:.4g}\n"
-                         f'{launcher} {command} || echo "sweep: {name} failed (exit $?)" >&2')
+            lines.append(f"# N={n:,} D={d:,} FLOPs={flops:.4g} GPU-hours={gpu_hours:.4g}\ntorchrun "
+                         f'--nproc_per_node={args.gpus}{nodes} {command} || echo "sweep: {name} failed (exit $?)" >&2')
     refusal = f"{', '.join(refused)}: the recipe's batch does not split over {world} GPUs (train.py would stop)"
     if not names:
         raise UsageError(f"no run to write: {refusal}")
     check_samples(data.parse_sources(",".join(args.train)), args.samples)
     if refused:
         print(f"refused {refusal}; their runs are not in the script", file=sys.stderr)
-    print("\n".join(table) + f"\ntotal: {total_flops:.3g} FLOPs, {total:,.0f} GPU-hours, {total / world:,.1f} hours on "
-          f"{world} GPUs run one after another")
+    print("\n".join(table) + f"\ntotal: {total_flops:.3g} FLOPs, {total:,.0f} GPU-hours, {total / world:,.1f} hours "
+          f"on {world} GPUs run one after another")
     script = "\n".join([
         f"#!/usr/bin/env bash\n# {args.arch} sweep: {len(names)} runs on {args.nodes}x{args.gpus} {args.gpu} at MFU "
         f"{args.mfu:.0%}; a failed run is reported on stderr and the sweep goes on to the next", *lines,
@@ -538,19 +479,16 @@ def cmd_sweep(args):
         f"--holdout largest --plot runs/plots",
         f'missing=""; for run in {" ".join(names)}; do [ -f "runs/$run/result.json" ] || missing="$missing $run"; done',
         'if [ -n "$missing" ]; then echo "sweep: not in the fit (no result.json):$missing" >&2; exit 1; fi']) + "\n"
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(script)
-        os.chmod(args.out, 0o755)
-        print(f"wrote {args.out}")
-    else:
+    if not args.out:
         print("\n" + script)
+        return
+    Path(args.out).write_text(script)
+    os.chmod(args.out, 0o755)
+    print(f"wrote {args.out}")
 
 
 def load_checkpoint(path):
-    """(model in eval mode, tokenizer) from a checkpoint's model, model_config and tokenizer entries; loaded with
-    weights_only, so a file never runs code. A last.pt of an --ema run gives its averaged weights, as train.py
-    evaluates them."""
+    """(model in eval mode, tokenizer), loaded weights-only; an --ema run's last.pt gives the averaged weights."""
     if not os.path.isfile(path):
         raise UsageError(f"argument --ckpt: {path}: no such file (give a run's best.pt, e.g. "
                          f"runs/demo/parseq-N-T6-s0/best.pt)")
@@ -561,11 +499,6 @@ def load_checkpoint(path):
     except (ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit their own config
         raise UsageError(f"argument --ckpt: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     return net.eval(), tok
-
-
-# the study's six benchmarks as PARSeq's release names their folders, then Union14M-Benchmark's subsets
-BENCHMARKS = ("IC13_857", "IIIT5k", "SVT", "CUTE80", "IC15_1811", "SVTP", "artistic", "contextless", "curve",
-              "general", "multi_oriented", "multi_words", "salient")
 
 
 def decode_options(arch, beam, refine_iters, len_norm, ckpt_path):
@@ -583,21 +516,15 @@ def cmd_eval(args):
     """Score a checkpoint on test sets as train.py scores a run at its end; the size-weighted average over the sets."""
     net, tok = load_checkpoint(args.ckpt)
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    net.to(device)
-    options = decode_options(net.cfg.arch, args.beam, args.refine_iters, args.beam_len_norm, args.ckpt)
-    try:
-        sets = train.test_sets(args.test)
+    options = decode_options(net.to(device).cfg.arch, args.beam, args.refine_iters, args.beam_len_norm, args.ckpt)
+    found = [b for b in BENCHMARKS if args.benchmarks and os.path.isdir(os.path.join(args.benchmarks, b))]
+    if args.benchmarks and not found:
+        raise UsageError(f"argument --benchmarks: {args.benchmarks} holds none of {', '.join(BENCHMARKS)} "
+                         "(shard folders: python data.py import-lmdb .../test/IC13_857 DIR/IC13_857)")
+    try:  # the benchmarks first, so that a --test set named like one is the repeated name
+        sets = train.test_sets([f"{b}={os.path.join(args.benchmarks, b)}" for b in found] + args.test)
     except ValueError as e:
         raise UsageError(f"argument {e}") from None
-    if args.benchmarks:
-        found = [b for b in BENCHMARKS if os.path.isdir(os.path.join(args.benchmarks, b))]
-        if not found:
-            raise UsageError(f"argument --benchmarks: {args.benchmarks} holds none of {', '.join(BENCHMARKS)} "
-                             "(shard folders: python data.py import-lmdb .../test/IC13_857 DIR/IC13_857)")
-        both = sorted(set(found) & sets.keys())
-        if both:
-            raise UsageError(f"argument --test: {', '.join(both)} is also a set of --benchmarks")
-        sets.update((b, os.path.join(args.benchmarks, b)) for b in found)
     if not sets:
         raise UsageError("give --test NAME=DIR (any number) or --benchmarks DIR")
     results = {}
@@ -625,26 +552,6 @@ def cmd_eval(args):
           f"{out['weighted_ned']:>8.2f}")
 
 
-def collect_images(paths, encoding="utf-8"):
-    """[(image path, label or None)] from image files, folders (their images, sorted) and label files (.tsv/.txt
-    lines path<TAB>label, paths relative to the file's folder)."""
-    items = []
-    for path in paths:
-        if os.path.isdir(path):
-            items += [(os.path.join(path, f), None) for f in sorted(os.listdir(path))
-                      if f.lower().endswith(tuple("." + e for e in data.IMAGE_EXTS))]
-        elif path.lower().endswith((".tsv", ".txt")):
-            try:
-                lines = data.label_file_lines(path, encoding=encoding)
-            except (OSError, ValueError) as e:
-                raise UsageError(f"argument images: cannot read the label file: {e}") from None
-            items += [(os.path.join(os.path.dirname(path), image), label if has_tab else None)
-                      for _, image, has_tab, label in lines]
-        else:
-            items.append((path, None))
-    return items
-
-
 @torch.no_grad()
 def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None, batch=64, max_len=None):
     """([(path, text, confidence)] of the readable images, the checkpoint's tokenizer), decoding at most max_len
@@ -653,26 +560,36 @@ def read_images(ckpt_path, paths, beam=None, refine_iters=None, len_norm=None, b
     options = decode_options(net.cfg.arch, beam, refine_iters, len_norm, ckpt_path)
     results = []
     for start in range(0, len(paths), batch):
-        arrays, readable = [], []
+        images, readable = [], []
         for path in paths[start:start + batch]:
             try:
-                with open(path, "rb") as f:
-                    arrays.append(data.decode_image(f.read(), net.cfg.img_h, net.cfg.img_w))
+                images.append(torch.tensor(data.decode_image(Path(path).read_bytes(), net.cfg.img_h, net.cfg.img_w)))
                 readable.append(path)
             except Exception as e:  # OSError and PIL's several kinds for files that are no image
                 why = getattr(e, "strerror", None) or "not an image Pillow can decode"
                 print(f"ocrscale.py read: cannot read {path} ({why}); skipped", file=sys.stderr)
-        if arrays:
-            ids, conf = net.decode(data.normalize(torch.from_numpy(np.stack(arrays))), max_len=max_len or tok.max_len,
-                                   **options)
+        if images:
+            ids, conf = net.decode(data.normalize(torch.stack(images)), max_len=max_len or tok.max_len, **options)
             results += zip(readable, tok.decode(ids), conf.tolist())
     return results, tok
 
 
 def cmd_read(args):
-    """Print each image's text and confidence (and the word accuracy where a label file gave labels); exit code 1
-    when an image could not be read."""
-    items = collect_images(args.images, args.encoding)
+    """Each image's text and confidence (and the accuracy on labelled ones); exit code 1 if one was unreadable."""
+    items = []  # (image path, label or None) from image files, folders and label files (path<TAB>label, relative to it)
+    for path in args.images:
+        if os.path.isdir(path):
+            items += [(os.path.join(path, f), None) for f in sorted(os.listdir(path))
+                      if f.lower().endswith(tuple("." + e for e in data.IMAGE_EXTS))]
+        elif path.lower().endswith((".tsv", ".txt")):
+            try:
+                lines = data.label_file_lines(path, encoding=args.encoding)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"argument images: cannot read the label file: {e}") from None
+            items += [(os.path.join(os.path.dirname(path), image), label if has_tab else None)
+                      for _, image, has_tab, label in lines]
+        else:
+            items.append((path, None))
     if not items:
         raise UsageError("argument images: no image files in " + " ".join(args.images))
     results, tok = read_images(args.ckpt, [p for p, _ in items], args.beam, args.refine_iters, args.beam_len_norm,
@@ -681,9 +598,10 @@ def cmd_read(args):
     scored = [(t, labels[p]) for p, t, _ in results if p in labels]
     s = data.score(*zip(*scored), getattr(tok, "charset", None)) if scored else None
     if args.json:
-        print(json.dumps(dict(images=[dict(image=p, text=t, confidence=c, **({"label": labels[p]} if p in labels else {}))
-                                      for p, t, c in results],
-                              **(dict(n=s["n"], accuracy=100 - s["error"], ned=s["ned"]) if s else {})), indent=1))
+        images = [dict(image=p, text=t, confidence=c, **({"label": labels[p]} if p in labels else {}))
+                  for p, t, c in results]
+        score = dict(n=s["n"], accuracy=100 - s["error"], ned=s["ned"]) if s else {}
+        print(json.dumps(dict(images=images, **score), indent=1))
     else:
         for p, t, c in results:
             print(f"{p}\t{t}\t{c:.4f}")
@@ -693,63 +611,52 @@ def cmd_read(args):
 
 
 def main(argv=None):
-    p = Parser(prog="ocrscale.py", description=__doc__.split("\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="ocrscale.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="the miniature scaling study on synthetic data (CPU, minutes)")
     d.add_argument("--arch", choices=["parseq", "trocr"], default="parseq")
     d.add_argument("--quick", action="store_true", help="tiny ladder and data (about a minute), for a smoke test")
-    d.add_argument("--out", default=None, help="run folder root (default runs/demo[-STUDY][-trocr][-quick])")
-    d.add_argument("--data", default=None, help="where the rendered shards go (default data/demo[-quick])")
-    d.add_argument("--seeds", type=seed_list, default=None, help="e.g. 0,1,2: fit.py fits the median per size")
-    d.add_argument("--jobs", type=at_least_one, default=max(1, min(2, os.cpu_count() or 1)),
-                   help="runs trained at once, one thread each (default: 2, or 1 on a 1-core machine)")
-    d.add_argument("--study", choices=["n", "mix", "pretrain", "all"], default="n",
-                   help="n: the N, D and C laws; mix: synthetic:real ratios; pretrain: pretrain then fine-tune; all: each")
+    d.add_argument("--out", help="run folder root (default runs/demo[-STUDY][-trocr][-quick])")
+    d.add_argument("--data", help="where the rendered shards go (default data/demo[-quick])")
+    d.add_argument("--seeds", type=seed_list, help="e.g. 0,1,2: fit.py fits the median per size")
+    d.add_argument("--jobs", type=bounded(int, 1), default=min(2, os.cpu_count() or 1), help="runs at once (default 2)")
+    d.add_argument("--study", choices=["n", "mix", "pretrain", "all"], default="n", help="n: the N, D and C laws; "
+                   "mix: synthetic:real ratios; pretrain: pretrain then fine-tune; all: each")
     s = sub.add_parser("sweep", help="plan an N x D grid for a GPU cluster: commands, FLOPs, GPU-hours")
     s.add_argument("--arch", choices=["parseq", "trocr"], default="parseq")
     s.add_argument("--sizes", type=size_list, default="S,B,L,H", help="model sizes, comma-separated")
     s.add_argument("--samples", type=count_list, default="1M,3M,10M", help="D values (unique training images)")
-    s.add_argument("--epochs", type=functools.partial(bounded, float, 1e-3, 1e6), default=20,
-                   help="passes over D per run (PARSeq's recipe: 20)")
-    s.add_argument("--gpus", type=at_least_one, default=8, help="GPUs per node")
-    s.add_argument("--nodes", type=at_least_one, default=1)
+    s.add_argument("--epochs", type=bounded(float, 1e-3, 1e6), default=20, help="passes over D per run (PARSeq's: 20)")
+    s.add_argument("--gpus", type=bounded(int, 1), default=8, help="GPUs per node")
+    s.add_argument("--nodes", type=bounded(int, 1), default=1)
     s.add_argument("--charset", default="94", help="as train.py's: 36, 94, the characters or @FILE")
     s.add_argument("--gpu", choices=sorted(train.PEAK_FLOPS), default="H100", help="for the bf16 peak FLOP/s")
-    s.add_argument("--mfu", type=functools.partial(bounded, float, 0.01, 1), default=0.4, help="assumed MFU")
-    s.add_argument("--train", action="append", default=None, help="training shards DIR[:WEIGHT] for the commands")
+    s.add_argument("--mfu", type=bounded(float, 0.01, 1), default=0.4, help="assumed MFU")
+    s.add_argument("--train", action="append", help="training shards DIR[:WEIGHT] for the commands")
     s.add_argument("--val", default="data/val", help="validation shards for the commands")
-    s.add_argument("--test", action="append", default=[], metavar="NAME=DIR",
-                   help="test sets for the commands; the fit uses their size-weighted average")
-    s.add_argument("--out", default=None, help="write the commands as a shell script")
+    s.add_argument("--test", action="append", default=[], metavar="NAME=DIR", help="test sets (fit: weighted mean)")
+    s.add_argument("--out", help="write the commands as a shell script")
     e = sub.add_parser("eval", help="score a checkpoint on test sets (word accuracy, 1-NED, confidence), no training")
     e.add_argument("--test", action="append", default=[], metavar="NAME=DIR", help="a test set (shard folder or URL)")
     e.add_argument("--benchmarks", metavar="DIR", help="a folder holding some of: " + ", ".join(BENCHMARKS))
     e.add_argument("--cased", action="store_true", help="the study's setting, case kept (PARSeq's test.py --cased)")
     e.add_argument("--punctuation", action="store_true", help="the study's setting, punctuation kept")
-    e.add_argument("--batch", type=at_least_one, default=256, help="images per batch")
-    e.add_argument("--workers", type=functools.partial(bounded, int, 0, 64), default=0, help="loader processes")
+    e.add_argument("--batch", type=bounded(int, 1), default=256, help="images per batch")
+    e.add_argument("--workers", type=bounded(int, 0, 64), default=0, help="loader processes")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     r = sub.add_parser("read", help="recognise the text in image files with a trained checkpoint")
     r.add_argument("images", nargs="+", help="image files, folders of them, or label files (path<TAB>label lines)")
-    r.add_argument("--batch", type=at_least_one, default=64, help="images per batch")
+    r.add_argument("--batch", type=bounded(int, 1), default=64, help="images per batch")
     r.add_argument("--encoding", default="utf-8", help="of label files (a byte-order mark is skipped)")
-    r.add_argument("--max-len", type=at_least_one, default=None, help="tokens to decode at most (default: the model's)")
+    r.add_argument("--max-len", type=bounded(int, 1), help="tokens to decode at most (default: the model's)")
     for a in (e, r):
         a.add_argument("--ckpt", required=True, help="a run's best.pt or last.pt, or model.py convert-* output")
-        a.add_argument("--beam", type=functools.partial(bounded, int, 1, 64), default=None, help="TrOCR beam width")
-        a.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=None,
+        a.add_argument("--beam", type=bounded(int, 1, 64), help="TrOCR beam width")
+        a.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction,
                        help="rank TrOCR's final beam by score / length (default: on, as fairseq)")
-        a.add_argument("--refine-iters", type=functools.partial(bounded, int, 0, 16), default=None,
-                       help="PARSeq cloze refinement passes")
+        a.add_argument("--refine-iters", type=bounded(int, 0, 16), help="PARSeq cloze refinement passes")
         a.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.cmd == "demo":
-        args.out = args.out or os.path.join("runs", "demo" + ("" if args.study == "n" else f"-{args.study}")
-                                            + ("-trocr" if args.arch == "trocr" else "") + ("-quick" if args.quick else ""))
-        args.data = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
-    if args.cmd == "sweep":
-        args.train = args.train or ["data/train"]  # a default list would be appended to
     try:
         return dict(demo=cmd_demo, sweep=cmd_sweep, eval=cmd_eval, read=cmd_read)[args.cmd](args) or 0
     except UsageError as e:
