@@ -113,11 +113,18 @@ def get_lr(step, total_steps, args):  # linear warm-up (OneCycle: cosine, from l
     return args.lr * (step + 1) / warm
 
 
-def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}; make_config rejects unknown fields
-    overrides = {}
-    for key, _, value in (item.partition("=") for item in items):
+def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}, typed as the field's default
+    defaults, overrides = {f.name: f.default for f in dataclasses.fields(modellib.ModelConfig)}, {}
+    for key, _, text in (item.partition("=") for item in items):
+        if key not in defaults:
+            sys.exit(f"train.py: --set {key}: no such model config field; valid: {', '.join(defaults)}")
+        kind, value = type(defaults[key]), text
         with contextlib.suppress(json.JSONDecodeError):
-            value = json.loads(value)  # numbers, booleans, lists; anything else stays a string
+            value = text if kind is str else json.loads(text)
+        if kind is float and type(value) is int:
+            value = float(value)
+        if type(value) is not kind:
+            sys.exit(f"train.py: --set {key}={text}: expected {kind.__name__}, e.g. {key}={json.dumps(defaults[key])}")
         overrides[key] = value
     return overrides
 

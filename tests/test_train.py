@@ -285,6 +285,14 @@ def test_init_conflicts_and_another_model_are_one_line(shards, tmp_path, capsys)
         with pytest.raises(SystemExit) as stop:
             train.main(fine_tune(shards, tmp_path, "ft", ckpt, *extra))
         assert str(stop.value) == message
+    # a --set field or value the config cannot take: one line, with or without --init
+    for item, message in (("bogus=3", "train.py: --set bogus: no such model config field; valid: arch, img_h, "),
+                          ("dec_width=x", "train.py: --set dec_width=x: expected int, e.g. dec_width=384"),
+                          ("qkv_bias=1", "train.py: --set qkv_bias=1: expected bool, e.g. qkv_bias=true")):
+        for args in (fine_tune(shards, tmp_path, "ft", ckpt), base_args(shards, tmp_path, "ft")):
+            with pytest.raises(SystemExit) as stop:
+                train.main([*args, "--set", item])
+            assert str(stop.value).startswith(message)
     assert not (tmp_path / "ft").exists()
     # A model of no size: named after the checkpoint file, the default recipe; a size's fields changed by --set still
     # give the size's recipe
