@@ -166,8 +166,11 @@ def tokenizer_and_config(args):
             cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size) if ckpt else \
                 modellib.make_config(args.arch, args.size, tok.vocab_size, **overrides)
         tok = data.load_tokenizer({**tok.spec, "max_len": cfg.max_len})  # the stream skips longer labels
+        modellib.count_params(cfg)  # builds the model on the meta device: a config it cannot take fails here
     except (KeyError, TypeError, ValueError, OSError) as e:
         sys.exit(f"train.py: {e}")
+    except (AssertionError, ArithmeticError, RuntimeError) as e:
+        sys.exit(f"train.py: the model config {' '.join(args.set)} cannot be built: {e}")
     recipe = {**DEFAULTS, "lr": TINY_LR.get(args.size, DEFAULTS["lr"]), **RECIPES.get((args.arch, args.size), {})}
     vars(args).update({key: value for key, value in recipe.items() if getattr(args, key) is None})
     return tok, cfg, ckpt

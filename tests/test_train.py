@@ -288,11 +288,12 @@ def test_init_conflicts_and_another_model_are_one_line(shards, tmp_path, capsys)
     # a --set field or value the config cannot take: one line, with or without --init
     for item, message in (("bogus=3", "train.py: --set bogus: no such model config field; valid: arch, img_h, "),
                           ("dec_width=x", "train.py: --set dec_width=x: expected int, e.g. dec_width=384"),
-                          ("qkv_bias=1", "train.py: --set qkv_bias=1: expected bool, e.g. qkv_bias=true")):
+                          ("qkv_bias=1", "train.py: --set qkv_bias=1: expected bool, e.g. qkv_bias=true"),
+                          ("enc_heads=5", "enc_heads=5 cannot be built: width ")):  # 16 or 64 not divisible by 5
         for args in (fine_tune(shards, tmp_path, "ft", ckpt), base_args(shards, tmp_path, "ft")):
             with pytest.raises(SystemExit) as stop:
                 train.main([*args, "--set", item])
-            assert str(stop.value).startswith(message)
+            assert str(stop.value).startswith("train.py: ") and message in str(stop.value), stop.value
     assert not (tmp_path / "ft").exists()
     # A model of no size: named after the checkpoint file, the default recipe; a size's fields changed by --set still
     # give the size's recipe
