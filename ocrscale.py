@@ -517,6 +517,7 @@ def cmd_eval(args):
     net, tok = load_checkpoint(args.ckpt)
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     options = decode_options(net.to(device).cfg.arch, args.beam, args.refine_iters, args.beam_len_norm, args.ckpt)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     found = [b for b in BENCHMARKS if args.benchmarks and os.path.isdir(os.path.join(args.benchmarks, b))]
     if args.benchmarks and not found:
         raise UsageError(f"argument --benchmarks: {args.benchmarks} holds none of {', '.join(BENCHMARKS)} "
@@ -532,8 +533,7 @@ def cmd_eval(args):
         try:
             stream = data.ShardStream(path, net.cfg.img_h, net.cfg.img_w, args.batch, None, max_len=net.cfg.max_len,
                                       loop=False, tokenizer=tok)
-            r = train.evaluate(net, tok, stream, options, args.workers, device, contextlib.nullcontext(), args.cased,
-                               args.punctuation)
+            r = train.evaluate(net, tok, stream, options, args.workers, device, autocast, args.cased, args.punctuation)
         except (ValueError, OSError, data.DataError) as e:  # no usable label, no shards, nothing readable
             raise UsageError(f"argument --test {name}={path}: {e}") from None
         results[name] = dict(n=r["n"], accuracy=100 - r["error"], ned=r["ned"], confidence=r["confidence"],
