@@ -78,7 +78,7 @@ def _tar_header(name, size):
 
 def _stamp(path):  # a shard rewritten after its sidecar or cache was made no longer matches
     st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
+    return {'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns}
 
 
 class ShardWriter:
@@ -108,7 +108,7 @@ class ShardWriter:
     def _finish(self):
         self.f.write(bytes(1024))  # end-of-archive: two zero blocks
         self.f.close()
-        write_json({'stamp': _stamp(self.path + '.tmp'), 'samples': self.samples}, self.path + '.idx')
+        write_json({**_stamp(self.path + '.tmp'), 'samples': self.samples}, self.path + '.idx')
         os.replace(self.path + '.tmp', self.path)  # keeps the size and mtime the sidecar records
         self.shards[os.path.basename(self.path)] = len(self.samples)
         self.f = None
@@ -157,11 +157,11 @@ def shard_index(path):
                                     'stats DIR writes the sidecars) and upload the .idx files with it') from None
     with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged or stale one
         idx = json.loads(Path(path + '.idx').read_text())
-        if idx['stamp'] == _stamp(path):
+        if {k: idx[k] for k in ('bytes', 'mtime_ns')} == _stamp(path):
             return idx['samples']
     samples = scan_tar(path)
     with contextlib.suppress(OSError):  # a read-only data folder: scan again next time
-        write_json({'stamp': _stamp(path), 'samples': samples}, path + '.idx')
+        write_json({**_stamp(path), 'samples': samples}, path + '.idx')
     return samples
 
 
@@ -228,7 +228,8 @@ def read_url(url, start=None, length=None, connections=None, redirects=5):
         except IndexError:
             conn = (http.client.HTTPSConnection if scheme == 'https' else http.client.HTTPConnection)(host, timeout=60)
         try:
-            conn.request('GET', '/' + path, headers={'Range': f'bytes={start}-{start + length - 1}'} if length else {})
+            ranged = {'Range': f'bytes={start}-{start + length - 1}'} if start is not None else {}
+            conn.request('GET', '/' + path, headers=ranged)
             response = conn.getresponse()
             if start is not None and response.status == 200:  # the whole file follows: do not download it
                 conn.close()
@@ -274,7 +275,7 @@ def usable_index(pattern, settings, clean):
     beside the shards (else in $OCRSCALE_CACHE or ~/.cache/ocrscale), by one process under a file lock."""
     shards = find_shards(pattern)
     paths = [p if is_url(p) else os.path.abspath(p) for p, _ in shards]
-    stamps = [[p, n] + ([] if is_url(p) else _stamp(p)) for p, (_, n) in zip(paths, shards)]
+    stamps = [[p, n] + ([] if is_url(p) else [*_stamp(p).values()]) for p, (_, n) in zip(paths, shards)]
     folder = os.path.dirname(paths[0])
     if is_url(folder) or not os.access(folder, os.W_OK):
         folder = os.environ.get('OCRSCALE_CACHE', os.path.expanduser('~/.cache/ocrscale'))
@@ -325,6 +326,8 @@ def permute_blocks(i, n, block, key):
     """permute() of the blocks of `block` (<= n) consecutive numbers in [0, n): a bijection of [0, n) that keeps each
     block's numbers together and in order (a last, partial block stays last)."""
     i, full = np.asarray(i, dtype=np.int64), n // block * block
+    if full == 0:  # fewer numbers than a block: nothing to permute
+        return i
     return np.where(i < full, permute(np.minimum(i, full - 1) // block, n // block, key) * block + i % block, i)
 
 
@@ -511,18 +514,20 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _read_batch(self, src, rows, positions):
         """[(image array, label) or why not] at each position. Rows of one shard that follow each other in the index
-        are read together: one read of their tar headers and images, with the gaps between (each under 64 KiB)."""
+        are read together: reads of up to ~1 MiB covering their tar headers and images, and gaps under 64 KiB."""
         out, runs = [None] * len(rows), []
         for s in np.unique(src).tolist():
             at = np.flatnonzero(src == s)
             at = at[np.argsort(rows[at], kind='stable')]  # this source's positions, in file order
             recs = self._tables[s][0][rows[at]]
             ends = np.flatnonzero((np.diff(rows[at]) > 1) | (np.diff(recs['shard']) != 0)
-                                  | (np.diff(recs['offset']) - recs['size'][:-1] > 1 << 16)) + 1
+                                  | (np.diff(recs['offset']) - recs['size'][:-1] >= 1 << 16)) + 1
             for ks, run in zip(np.split(at, ends), np.split(recs, ends)):
-                base = int(run['offset'][0]) - 512
-                runs.append((s, ks, run, self.paths[s][int(run['shard'][0])], base,
-                             int(run['offset'][-1] + run['size'][-1]) - base))
+                cut = np.flatnonzero(np.diff((run['offset'] - run['offset'][0]) >> 20)) + 1  # reads of <= ~1 MiB
+                for ks, run in zip(np.split(ks, cut), np.split(run, cut)):
+                    base = int(run['offset'][0]) - 512
+                    runs.append((s, ks, run, self.paths[s][int(run['shard'][0])], base,
+                                 int(run['offset'][-1] + run['size'][-1]) - base))
         # requests to a URL source wait mostly on the network: a batch's requests go out together
         fetched = [self._requests.submit(self._fetch, *run[3:]) if is_url(run[3]) else self._fetch(*run[3:])
                    for run in runs]
@@ -990,12 +995,12 @@ def _check_sample(rec):
     """(where, image bytes or path, label) -> (bytes, ext, label) once the image decodes, or (None, reason, where)."""
     where, data, label = rec
     label = label.decode('utf-8', 'replace') if isinstance(label, bytes) else label  # LMDB labels are bytes
-    if isinstance(data, str):
-        data = Path(data).read_bytes() if os.path.isfile(data) else None
     reason = ('missing_label' if label is None else 'empty_label' if not label.strip() else
-              'tab_in_label' if '\t' in label else 'missing_image' if data is None else None)
-    if reason:  # a tab: a label file's further column, not a word (training would remove the tab only)
+              'tab_in_label' if '\t' in label else  # a label file's further column, not a word
+              'missing_image' if data is None or isinstance(data, str) and not os.path.isfile(data) else None)
+    if reason:
         return None, reason, where
+    data = Path(data).read_bytes() if isinstance(data, str) else data
     try:
         img = Image.open(io.BytesIO(data))
         img.load()

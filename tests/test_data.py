@@ -126,6 +126,17 @@ def test_the_order_depends_on_the_global_position_only(tmp_path):
     assert torch.equal(torch.cat([x for x, _, _ in got]), ref_images[36:])  # augmentation drawn per position
 
 
+def test_keyed_permutations_are_bijections_that_keep_blocks_together():
+    for n in (1, 2, 3, 7, 64, 1000, 4097):
+        for key in ((0,), (5, 1, 2)):
+            assert sorted(data.permute(np.arange(n), n, key)) == list(range(n))
+    p = data.permute_blocks(np.arange(103), 103, 10, (3,))
+    assert sorted(p) == list(range(103)) and p[100:].tolist() == [100, 101, 102]  # the partial block stays last
+    assert all(p[b] % 10 == 0 and (p[b:b + 10] == p[b] + np.arange(10)).all() for b in range(0, 100, 10))
+    assert p[:100].tolist() != list(range(100))
+    assert data.permute_blocks(np.arange(3), 3, 5, (1,)).tolist() == [0, 1, 2]  # fewer numbers than a block
+
+
 def test_index_is_built_once_and_workers_get_no_tables(tmp_path, monkeypatch):
     import pickle
     make_shards(tmp_path, [500, 500])
@@ -189,6 +200,22 @@ def test_truncated_tar_is_counted(tmp_path):
     labels = labels_of(s)
     assert 10 < len(labels) < 20 and s.drops == {'truncated_tar': 20 - len(labels)}
     assert sorted(labels) == sorted(name(i) for i in range(len(labels)))
+
+
+def test_reads_stay_near_a_mebibyte_however_large_the_batch(tmp_path):
+    # 300 noise PNGs of ~30 KB, adjacent in one shard: an evaluation batch of all of them is read in ~1 MiB pieces
+    rng, w = np.random.default_rng(0), data.ShardWriter(str(tmp_path))
+    for k in range(300):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (60, 160, 3), dtype=np.uint8)).save(buf, 'PNG')
+        w.write(f'{k:06d}', buf.getvalue(), 'png', name(k))
+    data.write_index(str(tmp_path), w.close(), w.charset, 'test', {})
+    s = data.ShardStream(str(tmp_path), 8, 16, 300, data.CHARSET36, loop=False)
+    reads, fetch = [], s._fetch
+    s._fetch = lambda path, start, length: (reads.append(length), fetch(path, start, length))[1]
+    [(_, labels, _)] = list(s)
+    assert sorted(labels) == sorted(name(k) for k in range(300))
+    assert sum(reads) > 8 * 2**20 and max(reads) < 2**20 + 40_000 and len(reads) < 12, reads
 
 
 def test_corrupt_header_and_stale_index_are_counted(tmp_path):
