@@ -471,7 +471,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 mix_draw = np.empty(MIX_CHUNK, np.int64)
                 for s, q in enumerate(self.quota.tolist()):  # a source's draws follow its positions: epochs are runs
                     mix_draw[mix == s] = c * q + np.arange(q)
-                src[chunk == c], draw[chunk == c] = mix[slot[chunk == c]], mix_draw[slot[chunk == c]]
+                at = chunk == c
+                src[at], draw[at] = mix[slot[at]], mix_draw[slot[at]]
             epoch, i = np.divmod(draw, np.asarray(self.sizes)[src])
             for s, e in set(zip(src.tolist(), epoch.tolist())):
                 at = (src == s) & (epoch == e)
@@ -603,8 +604,8 @@ class _Tokenizer:
         rows = [self.ids(t) for t in labels]
         L, limit = max(map(len, rows), default=0), self.max_len if length is None else min(length, self.max_len)
         if L > limit:
-            raise ValueError(f'label {labels[[len(r) for r in rows].index(L)]!r} has {L} tokens, more than '
-                             f'max_len={limit} (labels are never cut)')
+            longest = next(label for label, r in zip(labels, rows) if len(r) == L)
+            raise ValueError(f'label {longest!r} has {L} tokens, more than max_len={limit} (labels are never cut)')
         L = L if length is None else length
         return torch.tensor([[self.bos_id] + r + [self.eos_id] + [self.pad_id] * (L - len(r)) for r in rows],
                             dtype=torch.long).view(len(rows), L + 2)
@@ -1045,12 +1046,14 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
         raise FileNotFoundError(f'no data.mdb in {src} or its sub-folders')
     _check_empty(out_dir)
     with contextlib.ExitStack() as stack:  # closes the environments
-        txns = {db: stack.enter_context(lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False))
-                .begin() for db in dbs}
-        for db, txn in txns.items():
-            if txn.get(b'num-samples') is None:
+        envs = {db: stack.enter_context(lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False))
+                for db in dbs}
+        txns = {db: env.begin() for db, env in envs.items()}
+        counts = {db: txn.get(b'num-samples') for db, txn in txns.items()}
+        for db, n in counts.items():
+            if n is None:
                 raise ValueError(f"{db}: no 'num-samples' key; not a scene-text LMDB")
-        counts = {db: int(txn.get(b'num-samples')) for db, txn in txns.items()}
+        counts = {db: int(n) for db, n in counts.items()}
         refs = [(db, i) for db, n in counts.items() for i in range(1, n + 1)]
         random.Random(seed).shuffle(refs)
         records = ((f'{db} sample {i}', txns[db].get(b'image-%09d' % i), txns[db].get(b'label-%09d' % i))
