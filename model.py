@@ -296,7 +296,8 @@ def sample_orders(L, n, mirrored=True, key_len=None, device=None):
     the forward order, the reverse one with EOS first (paper §4), then random orders (each followed by its mirror)
     ending in EOS. For L < 5, as the original, these are drawn without replacement from the permutations (one of each
     mirror pair), so no order repeats; else each ranks key_len >= L uniform draws and keeps the first L, so padding
-    keeps the order of the real positions (under --compile, labels padded to max_len: distinct over padded ones)."""
+    keeps the order of the real positions. (Under train.py --compile labels pad to max_len, so L = max_len takes the
+    second path and orders may repeat over a short label's real positions.)"""
     fwd = torch.arange(L + 2, device=device)
     orders, k = [fwd[None], torch.cat([fwd[:1], fwd[1:].flip(0)])[None]][:n], (n - 2) // (1 + mirrored)
     if k > 0:
@@ -380,11 +381,16 @@ class PARSeq(Recognizer):
         keep = ((ctx_tok != self.pad) & (ctx_tok != self.eos))[:, None, None, :]  # padded context is never seen
         n_orders = num_orders(self.cfg, L) if self.training else 2
         orders = sample_orders(L, n_orders, self.cfg.perm_mirrored, self.cfg.max_len, tokens.device)
-        (qmasks, cmasks), no_eos = order_masks(orders), tgt.masked_fill(tgt == self.eos, self.pad)
-        # input dropout drawn afresh for every order (a mask per sample and order), as the original does
-        losses = [self.token_loss(self.run(self.drop(ctx), self.drop(queries), mem_kv, qm & keep, cm & keep),
-                                  tgt if i < 2 else no_eos) for i, (qm, cm) in enumerate(zip(qmasks, cmasks))]
-        return sum(total for total, _ in losses), sum(n for _, n in losses)
+        qmasks, cmasks = order_masks(orders)
+        total, n = 0.0, 0
+        for i in range(n_orders):
+            if i == 2:  # EOS is a target of the forward and reverse orders only
+                tgt = tgt.masked_fill(tgt == self.eos, self.pad)
+            # input dropout drawn afresh for every order (a mask per sample and order), as the original does
+            logits = self.run(self.drop(ctx), self.drop(queries), mem_kv, qmasks[i] & keep, cmasks[i] & keep)
+            order_total, order_n = self.token_loss(logits, tgt)
+            total, n = total + order_total, n + order_n
+        return total, n
 
     @torch.no_grad()
     def decode(self, images, max_len=None, ar=True, refine_iters=1):
@@ -428,7 +434,8 @@ _TROCR = dict(arch='trocr', img_h=384, img_w=384, patch_h=16, patch_w=16, cls_to
 _PARSEQ = dict(arch='parseq', img_h=32, img_w=128, patch_h=4, patch_w=8, cls_token=0, qkv_bias=True,
                attn_dropout=0.1, act_dropout=0.1, dec_eps=1e-5)
 # the CPU ladder T1..T7: widths and depths spaced for a size law on a laptop
-_TINY = dict(img_h=16, img_w=64, patch_h=16, patch_w=4, dropout=0.0, pos_std=0.5, init_std=0)   # qkv_bias, dec_depth 1
+_TINY = dict(img_h=16, img_w=64, patch_h=16, patch_w=4, qkv_bias=True, dec_depth=1, dropout=0.0, pos_std=0.5,
+             init_std=0)
 
 
 SIZES = {
@@ -556,7 +563,7 @@ def load_weights(path):
     data_only = SimpleNamespace(Unpickler=_DataUnpickler, load=lambda f, **kw: _DataUnpickler(f, **kw).load(),
                                 __name__='data_only')
     try:
-        if path.endswith('.safetensors'):
+        if str(path).endswith('.safetensors'):
             from safetensors.torch import load_file
             return load_file(path)
         try:
@@ -565,7 +572,7 @@ def load_weights(path):
             return torch.load(path, map_location='cpu', weights_only=False, pickle_module=data_only)
     except ImportError:
         raise SystemExit(f'reading {path} needs the safetensors package: pip install safetensors')
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+    except Exception as e:  # torch, pickle and safetensors raise many kinds for a file that is no checkpoint
         raise SystemExit(f'{path}: cannot read it as a torch checkpoint ({str(e).splitlines()[0][:100]})')
 
 
@@ -651,8 +658,9 @@ def trocr_from_transformers(hf_dir):
         for k in [k for k in sd if '.k.' in k]:   # stacked as ours: self-attention q, k, v; cross-attention k, v
             parts = [k, k.replace('.k.', '.v.')] if 'cross_attn' in k else [k.replace('.k.', f'.{p}.') for p in 'qkv']
             sd[k.replace('.k.', '.kv.' if len(parts) == 2 else '.qkv.')] = torch.cat([sd[p] for p in parts])
-    except KeyError as err:
-        raise SystemExit(f'{hf_dir}: no weight {err} (the weights do not match the config.json of a TrOCR folder)')
+    except (KeyError, IndexError) as err:  # IndexError: a vocab_size beyond embed_tokens' rows
+        what = f'no weight {err}' if isinstance(err, KeyError) else 'embed_tokens has fewer rows than vocab_size'
+        raise SystemExit(f'{hf_dir}: {what} (the weights do not match the config.json of a TrOCR folder)')
     if 'enc_to_dec_proj.weight' in sd:   # fold transformers' encoder -> decoder width projection into K/V
         P, b = sd['enc_to_dec_proj.weight'].double(), sd['enc_to_dec_proj.bias'].double()
         for i in range(cfg.dec_depth):

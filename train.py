@@ -89,7 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--tag", help="free-form label saved in config.json (fit.py --where tag=...)")
     p.add_argument("--bar-position", type=int, default=0, help="tqdm line, when several runs share a terminal")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)  # arch, size and the recipe: tokenizer_and_config
+    args = p.parse_args(argv)  # arch, size and the recipe: tokenizer_and_config
+    if args.beam < 1:
+        p.error(f"argument --beam: {args.beam}: give a whole number of at least 1")
+    return args
 
 
 def test_sets(specs):

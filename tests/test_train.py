@@ -304,13 +304,18 @@ def test_init_conflicts_and_another_model_are_one_line(shards, tmp_path, capsys)
     assert (config["weight_decay"], config["schedule"]) == (train.DEFAULTS["weight_decay"], train.DEFAULTS["schedule"])
     args = train.parse_args(fine_tune(shards, tmp_path, "x", odd, "--set", "enc_depth=1"))
     assert train.tokenizer_and_config(args)[1].enc_depth == 1 and (args.size, args.lr) == ("T1", train.TINY_LR["T1"])
+    for field in ("dec_depth=2", "qkv_bias=false"):  # a tiny size's fields that equal ModelConfig's defaults count too
+        odd = checkpoint(tmp_path / "odd.pt", "parseq", "T1", "0123456789", **train.config_overrides([field]))
+        args = train.parse_args(fine_tune(shards, tmp_path, "x", odd))
+        assert train.tokenizer_and_config(args)[2] and args.size is None, field
 
 
 def test_checkpoint_cadence_fp16_scaler_and_atomic_writes(shards, tmp_path, monkeypatch):
     assert train.save_interval("15m") == (15.0, None) and train.save_interval("200000") == (None, 200000)
     assert train.parse_args(["--train", "x", "--val", "y"]).save_every == (15.0, None)
-    with pytest.raises(SystemExit):
-        train.parse_args(["--train", "x", "--val", "y", "--save-every", "15x"])
+    for bad in (["--save-every", "15x"], ["--beam", "0"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--train", "x", "--val", "y", *bad])
     real_save, saved = train.atomic_save, []
     monkeypatch.setattr(train, "atomic_save", lambda obj, path: (saved.append((os.path.basename(path), obj.get("step") if isinstance(obj, dict) else None)), real_save(obj, path)))
     args = ["--batch", "16", "--eval-every", "80", "--workers", "0"]
