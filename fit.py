@@ -7,6 +7,9 @@
 Rang et al. 2024 (arXiv 2401.00028) fit E = (X_c / X)^alpha per axis X by least squares in log-log space, E the word
 error as a fraction. Here: read runs -> group them (runs pool only within a fit group) -> per-axis OLS with intervals
 -> holdout and extrapolation -> the joint law E = E_inf + A/N^alpha + B/D^beta and its compute optimum -> table, plots.
+CSV rows: a header with any of N, D, C, samples; one of E (word error %), acc (word accuracy %), loss; optional label
+and fit group fields. Error >= 99.5% (a model that reads nothing) is never fitted. Not done here: training, IsoFLOP
+parabolas.
 """
 import argparse, collections, csv, json, math, os, sys, zlib
 
@@ -35,7 +38,8 @@ def _ok(v):
     return v is not None and math.isfinite(v) and v > 0
 
 def _make_run(name, config, lines, finished):
-    """Its sample budget: "train_samples", else the last eval's samples to 2 significant figures (batch rounding)."""
+    """A run dict from its config and metrics.jsonl entries (those that are no JSON object counted as malformed); its
+    sample budget: "train_samples", else the last eval's samples to 2 significant figures (batch rounding)."""
     evals = [{k: _num(e.get(k)) for k in ("samples", "flops", *METRICS.values())} for e in lines if isinstance(e, dict)]
     budget = _num(config.get("train_samples"))
     if budget is None and evals and _ok(evals[-1]["samples"]):
@@ -381,6 +385,7 @@ def _huber_fit(F, ly, starts):
     """The joint law from each start th by least_squares (cost: the summed Huber loss of the log residuals), log N and
     log D centred so that a and alpha (b and beta) decorrelate: (the best fit's named parameters and loss, its th)."""
     mu = F.mean(0)
+    # each start moved to centred log N, log D (undone on the best fit below)
     fits = [least_squares(_log_residuals, s - [s[1] * mu[0], 0, s[3] * mu[1], 0, 0], _log_jacobian, bounds=BOUNDS,
                           method="dogbox", loss="huber", f_scale=DELTA, args=(F - mu, ly), xtol=1e-12, ftol=1e-12,
                           gtol=1e-12) for s in starts]
@@ -425,7 +430,7 @@ def _fit_joint(runs, o):
     boot, ci = _bootstrap(lambda d: _refit_joint(F[d], ly[d], th), len(ly), JOINT, "joint", o)
     log_pred = np.logaddexp.reduce(_log_terms(th, F_all), axis=1)
     pred, res = np.exp(log_pred) * o["scale"], log_pred[use] - ly
-    return dict(fit, r2=float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum()),
+    return dict(fit, r2=None if np.ptp(ly) < 1e-12 else float(1 - (res ** 2).sum() / ((ly - ly.mean()) ** 2).sum()),
                 rmse=float(np.sqrt((res ** 2).mean())), starts=len(starts), n_points=int(use.sum()),
                 compute_optimal=_compute_optimal(fit, boot, rows, o),
                 ci=dict(ci, level=o["level"], method=f"bootstrap over runs ({len(boot)} draws)"),
@@ -569,7 +574,7 @@ def _format_fit(fit, metric):
     if "error" in j:
         return L + [f"  not fitted: {j['error']}"]
     L += [f"  {k:<6}{j[k]:>12.5g} {_ci(j['ci'][k])}" for k in JOINT]
-    L.append(f"  {j['n_points']} runs, R2(log) {j['r2']:.4f}, RMSE(log) {j['rmse']:.4f}, loss {j['loss']:.6g}, "
+    L.append(f"  {j['n_points']} runs, R2(log) {_r2(j['r2'])}, RMSE(log) {j['rmse']:.4f}, loss {j['loss']:.6g}, "
              f"{j['starts_at_best']}/{j['starts']} starts reached the best"
              f"{'' if j['converged'] else ', NOT converged'}; bootstrap: {j['ci']['n_boot']} draws kept" +
              "".join(f", {n} dropped ({why})" for why, n in j["ci"]["dropped"].items()))
@@ -656,11 +661,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Fit OCR scaling laws to run folders or a CSV of points.")
     add = p.add_argument
     add("paths", nargs="+", help="run folders (searched recursively) and/or CSV files")
-    add("--metric", choices=sorted(METRICS), default="error", help="val word error (default), val loss, test error")
+    add("--metric", choices=sorted(METRICS), default="error", help="error: val word error (the study's target); "
+        "loss: val loss per character; test: test error")
     add("--best", action="store_true", help="use each run's best eval instead of its final one (N, D)")
-    add("--where", action="append", default=[], metavar="KEY=VALUE", help="keep runs whose fit group field (arch, "
-        "train, val, tokenizer, init, set, img, eval; e.g. init=none, train=PATH, set=enc_width=96, img=32x128) or "
-        "config.json key (dotted into dicts) KEY is VALUE; repeatable")
+    add("--where", action="append", default=[], metavar="KEY=VALUE", help="keep runs whose fit group field KEY (arch, "
+        "train, val, tokenizer, init, set, img, eval) is VALUE: none for null or empty, paths as given or absolute, "
+        "train=PATH any of the training sets, set=FIELD=VALUE any override, img=HxW e.g. 32x128, eval=beam=1; any "
+        "other KEY is a config.json key (dotted keys reach into dicts); repeatable")
     add("--holdout", action="append", default=[], metavar="AXIS=largest|largest:K|VALUE", help="fit AXIS without its "
         "largest (K) points or those >= VALUE and predict them (repeatable; a bare VALUE only when one axis is fitted)")
     add("--include-unfinished", action="store_true", help="also fit runs without result.json")
