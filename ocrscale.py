@@ -177,7 +177,8 @@ def run_all(runs, jobs, out, keep_fds):
 
 def cmd_demo(args):
     """Train the runs of --study, write OUT/REPORT.md (a sentence per finding, a section per study), return 1 if a run
-    failed. With all, the ladders train in OUT/laws, the rest in OUT/studies (fit.py pools all runs in a folder)."""
+    failed or was skipped. With all, the ladders train in OUT/laws, the rest in OUT/studies (fit.py pools all runs in
+    a folder)."""
     suffix = ("" if args.study == "n" else f"-{args.study}") + ("-trocr" if args.arch == "trocr" else "")
     args.out = args.out or os.path.join("runs", "demo" + suffix + ("-quick" if args.quick else ""))
     args.data = args.data or os.path.join("data", "demo-quick" if args.quick else "demo")
@@ -516,7 +517,8 @@ def cmd_eval(args):
     """Score a checkpoint on test sets as train.py scores a run at its end; the size-weighted average over the sets."""
     net, tok = load_checkpoint(args.ckpt)
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    options = decode_options(net.to(device).cfg.arch, args.beam, args.refine_iters, args.beam_len_norm, args.ckpt)
+    net.to(device)
+    options = decode_options(net.cfg.arch, args.beam, args.refine_iters, args.beam_len_norm, args.ckpt)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     found = [b for b in BENCHMARKS if args.benchmarks and os.path.isdir(os.path.join(args.benchmarks, b))]
     if args.benchmarks and not found:
@@ -619,7 +621,8 @@ def main(argv=None):
     d.add_argument("--out", help="run folder root (default runs/demo[-STUDY][-trocr][-quick])")
     d.add_argument("--data", help="where the rendered shards go (default data/demo[-quick])")
     d.add_argument("--seeds", type=seed_list, help="e.g. 0,1,2: fit.py fits the median per size")
-    d.add_argument("--jobs", type=bounded(int, 1), default=min(2, os.cpu_count() or 1), help="runs at once (default 2)")
+    d.add_argument("--jobs", type=bounded(int, 1), default=min(2, os.cpu_count() or 1),
+                   help="runs at once (default 2, 1 on one core)")
     d.add_argument("--study", choices=["n", "mix", "pretrain", "all"], default="n", help="n: the N, D and C laws; "
                    "mix: synthetic:real ratios; pretrain: pretrain then fine-tune; all: each")
     s = sub.add_parser("sweep", help="plan an N x D grid for a GPU cluster: commands, FLOPs, GPU-hours")

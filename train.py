@@ -8,7 +8,9 @@
 
 Writes runs/NAME/: config.json (N, D = usable images, the run's identity), metrics.jsonl (a row per eval: samples,
 epochs, C, val loss and error), last.pt, best.pt (lowest val error), result.json. Any split of a global batch over
-processes and micro-batches trains the same model; re-running a command resumes it exactly, under any layout.
+processes and micro-batches trains the same model; re-running a command resumes it exactly, under any layout; a
+finished run is not redone; a run name that holds another run is an error. SIGTERM or Ctrl-C: the current step ends,
+last.pt is written, the exit status is 128 + the signal; a second signal exits at once.
 """
 import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, pickle, re
 import signal, subprocess, sys, time, types
@@ -75,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--beam", type=int, default=1, help="TrOCR beam width at evaluation")
     p.add_argument("--beam-len-norm", action=argparse.BooleanOptionalAction, default=True, help="TrOCR: score / length")
     p.add_argument("--refine-iters", type=int, default=1, help="PARSeq cloze refinement passes at evaluation")
-    p.add_argument("--init", help="fine-tune this checkpoint's model (--set may change it) and tokenizer")
+    p.add_argument("--init", help="fine-tune this checkpoint's model (--set may change it) and tokenizer; recipe: "
+                   "the size's whose fields it has, else the defaults")
     p.add_argument("--resume", action="store_true", help="insist on resuming (re-running a run name always resumes)")
     p.add_argument("--name", help="run name (default: ARCH-SIZE-dD-sSEED-HASH, HASH: of the run's identity)")
     p.add_argument("--runs", default="runs", help="root folder of run folders")
@@ -106,7 +109,7 @@ def test_sets(specs):
     return sets
 
 
-def get_lr(step, total_steps, args):  # linear warm-up (OneCycle: cosine, from lr/25), cosine decay (to lr/25e4)
+def get_lr(step, total_steps, args):  # warm-up: linear (OneCycle: cosine from lr/25); cosine decay to 0 (lr/25e4)
     warm = max(1, int(args.warmup * total_steps))
     lo, end = (args.lr / 25, args.lr / 25e4) if args.schedule == "onecycle" else (0.0, 0.0)
     if step >= warm:
@@ -186,7 +189,7 @@ def setup(args, cfg, tok):  # the run: processes (torchrun's env), device, threa
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:  # tiny sizes: one thread, the fastest on 2 cores alone or beside another run (tests/bench_train.py --threads)
+    else:  # tiny sizes: one thread (on 2 cores a second gives -5..+11% alone, loses 75-97% beside another run)
         torch.set_num_threads(args.threads or (1 if args.size in TINY_LR else
                                                max(1, data.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
     if world > 1 and not dist.is_initialized():
@@ -244,7 +247,7 @@ def brief(value):  # a config value in a one-line message; paths differ in their
 
 def check_run_dir(run, identity):
     """The result when run.dir holds this run finished, else None; one line and exit when it holds another run."""
-    config, result = (read_json(os.path.join(run.dir, name)) for name in ("config.json", "result.json"))
+    config = read_json(os.path.join(run.dir, "config.json"))
     if config is None:
         return None
     was = config.get("identity", {})
@@ -253,6 +256,7 @@ def check_run_dir(run, identity):
         changes = "; ".join(f"{k} {brief(was.get(k))} -> {brief(identity.get(k))}" for k in differ)
         sys.exit(f"train.py: {run.dir} holds another run ({changes}): choose another --name, or delete the folder to "
                  "start over")
+    result = read_json(os.path.join(run.dir, "result.json"))
     if result is not None and run.master:
         print(f"{run.name}: already finished (val error {result['val_error']:.2f}%), not redone")
     return result
@@ -316,6 +320,7 @@ def request_stop(signum, frame):
     stop_signal = signum
 
 
+@torch.no_grad()
 def evaluate(net, tok, stream, decode_options, workers, device, autocast, cased=False, punctuation=False):
     """Loss per token, word error, 1-NED, mean confidence and label length of a stream, exact across ranks."""
     net.eval()

@@ -1,5 +1,6 @@
 """train.py end to end on CPU: any layout or a resume on another layout trains the same model, kill-and-resume,
 one C, D and drops, new-charset fine-tuning, checkpoint cadence and atomic writes, NaN handling."""
+import contextlib
 import dataclasses
 import io
 import json
@@ -574,3 +575,15 @@ def test_tiny_sizes_default_to_one_thread(shards, tmp_path, capsys):
     finally:
         torch.set_num_threads(before)
     assert ", cpu, fp32, 1 threads" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_evaluation_builds_no_autograd_graph(shards):
+    tok = data.CharTokenizer("0123456789")
+    cfg = modellib.make_config("parseq", "T1", tok.vocab_size)
+    net, grad_enabled = modellib.build_model(cfg), []
+    loss = net.loss
+    net.loss = lambda *batch: (grad_enabled.append(torch.is_grad_enabled()), loss(*batch))[1]
+    stream = data.ShardStream(str(shards / "val"), cfg.img_h, cfg.img_w, 50, None, max_len=cfg.max_len, loop=False,
+                              tokenizer=tok)
+    result = train.evaluate(net, tok, stream, {}, 0, torch.device("cpu"), contextlib.nullcontext())
+    assert grad_enabled == [False, False] and result["n"] == 100 and net.training
