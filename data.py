@@ -963,9 +963,13 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
     """Render n word images into shards in out_dir on all cores; returns the index. words: list of str (else
     random strings of min_len..max_len chars over charset); fonts: list of font paths or a folder of them."""
     _check_empty(out_dir)
+    if fonts is not None and style == 'clean':
+        raise ValueError("fonts are for style 'varied'; 'clean' draws with Pillow's built-in font")
     if isinstance(fonts, str):
-        fonts = sorted(p for p in glob.glob(os.path.join(fonts, '**', '*'), recursive=True)
-                       if p.lower().endswith(('.ttf', '.otf')))
+        folder, fonts = fonts, sorted(p for p in glob.glob(os.path.join(fonts, '**', '*'), recursive=True)
+                                      if p.lower().endswith(('.ttf', '.otf')))
+        if not fonts:
+            raise ValueError(f'no .ttf or .otf files in {folder} (or its sub-folders)')
     text = ''.join(words) if words else charset  # a font lacking a glyph draws a box or nothing: a wrong label
     lacking = {f: missing_glyphs(f, text) for f in fonts or []}
     skipped = [f'{os.path.basename(f)} ({m[:10]!r})' for f, m in lacking.items() if m]

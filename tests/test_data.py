@@ -421,6 +421,11 @@ def test_synth_skips_fonts_without_the_glyphs(tmp_path, capsys):
     argv[1] = str(tmp_path / 'out2')
     err = run_cli(argv + ['--words', str(tmp_path / 'cjk.txt')])
     assert err.startswith('data.py synth: no .ttf/.otf font draws every character') and '\n' not in err
+    (tmp_path / 'empty').mkdir()
+    for extra, message in ((['--fonts', str(tmp_path / 'empty')], f'no .ttf or .otf files in {tmp_path / "empty"}'),
+                           (['--style', 'clean'], "fonts are for style 'varied'")):
+        argv[1] = str(tmp_path / f'out{len(message)}')
+        assert run_cli(argv + extra).startswith(f'data.py synth: {message}')
 
 
 def test_load_charset(tmp_path):
