@@ -16,7 +16,7 @@ modelling; AR (cached) or NAR decoding, then cloze refinement passes over all po
 """
 import argparse, base64, itertools, json, math, os, pickle, string, sys
 from dataclasses import asdict, dataclass, fields
-from functools import partial
+from functools import cache, partial
 from types import SimpleNamespace
 
 import torch
@@ -291,6 +291,12 @@ def num_orders(cfg, L):
     return k * max(1, min(cfg.perm_num // k, math.factorial(L) // k))
 
 
+@cache  # made on the device once: a host-to-device copy at every step would wait for the GPU
+def _permutation_pool(L, mirrored, device):  # lexicographic, the forward order (the first) left out
+    pool = [p for p in itertools.permutations(range(1, L + 1)) if p[0] < p[-1] or not mirrored][1:]
+    return torch.tensor(pool, dtype=torch.long, device=device)
+
+
 def sample_orders(L, n, mirrored=True, key_len=None, device=None):
     """n PLM orders (n, L+2) over positions 0..L+1 (0 = [B] first, L+1 = EOS), made on `device` without host syncs:
     the forward order, the reverse one with EOS first (paper §4), then random orders (each followed by its mirror)
@@ -301,9 +307,9 @@ def sample_orders(L, n, mirrored=True, key_len=None, device=None):
     fwd = torch.arange(L + 2, device=device)
     orders, k = [fwd[None], torch.cat([fwd[:1], fwd[1:].flip(0)])[None]][:n], (n - 2) // (1 + mirrored)
     if k > 0:
-        if L < 5:  # lexicographic: the first permutation, the forward one, is left out; an async copy: no sync
-            pool = [p for p in itertools.permutations(range(1, L + 1)) if p[0] < p[-1] or not mirrored][1:]
-            perms = torch.tensor(pool).to(device, non_blocking=True)[torch.randperm(len(pool), device=device)[:k]]
+        if L < 5:
+            pool = _permutation_pool(L, mirrored, torch.device(device or 'cpu'))
+            perms = pool[torch.randperm(len(pool), device=device)[:k]]
         else:
             perms = torch.rand(k, max(key_len or L, L), device=device)[:, :L].argsort(-1) + 1
         if mirrored:
