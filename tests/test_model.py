@@ -603,12 +603,31 @@ def test_convert_parseq_reads_every_released_format(tmp_path):
         M.convert_main(['convert-parseq', str(tmp_path / 'junk.pt'), str(tmp_path / 'out.pt')])
 
 
+def strhub_parseq_s():
+    system = pytest.importorskip('strhub.models.parseq.system')
+    return system.PARSeq(M.STRHUB_CHARSET, M.STRHUB_CHARSET, 25, 384, 7e-4, 0.075, 0.0, [32, 128], [4, 8], 384, 6, 4,
+                         12, 12, 4, 1, 6, True, True, True, 1, 0.1)
+
+
+def test_plm_orders_of_short_labels_are_strhubs():
+    """Over many batches, the orders of a batch whose longest label has L < 5 characters: the same first two, the
+    same count, distinct, and together the same set as strhub's gen_tgt_perms draws."""
+    ref = strhub_parseq_s()
+    for L in (2, 3, 4):
+        theirs, ours = set(), set()
+        for _ in range(300):
+            a = ref.gen_tgt_perms(torch.zeros(2, L + 2, dtype=torch.long)).tolist()
+            b = sample_orders(L, num_orders(make_config('parseq', 'S', 97), L)).tolist()
+            assert a[:2] == b[:2] and len(a) == len(b) == len(set(map(tuple, b)))
+            theirs.update(map(tuple, a))
+            ours.update(map(tuple, b))
+        assert ours == theirs, L
+
+
 def test_convert_parseq_matches_strhub(tmp_path):
     """strhub's own PARSeq-S with random weights: --check compares teacher-forced logits and decoded strings."""
-    system = pytest.importorskip('strhub.models.parseq.system')
     torch.manual_seed(0)
-    ref = system.PARSeq(M.STRHUB_CHARSET, M.STRHUB_CHARSET, 25, 384, 7e-4, 0.075, 0.0, [32, 128], [4, 8], 384, 6, 4,
-                        12, 12, 4, 1, 6, True, True, True, 1, 0.1)
+    ref = strhub_parseq_s()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.05)
