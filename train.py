@@ -543,7 +543,7 @@ def main(argv=None):
     if os.path.exists(run.last):  # any layout of processes, workers and micro-batches continues exactly
         resume(run)
     elif args.resume:
-        sys.exit(f"--resume: no checkpoint at {run.last}")
+        sys.exit(f"train.py: --resume: no checkpoint at {run.last}")
     elif args.init:
         line = load_init(model, tok, init, args.init)
         if run.master:

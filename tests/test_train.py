@@ -587,3 +587,9 @@ def test_evaluation_builds_no_autograd_graph(shards):
                               tokenizer=tok)
     result = train.evaluate(net, tok, stream, {}, 0, torch.device("cpu"), contextlib.nullcontext())
     assert grad_enabled == [False, False] and result["n"] == 100 and net.training
+
+
+def test_resume_without_a_checkpoint_is_one_line(shards, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        train.main(base_args(shards, tmp_path, "fresh", "--resume"))
+    assert str(stop.value) == f"train.py: --resume: no checkpoint at {tmp_path / 'fresh' / 'last.pt'}"
