@@ -450,11 +450,9 @@ def log_eval(run, lr, final):
             atomic_save(dict(model=net.state_dict(), model_config=dataclasses.asdict(run.cfg), tokenizer=run.tok.spec,
                              step=row["step"], val_error=val["error"], val_loss=val["loss"]),
                         os.path.join(run.dir, "best.pt"))
-    if run.master:  # the rows of earlier steps, then this one: an eval logged again after a resume replaces its row
-        path, rows = os.path.join(run.dir, "metrics.jsonl"), []
-        with contextlib.suppress(FileNotFoundError), open(path) as f:
-            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < row["step"]]
-        atomic_save("".join(rows + [json.dumps(row) + "\n"]).encode(), path)
+    if run.master:  # a line cut by a crash is dropped at the resume (write_config)
+        with open(os.path.join(run.dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
     prog.loss_sum, prog.tokens, run.wait, run.window = 0.0, 0.0, 0.0, (time.time(), prog.samples, prog.flops)
     return row
 
@@ -472,8 +470,12 @@ def save_checkpoint(run):  # last.pt with every rank's RNG state (every rank cal
     run.saved = time.time()
 
 
-def write_config(run, stream, identity, fit_group):  # config.json, and the run's start-up line
+def write_config(run, stream, identity, fit_group):  # config.json, metrics.jsonl cut to the resumed step, a line
     args, cfg, (total, non_embed) = run.args, run.cfg, run.N
+    path, rows = os.path.join(run.dir, "metrics.jsonl"), []  # rows after last.pt's step are logged again
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= run.prog.step]
+    atomic_save("".join(rows).encode(), path)
     commit = None
     with contextlib.suppress(OSError):  # no git: None
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),

@@ -131,7 +131,10 @@ def test_sigkill_then_resume_exactly_or_under_another_layout(shards, tmp_path):
     assert out.returncode == 1 and out.stderr.strip().splitlines() == [
         f"train.py: {tmp_path / 'moved'} holds another run (seed 0 -> 1): choose another --name, or delete the folder "
         "to start over"]
-    # Another layout (2 processes, 1 worker each): the same run, resumed; its RNG streams restart per rank.
+    # Another layout (2 processes, 1 worker each): the same run, resumed; its RNG streams restart per rank. Rows logged
+    # after last.pt's step, and a line cut by the kill, are dropped at the resume.
+    with open(tmp_path / "moved" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 59}) + "\n" + '{"step": 6')
     out = subprocess.run(TORCHRUN + base_args(shards, tmp_path, "moved", *common[:-1], "1"), env=ENV, cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
