@@ -81,14 +81,14 @@ def test_any_layout_or_resume_trains_the_same_model(shards, tmp_path, monkeypatc
     train.main(base_args(shards, tmp_path, "m8", *common, "--micro-batch", "8", "--workers", "3"))
     assert json.load(open(tmp_path / "m8" / "config.json"))["accum"] == 2
     subprocess.run(TORCHRUN + base_args(shards, tmp_path, "ddp", *common, "--micro-batch", "8", "--workers", "3"),
-                   check=True, env=ENV, cwd=ROOT)
+                   check=True, env=ENV, cwd=ROOT, timeout=180)
     assert json.load(open(tmp_path / "ddp" / "config.json"))["world_size"] == 2
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):  # one process, killed after step 4, then resumed on 2 processes x 3 workers
         train.main(base_args(shards, tmp_path, "resumed", *common, "--micro-batch", "16", "--workers", "0"))
     assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["step"] == 4
     out = subprocess.run(TORCHRUN + base_args(shards, tmp_path, "resumed", *common, "--micro-batch", "8", "--workers", "3"),
-                         env=ENV, cwd=ROOT, capture_output=True, text=True)
+                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and "1 -> 2 processes" in out.stdout and "warning" not in out.stderr, out.stderr[-3000:]
     runs = [tmp_path / name for name in ("m16", "m8", "ddp", "resumed")]
     for run in runs[1:]:
@@ -136,7 +136,7 @@ def test_sigkill_then_resume_exactly_or_under_another_layout(shards, tmp_path):
     with open(tmp_path / "moved" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 59}) + "\n" + '{"step": 6')
     out = subprocess.run(TORCHRUN + base_args(shards, tmp_path, "moved", *common[:-1], "1"), env=ENV, cwd=ROOT,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert "resuming at step" in out.stdout and "1 -> 2 processes" in out.stdout
     result = json.load(open(tmp_path / "moved" / "result.json"))
@@ -390,7 +390,7 @@ def test_unreadable_images_are_skipped_and_counted_over_all_ranks(shards, tmp_pa
     data.write_index(str(tmp_path / "damaged"), w.close(), w.charset, "test", {})
     args = base_args(shards, tmp_path, "damaged", "--batch", "8", "--train-samples", "40", "--workers", "1")
     args[args.index("--train") + 1] = str(tmp_path / "damaged")
-    out = subprocess.run(TORCHRUN + args, env=ENV, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(TORCHRUN + args, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     result = json.load(open(tmp_path / "damaged" / "result.json"))
     assert result["D"] == 40 and result["drops"]["unreadable"] == 5 and metrics(tmp_path / "damaged")[-1]["unreadable"] == 5
