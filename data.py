@@ -515,20 +515,19 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _read_batch(self, src, rows, positions):
         """[(image array, label) or why not] at each position. Rows of one shard that follow each other in the index
-        are read together: reads of up to ~1 MiB covering their tar headers and images, and gaps under 64 KiB."""
+        are read together: one read per MiB of a shard, covering their tar headers and images and gaps under 64 KiB."""
         out, runs = [None] * len(rows), []
         for s in np.unique(src).tolist():
             at = np.flatnonzero(src == s)
             at = at[np.argsort(rows[at], kind='stable')]  # this source's positions, in file order
             recs = self._tables[s][0][rows[at]]
-            ends = np.flatnonzero((np.diff(rows[at]) > 1) | (np.diff(recs['shard']) != 0)
-                                  | (np.diff(recs['offset']) - recs['size'][:-1] >= 1 << 16)) + 1
+            ends = np.flatnonzero((np.diff(rows[at]) > 1) | (np.diff(recs['shard']) != 0)  # a new read: another shard,
+                                  | (np.diff(recs['offset'] >> 20) != 0)  # another MiB of it (reads stay near 1 MiB)
+                                  | (np.diff(recs['offset']) - recs['size'][:-1] >= 1 << 16)) + 1  # or a gap
             for ks, run in zip(np.split(at, ends), np.split(recs, ends)):
-                cut = np.flatnonzero(np.diff((run['offset'] - run['offset'][0]) >> 20)) + 1  # reads of <= ~1 MiB
-                for ks, run in zip(np.split(ks, cut), np.split(run, cut)):
-                    base = int(run['offset'][0]) - 512
-                    runs.append((s, ks, run, self.paths[s][int(run['shard'][0])], base,
-                                 int(run['offset'][-1] + run['size'][-1]) - base))
+                base = int(run['offset'][0]) - 512
+                runs.append((s, ks, run, self.paths[s][int(run['shard'][0])], base,
+                             int(run['offset'][-1] + run['size'][-1]) - base))
         # requests to a URL source wait mostly on the network: a batch's requests go out together
         fetched = [self._requests.submit(self._fetch, *run[3:]) if is_url(run[3]) else self._fetch(*run[3:])
                    for run in runs]
