@@ -172,17 +172,18 @@ def tokenizer_and_config(args):
             cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size) if ckpt else \
                 modellib.make_config(args.arch, args.size, tok.vocab_size, **overrides)
         tok = data.load_tokenizer({**tok.spec, "max_len": cfg.max_len})  # the stream skips longer labels
-        modellib.count_params(cfg)  # builds the model on the meta device: a config it cannot take fails here
     except (KeyError, TypeError, ValueError, OSError) as e:
         sys.exit(f"train.py: {e}")
-    except (AssertionError, ArithmeticError, RuntimeError) as e:
-        sys.exit(f"train.py: the model config {' '.join(args.set)} cannot be built: {e}")
     recipe = {**DEFAULTS, "lr": TINY_LR.get(args.size, DEFAULTS["lr"]), **RECIPES.get((args.arch, args.size), {})}
     vars(args).update({key: value for key, value in recipe.items() if getattr(args, key) is None})
     return tok, cfg, ckpt
 
 
 def setup(args, cfg, tok):  # the run: processes (torchrun's env), device, threads, precision, batch split; main adds more
+    try:
+        N = modellib.count_params(cfg)  # builds the model on the meta device: a config it cannot take fails here
+    except (AssertionError, ArithmeticError, RuntimeError) as e:
+        sys.exit(f"train.py: the model config {' '.join(args.set)} cannot be built: {e}")
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -200,7 +201,7 @@ def setup(args, cfg, tok):  # the run: processes (torchrun's env), device, threa
         sys.exit(f"--batch {args.batch} must be a multiple of micro-batch {micro} x {world} processes")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, auto=torch.bfloat16 if use_cuda else None).get(args.dtype)
     return types.SimpleNamespace(args=args, cfg=cfg, tok=tok, rank=rank, world=world, master=rank == 0, device=device,
-                                 use_cuda=use_cuda, micro=micro, accum=accum, dtype=dtype, N=modellib.count_params(cfg),
+                                 use_cuda=use_cuda, micro=micro, accum=accum, dtype=dtype, N=N,
                                  autocast=torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
                                  workers=args.workers if args.workers is not None else (6 if use_cuda else 0),
                                  peak=peak_flops(device), ema=None)
