@@ -601,14 +601,18 @@ def _load_converted(cfg, state, source):  # tensors our model does not have (a p
 
 # transformers' names -> ours, in order; q, k, v stay apart until stacked. '.gamma', '.beta': older LayerNorm names
 _HF_NAMES = [('.gamma', '.weight'), ('.beta', '.bias'), ('decoder.model.decoder.', ''),
-             ('encoder.encoder.layer.', 'encoder.blocks.'), ('encoder.embeddings.patch_embeddings.projection.',
-             'encoder.patch.'), ('encoder.layernorm.', 'encoder.norm.'), ('attention.attention.query.', 'attn.q.'),
-             ('attention.attention.key.', 'attn.k.'), ('attention.attention.value.', 'attn.v.'),
-             ('attention.output.dense.', 'attn.proj.'), ('intermediate.dense.', 'mlp.0.'), ('output.dense.', 'mlp.2.'),
-             ('layernorm_before.', 'norm1.'), ('layernorm_after.', 'norm2.'), ('layernorm_embedding.', 'emb_norm.'),
-             ('self_attn_layer_norm.', 'norm1.'), ('encoder_attn_layer_norm.', 'norm2.'), ('fc1.', 'mlp.0.'),
-             ('final_layer_norm.', 'norm3.'), ('encoder_attn.', 'cross_attn.'), ('q_proj.', 'q.'), ('k_proj.', 'k.'),
-             ('v_proj.', 'v.'), ('out_proj.', 'proj.'), ('fc2.', 'mlp.2.')]
+             # the ViT / DeiT encoder
+             ('encoder.encoder.layer.', 'encoder.blocks.'), ('encoder.layernorm.', 'encoder.norm.'),
+             ('encoder.embeddings.patch_embeddings.projection.', 'encoder.patch.'),
+             ('attention.attention.query.', 'attn.q.'), ('attention.attention.key.', 'attn.k.'),
+             ('attention.attention.value.', 'attn.v.'), ('attention.output.dense.', 'attn.proj.'),
+             ('intermediate.dense.', 'mlp.0.'), ('output.dense.', 'mlp.2.'),
+             ('layernorm_before.', 'norm1.'), ('layernorm_after.', 'norm2.'),
+             # the TrOCR decoder
+             ('layernorm_embedding.', 'emb_norm.'), ('self_attn_layer_norm.', 'norm1.'),
+             ('encoder_attn_layer_norm.', 'norm2.'), ('final_layer_norm.', 'norm3.'), ('encoder_attn.', 'cross_attn.'),
+             ('q_proj.', 'q.'), ('k_proj.', 'k.'), ('v_proj.', 'v.'), ('out_proj.', 'proj.'),
+             ('fc1.', 'mlp.0.'), ('fc2.', 'mlp.2.')]
 _HF_TOKENIZER_FILES = ('tokenizer.json', 'vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json')
 
 
