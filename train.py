@@ -136,8 +136,8 @@ def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}, typed a
 
 
 def read_checkpoint(path):  # (checkpoint, model config, tokenizer), weights-only (runs no code); else a ValueError
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: a resume or a config check reads no tensor, a fine-tune each tensor once
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(ckpt, dict) or {"model", "model_config", "tokenizer"} - ckpt.keys():
             raise ValueError("no model, model_config and tokenizer entries")
         return ckpt, modellib.ModelConfig(**ckpt["model_config"]), data.load_tokenizer(ckpt["tokenizer"])
@@ -433,7 +433,7 @@ def log_eval(run, lr, final):
     elapsed = time.time() - since
     row = dict(step=prog.step, samples=prog.samples, epochs=prog.samples / run.D, flops=prog.flops,
                wall_s=round(prog.wall_s, 2), gpu_hours=prog.wall_s * run.world / 3600 if run.use_cuda else None, lr=lr,
-               train_loss=prog.loss_sum / prog.tokens, samples_per_s=(prog.samples - samples) / elapsed,
+               train_loss=prog.loss_sum / prog.tokens if prog.tokens else None, samples_per_s=(prog.samples - samples) / elapsed,
                data_wait=run.wait / elapsed, unreadable=prog.unreadable, final=final,
                mfu=(prog.flops - flops) / elapsed / (run.peak * run.world) if run.peak and run.dtype else None)
     options = dict(beam=args.beam, len_norm=args.beam_len_norm) if args.arch == "trocr" else \
@@ -451,7 +451,7 @@ def log_eval(run, lr, final):
             atomic_save(dict(model=net.state_dict(), model_config=dataclasses.asdict(run.cfg), tokenizer=run.tok.spec,
                              step=row["step"], val_error=val["error"], val_loss=val["loss"]),
                         os.path.join(run.dir, "best.pt"))
-    if run.master:  # a line cut by a crash is dropped at the resume (write_config)
+    if run.master:  # a line cut by a crash is dropped at the resume (logged_rows)
         with open(os.path.join(run.dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
     prog.loss_sum, prog.tokens, run.wait, run.window = 0.0, 0.0, 0.0, (time.time(), prog.samples, prog.flops)
@@ -471,12 +471,22 @@ def save_checkpoint(run):  # last.pt with every rank's RNG state (every rank cal
     run.saved = time.time()
 
 
-def write_config(run, stream, identity, fit_group):  # config.json, metrics.jsonl cut to the resumed step, a line
-    args, cfg, (total, non_embed) = run.args, run.cfg, run.N
-    path, rows = os.path.join(run.dir, "metrics.jsonl"), []  # rows after last.pt's step are logged again
+def logged_rows(path, step):  # metrics.jsonl's rows up to `step` (later ones are logged again), unreadable lines
+    rows, unreadable = [], 0
     with contextlib.suppress(FileNotFoundError), open(path) as f:
-        rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= run.prog.step]
-    atomic_save("".join(rows).encode(), path)
+        for line in f:
+            try:
+                rows += [row for row in [json.loads(line)] if row["step"] <= step]
+            except (ValueError, TypeError, KeyError):  # a line cut by a crash, or damaged
+                unreadable += 1
+    return rows, unreadable
+
+
+def write_config(run, stream, identity, fit_group, rows, unreadable):  # config.json, metrics.jsonl's rows, a line
+    args, cfg, (total, non_embed) = run.args, run.cfg, run.N
+    atomic_save("".join(json.dumps(row) + "\n" for row in rows).encode(), os.path.join(run.dir, "metrics.jsonl"))
+    if unreadable:
+        print(f"{run.name}: dropped {unreadable} unreadable line(s) of metrics.jsonl")
     commit = None
     with contextlib.suppress(OSError):  # no git: None
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -552,9 +562,10 @@ def main(argv=None):
         if run.master:
             print(line)
     del init  # its tensors
+    rows, unreadable = logged_rows(os.path.join(run.dir, "metrics.jsonl"), prog.step)
     if run.master:
         os.makedirs(run.dir, exist_ok=True)
-        write_config(run, stream, identity, fit_group)
+        write_config(run, stream, identity, fit_group, rows, unreadable)
     run.net = torch.compile(model) if args.compile else model
     if run.world > 1:
         run.net = DDP(run.net, device_ids=[run.device.index] if run.use_cuda else None)
@@ -566,9 +577,9 @@ def main(argv=None):
     eval_every = max(1, (args.eval_every or train_samples // 10) // args.batch)  # in optimizer steps
     tenth = max(1, run.total_steps // 10)  # last.pt also every tenth of the run: a stop loses at most a tenth
     save_minutes, save_samples = args.save_every
-    if prog.step >= run.total_steps:  # resumed from the checkpoint written after the final eval
-        with open(os.path.join(run.dir, "metrics.jsonl")) as f:
-            row = json.loads(f.readlines()[-1])
+    if prog.step >= run.total_steps:  # resumed from the checkpoint written after the final eval: its row, else anew
+        row = rows[-1] if rows and rows[-1]["step"] == prog.step and rows[-1].get("final") else \
+            log_eval(run, get_lr(prog.step, run.total_steps, args), True)
     with tqdm(total=run.total_steps * args.batch, initial=prog.samples, unit="img", desc=run.name, dynamic_ncols=True,
               disable=not run.master or args.quiet, position=args.bar_position, leave=True) as bar:
         while prog.step < run.total_steps:

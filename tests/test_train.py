@@ -596,3 +596,20 @@ def test_resume_without_a_checkpoint_is_one_line(shards, tmp_path):
     with pytest.raises(SystemExit) as stop:
         train.main(base_args(shards, tmp_path, "fresh", "--resume"))
     assert str(stop.value) == f"train.py: --resume: no checkpoint at {tmp_path / 'fresh' / 'last.pt'}"
+
+
+def test_a_damaged_metrics_log_is_cleaned_and_a_lost_final_row_evaluated_again(shards, tmp_path, capsys):
+    args = base_args(shards, tmp_path, "run", "--batch", "16", "--train-samples", "320", "--workers", "0")
+    first = train.main(args)
+    run_dir, rows = tmp_path / "run", metrics(tmp_path / "run")
+    # killed after last.pt's final save, before result.json; the final row lost, a line damaged by hand
+    os.remove(run_dir / "result.json")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]) + "[1, 2]\nnot json\n")
+    again = train.main(args)
+    assert "dropped 2 unreadable line(s) of metrics.jsonl" in capsys.readouterr().out
+    assert again["step"] == first["step"] and again["val_error"] == first["val_error"]
+    assert again["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6)
+    *kept, final = metrics(run_dir)
+    assert kept == rows[:-1] and final["train_loss"] is None  # the loss since the last eval was in the lost row
+    assert {k: v for k, v in final.items() if k in ("step", "samples", "flops", "final", "val_error", "val_n")} == \
+        {k: v for k, v in rows[-1].items() if k in ("step", "samples", "flops", "final", "val_error", "val_n")}
