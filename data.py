@@ -450,11 +450,13 @@ class ShardStream(torch.utils.data.IterableDataset):
     def loader(self, num_workers=0, start=0, pin_memory=False):
         """This rank's batches from global position `start` (the position after the last optimizer step)."""
         self.start = start
-        # workers started from a forkserver (Python 3.14's default on Linux) share one import (~130 MiB each)
+        # workers start from a forkserver: a fork of this process could copy a lock held by one of its threads (the
+        # progress bar's, the process group's) and hang; the server's one import of torch and data is shared
         torch.multiprocessing.set_forkserver_preload(['torch', __name__])
         # its own generator: a DataLoader draws a base seed, which would shift the global RNG on resume
         for batch in torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                                  worker_init_fn=_worker_init if num_workers else None,
+                                                 multiprocessing_context='forkserver' if num_workers else None,
                                                  generator=torch.Generator()):
             if isinstance(batch, str):  # a worker's one-line error
                 raise DataError(batch)
