@@ -344,8 +344,8 @@ class Bench:
         with torch.no_grad():
             if arch == "parseq":
                 net.head.bias[net.eos] = -1e4
-            else:
-                net.tok_emb.weight[net.eos] = 0  # tied head: the EOS logit is 0, below the largest of the others
+            else:  # the EOS logit is 0, below the largest of the others (the head has no bias)
+                (net.tok_emb if cfg.tie_head else net.head).weight[net.eos] = 0
         modes = {"parseq": [("greedy AR", dict(ar=True, refine_iters=0)), ("NAR + 1 refine", dict(ar=False, refine_iters=1))],
                  "trocr": [("greedy", dict(beam=1)), ("beam 5", dict(beam=5))]}[arch]
         batch = self.mode["decode_batch"]
