@@ -28,6 +28,7 @@ CHARSET94 = CHARSET36 + 'ABCDEFGHIJKLMNOPQRSTUVWXYZ' + '!"#$%&\'()*+,-./:;<=>?@[
 IMAGE_EXTS = ('png', 'jpg', 'jpeg', 'webp', 'bmp')
 MIX_CHUNK = 4096  # positions over which weighted sources take exactly their share
 REMOTE_BLOCK = 64  # consecutive samples a URL source reads with one request (~200-400 KB of word images)
+UNFINISHED = 'UNFINISHED'  # a file in a shard folder while synth or an import writes it
 
 
 def cpu_count():  # os.sched_getaffinity exists on Linux only
@@ -151,10 +152,12 @@ def shard_index(path):
     was written (then saved as the sidecar where writable). A remote shard's sidecar is taken as it is."""
     if is_url(path):
         try:
-            return json.loads(read_url(path + '.idx'))['samples']
+            samples = json.loads(read_url(path + '.idx'))['samples']
         except FileNotFoundError:
             raise FileNotFoundError(f'{path}.idx is missing: read the shard set once from a local copy (python data.py '
                                     'stats DIR writes the sidecars) and upload the .idx files with it') from None
+        read_url(path, 0, 1)  # the shard itself is there (else a 404 naming it), and the server answers byte ranges
+        return samples
     with contextlib.suppress(OSError, ValueError, KeyError):  # no sidecar, or a damaged or stale one
         idx = json.loads(Path(path + '.idx').read_text())
         if {k: idx[k] for k in ('bytes', 'mtime_ns')} == _stamp(path):
@@ -169,15 +172,27 @@ def write_index(out_dir, shards, charset, source, drops, **extra):
     index = dict(shards=dict(sorted(shards.items())), samples=sum(shards.values()),
                  charset=''.join(sorted(charset)), source=source, drops=dict(drops), **extra)
     write_json(index, os.path.join(out_dir, 'index.json'), indent=1)
+    Path(out_dir, UNFINISHED).unlink(missing_ok=True)
     return index
 
 
 def _read_index(pattern):
-    """index.json of a shard folder (or of a glob's folder), {} if there is none; a URL's must be there."""
+    """index.json of a shard folder (or of a glob's folder), {} if there is none; a URL's must be there. One that
+    does not map shard names to sample counts is a ValueError naming it."""
     if is_url(pattern):
-        return json.loads(read_url(pattern.rstrip('/') + '/index.json'))
-    path = os.path.join(pattern if os.path.isdir(pattern) else os.path.dirname(pattern), 'index.json')
-    return json.load(open(path)) if os.path.exists(path) else {}
+        path = pattern.rstrip('/') + '/index.json'
+        text = read_url(path)
+    else:
+        path = os.path.join(pattern if os.path.isdir(pattern) else os.path.dirname(pattern), 'index.json')
+        if not os.path.exists(path):
+            return {}
+        text = Path(path).read_bytes()
+    with contextlib.suppress(ValueError):
+        index = json.loads(text)
+        if isinstance(index, dict) and isinstance(index.get('shards'), dict) and all(
+                type(n) is int for n in index['shards'].values()):
+            return index
+    raise ValueError(f'{path}: not an index.json of data.py (a "shards" object of shard names and sample counts)')
 
 
 def find_shards(pattern):
@@ -185,7 +200,11 @@ def find_shards(pattern):
     A shard that an index.json lists but that is not there is an error naming it."""
     if is_url(pattern):
         return [(f'{pattern.rstrip("/")}/{name}', n) for name, n in sorted(_read_index(pattern)['shards'].items())]
-    paths = sorted(glob.glob(os.path.join(pattern, '*.tar') if os.path.isdir(pattern) else pattern))
+    if os.path.isdir(pattern):  # a folder (its name as written, brackets included), one shard, or a glob
+        paths = glob.glob(os.path.join(glob.escape(pattern), '*.tar'))
+    else:
+        paths = [pattern] if os.path.isfile(pattern) else glob.glob(pattern)
+    paths = sorted(paths)
     if not paths:
         d = pattern if not glob.has_magic(pattern) else os.path.dirname(pattern) or 'DIR'
         raise FileNotFoundError(
@@ -193,7 +212,12 @@ def find_shards(pattern):
             f'`python data.py import-lmdb LMDB_DIR {d}` or `python data.py import-folder LABELS_FILE {d}`')
     indexes = {d: _read_index(d) for d in {os.path.dirname(p) for p in paths}}
     for folder, index in indexes.items():
-        listed = fnmatch.filter(index.get('shards', {}), os.path.basename(pattern) if glob.has_magic(pattern) else '*')
+        if os.path.exists(os.path.join(folder, UNFINISHED)):
+            raise FileNotFoundError(f'{folder}: an unfinished synth or import (stopped before it wrote index.json): '
+                                    'run it again')
+        if os.path.isfile(pattern):  # one shard, which is there: its siblings are not asked for
+            continue
+        listed = fnmatch.filter(index.get('shards', {}), '*' if os.path.isdir(pattern) else os.path.basename(pattern))
         missing = [name for name in listed if not os.path.exists(os.path.join(folder, name))]
         if missing:
             raise FileNotFoundError(f'{folder}/index.json lists {len(missing)} shard(s) that are not there: '
@@ -259,7 +283,8 @@ def parse_sources(spec):
     out = []
     for part in spec.split(','):
         path, _, w = part.rpartition(':')
-        out.append((path, float(w)) if path and w.replace('.', '', 1).isdigit() else (part, 1.0))
+        port = is_url(part) and '/' not in path.partition('://')[2]  # http://host:8000 names no weight
+        out.append((path, float(w)) if path and w.replace('.', '', 1).isdigit() and not port else (part, 1.0))
     return out
 
 # ----------------------------------------------------------------------------- the usable-sample index
@@ -451,8 +476,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         """This rank's batches from global position `start` (the position after the last optimizer step)."""
         self.start = start
         # workers start from a forkserver: a fork of this process could copy a lock held by one of its threads (the
-        # progress bar's, the process group's) and hang; the server's one import of torch and data is shared
-        torch.multiprocessing.set_forkserver_preload(['torch', __name__])
+        # progress bar's, the process group's) and hang. The server's import of torch is shared; this module is
+        # imported by each worker, where the parent's sys.path is in place (Python 3.11's server ignores it)
+        torch.multiprocessing.set_forkserver_preload(['torch'])
         # its own generator: a DataLoader draws a base seed, which would shift the global RNG on resume
         for batch in torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                                  worker_init_fn=_worker_init if num_workers else None,
@@ -640,7 +666,10 @@ class SPTokenizer(_Tokenizer):
     def __init__(self, model, max_len=25):
         import sentencepiece as spm
         self.model = open(model, 'rb').read() if isinstance(model, str) else bytes(model)
-        self.sp = spm.SentencePieceProcessor(model_proto=self.model)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=self.model)
+        except RuntimeError:
+            raise ValueError(f'{model if isinstance(model, str) else "the spec"}: not a SentencePiece model') from None
         super().__init__([self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())], max_len)
         self.spec = {'type': 'spm', 'model': base64.b64encode(self.model).decode(), 'max_len': max_len}
 
@@ -919,8 +948,9 @@ def missing_glyphs(font_path, text):
     """The characters of text the font lacks (not whitespace or format characters; all if the font is unreadable):
     drawn unshaped after an 'o' (which keeps a zero-width mark in the picture) they draw what U+FFFF draws (no font
     maps it: the .notdef box), or nothing."""
-    try:
-        font = ImageFont.truetype(font_path, 24, layout_engine=ImageFont.Layout.BASIC)
+    try:  # font_path None: Pillow's built-in font
+        font = (ImageFont.load_default(24) if font_path is None else ImageFont.truetype(font_path, 24)).font_variant(
+            layout_engine=ImageFont.Layout.BASIC)
     except OSError:
         return ''.join(sorted(set(text)))
     drawings = {}
@@ -954,16 +984,22 @@ def _synth_shard(job):
     return writer.close(), writer.charset
 
 
-def _check_empty(out_dir):
-    if glob.glob(os.path.join(out_dir, '*.tar')):
+def _start_set(out_dir):
+    """Mark out_dir unfinished until write_index (find_shards refuses it); the shards of an unfinished set are
+    removed, those of a finished one refused."""
+    folder = glob.escape(out_dir)
+    if glob.glob(os.path.join(folder, '*.tar')) and not os.path.exists(os.path.join(out_dir, UNFINISHED)):
         raise FileExistsError(f'{out_dir} already holds shards: remove them or choose another folder')
+    for path in glob.glob(os.path.join(folder, 'shard-*.tar*')):
+        os.remove(path)
+    os.makedirs(out_dir, exist_ok=True)
+    Path(out_dir, UNFINISHED).touch()
 
 
 def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARSET36, words=None, workers=None,
           shard_size=10000, fonts=None):
     """Render n word images into shards in out_dir on all cores; returns the index. words: list of str (else
     random strings of min_len..max_len chars over charset); fonts: list of font paths or a folder of them."""
-    _check_empty(out_dir)
     if fonts is not None and style == 'clean':
         raise ValueError("fonts are for style 'varied'; 'clean' draws with Pillow's built-in font")
     if isinstance(fonts, str):
@@ -971,8 +1007,14 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
                                       if p.lower().endswith(('.ttf', '.otf')))
         if not fonts:
             raise ValueError(f'no .ttf or .otf files in {folder} (or its sub-folders)')
+    if not (n >= 1 and shard_size >= 1 and 1 <= min_len <= max_len) or words is not None and not words:
+        raise ValueError(f'nothing to render: n={n}, shard_size={shard_size}, min_len={min_len}, max_len={max_len}, '
+                         f'{"no words" if words is not None and not words else f"{len(words or [])} words"}')
     text = ''.join(words) if words else charset  # a font lacking a glyph draws a box or nothing: a wrong label
-    lacking = {f: missing_glyphs(f, text) for f in fonts or []}
+    lacking = {f: missing_glyphs(f, text) for f in fonts or [None]}
+    if fonts is None and lacking[None]:
+        raise ValueError(f"Pillow's built-in font lacks {lacking[None][:10]!r}: give --style varied --fonts DIR with "
+                         'fonts that draw them')
     skipped = [f'{os.path.basename(f)} ({m[:10]!r})' for f, m in lacking.items() if m]
     if fonts is not None:
         fonts = [f for f in fonts if not lacking[f]]
@@ -982,7 +1024,7 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
     if skipped:
         print(f'data.py synth: skipped {len(skipped)} of {len(lacking)} fonts lacking glyphs: {", ".join(skipped[:5])}',
               file=sys.stderr)
-    os.makedirs(out_dir, exist_ok=True)
+    _start_set(out_dir)
     cfg = dict(out_dir=out_dir, seed=seed, style=style, min_len=min_len, max_len=max_len, charset=charset,
                words=words, fonts=fonts)
     jobs = [(i, s, min(shard_size, n - s)) for i, s in enumerate(range(0, n, shard_size))]
@@ -1000,8 +1042,10 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
 def _check_sample(rec):
     """(where, image bytes or path, label) -> (bytes, ext, label) once the image decodes, or (None, reason, where)."""
     where, data, label = rec
-    label = label.decode('utf-8', 'replace') if isinstance(label, bytes) else label  # LMDB labels are bytes
-    reason = ('missing_label' if label is None else 'empty_label' if not label.strip() else
+    with contextlib.suppress(UnicodeDecodeError):  # LMDB labels are bytes
+        label = label.decode('utf-8') if isinstance(label, bytes) else label
+    reason = ('missing_label' if label is None else 'label_not_utf8' if isinstance(label, bytes) else
+              'empty_label' if not label.strip() else
               'tab_in_label' if '\t' in label else  # a label file's further column, not a word
               'missing_image' if data is None or isinstance(data, str) and not os.path.isfile(data) else None)
     if reason:
@@ -1022,6 +1066,7 @@ def _check_sample(rec):
 def _import(records, out_dir, source, shard_size, workers, total=None, **extra):
     """Check records (where, image, label) on all cores and write the good ones to shards, in order. Nothing
     imported is an error naming the drop reasons and a record of each."""
+    _start_set(out_dir)
     writer, drops, example, n = ShardWriter(out_dir, shard_size=shard_size), Counter(), {}, 0
     with Pool(workers or cpu_count()) as pool:
         for r in tqdm(pool.imap(_check_sample, records, chunksize=64), total=total, desc='import', unit='img'):
@@ -1046,19 +1091,22 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
         import lmdb
     except ImportError:
         sys.exit('import-lmdb needs the lmdb package: pip install lmdb')
-    dbs = sorted(root for root, _, files in os.walk(src) if 'data.mdb' in files)
+    found = {}  # sets reached through symbolic links too, each once
+    for root, _, files in os.walk(src, followlinks=True):
+        if 'data.mdb' in files:
+            found.setdefault(os.path.realpath(root), root)
+    dbs = sorted(found.values())
     if not dbs:
         raise FileNotFoundError(f'no data.mdb in {src} or its sub-folders')
-    _check_empty(out_dir)
     with contextlib.ExitStack() as stack:  # closes the environments
-        envs = {db: stack.enter_context(lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False))
-                for db in dbs}
-        txns = {db: env.begin() for db, env in envs.items()}
-        counts = {db: txn.get(b'num-samples') for db, txn in txns.items()}
-        for db, n in counts.items():
-            if n is None:
-                raise ValueError(f"{db}: no 'num-samples' key; not a scene-text LMDB")
-        counts = {db: int(n) for db, n in counts.items()}
+        txns, counts = {}, {}
+        for db in dbs:
+            try:
+                env = stack.enter_context(lmdb.open(db, readonly=True, lock=False, readahead=False, meminit=False))
+                txns[db] = env.begin()
+                counts[db] = int(txns[db].get(b'num-samples', b'none'))
+            except (lmdb.Error, ValueError) as e:
+                raise ValueError(f"{db}: not a scene-text LMDB (with a 'num-samples' count): {e}") from None
         refs = [(db, i) for db, n in counts.items() for i in range(1, n + 1)]
         random.Random(seed).shuffle(refs)
         records = ((f'{db} sample {i}', txns[db].get(b'image-%09d' % i), txns[db].get(b'label-%09d' % i))
@@ -1094,7 +1142,6 @@ def import_folder(labels_file, out_dir, root=None, shard_size=10000, workers=Non
         labels_file = os.path.join(labels_file, found[0])
         print(f'labels file: {labels_file}')
     root = os.path.dirname(os.path.abspath(labels_file)) if root is None else root
-    _check_empty(out_dir)
     lines = label_file_lines(labels_file, sep, encoding)
     random.Random(seed).shuffle(lines)
     records = ((f'{labels_file} line {n}: ' + (os.path.join(root, path) if has_sep else f'no {sep!r} (--sep)'),
@@ -1143,15 +1190,21 @@ def train_spm(pattern, vocab, out=None):
     return out
 
 
+def _whole(text):  # an argparse type: a whole number of at least 1
+    if not text.isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'{text!r}: give a whole number of at least 1')
+    return int(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
     a = sub.add_parser('synth', help='render word images into shards')
-    a.add_argument('--n', type=int, required=True, help='number of images')
+    a.add_argument('--n', type=_whole, required=True, help='number of images')
     a.add_argument('--style', choices=['clean', 'varied'], default='clean', help='clean = the CPU probe task')
     a.add_argument('--seed', type=int, default=0)
-    a.add_argument('--min-len', type=int, default=2, help='random strings: shortest length')
-    a.add_argument('--max-len', type=int, default=6, help='random strings: longest length')
+    a.add_argument('--min-len', type=_whole, default=2, help='random strings: shortest length')
+    a.add_argument('--max-len', type=_whole, default=6, help='random strings: longest length')
     a.add_argument('--charset', default='36', help='characters of random strings: 36, 94, the characters, @FILE')
     a.add_argument('--words', help='word list file (one per line) instead of random strings')
     a.add_argument('--fonts', help='folder of .ttf/.otf fonts (default: Pillow built-in)')
@@ -1161,7 +1214,7 @@ def main(argv=None):
     writers[2].add_argument('labels_file', metavar='src', help='label file: lines relative/path<TAB>label')
     for a in writers:
         a.add_argument('out_dir', metavar='out', help='output folder')
-        a.add_argument('--shard-size', type=int, default=10000, help='samples per shard')
+        a.add_argument('--shard-size', type=_whole, default=10000, help='samples per shard')
         a.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
     writers[2].add_argument('--root', help="folder the image paths are relative to (default: the label file's)")
     writers[2].add_argument('--sep', default='\t', help='what separates path and label (default: a tab)')
@@ -1171,7 +1224,7 @@ def main(argv=None):
     a.add_argument('--charset', dest='charset_file', metavar='FILE', help="write the charset, for --charset @FILE")
     a = sub.add_parser('spm', help='train a SentencePiece BPE tokenizer on shard labels')
     a.add_argument('pattern', metavar='dir', help='shard folder or glob')
-    a.add_argument('--vocab', type=int, required=True, help='SentencePiece pieces (ids = pieces + 3)')
+    a.add_argument('--vocab', type=_whole, required=True, help='SentencePiece pieces (ids = pieces + 3)')
     a.add_argument('--out', help='model path (default DIR/spmN.model)')
     args = vars(p.parse_args(argv))  # argument names are the functions' parameter names
     cmd = args.pop('cmd')
@@ -1179,7 +1232,10 @@ def main(argv=None):
         if cmd == 'synth':
             args['charset'] = load_charset(args['charset'])
             if args['words']:
-                args['words'] = [w.strip() for w in open(args['words'], encoding='utf-8') if w.strip()]
+                try:
+                    args['words'] = [w.strip() for w in open(args['words'], encoding='utf-8') if w.strip()]
+                except UnicodeDecodeError as e:
+                    raise ValueError(f'{args["words"]}: not UTF-8 ({e.reason})') from None
         index = {'synth': synth, 'import-lmdb': import_lmdb, 'import-folder': import_folder, 'stats': stats,
                  'spm': train_spm}[cmd](**args)
         if cmd == 'synth':

@@ -64,7 +64,8 @@ def render_sets(root, cfg, study_cfg, workers):
         out, partial, n = os.path.join(root, name), os.path.join(root, name + ".partial"), sizes[size]
         if os.path.exists(os.path.join(out, "index.json")):
             continue
-        if os.path.isdir(out) and any(not f.endswith((".tar", ".tmp", ".idx")) for f in os.listdir(out)):
+        if os.path.isdir(out) and any(not f.endswith((".tar", ".tmp", ".idx", data.UNFINISHED))
+                                      for f in os.listdir(out)):
             raise UsageError(f"--data: {out} holds files but no index.json; move it away or choose another --data")
         for unfinished in (out, partial):  # shards of an unfinished split (no index.json)
             shutil.rmtree(unfinished, ignore_errors=True)

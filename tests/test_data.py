@@ -612,11 +612,13 @@ def test_a_mostly_unreadable_source_stops_with_one_line(tmp_path, workers):
     for i in range(30):
         w.write(f'{i:09d}', png() if i % 5 == 0 else b'\x89PNG\r\n\x1a\nbroken', 'png', name(i))
     w.close()
-    # a process of its own: workers write to the stderr of the process that started their forkserver
-    code = (f'import data, sys\ntry:\n    for _ in data.ShardStream({str(tmp_path)!r}, 8, 16, 16, data.CHARSET36)'
+    # a process of its own, as workers write to the stderr of the process that started their forkserver; in a
+    # folder holding a data/ folder, which the forkserver must not take for data.py
+    os.makedirs(tmp_path / 'data')
+    code = (f'import sys\nsys.path.insert(0, {os.path.dirname(data.__file__)!r})  # as a script in that folder\n'
+            f'import data\ntry:\n    for _ in data.ShardStream({str(tmp_path)!r}, 8, 16, 16, data.CHARSET36)'
             f'.loader({workers}): pass\nexcept data.DataError as e:\n    sys.exit(f"DataError: {{e}}")')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, 'PYTHONPATH': os.path.dirname(data.__file__)})
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     warning, error = out.stderr.strip().splitlines()  # one warning line a minute, with its count; the error
     assert warning.startswith('data.py: warning: ') and 'unreadable sample(s) skipped and counted' in warning
     assert re.match(r'DataError: \S+: over half of 1,000 consecutive reads are unreadable', error), error
@@ -678,3 +680,90 @@ def test_weights_that_starve_a_source_or_are_zero_and_open_files(tmp_path):
     for _ in range(3):  # evaluation passes, each with a new stream, as train.py runs them
         assert len(labels_of(data.ShardStream(str(tmp_path / 'b'), 8, 16, 8, data.CHARSET36, loop=False))) == 100
     assert len(os.listdir('/proc/self/fd')) == before  # every shard file closed at the end of a pass
+
+
+def test_a_folder_named_with_brackets_is_read_as_written_and_never_written_over(tmp_path):
+    out = str(tmp_path / 'x[1]')
+    data.synth(out, 30, workers=1, shard_size=10)
+    with pytest.raises(FileExistsError, match=r'already holds shards'):
+        data.synth(out, 5, workers=1)
+    assert [n for _, n in data.find_shards(out)] == [10, 10, 10]
+    os.remove(os.path.join(out, 'shard-000001.tar'))  # one named shard needs only itself
+    assert data.find_shards(os.path.join(out, 'shard-000000.tar')) == [(os.path.join(out, 'shard-000000.tar'), 10)]
+    with pytest.raises(FileNotFoundError, match=r'lists 1 shard\(s\) that are not there: shard-000001.tar'):
+        data.find_shards(out)
+
+
+def test_an_interrupted_synth_is_refused_by_readers_and_done_again(tmp_path, monkeypatch):
+    out, write_index = str(tmp_path / 's'), data.write_index
+    monkeypatch.setattr(data, 'write_index', lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stopped after its shards, before index.json
+        data.synth(out, 30, workers=1, shard_size=10)
+    assert len(glob.glob(os.path.join(out, '*.tar'))) == 3
+    with pytest.raises(FileNotFoundError, match=r's: an unfinished synth or import .* run it again'):
+        data.find_shards(out)
+    monkeypatch.setattr(data, 'write_index', write_index)
+    assert data.synth(out, 12, workers=1, shard_size=10)['samples'] == 12  # its old shards removed
+    assert [n for _, n in data.find_shards(out)] == [10, 2] and not os.path.exists(os.path.join(out, data.UNFINISHED))
+
+
+def test_synth_refuses_what_its_font_cannot_draw_and_sizes_that_render_nothing(tmp_path):
+    for kw, why in ((dict(charset='αβγ'), r"built-in font lacks 'αβγ'"), (dict(words=['café']), r"lacks 'é'"),
+                    (dict(words=[]), 'no words'), (dict(n=0), 'n=0'), (dict(min_len=5, max_len=3), 'min_len=5')):
+        with pytest.raises(ValueError, match=why):
+            data.synth(str(tmp_path / 'out'), **{'n': 10, 'workers': 1, **kw})
+    for flag, value in (('--n', '-5'), ('--shard-size', '0')):
+        with pytest.raises(SystemExit, match='2'):
+            data.main(['synth', str(tmp_path / 'cli'), '--n', '10', flag, value])
+
+
+def test_a_url_port_is_no_weight():
+    assert data.parse_sources('http://127.0.0.1:8703,https://host:443/,s3://b/set:3,http://h:80/set:2,d/x:0.5') == [
+        ('http://127.0.0.1:8703', 1.0), ('https://host:443/', 1.0), ('s3://b/set', 3.0), ('http://h:80/set', 2.0),
+        ('d/x', 0.5)]
+
+
+def test_a_damaged_index_json_is_one_line_naming_it(tmp_path):
+    make_shards(tmp_path, [5])
+    for text in ('[]', '{"shards": []}', '{"shards": {"shard-000000.tar": "5"}}', 'not json', '{"foo": 1}'):
+        (tmp_path / 'index.json').write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f'{tmp_path / "index.json"}: not an index.json of data.py')):
+            data.find_shards(str(tmp_path))
+
+
+def test_a_remote_shard_that_is_gone_stops_before_reading(tmp_path, http_server, monkeypatch):
+    url, served, _ = http_server
+    monkeypatch.setenv('OCRSCALE_CACHE', str(tmp_path / 'cache'))
+    make_shards(served / 'set', [20, 20])
+    data.shard_index(str(served / 'set' / 'shard-000001.tar'))  # its sidecar stays, the shard goes
+    os.remove(served / 'set' / 'shard-000001.tar')
+    with pytest.raises(FileNotFoundError, match=re.escape(f'{url}/set/shard-000001.tar: not found (HTTP 404)')):
+        data.ShardStream(f'{url}/set', 8, 16, 4, data.CHARSET36)
+
+
+def test_lmdb_import_follows_links_and_refuses_undecodable_labels_and_databases(tmp_path):
+    lmdb = pytest.importorskip('lmdb')
+    for part, labels in (('elsewhere/a', [b'one', b'caf\xe9', b'two']), ('src/b', [b'three'])):
+        os.makedirs(tmp_path / part)
+        env = lmdb.open(str(tmp_path / part), map_size=1 << 20)
+        with env.begin(write=True) as txn:
+            for i, label in enumerate(labels, 1):
+                txn.put(b'image-%09d' % i, png(i))
+                txn.put(b'label-%09d' % i, label)
+            txn.put(b'num-samples', str(len(labels)).encode())
+        env.close()
+    os.symlink(tmp_path / 'elsewhere' / 'a', tmp_path / 'src' / 'a')
+    index = data.import_lmdb(str(tmp_path / 'src'), str(tmp_path / 'out'), workers=1)
+    assert index['parts'] == {'a': 3, 'b': 1} and index['drops'] == {'label_not_utf8': 1}
+    assert sorted(row[0] for path, _ in data.find_shards(str(tmp_path / 'out')) for row in data.shard_index(path)) == \
+        ['one', 'three', 'two']
+    os.makedirs(tmp_path / 'bad' / 'x')
+    (tmp_path / 'bad' / 'x' / 'data.mdb').write_bytes(os.urandom(10000))
+    with pytest.raises(ValueError, match=r"bad/x: not a scene-text LMDB \(with a 'num-samples' count\)"):
+        data.import_lmdb(str(tmp_path / 'bad'), str(tmp_path / 'out2'), workers=1)
+
+
+def test_a_file_that_is_no_sentencepiece_model_is_one_line(tmp_path):
+    (tmp_path / 'bad.model').write_text('junk')
+    with pytest.raises(ValueError, match=r'bad.model: not a SentencePiece model'):
+        data.SPTokenizer(str(tmp_path / 'bad.model'))
