@@ -376,6 +376,17 @@ def permute(x, n, key):
 
 # ----------------------------------------------------------------------------- decoding
 
+def rgb(img):
+    """A PIL image as it looks, in RGB: transparency over white (not the colour stored under it), 16-bit samples
+    scaled to 8 bits (not clipped to white)."""
+    if img.mode.startswith('I'):
+        samples = np.asarray(img, dtype=np.int64)
+        img = Image.fromarray(np.clip(samples >> 8 if samples.max() > 255 else samples, 0, 255).astype(np.uint8))
+    if img.has_transparency_data:
+        img = Image.alpha_composite(Image.new('RGBA', img.size, 'white'), img.convert('RGBA'))
+    return img.convert('RGB')
+
+
 def decode_image(data, img_h, img_w, rng=None):
     """Encoded image bytes -> uint8 array (img_h, img_w, 3): RGB, bicubic stretch. With rng (random.Random): light
     augmentation, a few geometric and photometric ops at low magnitude, each with probability 1/4."""
@@ -383,8 +394,8 @@ def decode_image(data, img_h, img_w, rng=None):
     if rng is None:
         if img.format == 'JPEG':
             img.draft('RGB', (img_w, img_h))  # decode JPEGs at a reduced scale that still covers the target
-        return np.asarray(img.convert('RGB').resize((img_w, img_h), Image.BICUBIC))
-    img = img.convert('RGB')
+        return np.asarray(rgb(img).resize((img_w, img_h), Image.BICUBIC))
+    img = rgb(img)
     if rng.random() < 0.25:  # slight rotation, corners filled with the top-left colour
         img = img.rotate(rng.uniform(-4, 4), Image.BILINEAR, expand=True, fillcolor=img.getpixel((0, 0)))
     if rng.random() < 0.25:  # crop up to 6% of each side
@@ -1059,7 +1070,7 @@ def _check_sample(rec):
     if img.format in ('PNG', 'JPEG'):
         return data, 'png' if img.format == 'PNG' else 'jpg', label
     buf = io.BytesIO()  # other formats are stored as PNG
-    img.convert('RGB').save(buf, 'PNG')
+    rgb(img).save(buf, 'PNG')
     return buf.getvalue(), 'png', label
 
 

@@ -597,19 +597,24 @@ def cmd_read(args):
         raise UsageError("argument images: no image files in " + " ".join(args.images))
     results, tok = read_images(args.ckpt, [p for p, _ in items], args.beam, args.refine_iters, args.beam_len_norm,
                                args.batch, args.max_len)
-    labels = {p: label for p, label in items if label is not None}
-    scored = [(t, labels[p]) for p, t, _ in results if p in labels]
+    readable = {p for p, _, _ in results}
+    labels = [label for p, label in items if p in readable]  # one per result, in order
+    # scored as eval scores: labels cleaned by the tokenizer's rules; one eval would drop (empty, too long) is not
+    cleaned = [label and data.clean_label(label, getattr(tok, "charset", None), None, tok.fold)[0] for label in labels]
+    scored = [(t, c) for (_, t, _), c in zip(results, cleaned) if c and len(tok.ids(c)) <= tok.max_len]
     s = data.score(*zip(*scored), getattr(tok, "charset", None)) if scored else None
     if args.json:
-        images = [dict(image=p, text=t, confidence=c, **({"label": labels[p]} if p in labels else {}))
-                  for p, t, c in results]
+        images = [dict(image=p, text=t, confidence=c, **({"label": label} if label is not None else {}))
+                  for (p, t, c), label in zip(results, labels)]
         score = dict(n=s["n"], accuracy=100 - s["error"], ned=s["ned"]) if s else {}
         print(json.dumps(dict(images=images, **score), indent=1))
     else:
         for p, t, c in results:
             print(f"{p}\t{t}\t{c:.4f}")
         if s:
-            print(f"word accuracy {100 - s['error']:.2f}%, 1-NED {s['ned']:.2f}% on {s['n']} labelled images")
+            unscored = sum(label is not None for label in labels) - s["n"]
+            print(f"word accuracy {100 - s['error']:.2f}%, 1-NED {s['ned']:.2f}% on {s['n']} labelled images"
+                  + f" ({unscored} labels not scored: empty or too long once cleaned, as eval drops them)" * bool(unscored))
     return int(len(results) < len(items))
 
 

@@ -767,3 +767,18 @@ def test_a_file_that_is_no_sentencepiece_model_is_one_line(tmp_path):
     (tmp_path / 'bad.model').write_text('junk')
     with pytest.raises(ValueError, match=r'bad.model: not a SentencePiece model'):
         data.SPTokenizer(str(tmp_path / 'bad.model'))
+
+
+def test_16_bit_and_transparent_images_decode_as_they_look(tmp_path):
+    gradient = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (16, 1))  # 16 x 64, dark to light
+    def encoded(img, fmt='PNG'):
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        return buf.getvalue()
+    want = data.decode_image(encoded(Image.fromarray(gradient)), 16, 64).astype(int)
+    wide = Image.fromarray(gradient.astype(np.uint16) * 257)  # the same picture in 16-bit samples
+    assert wide.mode.startswith('I') and np.abs(data.decode_image(encoded(wide), 16, 64) - want).max() <= 1
+    ink = np.zeros((16, 64, 4), np.uint8)  # black ink (alpha = the gradient) over transparent black
+    ink[..., 3] = 255 - gradient
+    over_white = data.decode_image(encoded(Image.fromarray(ink, 'RGBA')), 16, 64).astype(int)
+    assert np.abs(over_white - want).max() <= 1  # ink of opacity a over white: 255 (1 - a)

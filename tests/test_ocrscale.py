@@ -332,6 +332,12 @@ def test_read_recognises_rendered_words(tmp_path, capsys):
     assert printed["accuracy"] == pytest.approx(100 * (len(words) - 1) / len(words))
     assert err.splitlines() == [f"ocrscale.py read: cannot read {tmp_path / 'broken.png'} (not an image Pillow can "
                                 "decode); skipped"]
+    # labels scored as eval scores them: cleaned by the tokenizer's rules, one eval drops (empty once cleaned) is not
+    (tmp_path / "mixed.tsv").write_text("0.png\tCAT\n1.png\tdög\n2.png\t@@\n2.png\n3.png\twrong\n")
+    assert ocrscale.main(["read", "--ckpt", ckpt, str(tmp_path / "mixed.tsv")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("word accuracy 66.67%, 1-NED 66.67% on 3 labelled images "
+                                                       "(1 labels not scored: empty or too long once cleaned, as eval "
+                                                       "drops them)")
     assert ocrscale.main(["read", "--ckpt", ckpt, "--max-len", "2", str(tmp_path)]) == 1  # the folder holds broken.png
     texts = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
     # decoding stops after --max-len tokens and the position meant for EOS: 'tree' -> 'tre'
