@@ -12,7 +12,8 @@ The demo trains every run as its own `python train.py` process (--jobs at a time
 after a kill (rendering included) skips finished runs and resumes the others; a lock file in --out and --data refuses
 a second demo on the same folders. REPORT.md's laws are fitted by fit.py on exactly the runs its tables list.
 """
-import argparse, contextlib, fcntl, functools, io, json, math, os, queue, random, shlex, shutil, subprocess, sys, time
+import argparse, contextlib, fcntl, functools, io, json, math, os, queue, random, shlex, shutil, signal, subprocess
+import sys, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -148,32 +149,61 @@ def lock_folder(folder):
     return f
 
 
-def train_one(name, tag, argv, slots, keep_fds):
-    slot = slots.get()  # a free progress-bar line
-    try:
-        return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--name", name, "--tag", tag,
-                               "--bar-position", str(slot)], stdout=subprocess.PIPE, text=True, pass_fds=keep_fds)
-    finally:
-        slots.put(slot)
+class Runner:
+    """Runs train.py processes, `jobs` at a time, each in a session of its own. Within `with`, the first SIGTERM or
+    SIGINT (stop) passes one SIGTERM on to each (it saves last.pt and exits) and starts no more."""
 
+    def __init__(self, jobs, keep_fds):
+        self.jobs, self.keep_fds, self.slots, self.procs, self.signal = jobs, keep_fds, queue.Queue(), set(), None
+        for slot in range(jobs):  # progress-bar lines
+            self.slots.put(slot)
 
-def run_all(runs, jobs, out, keep_fds):
-    if not runs:
-        return []
-    print(f"training {len(runs)} runs ({jobs} at a time) into {out}", flush=True)
-    started, failed, slots = time.time(), set(), queue.Queue()
-    for slot in range(jobs):
-        slots.put(slot)
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(train_one, name, tag, argv, slots, keep_fds): name for name, tag, argv in runs}
-        for done, future in enumerate(as_completed(futures), 1):
-            proc = future.result()
-            summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-            print(f"\n[{done}/{len(runs)} runs, {time.time() - started:.0f}s] {status}: {summary}", flush=True)
-            if proc.returncode:
-                failed.add(futures[future])
-    return [name for name, _, _ in runs if name in failed]
+    def __enter__(self):
+        self.handlers = {signum: signal.signal(signum, self.stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.handlers.items():
+            signal.signal(signum, handler)
+
+    def stop(self, signum, frame):
+        if self.signal is None:
+            self.signal = signum
+            for proc in list(self.procs):
+                proc.terminate()
+
+    def train_one(self, name, tag, argv):
+        slot = self.slots.get()
+        try:
+            if self.signal is not None:
+                return None, "not started"
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv, "--name", name, "--tag",
+                                     tag, "--bar-position", str(slot)], stdout=subprocess.PIPE, text=True,
+                                    pass_fds=self.keep_fds, start_new_session=True)  # a terminal's ^C: to us only
+            self.procs.add(proc)
+            if self.signal is not None:  # stop() ran before the process was listed
+                proc.terminate()
+            summary = (proc.communicate()[0].strip().splitlines() or ["(no output)"])[-1]
+            self.procs.discard(proc)
+            return proc.returncode, summary
+        finally:
+            self.slots.put(slot)
+
+    def run_all(self, runs, out):
+        """The runs' names that failed or did not run."""
+        if not runs or self.signal is not None:
+            return [name for name, _, _ in runs]
+        print(f"training {len(runs)} runs ({self.jobs} at a time) into {out}", flush=True)
+        started, failed = time.time(), set()
+        with ThreadPoolExecutor(self.jobs) as pool:
+            futures = {pool.submit(self.train_one, name, tag, argv): name for name, tag, argv in runs}
+            for done, future in enumerate(as_completed(futures), 1):
+                code, summary = future.result()
+                status = "ok" if code == 0 else f"FAILED (exit {code})" if code is not None else "STOPPED"
+                print(f"\n[{done}/{len(runs)} runs, {time.time() - started:.0f}s] {status}: {summary}", flush=True)
+                if code != 0:
+                    failed.add(futures[future])
+        return [name for name, _, _ in runs if name in failed]
 
 
 def cmd_demo(args):
@@ -194,12 +224,18 @@ def cmd_demo(args):
         lock_fds = tuple(stack.enter_context(lock_folder(f)).fileno()  # inherited by the runs
                          for f in dict.fromkeys(map(os.path.realpath, [args.out, args.data])))
         render_sets(args.data, laws_cfg, None if studies == ["n"] else cfg, args.jobs)
-        failed = run_all(laws_runs + first, args.jobs, args.out, lock_fds)
-        skipped = [name for name, _, argv in second  # fine-tuning runs whose pretraining run did not finish
-                   if not os.path.exists(os.path.join(os.path.dirname(argv[argv.index("--init") + 1]), "result.json"))]
-        if skipped:
-            print(f"skipping {', '.join(skipped)}: their pretraining did not finish", flush=True)
-        failed += run_all([run for run in second if run[0] not in skipped], args.jobs, args.out, lock_fds) + skipped
+        with Runner(args.jobs, lock_fds) as runner:
+            failed = runner.run_all(laws_runs + first, args.out)
+            skipped = [name for name, _, argv in second  # fine-tuning runs whose pretraining run did not finish
+                       if not os.path.exists(os.path.join(os.path.dirname(argv[argv.index("--init") + 1]),
+                                                          "result.json"))]
+            if skipped and runner.signal is None:
+                print(f"skipping {', '.join(skipped)}: their pretraining did not finish", flush=True)
+            failed += runner.run_all([run for run in second if run[0] not in skipped], args.out) + skipped
+    if runner.signal is not None:
+        print(f"ocrscale.py demo: stopped by {signal.Signals(runner.signal).name}; the runs saved their last.pt: the "
+              "same command resumes them", file=sys.stderr)
+        return 128 + runner.signal
     sections = [laws_section(args.arch, laws_out, laws_cfg, laws_runs, args.out)] if "n" in studies else []
     if "mix" in studies:
         sections.append(mix_section(args.arch, study_out, cfg, args.out))

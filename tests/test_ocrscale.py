@@ -27,12 +27,12 @@ TINY = dict(n_train=1_000, n_val=100, n_test=100, n_sizes=["T1", "T2", "T3"], n_
             d_values=[250, 500, 1_000], d_train_samples=640, seeds=[0], metric="loss")
 
 
-def start_demo(argv):
-    """The demo with the TINY ladder in its own process group (so a kill reaches its training processes too)."""
+def start_demo(argv, stderr=subprocess.DEVNULL):
+    """The demo with the TINY ladder in its own process group (its training processes run in sessions of their own)."""
     code = ("import json, sys, ocrscale; ocrscale.QUICK.update(json.loads(sys.argv[1])); "
             "sys.exit(ocrscale.main(sys.argv[2:]))")
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(TINY), *argv], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                            stderr=stderr, text=True, start_new_session=True)
 
 
 def axis_line(table, axis):
@@ -45,7 +45,7 @@ def fit_cli(folders, capsys):
     return capsys.readouterr().out
 
 
-def test_demo_killed_then_resumed_reports_fits_of_exactly_its_runs(tmp_path, monkeypatch, capsys):
+def test_demo_stopped_then_resumed_reports_fits_of_exactly_its_runs(tmp_path, monkeypatch, capsys):
     out, data_dir = tmp_path / "runs", tmp_path / "data"
     argv = ["demo", "--quick", "--out", str(out), "--data", str(data_dir), "--jobs", "2"]
     # Half-written splits as a killed render leaves them: a partial sibling, and an old in-place split with no index.
@@ -53,16 +53,20 @@ def test_demo_killed_then_resumed_reports_fits_of_exactly_its_runs(tmp_path, mon
     (data_dir / "val.partial" / "shard-000000.tar.tmp").write_bytes(b"torn")
     (data_dir / "test").mkdir()
     (data_dir / "test" / "shard-000000.tar").write_bytes(b"torn")
-    proc = start_demo(argv)
-    for line in proc.stdout:  # blocks until the demo prints; killed once the first run has finished
+    proc = start_demo(argv, stderr=open(tmp_path / "stderr", "w"))
+    for line in proc.stdout:  # blocks until the demo prints; stopped once the first run has finished
         if line.startswith("[1/"):
             first = line.split(": ", 1)[1].split(":")[0]
             break
     else:
         pytest.fail(f"the demo ended (exit {proc.wait()}) before finishing a run")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
+    proc.terminate()  # SIGTERM to the demo alone: it stops its runs (each saves last.pt), then itself
+    rest = proc.communicate(timeout=120)[0].splitlines()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in (tmp_path / "stderr").read_text()
+    assert (tmp_path / "stderr").read_text().splitlines()[-1] == (
+        "ocrscale.py demo: stopped by SIGTERM; the runs saved their last.pt: the same command resumes them")
+    stopped = [line.split(": ", 1)[1].split(":")[0] for line in rest if "] FAILED (exit 143): " in line]
+    assert stopped and all((out / name / "last.pt").exists() for name in stopped)
     with open(out / ".ocrscale.lock") as lock:  # its training processes hold the lock too: wait until they are gone
         fcntl.flock(lock, fcntl.LOCK_EX)
     assert not (out / "REPORT.md").exists()
