@@ -199,7 +199,7 @@ class Runner:
             futures = {pool.submit(self.train_one, name, tag, argv): name for name, tag, argv in runs}
             for done, future in enumerate(as_completed(futures), 1):
                 code, summary = future.result()
-                status = "ok" if code == 0 else f"FAILED (exit {code})" if code is not None else "STOPPED"
+                status = "ok" if code == 0 else "STOPPED" if self.signal is not None else f"FAILED (exit {code})"
                 print(f"\n[{done}/{len(runs)} runs, {time.time() - started:.0f}s] {status}: {summary}", flush=True)
                 if code != 0:
                     failed.add(futures[future])
