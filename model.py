@@ -680,6 +680,11 @@ def trocr_from_transformers(hf_dir):
     files = {n: open(os.path.join(hf_dir, n), encoding='utf-8').read() if n in _HF_TOKENIZER_FILES else
              base64.b64encode(open(os.path.join(hf_dir, n), 'rb').read()).decode()
              for n in sorted(os.listdir(hf_dir)) if n in _HF_TOKENIZER_FILES or n.endswith('.model')}
+    for name in [n for n in files if n.endswith('.json')]:
+        try:
+            json.loads(files[name])
+        except ValueError as err:
+            raise SystemExit(f'{hf_dir}: {name} is not JSON ({err})')
     if not ('tokenizer.json' in files or {'vocab.json', 'merges.txt'} <= files.keys() or
             any(n.endswith('.model') for n in files)):
         raise SystemExit(f'{hf_dir}: no tokenizer.json, vocab.json + merges.txt or SentencePiece .model: save the '
@@ -797,8 +802,11 @@ def convert_main(argv):
     convert = trocr_from_transformers if args.command == 'convert-trocr' else parseq_from_strhub
     model, spec, reference = convert(args.source)
     c = model.cfg
-    torch.save(dict(model=model.state_dict(), model_config=asdict(c), tokenizer=spec,
-                    source=os.path.abspath(args.source)), args.out)
+    try:
+        torch.save(dict(model=model.state_dict(), model_config=asdict(c), tokenizer=spec,
+                        source=os.path.abspath(args.source)), args.out)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch's for a folder that is not there
+        raise SystemExit(f'model.py {args.command}: cannot write {args.out}: {e}')
     print(f'{args.out}: {c.arch}, {count_params(c)[0] / 1e6:.2f}M params, {c.img_h}x{c.img_w} images, {c.vocab_size} '
           f'ids, max_len {c.max_len}')
     if args.check:
@@ -814,4 +822,7 @@ if __name__ == '__main__':
     else:
         ap = argparse.ArgumentParser(description='Print the size table (parameters at a 97-id char vocabulary).')
         ap.add_argument('--vocab', type=int, default=97, help='tokenizer vocab size (94 chars + EOS/BOS/PAD)')
-        print_table(ap.parse_args().vocab)
+        vocab = ap.parse_args().vocab
+        if vocab < 4:
+            ap.error(f'argument --vocab: {vocab}: a vocabulary holds a text token besides EOS, BOS and PAD (>= 4)')
+        print_table(vocab)

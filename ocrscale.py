@@ -135,8 +135,11 @@ def study_runs(arch, out, cfg, data_root, studies):
 def lock_folder(folder):
     """Hold FOLDER/.ocrscale.lock (with our PID in it) until the returned file is closed. The lock belongs to the
     open file, which the training processes inherit: the OS drops it when the demo and its runs have all exited."""
-    os.makedirs(folder, exist_ok=True)
-    f = open(os.path.join(folder, ".ocrscale.lock"), "a+")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, ".ocrscale.lock"), "a+")
+    except OSError as e:
+        raise UsageError(f"{folder}: cannot hold run or data folders there ({e.strerror})") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -417,14 +420,17 @@ def count_list(text):
                   for c in text.split(",")]
     except ValueError:
         counts = [0]
-    if not all(1 <= c < 1e15 for c in counts):  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive counts separated by commas, e.g. 300k,1M,2.5e6")
+    if not all(1 <= c < 1e15 and c == int(c) for c in counts) or len(set(counts)) < len(counts):  # nan, inf too
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct whole counts separated by commas, e.g. "
+                                         "300k,1M,2.5e6")
     return [int(c) for c in counts]
 
 
 def size_list(text):
-    if not set(text.split(",")) <= set(modellib.SIZES["parseq"]):
-        raise argparse.ArgumentTypeError(f"{text!r}: give some of {','.join(modellib.SIZES['parseq'])}, no spaces")
+    sizes = text.split(",")
+    if not set(sizes) <= set(modellib.SIZES["parseq"]) or len(set(sizes)) < len(sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct sizes of {','.join(modellib.SIZES['parseq'])}, "
+                                         "no spaces")
     return text.split(",")
 
 
@@ -474,8 +480,19 @@ def cmd_sweep(args):
         vocab = data.CharTokenizer(data.load_charset(args.charset)).vocab_size
     except ValueError as e:
         raise UsageError(f"argument --charset: {e}") from None
+    folder = os.path.dirname(os.path.abspath(args.out or "."))
+    if args.out and (os.path.isdir(args.out) or not os.access(folder, os.W_OK)):
+        raise UsageError(f"argument --out: {args.out}: " + ("a folder" if os.path.isdir(args.out) else
+                                                              f"cannot write in {folder}"))
     world = args.gpus * args.nodes
     args.train = args.train or ["data/train"]  # not the parser's default: a default list would be appended to
+    sources = data.parse_sources(",".join(args.train))
+    if min(w for _, w in sources) <= 0:
+        raise UsageError(f"argument --train: {args.train}: a weight (DIR:WEIGHT) is a positive number")
+    try:
+        train.test_sets(args.test)
+    except ValueError as e:
+        raise UsageError(f"argument {e}") from None
     data_args = [*(a for t in args.train for a in ("--train", t)), "--val", args.val,
                  *(a for t in args.test for a in ("--test", t))]
     names, lines, refused, total_flops, total = [], [], [], 0, 0
@@ -489,6 +506,8 @@ def cmd_sweep(args):
         n = modellib.count_params(cfg)[0]
         for d in args.samples:
             name, seen = f"{args.arch}-{size}-d{d}", int(args.epochs * d)
+            if seen < 1:
+                raise UsageError(f"argument --epochs: {args.epochs:g} passes over D={d:,} are under one sample")
             flops = modellib.train_flops_per_sample(cfg) * seen
             gpu_hours = flops / (train.PEAK_FLOPS[args.gpu] * args.mfu) / 3600
             names.append(name)
@@ -504,7 +523,7 @@ def cmd_sweep(args):
     refusal = f"{', '.join(refused)}: the recipe's batch does not split over {world} GPUs (train.py would stop)"
     if not names:
         raise UsageError(f"no run to write: {refusal}")
-    check_samples(data.parse_sources(",".join(args.train)), args.samples)
+    check_samples(sources, args.samples)
     if refused:
         print(f"refused {refusal}; their runs are not in the script", file=sys.stderr)
     print("\n".join(table) + f"\ntotal: {total_flops:.3g} FLOPs, {total:,.0f} GPU-hours, {total / world:,.1f} hours "
@@ -553,6 +572,8 @@ def decode_options(arch, beam, refine_iters, len_norm, ckpt_path):
 def cmd_eval(args):
     """Score a checkpoint on test sets as train.py scores a run at its end; the size-weighted average over the sets."""
     net, tok = load_checkpoint(args.ckpt)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("argument --device: cuda: this torch sees no CUDA device")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     net.to(device)
     options = decode_options(net.cfg.arch, args.beam, args.refine_iters, args.beam_len_norm, args.ckpt)
@@ -574,7 +595,8 @@ def cmd_eval(args):
                                       loop=False, tokenizer=tok)
             r = train.evaluate(net, tok, stream, options, args.workers, device, autocast, args.cased, args.punctuation)
         except (ValueError, OSError, data.DataError) as e:  # no usable label, no shards, nothing readable
-            raise UsageError(f"argument --test {name}={path}: {e}") from None
+            flag = "--benchmarks" if name in found and path == os.path.join(args.benchmarks, name) else "--test"
+            raise UsageError(f"argument {flag} {name}={path}: {e}") from None
         results[name] = dict(n=r["n"], accuracy=100 - r["error"], ned=r["ned"], confidence=r["confidence"],
                              label_length=r["label_length"],
                              drops={k: v for k, v in dict(stream.drops, unreadable=r["unreadable"]).items() if v})

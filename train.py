@@ -140,7 +140,10 @@ def read_checkpoint(path):  # (checkpoint, model config, tokenizer), weights-onl
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(ckpt, dict) or {"model", "model_config", "tokenizer"} - ckpt.keys():
             raise ValueError("no model, model_config and tokenizer entries")
-        return ckpt, modellib.ModelConfig(**ckpt["model_config"]), data.load_tokenizer(ckpt["tokenizer"])
+        cfg = modellib.ModelConfig(**ckpt["model_config"])
+        if cfg.arch not in modellib.SIZES:
+            raise ValueError(f"its model_config names no known arch ({cfg.arch!r})")
+        return ckpt, cfg, data.load_tokenizer(ckpt["tokenizer"])
     except Exception as e:  # torch, pickle, the config and the tokenizer raise many kinds for a file that is no checkpoint
         why = ("it pickles more than tensors and containers" if isinstance(e, pickle.UnpicklingError)
                else (str(e).strip().splitlines() or [type(e).__name__])[0][:100])
@@ -185,6 +188,8 @@ def setup(args, cfg, tok):  # the run: processes (torchrun's env), device, threa
     except (AssertionError, ArithmeticError, RuntimeError) as e:
         sys.exit(f"train.py: the model config {' '.join(args.set)} cannot be built: {e}")
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("train.py: --device cuda: this torch sees no CUDA device")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:

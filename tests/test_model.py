@@ -9,6 +9,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -535,6 +537,19 @@ def test_convert_trocr_bad_folder_is_one_line_error(tmp_path, hf_trocr):
     (tmp_path / 'vocab.json').write_text(json.dumps({p: i for i, p in enumerate(HF_VOCAB)}))   # merges.txt missing
     with pytest.raises(SystemExit, match='no tokenizer.json, vocab.json . merges.txt or SentencePiece .model'):
         M.convert_main(['convert-trocr', str(tmp_path), str(tmp_path / 'out.pt')])
+    (tmp_path / 'merges.txt').write_text('#version: 0.2\n')
+    (tmp_path / 'vocab.json').write_text('{"a": 0,')   # cut
+    with pytest.raises(SystemExit, match=r'vocab.json is not JSON \(Expecting property name'):
+        M.convert_main(['convert-trocr', str(tmp_path), str(tmp_path / 'out.pt')])
+    (tmp_path / 'vocab.json').write_text(json.dumps({p: i for i, p in enumerate(HF_VOCAB)}))
+    with pytest.raises(SystemExit, match=r'model.py convert-trocr: cannot write .*nope/out.pt'):
+        M.convert_main(['convert-trocr', str(tmp_path), str(tmp_path / 'nope' / 'out.pt')])
+
+
+def test_size_table_refuses_a_vocabulary_without_text_tokens():
+    out = subprocess.run([sys.executable, M.__file__, '--vocab', '3'], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.splitlines()[-1] == (
+        'model.py: error: argument --vocab: 3: a vocabulary holds a text token besides EOS, BOS and PAD (>= 4)')
 
 
 # ----------------------------------------------------------------------------- released PARSeq checkpoints

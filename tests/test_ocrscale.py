@@ -162,6 +162,16 @@ class WritesFileWhenUnpickled:
     (["sweep", "--sizes", "S, B"], "--sizes", "no spaces"),
     (["sweep", "--samples", "1x"], "--samples", "300k,1M"),
     (["sweep", "--samples", "1M,"], "--samples", "300k,1M"),
+    (["sweep", "--samples", "1.5"], "--samples", "whole counts"),
+    (["sweep", "--samples", "1k,1000"], "--samples", "distinct"),
+    (["sweep", "--sizes", "S,S"], "--sizes", "distinct"),
+    (["sweep", "--train", "{tmp}/train:0"], "--train", "positive number"),
+    (["sweep", "--test", "foo"], "--test foo", "takes NAME=DIR"),
+    (["sweep", "--samples", "100", "--epochs", "0.001"], "--epochs", "under one sample"),
+    (["sweep", "--samples", "1k", "--out", "{tmp}/nope/sweep.sh"], "--out", "cannot write in"),
+    (["sweep", "--samples", "1k", "--out", "{tmp}"], "--out", "a folder"),
+    (["demo", "--out", "{tmp}/notes.txt"], "notes.txt", "cannot hold run or data folders there"),
+    (["eval", "--ckpt", "{tmp}/parseq.pt", "--test", "x={tmp}", "--device", "cuda"], "--device", "no CUDA device"),
     (["sweep", "--gpus", "0"], "--gpus", "at least 1"),
     (["sweep", "--mfu", "40"], "--mfu", "from 0.01 to 1"),
     (["sweep", "--charset", "@{tmp}/nope.txt"], "--charset", "cannot read the charset file"),
@@ -183,7 +193,7 @@ def test_cli_mistakes_get_one_line_naming_the_argument_and_exit_2(tmp_path, caps
         ocrscale.main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    assert f"argument {flag}" in err and valid in err
+    assert flag in err and valid in err
     assert not (tmp_path / "pwned").exists()
 
 
