@@ -8,9 +8,10 @@
 
 Writes runs/NAME/: config.json (N, D = usable images, the run's identity), metrics.jsonl (a row per eval: samples,
 epochs, C, val loss and error), last.pt, best.pt (lowest val error), result.json. Any split of a global batch over
-processes and micro-batches trains the same model; re-running a command resumes it exactly, under any layout; a
-finished run is not redone; a run name that holds another run is an error. SIGTERM or Ctrl-C: the current step ends,
-last.pt is written, the exit status is 128 + the signal; a second signal exits at once.
+processes and micro-batches trains the same model (PARSeq: but for its orders, drawn per micro-batch); re-running a
+command resumes it exactly, under any layout; a finished run is not redone; a run name that holds another run is an
+error. SIGTERM or Ctrl-C: the current step ends, last.pt is written, the exit status is 128 + the signal; a second
+signal exits at once.
 """
 import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, pickle, re
 import signal, subprocess, sys, time, types
@@ -41,6 +42,19 @@ FLOPS_CONVENTION = ("C = sum over optimizer steps of train_flops_per_sample(cfg,
                     "x batch; PARSeq counts the orders used; forward+backward = 3x forward, multiply-add = 2 FLOPs")
 
 
+# what a flag may be, where given (a recipe or a default fills the others); nan is never within
+LIMITS = {"batch": 1, "micro_batch": 1, "samples": 1, "train_samples": 1, "eval_every": 1, "threads": 1, "workers": 0,
+          "max_bad_steps": 1, "beam": 1, "refine_iters": 0, "read_block": 1, "lr": 0.0, "weight_decay": 0.0,
+          "clip": 0.0, "epochs": (1e-9, math.inf), "warmup": (0.0, 1.0), "ema": (0.0, 0.99999), "ema_start": (0.0, 1.0)}
+
+
+def betas(text):  # --betas: two numbers in [0, 1), kept as the text (a run's identity holds the text)
+    values = text.split(",")
+    if not (len(values) == 2 and all(v.replace(".", "", 1).isdigit() and float(v) < 1 for v in values)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give two numbers from 0 to below 1, e.g. 0.9,0.98")
+    return text
+
+
 def save_interval(text):  # --save-every: '15m' (minutes of wall time) or a number of samples -> (minutes, samples)
     if not text.removesuffix("m").isdigit():
         raise argparse.ArgumentTypeError(f"takes minutes (15m) or samples (200000), got {text!r}")
@@ -65,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, help="per-process batch per micro-step")
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--betas", default="0.9,0.98")
+    p.add_argument("--betas", type=betas, default="0.9,0.98")
     p.add_argument("--schedule", choices=["cosine", "onecycle"])
     p.add_argument("--warmup", type=float, help="warm-up as a fraction of training")
     p.add_argument("--clip", type=float, help="gradient norm clip (0 = off)")
@@ -93,8 +107,12 @@ def parse_args(argv=None):
     p.add_argument("--bar-position", type=int, default=0, help="tqdm line, when several runs share a terminal")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)  # arch, size and the recipe: tokenizer_and_config
-    if args.beam < 1:
-        p.error(f"argument --beam: {args.beam}: give a whole number of at least 1")
+    for name, limits in LIMITS.items():
+        low, high = limits if isinstance(limits, tuple) else (limits, math.inf)
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            within = f"at least {low:g}" if high == math.inf else f"from {low:g} to {high:g}"
+            p.error(f"argument --{name.replace('_', '-')}: {value}: give a number {within}")
     return args
 
 
@@ -122,8 +140,9 @@ def get_lr(step, total_steps, args):  # warm-up: linear (OneCycle: cosine from l
 def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}, typed as the field's default
     defaults, overrides = {f.name: f.default for f in dataclasses.fields(modellib.ModelConfig)}, {}
     for key, _, text in (item.partition("=") for item in items):
-        if key not in defaults:
-            sys.exit(f"train.py: --set {key}: no such model config field; valid: {', '.join(defaults)}")
+        if key not in defaults or key in ("arch", "vocab_size"):
+            sys.exit(f"train.py: --set {key}: not a model config field --set takes (--arch, --charset and --spm set "
+                     f"arch and vocab_size); valid: {', '.join(k for k in defaults if k not in ('arch', 'vocab_size'))}")
         kind, value = type(defaults[key]), text
         with contextlib.suppress(json.JSONDecodeError):
             value = text if kind is str else json.loads(text)
@@ -183,10 +202,12 @@ def tokenizer_and_config(args):
 
 
 def setup(args, cfg, tok):  # the run: processes (torchrun's env), device, threads, precision, batch split; main adds more
-    try:
-        N = modellib.count_params(cfg)  # builds the model on the meta device: a config it cannot take fails here
-    except (AssertionError, ArithmeticError, RuntimeError) as e:
-        sys.exit(f"train.py: the model config {' '.join(args.set)} cannot be built: {e}")
+    try:  # the model built and run once on the meta device: a config it cannot take fails now, not at a step
+        N = modellib.count_params(cfg)
+        with torch.device("meta"):
+            modellib.build_model(cfg).loss(torch.zeros(1, 3, cfg.img_h, cfg.img_w), torch.tensor([[tok.bos_id, 0]]))
+    except (AssertionError, ArithmeticError, LookupError, RuntimeError, ValueError) as e:
+        sys.exit(f"train.py: the model config {' '.join(args.set)} cannot be built: {str(e).splitlines()[0]}")
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("train.py: --device cuda: this torch sees no CUDA device")
@@ -240,10 +261,13 @@ def run_identity(args, cfg, tok, D, train_samples, dtype):
     return json.loads(json.dumps(identity)), group
 
 
-def read_json(path):  # None where there is no such file
+def read_json(path):  # a JSON object, None where there is no such file; one line and exit for a damaged one
     if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+        with contextlib.suppress(ValueError), open(path) as f:
+            value = json.load(f)
+            if isinstance(value, dict):
+                return value
+        sys.exit(f"train.py: {path} is damaged (not a JSON object): delete the run folder to start over")
 
 
 def brief(value):  # a config value in a one-line message; paths differ in their ends
@@ -254,6 +278,9 @@ def brief(value):  # a config value in a one-line message; paths differ in their
 def check_run_dir(run, identity):
     """The result when run.dir holds this run finished, else None; one line and exit when it holds another run."""
     config = read_json(os.path.join(run.dir, "config.json"))
+    if config is None and os.path.exists(run.last):
+        sys.exit(f"train.py: {run.dir} holds a last.pt but no config.json, so it cannot be told whose: delete the "
+                 "folder to start over")
     if config is None:
         return None
     was = config.get("identity", {})
@@ -263,6 +290,8 @@ def check_run_dir(run, identity):
         sys.exit(f"train.py: {run.dir} holds another run ({changes}): choose another --name, or delete the folder to "
                  "start over")
     result = read_json(os.path.join(run.dir, "result.json"))
+    if result is not None and "val_error" not in result:
+        sys.exit(f"train.py: {run.dir}/result.json is damaged (no val_error): delete it to write it again")
     if result is not None and run.master:
         print(f"{run.name}: already finished (val error {result['val_error']:.2f}%), not redone")
     return result
@@ -591,11 +620,12 @@ def main(argv=None):
             lr = get_lr(prog.step, run.total_steps, args)
             vote = run.master and save_minutes is not None and time.time() - run.saved >= 60 * save_minutes
             stepped, save_vote, stop = train_step(run, batches, lr, vote)
-            if not stepped:
+            if not (stepped or stop):
                 continue
-            bar.update(args.batch)
-            final = prog.step == run.total_steps
-            if prog.step % eval_every == 0 or final:
+            final = stepped and prog.step == run.total_steps
+            if stepped:
+                bar.update(args.batch)
+            if stepped and (prog.step % eval_every == 0 or final):
                 row = log_eval(run, lr, final)
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", img_s=f"{row['samples_per_s']:.0f}",
                                 val_err=f"{row['val_error']:.1f}%")

@@ -290,7 +290,11 @@ def test_init_conflicts_and_another_model_are_one_line(shards, tmp_path, capsys)
             train.main(fine_tune(shards, tmp_path, "ft", ckpt, *extra))
         assert str(stop.value) == message
     # a --set field or value the config cannot take: one line, with or without --init
-    for item, message in (("bogus=3", "train.py: --set bogus: no such model config field; valid: arch, img_h, "),
+    for item, message in (("bogus=3", "train.py: --set bogus: not a model config field --set takes"),
+                          ("vocab_size=5", "(--arch, --charset and --spm set arch and vocab_size); valid: img_h, "),
+                          ("dropout=2", "dropout=2 cannot be built: dropout probability has to be between 0 and 1"),
+                          ("in_chans=1", "in_chans=1 cannot be built: "),  # images are RGB: the first step would fail
+                          ("img_w=0", "img_w=0 cannot be built: "),
                           ("dec_width=x", "train.py: --set dec_width=x: expected int, e.g. dec_width=384"),
                           ("qkv_bias=1", "train.py: --set qkv_bias=1: expected bool, e.g. qkv_bias=true"),
                           ("enc_heads=5", "enc_heads=5 cannot be built: width ")):  # 16 or 64 not divisible by 5
@@ -443,10 +447,26 @@ def test_bad_paths_fail_before_training(shards, tmp_path):
     with pytest.raises(SystemExit, match="no such checkpoint"):
         train.main(base_args(shards, tmp_path, "typo", "--init", str(tmp_path / "nowhere.pt")))
     assert not (tmp_path / "typo").exists()
-    os.makedirs(tmp_path / "old")  # a last.pt with a pickled numpy RNG state, as an older train.py wrote it
+    old = base_args(shards, tmp_path, "old", "--batch", "16", "--train-samples", "32")
+    train.main(old)
+    os.remove(tmp_path / "old" / "result.json")  # unfinished, with a last.pt holding a pickled numpy RNG state
     torch.save({"rng": [{"numpy": np.random.get_state()}]}, tmp_path / "old" / "last.pt")
     with pytest.raises(SystemExit, match="^train.py: cannot resume from .*last.pt"):
-        train.main(base_args(shards, tmp_path, "old"))
+        train.main(old)
+    for damaged, text, message in (("config.json", "[1, 2]", "config.json is damaged (not a JSON object)"),
+                                   ("config.json", None, "holds a last.pt but no config.json"),
+                                   ("result.json", '{"N": 1', "result.json is damaged (not a JSON object)")):
+        shutil.rmtree(tmp_path / "old")
+        train.main(old)
+        os.remove(tmp_path / "old" / damaged) if text is None else (tmp_path / "old" / damaged).write_text(text)
+        with pytest.raises(SystemExit) as stop:
+            train.main(old)
+        assert str(stop.value).startswith("train.py: ") and message in str(stop.value), stop.value
+    for flag, value in (("--batch", "-4"), ("--clip", "-1"), ("--ema", "1"), ("--lr", "nan"), ("--samples", "0"),
+                        ("--train-samples", "0"), ("--warmup", "2"), ("--betas", "0.9")):
+        with pytest.raises(SystemExit) as stop:
+            train.parse_args(base_args(shards, tmp_path, "x", flag, value))
+        assert stop.value.code == 2
 
 
 def without_name(args):
@@ -613,3 +633,10 @@ def test_a_damaged_metrics_log_is_cleaned_and_a_lost_final_row_evaluated_again(s
     assert kept == rows[:-1] and final["train_loss"] is None  # the loss since the last eval was in the lost row
     assert {k: v for k, v in final.items() if k in ("step", "samples", "flops", "final", "val_error", "val_n")} == \
         {k: v for k, v in rows[-1].items() if k in ("step", "samples", "flops", "final", "val_error", "val_n")}
+
+
+def test_a_stop_while_no_step_is_taken_still_saves_and_exits(shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "train_step", lambda run, batches, lr, vote: (False, False, signal.SIGTERM))
+    with pytest.raises(SystemExit) as stop:  # every sample unreadable, say: no step ends, the signal still does
+        train.main(base_args(shards, tmp_path, "skips", "--batch", "16", "--train-samples", "64"))
+    assert stop.value.code == 128 + signal.SIGTERM and (tmp_path / "skips" / "last.pt").exists()
