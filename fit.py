@@ -41,13 +41,17 @@ def _make_run(name, config, lines, finished):
     """A run dict from its config and metrics.jsonl entries (those that are no JSON object counted as malformed); its
     sample budget: "train_samples", else the last eval's samples to 2 significant figures (batch rounding)."""
     evals = [{k: _num(e.get(k)) for k in ("samples", "flops", *METRICS.values())} for e in lines if isinstance(e, dict)]
-    budget = _num(config.get("train_samples"))
+    budget, group = _num(config.get("train_samples")), _fit_group(config)
     if budget is None and evals and _ok(evals[-1]["samples"]):
         budget = float(f"{evals[-1]['samples']:.2g}")
-    return {"name": name, "config": config, "evals": evals, "finished": finished, "group": _fit_group(config),
+    train = group.get("train") or []  # a hand-damaged fit_group: skipped, not a traceback
+    whole = isinstance(train, list) and all(isinstance(t, list) and len(t) == 2 for t in train) and \
+        isinstance(group.get("set") or {}, dict)
+    return {"name": name, "config": config, "evals": evals, "finished": finished, "group": group,
             "N": _num(config.get("N")), "D": _num(config.get("D")), "budget": budget,
             "malformed": len(lines) - len(evals),
-            "skip": None if evals else "no evals in metrics.jsonl (still starting, or crashed before its first eval)"}
+            "skip": "damaged fit_group in config.json" if not whole else None if evals else
+            "no evals in metrics.jsonl (still starting, or crashed before its first eval)"}
 
 def _read_run(folder):
     try:
@@ -55,8 +59,9 @@ def _read_run(folder):
             config = json.load(f)
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        return dict(_make_run(folder, {}, [], False), skip=f"unreadable config.json ({e})")
+    except (OSError, ValueError) as e:  # finished or not as result.json says: skipped either way, and listed
+        finished = os.path.exists(os.path.join(folder, "result.json"))
+        return dict(_make_run(folder, {}, [], finished), skip=f"unreadable config.json ({e})")
     lines, path = [], os.path.join(folder, "metrics.jsonl")
     if os.path.exists(path):
         with open(path, errors="replace") as f:  # undecodable bytes make a malformed line
@@ -165,14 +170,16 @@ def load_runs(paths, where=None):
             if "=" not in item:
                 raise ValueError(f"--where {item!r}: expected KEY=VALUE, e.g. arch=parseq")
         where = dict(item.split("=", 1) for item in where or [])
-    runs = []
+    runs, seen = [], set()
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         if os.path.isfile(p) and str(p).lower().endswith(".csv"):
             runs += _read_csv(p)
         elif os.path.isdir(p):
             for root, dirs, files in os.walk(p):
                 dirs.sort()
-                runs += [_read_run(root)] if "config.json" in files else []
+                if "config.json" in files and os.path.realpath(root) not in seen:  # a folder given twice: once
+                    seen.add(os.path.realpath(root))
+                    runs.append(_read_run(root))
         else:
             raise FileNotFoundError(f"{p}: neither a folder of runs (config.json + metrics.jsonl) nor a .csv file")
     return [r for r in runs if _matches(r, {k: str(v) for k, v in where.items()})]
@@ -348,7 +355,7 @@ def _fit_axis(runs, axis, o):
         f["r2"] = None
         out["warnings"].append(f"{axis}: the fitted points are flat or do not fall monotonically: R2 undefined")
     grid, kept, ci = np.geomspace(x.min(), x.max(), 40), [], {"dropped": {}}
-    if f["n"] >= SMALL_N:
+    if f["n"] >= SMALL_N and len(obs) >= 3:  # resampling one or two runs gives no interval worth the name
         kept, ci = _bootstrap(lambda d: _refit_axis(obs, d, axis, cut, o), len(obs), ("alpha", "k"), axis, o)
     if len(kept) < 2:  # few points (or no usable draw): the OLS t-intervals
         ci = dict(_t_intervals(f, o["level"]), method=f"t ({f['n'] - 2} dof)", dropped=ci["dropped"])
@@ -478,6 +485,7 @@ def fit_all(points_or_runs, metric="error", holdout=None, n_boot=1000, seed=0, b
             (metric not in METRICS, f"metric {metric!r}: use one of {sorted(METRICS)}"),
             (not 0 < level < 1, f"--ci {level}: give a confidence level between 0 and 1, e.g. 0.95"),
             (n_boot < 1, f"--n-boot {n_boot}: need at least 1 bootstrap draw (1000 or more for a 95% interval)"),
+            (not pinned > 0, f"--pinned {pinned}: give a word error in percent, e.g. 99.5"),
             (bad_budget is not None, f"--budget {bad_budget}: a FLOP budget must be a positive number, e.g. 1e15")):
         if wrong:
             raise ValueError(message)
@@ -527,6 +535,8 @@ def format_table(result):
                "excluded (no result.json; fit them with --include-unfinished)")
         L.append(f"  {len(result['unfinished'])} unfinished run(s) {how}: {', '.join(result['unfinished'])}")
     L += [f"  note: {s}" for s in result["notes"]] + [f"  skipped {s}" for s in result["skipped"]]
+    if "error" in result:
+        L.append(f"  {result['error']}")
     fits = result.get("groups") or [result]
     if len(fits) > 1:
         L.append(f"\n{len(fits)} fit groups: their runs differ in more than the fitted axes (the fields named below), "
@@ -542,8 +552,8 @@ def _format_fit(fit, metric):
     axes = [(ax, fit[ax]) for ax in AXES]
     level = next((r["ci"]["level"] for _, r in axes if "ci" in r), 0.95)
     L = [f"\nE = (X_c / X)^alpha, least squares in log-log space; {level:.0%} intervals: t (n-2 dof) below {SMALL_N} "
-         f"points, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}{'alpha':>8} {'CI':<20}"
-         f"{'R2(log)':>8}{'RMSE(log)':>10}  interval method"]
+         f"points or 3 runs, else a bootstrap over runs\n{'axis':<5}{'points':>7}  {'X_c':>11} {'CI':<25}"
+         f"{'alpha':>8} {'CI':<20}{'R2(log)':>8}{'RMSE(log)':>10}  interval method"]
     L += [f"{ax:<5}  not fitted: {r['error']}" if "error" in r else
           f"{ax:<5}{r['n_points']:>7}  {r['k']:>11.4g} {_ci(r['ci']['k']):<25}{r['alpha']:>8.4f} "
           f"{_ci(r['ci']['alpha']):<20}{_r2(r['r2']):>8}{r['rmse']:>10.4f}  {r['ci']['method']}"

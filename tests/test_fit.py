@@ -447,3 +447,24 @@ def test_older_config_and_csv_runs_group_by_what_they_record(tmp_path):
     assert [(g["name"], g["N"]["n_points"]) for g in r["groups"]] == [("arch=trocr", 3), ("arch=parseq", 3)]
     assert r["groups"][1]["N"]["alpha"] == pytest.approx(-np.polyfit(np.log([1e4, 2e4, 4e4]), np.log([.2, .19, .18]),
                                                                       1)[0])
+
+
+def test_damaged_and_degenerate_run_folders_are_named_not_misread(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    # one run's evals give the C axis 10 points: a bootstrap over one run would be a zero-width interval
+    points = power_points(10, 0.3, np.geomspace(1e3, 1e5, 10), 0.02, rng)
+    evals = [{"samples": s, "flops": 1e9 * s, "val_error": e} for s, e in points]
+    write_run(tmp_path, "one", {"N": 1e5, "D": 1e4, "arch": "parseq"}, evals)
+    r = fit.fit_all(fit.load_runs([str(tmp_path), str(tmp_path / "one")]), n_boot=50)  # the folder given twice
+    assert r["runs"] == 1 and r["C"]["ci"]["method"].startswith("t (") and r["C"]["ci"]["alpha"][0] < r["C"]["alpha"]
+    # a finished run whose config.json is cut, and one whose fit_group was edited by hand: skipped, saying why
+    write_run(tmp_path, "cut", {}, evals)
+    (tmp_path / "cut" / "config.json").write_text('{"N": 1')
+    write_run(tmp_path, "edited", {"N": 2e5, "fit_group": {"train": 5}}, evals)
+    r = fit.fit_all(fit.load_runs(str(tmp_path)), n_boot=50)
+    assert r["unfinished"] == [] and [s.split(": ", 1)[1][:24] for s in r["skipped"]] == [
+        "unreadable config.json (", "damaged fit_group in con"]
+    code, out, err = run_main(capsys, tmp_path, "--where", "arch=trocr")  # matching nothing: said so
+    assert code == 1 and "no finished runs found (or none match --where)" in out
+    code, out, err = run_main(capsys, tmp_path, "--pinned", "nan")
+    assert code == 2 and "--pinned nan: give a word error in percent" in err
