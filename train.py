@@ -224,7 +224,7 @@ def setup(args, cfg, tok):  # the run: processes (torchrun's env), device, threa
     micro = args.micro_batch or args.batch // world
     accum = args.batch // (micro * world) if micro else 0
     if accum < 1 or accum * micro * world != args.batch:
-        sys.exit(f"--batch {args.batch} must be a multiple of micro-batch {micro} x {world} processes")
+        sys.exit(f"train.py: --batch {args.batch} must be a multiple of micro-batch {micro} x {world} processes")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, auto=torch.bfloat16 if use_cuda else None).get(args.dtype)
     return types.SimpleNamespace(args=args, cfg=cfg, tok=tok, rank=rank, world=world, master=rank == 0, device=device,
                                  use_cuda=use_cuda, micro=micro, accum=accum, dtype=dtype, N=N,
