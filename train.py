@@ -14,7 +14,7 @@ error. SIGTERM or Ctrl-C: the current step ends, last.pt is written, the exit st
 signal exits at once.
 """
 import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, pickle, re
-import signal, subprocess, sys, time, types
+import signal, subprocess, sys, time, types, zipfile
 
 import torch
 import torch.distributed as dist
@@ -155,8 +155,8 @@ def config_overrides(items):  # --set FIELD=VALUE ... -> {field: value}, typed a
 
 
 def read_checkpoint(path):  # (checkpoint, model config, tokenizer), weights-only (runs no code); else a ValueError
-    try:  # memory-mapped: a resume or a config check reads no tensor, a fine-tune each tensor once
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # memory-mapped (torch.save's zip format): a resume or a config check reads no tensor
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         if not isinstance(ckpt, dict) or {"model", "model_config", "tokenizer"} - ckpt.keys():
             raise ValueError("no model, model_config and tokenizer entries")
         cfg = modellib.ModelConfig(**ckpt["model_config"])
@@ -283,10 +283,16 @@ def check_run_dir(run, identity):
                  "folder to start over")
     if config is None:
         return None
-    was = config.get("identity", {})
-    differ = [k for k in sorted(identity.keys() | was.keys()) if identity.get(k) != was.get(k)]
+    was, differ = config.get("identity", {}), []
+    for key in sorted(identity.keys() | was.keys()):  # a field of the model's config by its own name
+        old, new = was.get(key), identity.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differ += [(f"{key}.{k}", old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+                       if old.get(k) != new.get(k)]
+        elif old != new:
+            differ.append((key, old, new))
     if differ:
-        changes = "; ".join(f"{k} {brief(was.get(k))} -> {brief(identity.get(k))}" for k in differ)
+        changes = "; ".join(f"{key} {brief(old)} -> {brief(new)}" for key, old, new in differ)
         sys.exit(f"train.py: {run.dir} holds another run ({changes}): choose another --name, or delete the folder to "
                  "start over")
     result = read_json(os.path.join(run.dir, "result.json"))

@@ -481,7 +481,8 @@ def test_a_run_name_never_becomes_another_run(shards, tmp_path):
     assert train.main(base_args(shards, tmp_path, "mine", *args, "--micro-batch", "8")) == first  # a layout: the same run
     for change, named in ((["--train", str(shards / "val")], "D 1200 -> 1300; train "),  # more training data
                           (["--size", "T2"], 'size "T1" -> "T2"'),
-                          (["--seed", "3"], "seed 0 -> 3")):
+                          (["--seed", "3"], "seed 0 -> 3"),
+                          (["--set", "enc_width=32"], "model.enc_width 16 -> 32; set.enc_width null -> 32")):
         with pytest.raises(SystemExit) as stop:
             train.main(base_args(shards, tmp_path, "mine", *args, *change))
         message = str(stop.value)
@@ -580,12 +581,13 @@ def test_best_checkpoint_ties_go_to_the_lower_val_loss(shards, tmp_path, capsys)
 
 
 def test_an_init_that_is_no_checkpoint_is_one_line(shards, tmp_path):
-    notes = tmp_path / "notes.txt"
-    notes.write_text("not a checkpoint")
-    with pytest.raises(SystemExit) as stop:
-        train.main(base_args(shards, tmp_path, "ft", "--batch", "16", "--train-samples", "32", "--init", str(notes)))
-    assert str(stop.value).startswith(f"train.py: --init {notes}: not a checkpoint of train.py") and \
-        "\n" not in str(stop.value) and "weights_only" not in str(stop.value)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for notes in (tmp_path / "notes.txt", tmp_path / "empty.pt"):
+        with pytest.raises(SystemExit) as stop:
+            train.main(base_args(shards, tmp_path, "ft", "--batch", "16", "--train-samples", "32", "--init", str(notes)))
+        assert str(stop.value).startswith(f"train.py: --init {notes}: not a checkpoint of train.py") and \
+            "\n" not in str(stop.value) and "weights_only" not in str(stop.value) and "zipfile" not in str(stop.value)
 
 
 def test_tiny_sizes_default_to_one_thread(shards, tmp_path, capsys):
