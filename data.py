@@ -11,7 +11,7 @@ Shards are tar files of KEY.png|jpg + KEY.txt pairs (WebDataset's layout), each 
 (per sample: label, image offset and size, tar header CRC-32), and DIR/index.json (shard counts, charset, drops).
 """
 import argparse, base64, contextlib, fcntl, fnmatch, functools, gc, glob, hashlib, http.client, io, json, os, random
-import re, resource, sys, tarfile, time, unicodedata, urllib.parse, zlib
+import re, resource, signal, sys, tarfile, time, unicodedata, urllib.parse, zlib
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import count
@@ -206,7 +206,7 @@ def find_shards(pattern):
         paths = [pattern] if os.path.isfile(pattern) else glob.glob(pattern)
     paths = sorted(paths)
     if not paths:
-        d = pattern if not glob.has_magic(pattern) else os.path.dirname(pattern) or 'DIR'
+        d = pattern if os.path.isdir(pattern) or not glob.has_magic(pattern) else os.path.dirname(pattern) or 'DIR'
         raise FileNotFoundError(
             f'no shards match {pattern!r}: make some with `python data.py synth {d} --n 100000`, '
             f'`python data.py import-lmdb LMDB_DIR {d}` or `python data.py import-folder LABELS_FILE {d}`')
@@ -283,7 +283,8 @@ def parse_sources(spec):
     out = []
     for part in spec.split(','):
         path, _, w = part.rpartition(':')
-        port = is_url(part) and '/' not in path.partition('://')[2]  # http://host:8000 names no weight
+        host = path.partition('://')[2]  # http://host:8000 names no weight, http://host:8000:2 does
+        port = part.startswith(('http://', 'https://')) and not set(host) & {'/', ':'}
         out.append((path, float(w)) if path and w.replace('.', '', 1).isdigit() and not port else (part, 1.0))
     return out
 
@@ -379,9 +380,10 @@ def permute(x, n, key):
 def rgb(img):
     """A PIL image as it looks, in RGB: transparency over white (not the colour stored under it), 16-bit samples
     scaled to 8 bits (not clipped to white)."""
-    if img.mode.startswith('I'):
+    if img.mode.startswith('I'):  # I;16*: 16-bit; I: 32-bit, read as 16-bit where a sample needs more than 8
         samples = np.asarray(img, dtype=np.int64)
-        img = Image.fromarray(np.clip(samples >> 8 if samples.max() > 255 else samples, 0, 255).astype(np.uint8))
+        wide = img.mode != 'I' or samples.max() > 255
+        img = Image.fromarray(np.clip(samples >> 8 if wide else samples, 0, 255).astype(np.uint8))
     if img.has_transparency_data:
         img = Image.alpha_composite(Image.new('RGBA', img.size, 'white'), img.convert('RGBA'))
     return img.convert('RGB')
@@ -425,6 +427,8 @@ def _worker_init(_):
     # modules and functions), copying their pages; frozen objects are never examined (58.9 -> 29.6 MiB a worker)
     gc.freeze()
     torch.set_num_threads(1)  # the workers decode with PIL; torch threads would only fight over the cores
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a signal to the process group: the training process stops them
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -486,14 +490,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     def loader(self, num_workers=0, start=0, pin_memory=False):
         """This rank's batches from global position `start` (the position after the last optimizer step)."""
         self.start = start
-        # workers start from a forkserver: a fork of this process could copy a lock held by one of its threads (the
-        # progress bar's, the process group's) and hang. The server's import of torch is shared; this module is
-        # imported by each worker, where the parent's sys.path is in place (Python 3.11's server ignores it)
+        # where workers start from a forkserver (Python 3.14's default on Linux) they share its import of torch; this
+        # module is imported in each worker, under this process's sys.path (Python 3.11's server ignores it)
         torch.multiprocessing.set_forkserver_preload(['torch'])
         # its own generator: a DataLoader draws a base seed, which would shift the global RNG on resume
         for batch in torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                                  worker_init_fn=_worker_init if num_workers else None,
-                                                 multiprocessing_context='forkserver' if num_workers else None,
                                                  generator=torch.Generator()):
             if isinstance(batch, str):  # a worker's one-line error
                 raise DataError(batch)
@@ -996,15 +998,21 @@ def _synth_shard(job):
 
 
 def _start_set(out_dir):
-    """Mark out_dir unfinished until write_index (find_shards refuses it); the shards of an unfinished set are
-    removed, those of a finished one refused."""
-    folder = glob.escape(out_dir)
-    if glob.glob(os.path.join(folder, '*.tar')) and not os.path.exists(os.path.join(out_dir, UNFINISHED)):
+    """The open, locked UNFINISHED file of out_dir, there until write_index (find_shards refuses the folder): the
+    shards of an unfinished set (its file unlocked: its writer is gone) are removed, a finished set is refused."""
+    folder, marker = glob.escape(out_dir), os.path.join(out_dir, UNFINISHED)
+    if glob.glob(os.path.join(folder, '*.tar')) and not os.path.exists(marker):
         raise FileExistsError(f'{out_dir} already holds shards: remove them or choose another folder')
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(marker, 'a')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise FileExistsError(f'{out_dir}: another synth or import is writing it') from None
     for path in glob.glob(os.path.join(folder, 'shard-*.tar*')):
         os.remove(path)
-    os.makedirs(out_dir, exist_ok=True)
-    Path(out_dir, UNFINISHED).touch()
+    return lock
 
 
 def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARSET36, words=None, workers=None,
@@ -1035,18 +1043,17 @@ def synth(out_dir, n, seed=0, style='clean', min_len=2, max_len=6, charset=CHARS
     if skipped:
         print(f'data.py synth: skipped {len(skipped)} of {len(lacking)} fonts lacking glyphs: {", ".join(skipped[:5])}',
               file=sys.stderr)
-    _start_set(out_dir)
     cfg = dict(out_dir=out_dir, seed=seed, style=style, min_len=min_len, max_len=max_len, charset=charset,
                words=words, fonts=fonts)
     jobs = [(i, s, min(shard_size, n - s)) for i, s in enumerate(range(0, n, shard_size))]
     shards, chars = {}, set()
-    with Pool(workers or cpu_count(), initializer=_synth_init, initargs=(cfg,)) as pool:
+    with _start_set(out_dir), Pool(workers or cpu_count(), initializer=_synth_init, initargs=(cfg,)) as pool:
         for sh, cs in tqdm(pool.imap_unordered(_synth_shard, jobs), total=len(jobs), desc='synth', unit='shard'):
             shards.update(sh)
             chars |= cs
-    return write_index(out_dir, shards, chars, f'synth style={style} seed={seed}', {},
-                       words=len(words) if words else None, fonts=len(fonts) if fonts else 'pillow-default',
-                       fonts_skipped=len(skipped))
+        return write_index(out_dir, shards, chars, f'synth style={style} seed={seed}', {},
+                           words=len(words) if words else None, fonts=len(fonts) if fonts else 'pillow-default',
+                           fonts_skipped=len(skipped))
 
 # ----------------------------------------------------------------------------- importers
 
@@ -1077,20 +1084,20 @@ def _check_sample(rec):
 def _import(records, out_dir, source, shard_size, workers, total=None, **extra):
     """Check records (where, image, label) on all cores and write the good ones to shards, in order. Nothing
     imported is an error naming the drop reasons and a record of each."""
-    _start_set(out_dir)
     writer, drops, example, n = ShardWriter(out_dir, shard_size=shard_size), Counter(), {}, 0
-    with Pool(workers or cpu_count()) as pool:
-        for r in tqdm(pool.imap(_check_sample, records, chunksize=64), total=total, desc='import', unit='img'):
-            if r[0] is None:
-                drops[r[1]] += 1
-                example.setdefault(r[1], r[2])
-            else:
-                writer.write(f'{n:09d}', *r)
-                n += 1
-    dropped = ', '.join(f'{k} {v} (e.g. {example[k]})' for k, v in drops.most_common())
-    if n == 0:
-        raise ValueError(f'nothing imported from {source}: dropped {dropped or "nothing: no records"}')
-    index = write_index(out_dir, writer.close(), writer.charset, source, drops, **extra)
+    with _start_set(out_dir):
+        with Pool(workers or cpu_count()) as pool:
+            for r in tqdm(pool.imap(_check_sample, records, chunksize=64), total=total, desc='import', unit='img'):
+                if r[0] is None:
+                    drops[r[1]] += 1
+                    example.setdefault(r[1], r[2])
+                else:
+                    writer.write(f'{n:09d}', *r)
+                    n += 1
+        dropped = ', '.join(f'{k} {v} (e.g. {example[k]})' for k, v in drops.most_common())
+        if n == 0:
+            raise ValueError(f'nothing imported from {source}: dropped {dropped or "nothing: no records"}')
+        index = write_index(out_dir, writer.close(), writer.charset, source, drops, **extra)
     print(f'{out_dir}: {index["samples"]} samples in {len(index["shards"])} shards, dropped {dropped or 0}')
     return index
 
@@ -1102,11 +1109,13 @@ def import_lmdb(src, out_dir, shard_size=10000, workers=None, seed=0):
         import lmdb
     except ImportError:
         sys.exit('import-lmdb needs the lmdb package: pip install lmdb')
-    found = {}  # sets reached through symbolic links too, each once
-    for root, _, files in os.walk(src, followlinks=True):
-        if 'data.mdb' in files:
-            found.setdefault(os.path.realpath(root), root)
-    dbs = sorted(found.values())
+    found = {}  # folders reached through symbolic links too, each once (a link cycle ends there)
+    for root, dirs, files in os.walk(src, followlinks=True):
+        if os.path.realpath(root) in found:
+            dirs.clear()
+            continue
+        found[os.path.realpath(root)] = root if 'data.mdb' in files else None
+    dbs = sorted(root for root in found.values() if root)
     if not dbs:
         raise FileNotFoundError(f'no data.mdb in {src} or its sub-folders')
     with contextlib.ExitStack() as stack:  # closes the environments

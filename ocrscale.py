@@ -153,8 +153,9 @@ def lock_folder(folder):
 
 
 class Runner:
-    """Runs train.py processes, `jobs` at a time, each in a session of its own. Within `with`, the first SIGTERM or
-    SIGINT (stop) passes one SIGTERM on to each (it saves last.pt and exits) and starts no more."""
+    """Runs train.py processes, `jobs` at a time, each in a session of its own. Within `with`, the first SIGTERM,
+    SIGINT or SIGHUP (stop) passes one SIGTERM on to each (it saves last.pt and exits) and starts no more; a second
+    kills them and exits at once."""
 
     def __init__(self, jobs, keep_fds):
         self.jobs, self.keep_fds, self.slots, self.procs, self.signal = jobs, keep_fds, queue.Queue(), set(), None
@@ -162,7 +163,8 @@ class Runner:
             self.slots.put(slot)
 
     def __enter__(self):
-        self.handlers = {signum: signal.signal(signum, self.stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+        self.handlers = {signum: signal.signal(signum, self.stop)
+                         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         return self
 
     def __exit__(self, *exc):
@@ -170,10 +172,13 @@ class Runner:
             signal.signal(signum, handler)
 
     def stop(self, signum, frame):
-        if self.signal is None:
-            self.signal = signum
-            for proc in list(self.procs):
-                proc.terminate()
+        for proc in list(self.procs):
+            proc.terminate() if self.signal is None else proc.kill()
+        if self.signal is not None:
+            print(f"ocrscale.py demo: a second {signal.Signals(signum).name}: runs killed without saving",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
 
     def train_one(self, name, tag, argv):
         slot = self.slots.get()
@@ -420,10 +425,12 @@ def count_list(text):
                   for c in text.split(",")]
     except ValueError:
         counts = [0]
-    if not all(1 <= c < 1e15 and c == int(c) for c in counts) or len(set(counts)) < len(counts):  # nan, inf too
+    # whole to float rounding (4.1M is 4099999.9999999995); nan and inf are out of range
+    whole = all(1 <= c < 1e15 and abs(c - round(c)) < 1e-6 * c for c in counts)
+    if not whole or len(set(map(round, counts))) < len(counts):
         raise argparse.ArgumentTypeError(f"{text!r}: give distinct whole counts separated by commas, e.g. "
                                          "300k,1M,2.5e6")
-    return [int(c) for c in counts]
+    return [round(c) for c in counts]
 
 
 def size_list(text):
@@ -671,8 +678,9 @@ def cmd_read(args):
             print(f"{p}\t{t}\t{c:.4f}")
         if s:
             unscored = sum(label is not None for label in labels) - s["n"]
+            note = f" ({unscored} labels not scored: empty or too long once cleaned, as eval drops them)"
             print(f"word accuracy {100 - s['error']:.2f}%, 1-NED {s['ned']:.2f}% on {s['n']} labelled images"
-                  + f" ({unscored} labels not scored: empty or too long once cleaned, as eval drops them)" * bool(unscored))
+                  + note * bool(unscored))
     return int(len(results) < len(items))
 
 

@@ -49,8 +49,11 @@ LIMITS = {"batch": 1, "micro_batch": 1, "samples": 1, "train_samples": 1, "eval_
 
 
 def betas(text):  # --betas: two numbers in [0, 1), kept as the text (a run's identity holds the text)
-    values = text.split(",")
-    if not (len(values) == 2 and all(v.replace(".", "", 1).isdigit() and float(v) < 1 for v in values)):
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not (len(values) == 2 and all(0 <= v < 1 for v in values)):
         raise argparse.ArgumentTypeError(f"{text!r}: give two numbers from 0 to below 1, e.g. 0.9,0.98")
     return text
 
@@ -110,7 +113,7 @@ def parse_args(argv=None):
     for name, limits in LIMITS.items():
         low, high = limits if isinstance(limits, tuple) else (limits, math.inf)
         value = getattr(args, name)
-        if value is not None and not low <= value <= high:
+        if value is not None and not (low <= value <= high and math.isfinite(value)):
             within = f"at least {low:g}" if high == math.inf else f"from {low:g} to {high:g}"
             p.error(f"argument --{name.replace('_', '-')}: {value}: give a number {within}")
     return args
@@ -261,13 +264,13 @@ def run_identity(args, cfg, tok, D, train_samples, dtype):
     return json.loads(json.dumps(identity)), group
 
 
-def read_json(path):  # a JSON object, None where there is no such file; one line and exit for a damaged one
+def read_json(path, remedy):  # a JSON object, None where there is no such file; one line and exit for a damaged one
     if os.path.exists(path):
         with contextlib.suppress(ValueError), open(path) as f:
             value = json.load(f)
             if isinstance(value, dict):
                 return value
-        sys.exit(f"train.py: {path} is damaged (not a JSON object): delete the run folder to start over")
+        sys.exit(f"train.py: {path} is damaged (not a JSON object): {remedy}")
 
 
 def brief(value):  # a config value in a one-line message; paths differ in their ends
@@ -277,7 +280,7 @@ def brief(value):  # a config value in a one-line message; paths differ in their
 
 def check_run_dir(run, identity):
     """The result when run.dir holds this run finished, else None; one line and exit when it holds another run."""
-    config = read_json(os.path.join(run.dir, "config.json"))
+    config = read_json(os.path.join(run.dir, "config.json"), "delete the run folder to start over")
     if config is None and os.path.exists(run.last):
         sys.exit(f"train.py: {run.dir} holds a last.pt but no config.json, so it cannot be told whose: delete the "
                  "folder to start over")
@@ -295,9 +298,10 @@ def check_run_dir(run, identity):
         changes = "; ".join(f"{key} {brief(old)} -> {brief(new)}" for key, old, new in differ)
         sys.exit(f"train.py: {run.dir} holds another run ({changes}): choose another --name, or delete the folder to "
                  "start over")
-    result = read_json(os.path.join(run.dir, "result.json"))
+    again = "delete it to evaluate the run's end again"
+    result = read_json(os.path.join(run.dir, "result.json"), again)
     if result is not None and "val_error" not in result:
-        sys.exit(f"train.py: {run.dir}/result.json is damaged (no val_error): delete it to write it again")
+        sys.exit(f"train.py: {run.dir}/result.json is damaged (no val_error): {again}")
     if result is not None and run.master:
         print(f"{run.name}: already finished (val error {result['val_error']:.2f}%), not redone")
     return result

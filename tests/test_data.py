@@ -703,6 +703,13 @@ def test_an_interrupted_synth_is_refused_by_readers_and_done_again(tmp_path, mon
     with pytest.raises(FileNotFoundError, match=r's: an unfinished synth or import .* run it again'):
         data.find_shards(out)
     monkeypatch.setattr(data, 'write_index', write_index)
+    with data._start_set(out):  # a writer at work (the stale shards removed): another is refused, its shard kept
+        writer = data.ShardWriter(out)
+        writer.write('000000000', png(), 'png', 'a')
+        writer.close()
+        with pytest.raises(FileExistsError, match=r's: another synth or import is writing it'):
+            data.synth(out, 12, workers=1, shard_size=10)
+        assert sorted(os.listdir(out)) == sorted([data.UNFINISHED, 'shard-000000.tar', 'shard-000000.tar.idx'])
     assert data.synth(out, 12, workers=1, shard_size=10)['samples'] == 12  # its old shards removed
     assert [n for _, n in data.find_shards(out)] == [10, 2] and not os.path.exists(os.path.join(out, data.UNFINISHED))
 
@@ -718,9 +725,10 @@ def test_synth_refuses_what_its_font_cannot_draw_and_sizes_that_render_nothing(t
 
 
 def test_a_url_port_is_no_weight():
-    assert data.parse_sources('http://127.0.0.1:8703,https://host:443/,s3://b/set:3,http://h:80/set:2,d/x:0.5') == [
+    assert data.parse_sources('http://127.0.0.1:8703,https://host:443/,s3://b/set:3,http://h:80/set:2,d/x:0.5,'
+                              's3://bucket:2,http://host:8000:2') == [
         ('http://127.0.0.1:8703', 1.0), ('https://host:443/', 1.0), ('s3://b/set', 3.0), ('http://h:80/set', 2.0),
-        ('d/x', 0.5)]
+        ('d/x', 0.5), ('s3://bucket', 2.0), ('http://host:8000', 2.0)]
 
 
 def test_a_damaged_index_json_is_one_line_naming_it(tmp_path):
@@ -753,6 +761,7 @@ def test_lmdb_import_follows_links_and_refuses_undecodable_labels_and_databases(
             txn.put(b'num-samples', str(len(labels)).encode())
         env.close()
     os.symlink(tmp_path / 'elsewhere' / 'a', tmp_path / 'src' / 'a')
+    os.symlink(tmp_path / 'src', tmp_path / 'src' / 'b' / 'loop')  # a cycle: walked once
     index = data.import_lmdb(str(tmp_path / 'src'), str(tmp_path / 'out'), workers=1)
     assert index['parts'] == {'a': 3, 'b': 1} and index['drops'] == {'label_not_utf8': 1}
     assert sorted(row[0] for path, _ in data.find_shards(str(tmp_path / 'out')) for row in data.shard_index(path)) == \

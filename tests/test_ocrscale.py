@@ -398,3 +398,20 @@ def test_read_recognises_rendered_words(tmp_path, capsys):
 
 def labels_of(shard_dir):
     return [row[0] for path, _ in data.find_shards(str(shard_dir)) for row in data.shard_index(path)]
+
+
+def test_counts_with_suffixes_are_whole_numbers_as_written():
+    assert ocrscale.count_list("4.1M,8.2M,16.1k,2.5e6,300") == [4_100_000, 8_200_000, 16_100, 2_500_000, 300]
+
+
+def test_the_demo_passes_one_stop_on_to_its_runs_and_a_second_kills_them(monkeypatch, capsys):
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    runner = ocrscale.Runner(1, ())
+    runner.procs = {subprocess.Popen(["sleep", "30"])}
+    runner.stop(signal.SIGINT, None)  # the first: SIGTERM to each run, so that it saves
+    assert [p.wait(10) for p in runner.procs] == [-signal.SIGTERM] and runner.signal == signal.SIGINT and not exits
+    runner.procs = {subprocess.Popen(["sleep", "30"])}
+    runner.stop(signal.SIGINT, None)  # the second: killed, and the demo exits at once
+    assert [p.wait(10) for p in runner.procs] == [-signal.SIGKILL] and exits == [128 + signal.SIGINT]
+    assert capsys.readouterr().err == "ocrscale.py demo: a second SIGINT: runs killed without saving\n"

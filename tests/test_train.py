@@ -463,10 +463,11 @@ def test_bad_paths_fail_before_training(shards, tmp_path):
             train.main(old)
         assert str(stop.value).startswith("train.py: ") and message in str(stop.value), stop.value
     for flag, value in (("--batch", "-4"), ("--clip", "-1"), ("--ema", "1"), ("--lr", "nan"), ("--samples", "0"),
-                        ("--train-samples", "0"), ("--warmup", "2"), ("--betas", "0.9")):
+                        ("--train-samples", "0"), ("--warmup", "2"), ("--betas", "0.9"), ("--epochs", "inf")):
         with pytest.raises(SystemExit) as stop:
             train.parse_args(base_args(shards, tmp_path, "x", flag, value))
         assert stop.value.code == 2
+    assert train.parse_args(base_args(shards, tmp_path, "x", "--betas", "0.9, 9.8e-1", "--lr", "0")).betas == "0.9, 9.8e-1"
 
 
 def without_name(args):
@@ -500,20 +501,14 @@ def test_a_run_name_never_becomes_another_run(shards, tmp_path):
                                                                 [[str(shards / "train"), 1.0], [str(shards / "val"), 1.0]]]
 
 
-def start(shards, tmp_path, name, args):
-    """train.py in a subprocess, returned once it has printed its start-up line (the loop starts next)."""
-    proc = subprocess.Popen(TRAIN + base_args(shards, tmp_path, name, *args), env={**ENV, "PYTHONUNBUFFERED": "1"},
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "steps of 16" in proc.stdout.readline()
-    return proc
-
-
 def test_sigterm_ends_the_step_saves_it_and_the_same_command_resumes(shards, tmp_path):
     args = ["--batch", "16", "--train-samples", str(16 * 600), "--eval-every", str(16 * 600), "--save-every", "600m",
-            "--workers", "0"]
-    proc = start(shards, tmp_path, "stopped", args)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
+            "--workers", "1"]
+    proc = subprocess.Popen(TRAIN + base_args(shards, tmp_path, "stopped", *args), env={**ENV, "PYTHONUNBUFFERED": "1"},
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert "steps of 16" in proc.stdout.readline()
+    time.sleep(1.5)  # its loader worker has started
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler stops a job: every process of the group, the worker too
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     step = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["step"]
