@@ -612,8 +612,8 @@ def test_a_mostly_unreadable_source_stops_with_one_line(tmp_path, workers):
     for i in range(30):
         w.write(f'{i:09d}', png() if i % 5 == 0 else b'\x89PNG\r\n\x1a\nbroken', 'png', name(i))
     w.close()
-    # a process of its own, as workers write to the stderr of the process that started their forkserver; in a
-    # folder holding a data/ folder, which the forkserver must not take for data.py
+    # a process of its own, whose stderr its workers share (a forkserver's workers: the stderr of the process that
+    # started the server), in a folder holding a data/ folder, which a forkserver must not take for data.py
     os.makedirs(tmp_path / 'data')
     code = (f'import sys\nsys.path.insert(0, {os.path.dirname(data.__file__)!r})  # as a script in that folder\n'
             f'import data\ntry:\n    for _ in data.ShardStream({str(tmp_path)!r}, 8, 16, 16, data.CHARSET36)'
