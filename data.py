@@ -48,10 +48,11 @@ def load_charset(spec):
         return CHARSET36 if spec == '36' else CHARSET94
     if spec.startswith('@'):
         try:
-            spec = ''.join(Path(spec[1:]).read_text(encoding='utf-8').splitlines())
+            spec = ''.join(Path(spec[1:]).read_text(encoding='utf-8-sig').splitlines())  # a byte-order mark: none
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f'cannot read the charset file {spec[1:]!r}: {e}') from None
-    chars = ''.join(c for c in dict.fromkeys(spec) if not c.isspace())  # labels never keep whitespace
+    # composed as labels are read (NFC: an é typed as e + accent is é); labels never keep whitespace
+    chars = ''.join(c for c in dict.fromkeys(unicodedata.normalize('NFC', spec)) if not c.isspace())
     if not chars:
         raise ValueError(f'empty charset {spec!r}: give 36, 94, the characters, or @FILE')
     return chars
@@ -64,7 +65,8 @@ def clean_label(label, charset=None, max_len=25, fold=True):
     if fold:
         label = label.encode('ascii', 'ignore').decode()
     if charset is not None:
-        label = ''.join(c for c in (label.lower() if charset == charset.lower() else label) if c in charset)
+        lower = charset == ''.join(map(str.lower, charset))  # each character by itself: Σ is σ at a word's end too
+        label = ''.join(c for c in (''.join(map(str.lower, label)) if lower else label) if c in charset)
     if not label:
         return None, 'empty_label'
     return (None, 'too_long') if max_len is not None and len(label) > max_len else (label, None)
@@ -801,6 +803,7 @@ class HFTokenizer(_Tokenizer):
         elif self._kind != 'spm':
             what = 'a BPE model without a byte-level pre-tokenizer' if self._kind == 'BPE' else f'a {self._kind} model'
             raise ValueError(f'tokenizer.json: {what} is not supported (Unigram, byte-level BPE)')
+        _pre_tokenize(self._pre, [_normalize(self._norm, 'a')])  # an unsupported step fails now, not at a label
         self._vocab, self._cache = vocab, {}
         self._piece = {i: p for p, i in vocab.items()} | {t['id']: t['content'] for t in added}
         self._special = {i for i, p in self._piece.items() if p in special}
@@ -886,10 +889,13 @@ def edit_distance(a, b):
 
 def score(preds, gts, charset=None, cased=False, punctuation=False):
     """-> dict(n, correct, ned_sum, error %, ned % (= 1-NED)), NED = edit distance / max(len(pred), len(gt)), both
-    in scoring_form. An empty prediction reads nothing: never right for a non-empty label, even one scored as ''."""
+    in scoring_form; a label of which the study's protocol keeps nothing (Greek under a tokenizer without a charset)
+    is compared as written (NFC). An empty prediction reads nothing: never right for a non-empty label."""
     correct, ned_sum = 0, 0.0
     for pred, gt in zip(preds, gts, strict=True):
         p, g = (scoring_form(t, charset, cased, punctuation) for t in (pred, gt))
+        if gt.strip() and not g:
+            p, g = (unicodedata.normalize('NFC', t) for t in (pred, gt))
         if pred or not gt:
             correct += p == g
             ned_sum += 1.0 - (edit_distance(p, g) / max(len(p), len(g)) if p or g else 0.0)
@@ -900,14 +906,15 @@ def score(preds, gts, charset=None, cased=False, punctuation=False):
 
 def scoring_form(text, charset=None, cased=False, punctuation=False):
     """The study's protocol for no charset or an ASCII one that holds 0-9a-z (36 or 94 characters, in any order):
-    lower-cased, then only 0-9a-z kept (PARSeq's test.py; cased: upper case kept too, punctuation: its 32 symbols).
-    Otherwise the text as written (NFC), lower-cased when the charset has no upper-case letter (as clean_label
-    reads labels): a charset of digits and symbols is scored on its symbols too."""
+    accents folded (NFKD to ASCII), lower-cased, then only 0-9a-z kept (PARSeq's test.py; cased: upper case kept
+    too, punctuation: its 32 symbols). Otherwise the text as written (NFC), lower-cased character by character when
+    the charset has no upper-case letter (as clean_label reads labels): a charset of symbols is scored on them too."""
     if charset is None or charset.isascii() and set(CHARSET36) <= set(charset.lower()):
         keep = CHARSET36 + CHARSET94[36:62] * cased + CHARSET94[62:] * punctuation
+        text = unicodedata.normalize('NFKD', text).encode('ascii', 'ignore').decode()
         return ''.join(c for c in (text if cased else text.lower()) if c in keep)
     text = unicodedata.normalize('NFC', text)
-    return text.lower() if charset == charset.lower() else text
+    return ''.join(map(str.lower, text)) if charset == ''.join(map(str.lower, charset)) else text
 
 
 def weighted_average(results, key='error'):

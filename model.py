@@ -590,7 +590,10 @@ def _renamed(sd, names):
 
 
 def _load_converted(cfg, state, source):  # tensors our model does not have (a pooler, ...) are left out
-    model = build_model(cfg)
+    try:
+        model = build_model(cfg)
+    except (AssertionError, ArithmeticError, TypeError, ValueError) as err:  # heads that do not divide the width, ...
+        raise SystemExit(f'{source}: the inferred {cfg.arch} config cannot be built ({err})')
     missing = [k for k, v in model.state_dict().items() if k not in state or state[k].shape != v.shape]
     if missing:
         raise SystemExit(f'{source}: weights do not fit the inferred {cfg.arch} model (missing {missing[:3]} or '
@@ -731,7 +734,7 @@ def parseq_from_strhub(path):
         raise SystemExit(f'{path}: not a PARSeq checkpoint (no pos_queries, encoder.pos_embed, ... weights)')
     V, e, d = len(sd['text_embed.embedding.weight']), sd['encoder.pos_embed'].shape[-1], sd['pos_queries'].shape[-1]
     charset = hp.get('charset_train') or (STRHUB_CHARSET if V == len(STRHUB_CHARSET) + 3 else None)
-    if charset is None or len(charset) != V - 3:
+    if not isinstance(charset, str) or len(charset) != V - 3:
         raise SystemExit(f'{path}: {V - 3} characters and no charset_train of that length in its hyper-parameters')
     patch_h, patch_w = sd['encoder.patch_embed.proj.weight'].shape[2:]
     n, side = sd['encoder.pos_embed'].shape[1], int(sd['encoder.pos_embed'].shape[1] ** 0.5)
@@ -739,9 +742,10 @@ def parseq_from_strhub(path):
                                           (side * patch_h, side * patch_w))
     depth = lambda prefix: 1 + max(int(k.split('.')[2]) for k in sd if k.startswith(prefix))  # noqa: E731
     cfg = make_config('parseq', 'S', V, img_h=img_h, img_w=img_w, patch_h=patch_h, patch_w=patch_w, enc_width=e,
-                      enc_depth=depth('encoder.blocks.'), enc_heads=hp.get('enc_num_heads', e // 64), dec_width=d,
-                      mlp_ratio=len(sd['encoder.blocks.0.mlp.fc1.weight']) / e, max_len=len(sd['pos_queries'][0]) - 1,
-                      dec_depth=depth('decoder.layers.'), dec_heads=hp.get('dec_num_heads', d // 32),
+                      enc_depth=depth('encoder.blocks.'), enc_heads=hp.get('enc_num_heads', max(1, e // 64)),
+                      dec_width=d, mlp_ratio=len(sd['encoder.blocks.0.mlp.fc1.weight']) / e,
+                      max_len=len(sd['pos_queries'][0]) - 1, dec_depth=depth('decoder.layers.'),
+                      dec_heads=hp.get('dec_num_heads', max(1, d // 32)),
                       dec_mlp_ratio=len(sd['decoder.layers.0.linear1.weight']) / d)
     ours = _renamed(sd, _STRHUB_NAMES)
     for key in [k for k in ours if '.in_proj_' in k]:

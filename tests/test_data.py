@@ -503,6 +503,18 @@ def test_metrics():
     assert data.weighted_average({'SVT': {'n': 4, 'ned': 87.5}, 'IC13': {'n': 1, 'ned': 50.0}}, 'ned') == 80.0
 
 
+def test_charset_files_and_labels_compose_as_written_and_scripts_without_the_protocol_score_as_written(tmp_path):
+    (tmp_path / 'fr.txt').write_text(unicodedata.normalize('NFD', 'aeiouc\néèçü'), encoding='utf-8')
+    (tmp_path / 'bom.txt').write_bytes('\ufeff'.encode() + data.CHARSET36.encode())
+    assert data.load_charset(f'@{tmp_path / "fr.txt"}') == 'aeioucéèçü'  # composed, as labels are read
+    assert data.load_charset(f'@{tmp_path / "bom.txt"}') == data.CHARSET36
+    greek = 'αβγδεζηθικλμνξοπρστυφχψω'
+    assert data.clean_label('ΟΔΟΣ', greek, fold=False) == ('οδοσ', None)  # a capital sigma is σ at a word's end too
+    # no charset (a converted tokenizer): Greek kept whole, Latin in the study's protocol (accents folded)
+    r = data.score(['привет', 'αβγ', 'cafe', 'Hello'], ['αβγ', 'αβγ', 'café', 'hello'])
+    assert r['correct'] == 3 and r['ned_sum'] == pytest.approx(0 + 1 + 1 + 1)
+
+
 def test_folding_and_case_follow_the_charset_content():
     shuffled = ''.join(random.Random(0).sample(data.CHARSET94, 94))  # the study's 94 characters in another order
     assert data.CharTokenizer(shuffled).fold and data.CharTokenizer('abc').fold
@@ -510,7 +522,9 @@ def test_folding_and_case_follow_the_charset_content():
     assert data.clean_label('Éa', shuffled, fold=data.CharTokenizer(shuffled).fold) == ('Ea', None)
 
     def expected(pairs, form):  # an independent count: exact matches and 1 - NED of the compared forms
-        done = [(form(p), form(g)) if p or not g else None for p, g in pairs]
+        # a label of which the form keeps nothing is compared as written (NFC)
+        forms = [(form(p), form(g)) if form(g) or not g.strip() else (p, g) for p, g in pairs]
+        done = [f if p or not g else None for (p, g), f in zip(pairs, forms)]
         return (sum(d is not None and d[0] == d[1] for d in done),
                 sum(0 if d is None else 1 - data.edit_distance(*d) / max(1, *map(len, d)) for d in done))
 
@@ -518,7 +532,7 @@ def test_folding_and_case_follow_the_charset_content():
     for charset in (None, data.CHARSET36, data.CHARSET94, shuffled):  # the study's protocol
         r = data.score(*zip(*latin), charset)
         assert (r['correct'], r['ned_sum']) == pytest.approx(expected(latin, data.scoring_form))
-        assert r['correct'] == 3  # not the empty prediction of '!!', which normalises to ''
+        assert r['correct'] == 2  # not '' nor '-' for '!!', of which the protocol keeps nothing
     greek = [('αθηνα', 'Αθηνα'), (unicodedata.normalize('NFD', 'λόγος'), 'λόγος'), ('', 'μ'), ('ΣΟΦΙΑ', 'σοφια')]
     lower = 'αβγδεζηθικλμνξοπρστυφχψωόςΣ'.lower()
     r = data.score(*zip(*greek), lower)  # no upper-case letter: case-insensitive, NFC

@@ -613,6 +613,12 @@ def test_convert_parseq_reads_every_released_format(tmp_path):
     torch.save(theirs, tmp_path / 'other_charset.pt')
     with pytest.raises(SystemExit, match='37 characters and no charset_train'):
         M.convert_main(['convert-parseq', str(tmp_path / 'other_charset.pt'), str(tmp_path / 'out.pt')])
+    for hp, why in ((HyperParameters(charset_train=1234567890), '37 characters and no charset_train'),  # YAML's int
+                    (HyperParameters(charset_train=charset[:37], enc_num_heads=5), 'config cannot be built .width 64')):
+        torch.save({'state_dict': {'model.' + k: v for k, v in theirs.items()}, 'hyper_parameters': hp},
+                   tmp_path / 'odd.ckpt')
+        with pytest.raises(SystemExit, match=why):
+            M.convert_main(['convert-parseq', str(tmp_path / 'odd.ckpt'), str(tmp_path / 'out.pt')])
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(SystemExit, match='cannot read it as a torch checkpoint'):
         M.convert_main(['convert-parseq', str(tmp_path / 'junk.pt'), str(tmp_path / 'out.pt')])

@@ -181,6 +181,9 @@ def test_refusals():
     wordpiece = {'model': {'type': 'WordPiece', 'vocab': {}}, 'pre_tokenizer': None}
     with pytest.raises(ValueError, match='WordPiece model is not supported'):
         data.load_tokenizer({'type': 'hf', 'files': {'tokenizer.json': json.dumps(wordpiece)}, 'ids': [0, 1, 2]})
+    unigram = {'model': {'type': 'Unigram', 'vocab': [['a', -1.0]]}, 'pre_tokenizer': {'type': 'Whitespace'}}
+    with pytest.raises(ValueError, match='pre-tokenizer Whitespace is not supported'):  # when made, not at a label
+        data.load_tokenizer({'type': 'hf', 'files': {'tokenizer.json': json.dumps(unigram)}, 'ids': [0, 1, 2]})
 
 
 POOL = list("aZs'tdm_ 09.,!-é") + ['ß', 'Ж', 'Σ', '東', '²', '½', 'Ⅻ', '٣', '\u0301', '🙂', '▁', '\t', '\n', '\xa0',
