@@ -306,9 +306,11 @@ def usable_index(pattern, settings, clean):
     stamps = [[p, n] + ([] if is_url(p) else [*_stamp(p).values()]) for p, (_, n) in zip(paths, shards)]
     folder = os.path.dirname(paths[0])
     if is_url(folder) or not os.access(folder, os.W_OK):
-        folder = os.environ.get('OCRSCALE_CACHE', os.path.expanduser('~/.cache/ocrscale'))
+        folder = os.environ.get('OCRSCALE_CACHE') or os.path.expanduser('~/.cache/ocrscale')
         os.makedirs(folder, exist_ok=True)
-    base = os.path.join(folder, '.usable-' + hashlib.sha1(json.dumps([settings, stamps]).encode()).hexdigest()[:16])
+    index = _read_index(pattern) if is_url(pattern) else None  # a remote set: indexed anew when its index.json changes
+    key = hashlib.sha1(json.dumps([settings, stamps, index]).encode()).hexdigest()[:16]
+    base = os.path.join(folder, '.usable-' + key)
     if not os.path.exists(base + '.json'):
         with open(base + '.lock', 'a') as lock:
             with contextlib.suppress(OSError):  # no locks on this filesystem: processes may build it side by side

@@ -160,6 +160,8 @@ def _groups(runs):
     differ = [k for k in keys if len({json.dumps(g.get(k), sort_keys=True) for g in groups}) > 1]
     parts = [[f"{k}={_show(k, g.get(k))}" for k in differ] for g in groups]
     names = [" ".join(s if len(s) <= 48 else f"{s[:22]}...{s[-23:]}" for s in p) for p in parts]
+    if len(set(names)) < len(names):  # shortened alike (paths differing in a weight): named in full
+        names = [" ".join(p) for p in parts]
     return list(zip(names, groups, members.values()))
 
 def load_runs(paths, where=None):

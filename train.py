@@ -249,9 +249,9 @@ def source(path):  # a data folder or file as one string in any working director
     return path if data.is_url(path) else os.path.abspath(path)
 
 
-def run_identity(args, cfg, tok, D, train_samples, dtype):
-    """The resolved config minus NOT_IDENTITY, as JSON (paths absolute, model and tokenizer as built, D in usable
-    images); and fit.py's group, what the points of one fit share."""
+def run_identity(args, cfg, tok, stream, train_samples, dtype):
+    """The resolved config minus NOT_IDENTITY, as JSON (paths absolute, model and tokenizer as built, D and each
+    source's usable images: a data folder that changed is other data); and fit.py's group, what a fit's points share."""
     digest = hashlib.sha1(json.dumps(tok.spec, sort_keys=True).encode()).hexdigest()[:12]
     tokenizer = f"char:{tok.charset}" if tok.spec["type"] == "char" else f"{tok.spec['type']}:{digest}"
     group = dict(arch=args.arch, train=[[source(p), w] for p, w in data.parse_sources(",".join(args.train))],
@@ -259,7 +259,8 @@ def run_identity(args, cfg, tok, D, train_samples, dtype):
                  set=config_overrides(args.set), img=[cfg.img_h, cfg.img_w],
                  eval=f"beam={args.beam}" if args.arch == "trocr" else f"refine={args.refine_iters}")
     identity = {k: v for k, v in vars(args).items() if k not in NOT_IDENTITY}
-    identity.update(group, test=[[n, source(p)] for n, _, p in (t.partition("=") for t in args.test)], D=D,
+    identity.update(group, test=[[n, source(p)] for n, _, p in (t.partition("=") for t in args.test)],
+                    D=stream.num_samples, usable=list(stream.usable),
                     model=dataclasses.asdict(cfg), train_samples=train_samples, dtype=str(dtype or "fp32"))
     return json.loads(json.dumps(identity)), group
 
@@ -574,7 +575,7 @@ def main(argv=None):
     run.D = stream.num_samples  # usable images: what a D axis means
     train_samples = args.train_samples or int(args.epochs * run.D)
     run.total_steps = max(1, train_samples // args.batch)
-    identity, fit_group = run_identity(args, cfg, tok, run.D, run.total_steps * args.batch, run.dtype)
+    identity, fit_group = run_identity(args, cfg, tok, stream, run.total_steps * args.batch, run.dtype)
     short_hash = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:6]
     size = args.size or os.path.splitext(os.path.basename(args.init))[0]  # a model of no --size: the checkpoint's name
     run.name = args.name or f"{args.arch}-{size}-d{args.samples or 'all'}-s{args.seed}-{short_hash}"
@@ -635,6 +636,8 @@ def main(argv=None):
             final = stepped and prog.step == run.total_steps
             if stepped:
                 bar.update(args.batch)
+            if final:  # the trained weights are kept before the final evaluation, which a test set may fail
+                save_checkpoint(run)
             if stepped and (prog.step % eval_every == 0 or final):
                 row = log_eval(run, lr, final)
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", img_s=f"{row['samples_per_s']:.0f}",

@@ -805,3 +805,14 @@ def test_16_bit_and_transparent_images_decode_as_they_look(tmp_path):
     ink[..., 3] = 255 - gradient
     over_white = data.decode_image(encoded(Image.fromarray(ink, 'RGBA')), 16, 64).astype(int)
     assert np.abs(over_white - want).max() <= 1  # ink of opacity a over white: 255 (1 - a)
+
+
+def test_a_remote_set_is_indexed_anew_when_its_index_json_changes(tmp_path, http_server, monkeypatch):
+    url, served, _ = http_server
+    monkeypatch.setenv('OCRSCALE_CACHE', str(tmp_path / 'cache'))
+    make_shards(served / 'set', [20])
+    first = data.ShardStream(f'{url}/set', 8, 16, 4, data.CHARSET36).bases
+    assert data.ShardStream(f'{url}/set', 8, 16, 4, data.CHARSET36).bases == first  # read once
+    index = json.loads((served / 'set' / 'index.json').read_text())
+    (served / 'set' / 'index.json').write_text(json.dumps({**index, 'source': 'relabelled'}))  # uploaded again
+    assert data.ShardStream(f'{url}/set', 8, 16, 4, data.CHARSET36).bases != first

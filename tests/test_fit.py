@@ -468,3 +468,14 @@ def test_damaged_and_degenerate_run_folders_are_named_not_misread(tmp_path, caps
     assert code == 1 and "no finished runs found (or none match --where)" in out
     code, out, err = run_main(capsys, tmp_path, "--pinned", "nan")
     assert code == 2 and "--pinned nan: give a word error in percent" in err
+
+
+def test_groups_shortened_alike_are_named_in_full(tmp_path):
+    rng = np.random.default_rng(4)
+    long = "/data/" + "x" * 40
+    for i, weight in enumerate((1, 3)):  # train sets that differ only in a weight, after a long path
+        group = {"arch": "parseq", "train": [[f"{long}/synth", weight], [f"{long}/real", 1.0]]}
+        for j, (n, e) in enumerate(power_points(1e3, 0.3, np.geomspace(1e4, 1e6, 4), 0.02, rng)):
+            write_run(tmp_path, f"w{i}-{j}", {"N": n, "fit_group": group}, [{"val_error": e}])
+    names = [g["name"] for g in fit.fit_all(fit.load_runs(str(tmp_path)), n_boot=10)["groups"]]
+    assert len(set(names)) == 2 and all("synth:3" in n or "synth," in n for n in names), names

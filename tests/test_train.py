@@ -637,3 +637,26 @@ def test_a_stop_while_no_step_is_taken_still_saves_and_exits(shards, tmp_path, m
     with pytest.raises(SystemExit) as stop:  # every sample unreadable, say: no step ends, the signal still does
         train.main(base_args(shards, tmp_path, "skips", "--batch", "16", "--train-samples", "64"))
     assert stop.value.code == 128 + signal.SIGTERM and (tmp_path / "skips" / "last.pt").exists()
+
+
+def test_a_data_folder_that_changed_under_a_run_is_other_data(shards, tmp_path):
+    shutil.copytree(shards / "train", tmp_path / "grown")
+    args = base_args(shards, tmp_path, "g", "--batch", "16", "--train-samples", "32", "--samples", "600")
+    args[args.index("--train") + 1] = str(tmp_path / "grown")
+    train.main(args)
+    data.synth(str(tmp_path / "more"), 100, seed=5, min_len=2, max_len=4, charset="0123456789", workers=1)
+    shutil.copy(tmp_path / "more" / "shard-000000.tar", tmp_path / "grown" / "shard-000099.tar")  # D stays 600
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    assert "holds another run (usable [1200] -> [1300])" in str(stop.value)
+
+
+def test_the_trained_weights_are_kept_when_a_test_set_fails_at_the_end(shards, tmp_path):
+    writer = data.ShardWriter(str(tmp_path / "broken"))
+    for i in range(4):
+        writer.write(f"{i:09d}", b"\x89PNG\r\n\x1a\nbroken", "png", "12")
+    data.write_index(str(tmp_path / "broken"), writer.close(), writer.charset, "test", {})
+    with pytest.raises(data.DataError, match="no image could be read"):
+        train.main(base_args(shards, tmp_path, "t", "--batch", "16", "--train-samples", "400", "--eval-every", "400",
+                             "--test", f"broken={tmp_path / 'broken'}"))
+    assert torch.load(tmp_path / "t" / "last.pt", weights_only=True)["step"] == 25  # all of it: not 24, the last save
