@@ -328,13 +328,14 @@ def test_checkpoint_cadence_fp16_scaler_and_atomic_writes(shards, tmp_path, monk
     monkeypatch.setattr(train, "atomic_save", lambda obj, path: (saved.append((os.path.basename(path), obj.get("step") if isinstance(obj, dict) else None)), real_save(obj, path)))
     args = ["--batch", "16", "--eval-every", "80", "--workers", "0"]
     train.main(base_args(shards, tmp_path, "every48", *args, "--train-samples", "320", "--save-every", "48"))
-    # 20 steps: every 48 samples (3 steps), every tenth of the run (2 steps) and at the end, not at evals
-    assert [s for f, s in saved if f == "last.pt"] == sorted({*range(3, 21, 3), *range(2, 21, 2)})
+    # 20 steps: every 48 samples (3 steps), every tenth of the run (2 steps) and at the end (before and after the
+    # final evaluation), not at other evals
+    assert [s for f, s in saved if f == "last.pt"] == [*sorted({*range(3, 21, 3), *range(2, 21, 2)}), 20]
     assert [s for f, s in saved if f == "best.pt"][:1] == [5]
     assert {f for f, _ in saved} == {"config.json", "metrics.jsonl", "best.pt", "last.pt", "result.json"}  # all atomic
     saved.clear()
     train.main(base_args(shards, tmp_path, "fp16", *args, "--train-samples", "160", "--save-every", "0m", "--dtype", "fp16"))
-    assert [s for f, s in saved if f == "last.pt"] == list(range(1, 11))  # minutes: every step once due
+    assert [s for f, s in saved if f == "last.pt"] == [*range(1, 11), 10]  # minutes: every step once due
     assert "scale" in torch.load(tmp_path / "fp16" / "last.pt", weights_only=True)["scaler"]  # a CPU GradScaler, enabled
     events = []
     monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
