@@ -65,11 +65,18 @@ def clean_label(label, charset=None, max_len=25, fold=True):
     if fold:
         label = label.encode('ascii', 'ignore').decode()
     if charset is not None:
-        lower = charset == ''.join(map(str.lower, charset))  # each character by itself: Σ is σ at a word's end too
+        lower = charset == charset.lower()  # then each character lowered by itself: Σ is σ at a word's end too
         label = ''.join(c for c in (''.join(map(str.lower, label)) if lower else label) if c in charset)
     if not label:
         return None, 'empty_label'
     return (None, 'too_long') if max_len is not None and len(label) > max_len else (label, None)
+
+def usable_label(raw, charset, max_len, fold, tokenizer=None):
+    """clean_label, with max_len counted in the tokenizer's tokens where there is one: a label as a run reads it."""
+    label, reason = clean_label(raw, charset, None if tokenizer else max_len, fold)
+    if label is not None and tokenizer is not None and len(tokenizer.ids(label)) > max_len:
+        return None, 'too_long'
+    return label, reason
 
 # ----------------------------------------------------------------------------- tar shards
 
@@ -197,11 +204,12 @@ def _read_index(pattern):
     raise ValueError(f'{path}: not an index.json of data.py (a "shards" object of shard names and sample counts)')
 
 
-def find_shards(pattern):
+def find_shards(pattern, index=None):
     """A folder, glob or URL of a folder -> sorted [(path, count)], counts from index.json (or the shard's index).
     A shard that an index.json lists but that is not there is an error naming it."""
     if is_url(pattern):
-        return [(f'{pattern.rstrip("/")}/{name}', n) for name, n in sorted(_read_index(pattern)['shards'].items())]
+        index = index or _read_index(pattern)  # usable_index passes the one it read
+        return [(f'{pattern.rstrip("/")}/{name}', n) for name, n in sorted(index['shards'].items())]
     if os.path.isdir(pattern):  # a folder (its name as written, brackets included), one shard, or a glob
         paths = glob.glob(os.path.join(glob.escape(pattern), '*.tar'))
     else:
@@ -301,14 +309,14 @@ def usable_index(pattern, settings, clean):
     """A source's shard paths, the base path of its usable-sample index (BASE.rows.npy: ROW, BASE.labels.npy: the
     cleaned labels' UTF-8 bytes, BASE.json: counts and drops) and that json. Built once per shard set and settings,
     beside the shards (else in $OCRSCALE_CACHE or ~/.cache/ocrscale), by one process under a file lock."""
-    shards = find_shards(pattern)
+    index = _read_index(pattern) if is_url(pattern) else None  # a remote set: indexed anew when its index.json changes
+    shards = find_shards(pattern, index)
     paths = [p if is_url(p) else os.path.abspath(p) for p, _ in shards]
     stamps = [[p, n] + ([] if is_url(p) else [*_stamp(p).values()]) for p, (_, n) in zip(paths, shards)]
     folder = os.path.dirname(paths[0])
     if is_url(folder) or not os.access(folder, os.W_OK):
         folder = os.environ.get('OCRSCALE_CACHE') or os.path.expanduser('~/.cache/ocrscale')
         os.makedirs(folder, exist_ok=True)
-    index = _read_index(pattern) if is_url(pattern) else None  # a remote set: indexed anew when its index.json changes
     key = hashlib.sha1(json.dumps([settings, stamps, index]).encode()).hexdigest()[:16]
     base = os.path.join(folder, '.usable-' + key)
     if not os.path.exists(base + '.json'):
@@ -483,10 +491,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.start, self._tables = 0, None  # tables are opened in the process that reads: a worker is sent none
 
     def _clean(self, raw):
-        label, reason = clean_label(raw, self.charset, None if self.tokenizer else self.max_len, self.fold)
-        if label is not None and self.tokenizer is not None and len(self.tokenizer.ids(label)) > self.max_len:
-            return None, 'too_long'
-        return label, reason
+        return usable_label(raw, self.charset, self.max_len, self.fold, self.tokenizer)
 
     def __getstate__(self):
         return {**self.__dict__, '_tables': None, '_files': {}, '_connections': {}, '_requests': None}
@@ -916,7 +921,7 @@ def scoring_form(text, charset=None, cased=False, punctuation=False):
         text = unicodedata.normalize('NFKD', text).encode('ascii', 'ignore').decode()
         return ''.join(c for c in (text if cased else text.lower()) if c in keep)
     text = unicodedata.normalize('NFC', text)
-    return ''.join(map(str.lower, text)) if charset == ''.join(map(str.lower, charset)) else text
+    return ''.join(map(str.lower, text)) if charset == charset.lower() else text
 
 
 def weighted_average(results, key='error'):

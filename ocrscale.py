@@ -664,10 +664,11 @@ def cmd_read(args):
                                args.batch, args.max_len)
     readable = {p for p, _, _ in results}
     labels = [label for p, label in items if p in readable]  # one per result, in order
-    # scored as eval scores: labels cleaned by the tokenizer's rules; one eval would drop (empty, too long) is not
-    cleaned = [label and data.clean_label(label, getattr(tok, "charset", None), None, tok.fold)[0] for label in labels]
-    scored = [(t, c) for (_, t, _), c in zip(results, cleaned) if c and len(tok.ids(c)) <= tok.max_len]
-    s = data.score(*zip(*scored), getattr(tok, "charset", None)) if scored else None
+    # scored as eval scores: labels read as a run reads them; one eval would drop (empty, too long) is not
+    charset = getattr(tok, "charset", None)
+    cleaned = [label and data.usable_label(label, charset, tok.max_len, tok.fold, tok)[0] for label in labels]
+    scored = [(t, c) for (_, t, _), c in zip(results, cleaned) if c]
+    s = data.score(*zip(*scored), charset) if scored else None
     if args.json:
         images = [dict(image=p, text=t, confidence=c, **({"label": label} if label is not None else {}))
                   for (p, t, c), label in zip(results, labels)]

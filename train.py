@@ -478,8 +478,9 @@ def log_eval(run, lr, final):
     elapsed = time.time() - since
     row = dict(step=prog.step, samples=prog.samples, epochs=prog.samples / run.D, flops=prog.flops,
                wall_s=round(prog.wall_s, 2), gpu_hours=prog.wall_s * run.world / 3600 if run.use_cuda else None, lr=lr,
-               train_loss=prog.loss_sum / prog.tokens if prog.tokens else None, samples_per_s=(prog.samples - samples) / elapsed,
-               data_wait=run.wait / elapsed, unreadable=prog.unreadable, final=final,
+               train_loss=prog.loss_sum / prog.tokens if prog.tokens else None,  # None: its row was lost (resumed)
+               samples_per_s=(prog.samples - samples) / elapsed, data_wait=run.wait / elapsed,
+               unreadable=prog.unreadable, final=final,
                mfu=(prog.flops - flops) / elapsed / (run.peak * run.world) if run.peak and run.dtype else None)
     options = dict(beam=args.beam, len_norm=args.beam_len_norm) if args.arch == "trocr" else \
         dict(refine_iters=args.refine_iters)
@@ -521,7 +522,9 @@ def logged_rows(path, step):  # metrics.jsonl's rows up to `step` (later ones ar
     with contextlib.suppress(FileNotFoundError), open(path) as f:
         for line in f:
             try:
-                rows += [row for row in [json.loads(line)] if row["step"] <= step]
+                row = json.loads(line)
+                if row["step"] <= step:
+                    rows.append(row)
             except (ValueError, TypeError, KeyError):  # a line cut by a crash, or damaged
                 unreadable += 1
     return rows, unreadable
